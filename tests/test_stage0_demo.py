@@ -1,0 +1,92 @@
+"""Stage 0 (autoencoder) resume, the embedded demo chain, and one-line errors for bad inputs."""
+import torch
+import yaml
+
+from conftest import run_cli
+from trainer.config import load_config
+
+
+def _ae_config(tmp_path, manifest):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = {"experiment": {"save_path": str(tmp_path / "out")},
+            "dataset": {"manifest": str(manifest), "filters": {"label": [7]}},
+            "autoencoder": {"model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
+                            "training": {"max_steps": 6, "batch_size": 8, "eval_interval": 3, "log_interval": 1,
+                                         "warmup_steps": 1}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _train_ae(path, stop_after=None):
+    from trainer.runtime import build_accelerator
+    from trainer.stage0 import AutoencoderTrainer
+
+    cfg = load_config(path)
+    t = AutoencoderTrainer(cfg, build_accelerator("cpu"))
+    t.stop_after = stop_after
+    t.fit()
+    return cfg.out_dir / "stage0"
+
+
+def test_stage0_resume_and_exports(tmp_path, digits_manifest):
+    from models.autoencoder import config_scaling, load_autoencoder
+
+    a = _train_ae(_ae_config(tmp_path / "a", digits_manifest))
+    cfg_b = _ae_config(tmp_path / "b", digits_manifest)
+    _train_ae(cfg_b, stop_after=4)
+    b = _train_ae(cfg_b)
+    wa = torch.load(a / "autoencoder_latest.pt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "autoencoder_latest.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ae = load_autoencoder(a / "autoencoder")  # diffusers folder with measured latent scaling
+    s = config_scaling(ae)
+    assert s.scale > 0 and s.scale != 1.0
+
+
+def test_demo_chain_small(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu",
+                   "--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
+                   "--set", "training.max_steps=6", "--set", "training.eval_interval=3",
+                   "--set", "training.sample_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rel in ("data/manifest.csv", "stage0/autoencoder/config.json", "stage1/checkpoint_best.pt",
+                "stage1/samples.png", "config.yaml"):
+        assert (out / rel).is_file(), rel
+    cfg = load_config(out / "config.yaml")  # the ready stage-2 config
+    assert cfg.resolve_path(cfg.diffusion.stage1_checkpoint).is_file()
+    assert cfg.resolve_path(cfg.autoencoder.checkpoint).is_dir()
+    # a rerun skips finished work
+    again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu",
+                    "--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
+                    "--set", "training.max_steps=6", "--set", "training.eval_interval=3",
+                    "--set", "training.sample_steps=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already complete") == 2
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("advdiff: warning")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path, digits_manifest, small_ae):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, tmp_path / "nope.csv", small_ae)
+    line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
+    assert line == f"advdiff: error: {tmp_path / 'nope.csv'}: manifest not found"
+
+    cfg = tiny_config(tmp_path, digits_manifest, tmp_path / "no_ae")
+    line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
+    assert line == f"advdiff: error: autoencoder.checkpoint: {tmp_path / 'no_ae'}: autoencoder not found"
+
+    data = yaml.safe_load(tiny_config(tmp_path, digits_manifest, small_ae).read_text())
+    data["unet"] = {"preset": "micro", "in_channels": 16}
+    cfg.write_text(yaml.safe_dump(data))
+    line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
+    assert line == f"advdiff: error: {cfg}: unet.in_channels: expected 4 (the autoencoder's latent channels), got 16"

@@ -1,0 +1,40 @@
+"""`advdiff` console script: one subcommand per job."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("trainer.demo", "run the embedded digits default (data, stage 0, stage 1)"),
+    "stage0": ("trainer.stage0", "train the autoencoder"),
+    "stage1": ("trainer.stage1", "train the diffusion UNet"),
+    "models": ("trainer.models_cmd", "list UNet presets with computed parameter counts"),
+    "digits": ("trainer.models_cmd", "write the digits dataset and manifest to a folder"),
+    "config-reference": ("trainer.docs", "print the config reference table (Markdown)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: advdiff COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`advdiff COMMAND --help` for each command's arguments."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"advdiff: error: unknown command '{name}'; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, f"{name.replace('-', '_')}_main", None) or module.main
+    return entry(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

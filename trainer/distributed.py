@@ -1,0 +1,55 @@
+"""Index sharding and gathering. Every function here is a collective: call it on every rank."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Contiguous block of global indices owned by `rank`; blocks differ in size by at most one."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_shards(local: torch.Tensor, n: int, to_all: bool = True) -> torch.Tensor | None:
+    """Reassemble exactly `n` rows, in global index order, from each rank's `shard_range` block.
+
+    Shards are padded to a common length only for transport; each rank's padding is cut off by its
+    known length, so no padded duplicate ever reaches the result. With `to_all=False` only rank 0
+    receives the result (others get None), so non-main ranks never hold all n rows.
+    """
+    if not _dist_on():
+        assert local.shape[0] == n, (local.shape, n)
+        return local
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [len(shard_range(n, r, world)) for r in range(world)]
+    assert local.shape[0] == sizes[rank], (local.shape, sizes, rank)
+    width = max(sizes)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    if to_all:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded.contiguous(), parts, dst=0)
+        if rank != 0:
+            return None
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _dist_on():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    if _dist_on():
+        dist.barrier()

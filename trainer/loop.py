@@ -1,0 +1,190 @@
+"""One small step-loop shared by every stage: interval logging and evaluation, best/latest exports,
+and a single-file resume state that restores the run exactly.
+
+All randomness in a step is derived from (seed, stage, step), never from a running RNG, so a run
+resumed at step k draws exactly what the uninterrupted run drew. The state is written by the main
+process only (under DDP every rank holds identical model and optimizer state), atomically.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .distributed import all_reduce_sum, barrier
+from .errors import UserError
+from .runtime import Logger, derive_seed, generator
+
+STATE_FORMAT = "advdiff.state"
+
+
+def batch_indices(train_idx: np.ndarray, batch: int, step: int, seed: int, stage: str) -> np.ndarray:
+    """The global batch of `step`: epoch-wise reshuffled, drop-last, derived from (seed, stage, epoch)."""
+    per_epoch = max(1, len(train_idx) // batch)
+    epoch, j = divmod(step, per_epoch)
+    perm = np.random.default_rng(derive_seed(seed, stage, "epoch", epoch)).permutation(len(train_idx))
+    take = perm[j * batch:(j + 1) * batch]
+    if len(take) < batch:  # fewer rows than one batch: wrap around
+        take = np.resize(perm, batch)
+    return train_idx[take]
+
+
+def rank_slice(global_batch, rank: int, world: int):
+    from .distributed import shard_range
+
+    r = shard_range(len(global_batch), rank, world)
+    return global_batch[r.start:r.stop]
+
+
+def local_weight(n_local: int, n_global: int, world: int) -> float:
+    """Factor turning a local mean into this rank's share, so DDP's average is the global mean."""
+    return n_local * world / n_global
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepTrainer:
+    """Subclasses set `stage`, `metric` and implement train_step, evaluate, state and export hooks."""
+
+    stage = "stage"
+    metric = "val_loss"
+
+    def __init__(self, accelerator, out_dir: Path, *, max_steps: int, eval_interval: int, log_interval: int,
+                 seed: int, fingerprint: dict):
+        self.acc = accelerator
+        self.out_dir = Path(out_dir)
+        self.max_steps, self.eval_interval, self.log_interval = max_steps, eval_interval, log_interval
+        self.seed, self.fingerprint = seed, fingerprint
+        self.step = 0
+        self.stop_after: int | None = None  # stop (with a resume state) after this many steps in this call
+        self._sums: dict = {}
+        self._count = 0
+        self._last_train: dict = {}
+        self.best = {"value": math.inf, "step": -1}
+        self.history: list[dict] = []
+        self.log = Logger(accelerator, self.stage)
+        self.state_path = self.out_dir / "state.pt"
+        self.history_path = self.out_dir / "history.csv"
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def model_state(self) -> dict:
+        raise NotImplementedError
+
+    def load_model_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def export(self, tag: str, metrics: dict) -> None:
+        """Write the `tag` ("best" or "latest") export. Called on the main process only."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last step, on every rank (collectives allowed)."""
+
+    # -- machinery -----------------------------------------------------------------------------
+    @property
+    def rank(self):
+        return self.acc.process_index
+
+    @property
+    def world(self):
+        return self.acc.num_processes
+
+    def step_generator(self, step: int, *tag):
+        return generator(self.seed, self.stage, step, *tag)
+
+    def try_resume(self) -> bool:
+        if not self.state_path.is_file():
+            return False
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"{self.state_path}: resume state unreadable ({type(e).__name__}); "
+                            f"delete it to restart {self.stage}") from None
+        if state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
+            raise UserError(f"{self.state_path}: not a {self.stage} resume state")
+        changed = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
+                         if state["fingerprint"].get(k) != self.fingerprint.get(k))
+        if changed:
+            raise UserError(f"{self.state_path}: the config changed since this state was written "
+                            f"({', '.join(changed)}); use a new experiment.save_path or restore the config")
+        self.load_model_state(state["model"])
+        self.step, self.best, self.history = state["step"], state["best"], state["history"]
+        self._sums, self._count, self._last_train = state["log_sums"], state["log_count"], state["last_train"]
+        self.log(f"RESUMED from {self.state_path} at step {self.step}/{self.max_steps}")
+        return True
+
+    def save_state(self) -> None:
+        if self.acc.is_main_process:
+            io.save_torch({"format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
+                           "history": self.history, "fingerprint": self.fingerprint,
+                           "log_sums": self._sums, "log_count": self._count, "last_train": self._last_train,
+                           "model": self.model_state()}, self.state_path)
+        barrier()
+
+    def fit(self) -> dict:
+        """Train to max_steps (resuming if a state exists); returns the best metric record."""
+        self.try_resume()
+        if self.step >= self.max_steps:
+            self.log(f"already complete ({self.step} steps); nothing to do")
+            self.finish()
+            return self.best
+        start, t_last = self.step, time.time()
+        while self.step < self.max_steps:
+            if self.stop_after is not None and self.step - start >= self.stop_after:
+                self.save_state()
+                self.log(f"stopped at step {self.step} as asked; resume state in {self.state_path}")
+                return self.best
+            # Dropout and anything else drawing from the global RNG: seeded per step and rank.
+            torch.manual_seed(derive_seed(self.seed, self.stage, "global", self.step, self.rank))
+            logs = self.train_step(self.step)
+            self.step += 1
+            for k, v in logs.items():
+                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+            self._count += 1
+            if self.step % self.log_interval == 0 or self.step == self.max_steps:
+                keys = sorted(self._sums)
+                red = all_reduce_sum(torch.tensor([self._sums[k] for k in keys], dtype=torch.float64,
+                                                  device=self.acc.device)) / (self._count * self.world)
+                rate = self._count / max(1e-9, time.time() - t_last)
+                self._last_train = dict(zip(keys, red.tolist()))
+                self.log(f"step {self.step}/{self.max_steps} " + " ".join(
+                    f"{k}={v:.4g}" for k, v in self._last_train.items()) + f" ({rate:.2f} it/s)")
+                self._sums, self._count, t_last = {}, 0, time.time()
+            if self.step % self.eval_interval == 0 or self.step == self.max_steps:
+                self._checkpoint()
+        self.finish()
+        return self.best
+
+    def _checkpoint(self) -> None:
+        metrics = self.evaluate()
+        row = {"step": self.step, **{f"train_{k}": v for k, v in self._last_train.items()},
+               **metrics}
+        self.history.append(row)
+        improved = metrics[self.metric] < self.best["value"]
+        if improved:
+            self.best = {"value": float(metrics[self.metric]), "step": self.step}
+        if self.acc.is_main_process:
+            if improved:
+                self.export("best", row)
+            self.export("latest", row)
+            io.write_csv(self.history, self.history_path)
+        self.log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                 + (" (best)" if improved else ""))
+        self.save_state()

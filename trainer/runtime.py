@@ -1,0 +1,58 @@
+"""The Accelerator and process-aware logging. The only place a trainer gets its Accelerator."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+import torch
+
+from .errors import UserError
+
+
+def build_accelerator(device: str = "auto", mixed_precision: str = "no"):
+    """An Accelerator on `device` ("auto", "cpu" or "cuda") with the given mixed precision."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device: expected auto, cpu or cuda, got \"{device}\"")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    cpu = device == "cpu" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1"
+    kwargs = []
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo is the only CPU backend; without naming it, DeepSpeed on CPU sees one process per rank.
+        kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs)
+    if acc.is_main_process and acc.device.type == "cpu" and mixed_precision == "fp16":
+        warn("mixed_precision fp16 has no effect on CPU: PyTorch runs these models in fp32 there")
+    return acc
+
+
+def warn(message: str) -> None:
+    print(f"advdiff: warning: {message}", file=sys.stderr, flush=True)
+
+
+class Logger:
+    """Status lines on the main process only."""
+
+    def __init__(self, accelerator, prefix: str = ""):
+        self.acc, self.prefix, self.t0 = accelerator, prefix, time.time()
+
+    def __call__(self, message: str) -> None:
+        if self.acc.is_main_process:
+            print(f"[{self.prefix} {time.time() - self.t0:7.1f}s] {message}", flush=True)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from a tuple of values, stable across processes, platforms and runs."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g

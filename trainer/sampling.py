@@ -1,0 +1,56 @@
+"""DDIM sampling with per-sample seeds, and sample grids."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .runtime import generator
+
+
+def initial_noise(indices, shape: tuple, *seed_parts) -> torch.Tensor:
+    """Noise for global sample indices; sample i's noise depends only on (seed_parts, i)."""
+    return torch.stack([torch.randn(shape, generator=generator(*seed_parts, int(i))) for i in indices]) \
+        if len(indices) else torch.empty((0, *shape))
+
+
+@torch.inference_mode()
+def ddim_sample(unet, ddim, noise: torch.Tensor, steps: int, eta: float = 0.0, batch_size: int = 64,
+                gen_parts: tuple | None = None, indices=None) -> torch.Tensor:
+    """Run DDIM from `noise` in batches; returns latents on noise's device.
+
+    With eta > 0 the per-step noise comes from generators seeded by (gen_parts, index), so results
+    stay independent of batch size and process count.
+    """
+    out = []
+    for s in range(0, noise.shape[0], batch_size):
+        x = noise[s:s + batch_size]
+        ddim.set_timesteps(steps, device=x.device)
+        gens = None
+        if eta > 0 and gen_parts is not None and indices is not None:
+            gens = [generator(*gen_parts, "eta", int(i)) for i in indices[s:s + batch_size]]
+        for t in ddim.timesteps:
+            pred = unet(x, t).sample
+            if eta > 0:
+                var = _ddim_noise(gens, x) if gens is not None else None
+                x = ddim.step(pred.float(), t, x, eta=eta, variance_noise=var).prev_sample
+            else:
+                x = ddim.step(pred.float(), t, x, eta=0.0).prev_sample
+        out.append(x)
+    return torch.cat(out) if out else noise[:0]
+
+
+def _ddim_noise(gens, x):
+    return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """Images in [-1, 1], (N, C, H, W) -> uint8 grid (H', W') or (H', W', 3)."""
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.zeros((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i]
+    arr = grid.numpy()
+    return arr[0] if c == 1 else arr.transpose(1, 2, 0)
