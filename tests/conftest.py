@@ -61,3 +61,39 @@ def accelerate_launch(nproc: int, *args, env=None, timeout=600):
                 **(env or {})}
     return subprocess.run(launcher + list(args), capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(tmp_path_factory, digits_manifest, small_ae):
+    """A tiny stage-1 checkpoint (micro UNet, a few steps) on a subset of the digits."""
+    from trainer.config import load_config
+    from trainer.runtime import build_accelerator
+    from trainer.stage1 import DiffusionTrainer
+
+    root = tmp_path_factory.mktemp("stage1")
+    cfg = load_config(tiny_config(root, digits_manifest, small_ae))
+    DiffusionTrainer(cfg, build_accelerator("cpu")).fit()
+    return cfg.out_dir / "stage1" / "checkpoint_best.pt"
+
+
+def stage2_config(tmp_path: Path, manifest: Path, ae: Path, ckpt: Path, stage2=None, loss=None,
+                  discriminator=None) -> Path:
+    """A stage-2 config small enough for tests (8x8x4 latents, micro UNet)."""
+    data = {
+        "experiment": {"name": "t2", "save_path": str(tmp_path / "out")},
+        "diffusion": {"stage1_checkpoint": str(ckpt)},
+        "autoencoder": {"checkpoint": str(ae)},
+        "dataset": {"manifest": str(manifest)},
+        "discriminator": {"config": {"latent_channels": 4, "base_channels": 8, "num_layers": 2},
+                          "training": {"batch_size": 8, "epochs": 2, **(discriminator or {})}},
+        "training": {"batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.0, "ema_decay": 0.9,
+                     "loss": {"type": "CompositeLoss", "losses": loss or [
+                         {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
+                         {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.1}]}},
+        "stage2": {"num_samples": 24, "num_iterations": 1, "diffusion_epochs": 2, "generation_steps": 3,
+                   "generation_batch_size": 8, "val_samples": 6, "grid_samples": 4, **(stage2 or {})},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "stage2.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -44,26 +44,29 @@ def test_stage0_resume_and_exports(tmp_path, digits_manifest):
     assert s.scale > 0 and s.scale != 1.0
 
 
+SMALL_DEMO = ["--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
+              "--set", "training.max_steps=6", "--set", "training.eval_interval=3", "--set", "training.sample_steps=2",
+              "--set", "stage2.num_samples=24", "--set", "stage2.generation_steps=2", "--set", "stage2.diffusion_epochs=1",
+              "--set", "discriminator.training.epochs=1", "--set", "discriminator.training.batch_size=8",
+              "--set", "training.batch_size=8", "--set", "stage2.val_samples=4", "--set", "stage2.grid_samples=4"]
+
+
 def test_demo_chain_small(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu",
-                   "--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
-                   "--set", "training.max_steps=6", "--set", "training.eval_interval=3",
-                   "--set", "training.sample_steps=2")
+    proc = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ("data/manifest.csv", "stage0/autoencoder/config.json", "stage1/checkpoint_best.pt",
-                "stage1/samples.png", "config.yaml"):
+                "stage1/samples.png", "config.yaml", "samples/digits_iter_0.png", "samples/digits_iter_1.png",
+                "checkpoints/digits_iter_1_checkpoint_latest.pt", "discriminator_iter_1/fake_latents.pt",
+                "digits_metrics_iter_1.csv"):
         assert (out / rel).is_file(), rel
-    cfg = load_config(out / "config.yaml")  # the ready stage-2 config
+    cfg = load_config(out / "config.yaml")  # the config of every stage, stage 2 included
     assert cfg.resolve_path(cfg.diffusion.stage1_checkpoint).is_file()
     assert cfg.resolve_path(cfg.autoencoder.checkpoint).is_dir()
     # a rerun skips finished work
-    again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu",
-                    "--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
-                    "--set", "training.max_steps=6", "--set", "training.eval_interval=3",
-                    "--set", "training.sample_steps=2")
+    again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already complete") == 2
+    assert again.stdout.count("already complete") == 4  # stage 0, stage 1, stage-2 iterations 0 and 1
 
 
 def _one_line_error(proc):

@@ -7,6 +7,7 @@ COMMANDS = {
     "demo": ("trainer.demo", "run the embedded digits default (data, stage 0, stage 1)"),
     "stage0": ("trainer.stage0", "train the autoencoder"),
     "stage1": ("trainer.stage1", "train the diffusion UNet"),
+    "stage2": ("trainer.stage2", "adversarial fine-tuning against a latent discriminator"),
     "models": ("trainer.models_cmd", "list UNet presets with computed parameter counts"),
     "digits": ("trainer.models_cmd", "write the digits dataset and manifest to a folder"),
     "config-reference": ("trainer.docs", "print the config reference table (Markdown)"),

@@ -16,7 +16,7 @@ import yaml
 from .errors import ConfigError, UserError
 from .schema import error_at, from_dict, option, to_dict
 
-LOSS_KEYS = ("pred_noise", "noise", "pred_latent", "latent")
+from .losses import D_KEYS, MSE_KEYS, REGISTRY as LOSS_REGISTRY
 
 
 @dataclass
@@ -93,8 +93,64 @@ class DiscriminatorArch:
 
 
 @dataclass
+class DiscriminatorTraining:
+    loss: str = option("bce", "D loss: BCE-with-logits, non-saturating (same D side, softplus generator side), "
+                       "or hinge.", choices=("bce", "non_saturating", "hinge"))
+    r1_gamma: float = option(0.0, "R1 gradient penalty weight on real latents (0 disables).", ge=0)
+    epochs: int = option(50, "Epochs over D's training split per iteration (--discriminator_epochs).", ge=1)
+    max_steps: Optional[int] = option(None, "Cap on D steps per iteration (--discriminator_max_steps).", ge=1)
+    batch_size: int = option(64, "Global D batch, half real and half fake (--discriminator_batch_size).", ge=2)
+    eval_interval: Optional[int] = option(None, "D steps between validations; default once per epoch "
+                                          "(--discriminator_eval_interval).", ge=1)
+    learning_rate: float = option(2e-4, "D learning rate (AdamW).", gt=0)
+    weight_decay: float = option(0.0, "D weight decay.", ge=0)
+    betas: list[float] = option(doc="D Adam betas.", factory=lambda: [0.5, 0.999])
+    max_grad_norm: float = option(0.0, "D gradient clipping norm (0 disables).", ge=0)
+    train_split: float = option(0.8, "Fraction of each class (real, fake) D trains on; the rest validates.",
+                                gt=0, lt=1)
+    warm_start: bool = option(False, "Start each iteration's D from the previous iteration's best D.")
+
+
+@dataclass
 class DiscriminatorConfig:
     config: DiscriminatorArch = option(doc="Discriminator architecture.", factory=DiscriminatorArch)
+    training: DiscriminatorTraining = option(doc="Discriminator training in stage 2.", factory=DiscriminatorTraining)
+
+
+@dataclass
+class Stage2Config:
+    num_samples: int = option(5000, "Real and fake latents per iteration (--num_samples).", ge=2)
+    num_iterations: int = option(3, "Adversarial iterations (--num_iterations).", ge=1)
+    diffusion_epochs: int = option(50, "Epochs over the reals' training split per iteration (--diffusion_epochs).",
+                                   ge=1)
+    diffusion_max_steps: Optional[int] = option(None, "Cap on diffusion steps per iteration "
+                                                "(--diffusion_max_steps).", ge=1)
+    diffusion_eval_interval: Optional[int] = option(None, "Diffusion steps between validations (a metrics row "
+                                                    "and checkpoints); default once per epoch.", ge=1)
+    generation_batch_size: int = option(32, "Fakes per DDIM batch, per process (--generation_batch_size).", ge=1)
+    generation_steps: int = option(100, "DDIM steps for fakes, rollouts and grids (--generation_steps).", ge=1)
+    eta: float = option(0.0, "DDIM eta (0: deterministic).", ge=0, le=1)
+    generator_loss_mode: str = option("rollout", "What D scores in the generator loss: full DDIM rollouts (as D "
+                                      "was trained on), or one-step x0 predictions from noised reals (and D is "
+                                      "then trained on those).", choices=("rollout", "x0_pred"))
+    rollout_grad_steps: int = option(1, "Rollout mode: back-propagate through this many final DDIM steps.", ge=1)
+    rollout_batch_size: Optional[int] = option(None, "Rollout mode: generated samples per step (global); "
+                                               "default training.batch_size.", ge=1)
+    x0_pred_max_timestep: float = option(1.0, "x0_pred mode: timesteps are drawn from [0, this x num_steps).",
+                                         gt=0, le=1)
+    continue_from: str = option("latest", "Iteration k+1 starts from iteration k's latest or best checkpoint.",
+                                choices=("latest", "best"))
+    best_metric: str = option("val_loss", "Validation metric that picks the best checkpoint of an iteration "
+                              "(D is fixed within an iteration, so it is comparable there).",
+                              choices=("val_loss", "val_mse", "val_adv"))
+    learning_rate: Optional[float] = option(None, "Fine-tuning learning rate; default training.learning_rate.",
+                                            gt=0)
+    warmup_steps: int = option(0, "Fine-tuning LR warm-up steps per iteration.", ge=0)
+    val_samples: int = option(64, "Fixed-seed generated samples scored by D at each validation (d_prob_fake).",
+                              ge=1)
+    sample_with_replacement: bool = option(False, "Allow drawing reals with replacement when num_samples "
+                                           "exceeds the manifest rows.")
+    grid_samples: int = option(64, "Decoded samples in each iteration's grid (fixed seeds).", ge=0)
 
 
 @dataclass
@@ -150,13 +206,13 @@ class LossTerm:
     weight: float = option(1.0, "Weight of the term in the sum.", ge=0)
 
     def check(self, where, prefix):
-        known = ("MSELoss", "DiscriminatorLoss")
-        if self.type not in known:
-            raise error_at(where, f"{prefix}.type", "one of " + ", ".join(known), self.type)
-        if self.key not in LOSS_KEYS:
-            raise error_at(where, f"{prefix}.key", "one of " + ", ".join(LOSS_KEYS), self.key)
-        if self.type == "MSELoss" and self.target not in LOSS_KEYS:
-            raise error_at(where, f"{prefix}.target", "one of " + ", ".join(LOSS_KEYS), self.target)
+        if self.type not in LOSS_REGISTRY:
+            raise error_at(where, f"{prefix}.type", "one of " + ", ".join(LOSS_REGISTRY), self.type)
+        keys = D_KEYS if self.type == "DiscriminatorLoss" else MSE_KEYS
+        if self.key not in keys:
+            raise error_at(where, f"{prefix}.key", "one of " + ", ".join(keys), self.key)
+        if self.type == "MSELoss" and self.target not in MSE_KEYS:
+            raise error_at(where, f"{prefix}.target", "one of " + ", ".join(MSE_KEYS), self.target)
 
 
 @dataclass
@@ -167,6 +223,9 @@ class LossConfig:
     def check(self, where, prefix):
         if not self.losses:
             raise error_at(where, f"{prefix}.losses", "at least one loss term", [])
+        if not any(t.weight > 0 for t in self.losses):
+            raise error_at(where, f"{prefix}.losses", "at least one term with a positive weight",
+                           [t.weight for t in self.losses])
 
 
 @dataclass
@@ -215,6 +274,7 @@ class Config:
     unet: UNetConfig = option(doc="Diffusion UNet architecture.", factory=UNetConfig)
     scheduler: SchedulerConfig = option(doc="Noise schedule.", factory=SchedulerConfig)
     training: TrainingConfig = option(doc="Diffusion optimisation.", factory=TrainingConfig)
+    stage2: Stage2Config = option(doc="Adversarial fine-tuning (stage 2).", factory=Stage2Config)
 
     # Where the config came from; relative paths in it resolve against this folder.
     source: Optional[str] = option(None, "Set by the loader: the YAML file this config came from.")

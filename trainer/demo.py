@@ -26,7 +26,7 @@ def prepare(out: Path, is_main: bool) -> Path:
     return out / "config.yaml"
 
 
-def run(out: Path, device: str = "auto", overrides: dict | None = None) -> Path:
+def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: bool = True) -> Path:
     from .runtime import build_accelerator
     from .stage0 import AutoencoderTrainer
     from .stage1 import DiffusionTrainer
@@ -41,13 +41,21 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None) -> Path:
     cfg = load_config(cfg_path, overrides)
     AutoencoderTrainer(cfg, acc).fit()
     DiffusionTrainer(cfg, acc).fit()
+    acc.free_memory()
+    if stage2:
+        from .stage2 import run as run_stage2
+
+        run_stage2(load_config(cfg_path, overrides), acc)
     acc.wait_for_everyone()
     if acc.is_main_process:
         print(f"\ndemo complete. Under {out}:\n"
               f"  stage0/autoencoder/           frozen AE (diffusers folder)\n"
               f"  stage1/checkpoint_best.pt     stage-1 diffusion checkpoint\n"
               f"  stage1/samples.png            decoded sample grid\n"
-              f"  config.yaml                   ready stage-2 config", flush=True)
+              f"  config.yaml                   the config of every stage\n"
+              + ("  discriminator_iter_*/, checkpoints/, digits_metrics_iter_*.csv   stage 2 (spec layout)\n"
+                 "  samples/digits_iter_*.png     decoded grid per stage-2 iteration" if stage2 else ""),
+              flush=True)
     acc.end_training()
     return cfg_path
 
@@ -57,12 +65,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
     args = p.parse_args(argv)
     from .cli_common import is_main_launch_rank
     from .config import parse_override
 
     try:
-        run(Path(args.out), args.device, dict(parse_override(o) for o in args.overrides))
+        run(Path(args.out), args.device, dict(parse_override(o) for o in args.overrides), not args.no_stage2)
     except UserError as e:
         if is_main_launch_rank():
             print(f"advdiff: error: {e}", file=sys.stderr)

@@ -33,6 +33,16 @@ def batch_indices(train_idx: np.ndarray, batch: int, step: int, seed: int, stage
     return train_idx[take]
 
 
+def draw_local(positions: np.ndarray, n_local: int, step: int, per_epoch: int, *seed_parts) -> np.ndarray:
+    """`n_local` of this rank's own `positions` for `step`: walks a per-epoch permutation (seeded from
+    seed_parts and the epoch), wrapping around when the shard is shorter than an epoch needs."""
+    epoch, j = divmod(step, per_epoch)
+    perm = np.random.default_rng(derive_seed(*seed_parts, epoch)).permutation(len(positions))
+    if not len(perm):
+        return positions[:0]
+    return positions[np.resize(np.roll(perm, -j * n_local), n_local)]
+
+
 def rank_slice(global_batch, rank: int, world: int):
     from .distributed import shard_range
 
@@ -59,6 +69,7 @@ class StepTrainer:
 
     stage = "stage"
     metric = "val_loss"
+    history_fields: list[str] | None = None  # CSV column order (default: order of first appearance)
 
     def __init__(self, accelerator, out_dir: Path, *, max_steps: int, eval_interval: int, log_interval: int,
                  seed: int, fingerprint: dict):
@@ -113,7 +124,7 @@ class StepTrainer:
         if not self.state_path.is_file():
             return False
         try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            state = self.unwrap_state(torch.load(self.state_path, map_location="cpu", weights_only=False))
         except Exception as e:
             raise UserError(f"{self.state_path}: resume state unreadable ({type(e).__name__}); "
                             f"delete it to restart {self.stage}") from None
@@ -132,11 +143,19 @@ class StepTrainer:
 
     def save_state(self) -> None:
         if self.acc.is_main_process:
-            io.save_torch({"format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
-                           "history": self.history, "fingerprint": self.fingerprint,
-                           "log_sums": self._sums, "log_count": self._count, "last_train": self._last_train,
-                           "model": self.model_state()}, self.state_path)
+            io.save_torch(self.wrap_state({
+                "format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
+                "history": self.history, "fingerprint": self.fingerprint, "complete": self.step >= self.max_steps,
+                "log_sums": self._sums, "log_count": self._count, "last_train": self._last_train,
+                "model": self.model_state()}), self.state_path)
         barrier()
+
+    def wrap_state(self, state: dict) -> dict:
+        """What goes into the state file (a subclass may embed the state in a richer file)."""
+        return state
+
+    def unwrap_state(self, blob: dict) -> dict:
+        return blob
 
     def fit(self) -> dict:
         """Train to max_steps (resuming if a state exists); returns the best metric record."""
@@ -184,7 +203,7 @@ class StepTrainer:
             if improved:
                 self.export("best", row)
             self.export("latest", row)
-            io.write_csv(self.history, self.history_path)
+            io.write_csv(self.history, self.history_path, self.history_fields)
         self.log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                  + (" (best)" if improved else ""))
         self.save_state()

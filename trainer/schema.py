@@ -16,9 +16,9 @@ from .errors import ConfigError
 
 
 def option(default=dataclasses.MISSING, doc: str = "", *, choices=None, ge=None, gt=None,
-           le=None, factory=None):
+           le=None, lt=None, factory=None):
     """A config field with a one-line doc and optional checks."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -118,6 +118,8 @@ def _range_text(kind: str, meta: dict | None) -> str:
         parts.append(f"> {meta['gt']}")
     if meta.get("le") is not None:
         parts.append(f"<= {meta['le']}")
+    if meta.get("lt") is not None:
+        parts.append(f"< {meta['lt']}")
     return kind + (" " + " and ".join(parts) if parts else "")
 
 
@@ -129,6 +131,8 @@ def _check_range(value, path, where, meta, kind):
     if meta.get("gt") is not None and not value > meta["gt"]:
         ok = False
     if meta.get("le") is not None and not value <= meta["le"]:
+        ok = False
+    if meta.get("lt") is not None and not value < meta["lt"]:
         ok = False
     if value != value or value in (float("inf"), float("-inf")):
         ok = False

@@ -1,0 +1,278 @@
+"""Phase e of a stage-2 iteration: fine-tune the diffusion UNet with the composite loss, D frozen.
+
+The sample D scores comes from the distribution D was trained on:
+  rollout  DDIM from fresh noise with the current weights; gradients flow through the last K steps
+           only. D was trained on fully sampled fakes from the same DDIM settings.
+  x0_pred  one-step x0 predictions from noised real latents; D was trained on exactly those (at
+           timesteps from the same range) as its fakes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+
+from models.unet import build_unet
+
+from . import io
+from .distributed import all_reduce_sum, shard_range
+from .loop import StepTrainer, cosine_with_warmup, draw_local, local_weight
+from .losses import CompositeLoss
+from .runtime import generator
+from .sampling import initial_noise
+from .stage1 import export_blob, model_target
+
+METRIC_FIELDS = ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse", "val_adv",
+                 "d_prob_fake", "lr", "seconds"]
+
+
+def predictions(noise_sched, model_output, x_t, t):
+    """(pred_noise, pred_latent) from the UNet's output, for epsilon or v prediction."""
+    ab = noise_sched.alphas_cumprod.to(x_t.device)[t].float().view(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    if noise_sched.config.prediction_type == "v_prediction":
+        return s * x_t + a * model_output, a * x_t - s * model_output
+    return model_output, (x_t - s * model_output) / a
+
+
+def ddim_step(ddim, model_output, t, x, eta, gens):
+    if eta > 0:
+        var = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+        return ddim.step(model_output.float(), t, x, eta=eta, variance_noise=var).prev_sample
+    return ddim.step(model_output.float(), t, x, eta=0.0).prev_sample
+
+
+class FinetuneTrainer(StepTrainer):
+    history_fields = METRIC_FIELDS
+
+    def __init__(self, ctx, k: int, real: torch.Tensor, real_train: np.ndarray, d, init: dict):
+        """real: this rank's real latents (own global range); real_train: global train mask;
+        d: the iteration's best D (frozen here); init: {"raw": state_dict, "ema": state_dict}."""
+        cfg, acc = ctx.cfg, ctx.acc
+        self.cfg, self.ctx, self.k = cfg, ctx, k
+        self.stage = f"stage2_g{k}"
+        self.metric = cfg.stage2.best_metric
+        s2, t = cfg.stage2, cfg.training
+        own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
+        local = np.arange(own.start, own.stop)
+        self.real = real
+        self.tr = np.flatnonzero(real_train[local])
+        self.va = np.flatnonzero(~real_train[local])
+        self.va_global = local[self.va]
+        self.batch = t.batch_size
+        self.per_epoch = max(1, int(real_train.sum()) // self.batch)
+        max_steps = s2.diffusion_epochs * self.per_epoch
+        if s2.diffusion_max_steps is not None:
+            max_steps = min(max_steps, s2.diffusion_max_steps)
+        interval = s2.diffusion_eval_interval or self.per_epoch
+        self.lr = s2.learning_rate or t.learning_rate
+        fingerprint = {"unet": ctx.spec_dict, "scheduler": ctx.scheduler_dict, "seed": t.seed,
+                       "num_samples": s2.num_samples, "mode": s2.generator_loss_mode,
+                       "loss": [dict(x.__dict__) for x in t.loss.losses], "lr": self.lr, "batch_size": t.batch_size,
+                       "generation_steps": s2.generation_steps, "eta": s2.eta,
+                       "rollout_grad_steps": s2.rollout_grad_steps, "ema_decay": t.ema_decay}
+        super().__init__(acc, ctx.out_dir / "checkpoints", max_steps=max_steps, eval_interval=interval,
+                         log_interval=interval, seed=t.seed, fingerprint=fingerprint)
+        name = cfg.experiment.name
+        self.state_path = self.out_dir / f"{name}_iter_{k}_checkpoint_latest.pt"
+        self.best_path = self.out_dir / f"{name}_iter_{k}_checkpoint_best.pt"
+        self.history_path = ctx.out_dir / f"{name}_metrics_iter_{k}.csv"
+
+        self.unet = build_unet(ctx.spec)
+        self.unet.load_state_dict(init["raw"])
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_unet.load_state_dict(init["ema"])
+        self.ema = EMAModel(self.ema_unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+        opt_cls = torch.optim.AdamW if t.optimizer == "AdamW" else torch.optim.Adam
+        opt = opt_cls(self.unet.parameters(), lr=self.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type))
+        self.ddp_unet, self.opt = acc.prepare(self.unet, opt)
+        self.ema_unet.to(acc.device)
+        self.loss = CompositeLoss.from_config(t.loss)
+        self.d = d
+        if d is not None:
+            d.requires_grad_(False)  # frozen: gradients reach the UNet through D, never D itself
+            self.d = d.to(acc.device).eval()
+        self.ddim = ctx.new_ddim()
+        self.t0 = time.time()
+
+    # -- sampling pieces -------------------------------------------------------------------------
+    def _d_logits(self, z, t):
+        if self.cfg.discriminator.config.noise_conditioned:
+            return self.d(z.float(), t if t is not None else torch.zeros(z.shape[0], device=z.device)).float()
+        return self.d(z.float()).float()
+
+    def _rollout_start(self, model, idx, parts):
+        """Noise for rollout indices, DDIM up to the last step; the last K-1 steps keep gradients."""
+        s2 = self.cfg.stage2
+        x = initial_noise(idx, self.ctx.latent_shape, *parts).to(self.acc.device)
+        self.ddim.set_timesteps(s2.generation_steps, device=x.device)
+        steps = list(self.ddim.timesteps)
+        k = min(s2.rollout_grad_steps, len(steps))
+        gens = [generator(*parts, "eta", int(i)) for i in idx] if s2.eta > 0 else None
+        with torch.no_grad(), self.acc.autocast():
+            for t in steps[:len(steps) - k]:
+                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+        with self.acc.autocast():
+            for t in steps[len(steps) - k:-1]:
+                # Earlier grad steps run on the unwrapped module; their parameter gradients are summed
+                # into the same leaves before DDP's hooks fire on the final, wrapped forward.
+                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+        return x, steps[-1], gens
+
+    def _noised(self, x0, parts):
+        g = generator(*parts)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        t_max = self.ctx.num_train_timesteps
+        t = torch.randint(0, t_max, (x0.shape[0],), generator=g).to(x0.device)
+        return noise, t
+
+    def _outputs(self, model_output, x_t, t, x0, noise):
+        pred_noise, pred_latent = predictions(self.ctx.noise_sched, model_output, x_t, t)
+        return {"pred_noise": pred_noise, "noise": noise, "pred_latent": pred_latent, "latent": x0,
+                "model_output": model_output, "model_target": model_target(self.ctx.noise_sched, x0, noise, t)}
+
+    def _x0_pred_mask(self, t):
+        return t < int(self.cfg.stage2.x0_pred_max_timestep * self.ctx.num_train_timesteps)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def train_step(self, step):
+        loss, parts, n = self.compute_loss(step)
+        self.acc.backward(loss * local_weight(n, self.batch, self.world))
+        if self.cfg.training.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.ddp_unet.parameters(), self.cfg.training.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"]}
+
+    def compute_loss(self, step):
+        """The composite loss of `step` on this rank: (loss, parts, local batch size)."""
+        s2 = self.cfg.stage2
+        n_local = len(shard_range(self.batch, self.rank, self.world))
+        pos = draw_local(self.tr, n_local, step, self.per_epoch, self.seed, self.stage, "epoch", self.rank)
+        x0 = self.real[pos].to(self.acc.device)
+        noise, t = self._noised(x0, (self.seed, self.stage, step, self.rank))
+        x_t = self.ctx.noise_sched.add_noise(x0, noise, t)
+        adv = self.loss.needs_discriminator
+        inputs, ts = [x_t], [t]
+        rollout = adv and s2.generator_loss_mode == "rollout"
+        if rollout:
+            total = s2.rollout_batch_size or self.batch
+            mine = shard_range(total, self.rank, self.world)
+            x_r, t_last, gens = self._rollout_start(self.unet, list(mine),
+                                                   (self.seed, self.stage, "rollout", step))
+            inputs.append(x_r)
+            ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))
+        with self.acc.autocast():
+            # One wrapped forward for the MSE batch and the rollouts' last step: DDP sees one graph.
+            out = self.ddp_unet(torch.cat(inputs), torch.cat(ts)).sample.float()
+        n = x0.shape[0]
+        outputs = self._outputs(out[:n], x_t, t, x0, noise)
+        if rollout:
+            outputs["generated"] = ddim_step(self.ddim, out[n:], t_last, x_r, s2.eta, gens)
+            outputs["generated_t"] = None
+        elif adv:
+            keep = self._x0_pred_mask(t)
+            outputs["generated"] = outputs["pred_latent"][keep]
+            outputs["generated_t"] = t[keep]
+        ctx = {"discriminator": self._d_logits, "d_loss": self.cfg.discriminator.training.loss}
+        loss, parts = self.loss(outputs, ctx)
+        return loss, parts, n
+
+    # -- validation --------------------------------------------------------------------------------
+    def _eval_model(self):
+        if self.ema is not None:
+            self.ema.copy_to(self.ema_unet.parameters())
+        else:
+            self.ema_unet.load_state_dict(self.unet.state_dict())
+        return self.ema_unet
+
+    @torch.no_grad()
+    def evaluate(self):
+        s2 = self.cfg.stage2
+        model = self._eval_model()
+        # sums: mse_weighted, mse_raw, n_val, adv_sum, prob_sum, n_gen
+        sums = torch.zeros(6, dtype=torch.float64, device=self.acc.device)
+        mse_terms = [term for term in self.loss.terms if not term.needs_discriminator]
+        for s in range(0, len(self.va), 256):
+            pos = self.va[s:s + 256]
+            x0 = self.real[pos].to(self.acc.device)
+            idx = self.va_global[s:s + 256]
+            noise = initial_noise(idx, self.ctx.latent_shape, self.seed, "gval", self.k).to(x0.device)
+            t = torch.tensor([int(torch.randint(0, self.ctx.num_train_timesteps, (1,),
+                                                generator=generator(self.seed, "gval-t", self.k, int(i))))
+                              for i in idx], device=x0.device)
+            x_t = self.ctx.noise_sched.add_noise(x0, noise, t)
+            with self.acc.autocast():
+                out = model(x_t, t).sample.float()
+            outputs = self._outputs(out, x_t, t, x0, noise)
+            for term in mse_terms:
+                per = ((outputs[term.key].float() - outputs[term.target].float()) ** 2).flatten(1).mean(1)
+                sums[0] += term.weight * per.sum()
+                sums[1] += per.sum()
+            sums[2] += len(pos)
+            if self.d is not None and s2.generator_loss_mode == "x0_pred":
+                keep = self._x0_pred_mask(t)
+                self._score(outputs["pred_latent"][keep], t[keep], sums)
+        if self.d is not None and s2.generator_loss_mode == "rollout":
+            mine = list(shard_range(s2.val_samples, self.rank, self.world))
+            if mine:
+                x, t_last, gens = self._rollout_start(model, mine, (self.seed, "gval-rollout", self.k))
+                with self.acc.autocast():
+                    x = ddim_step(self.ddim, model(x, t_last).sample, t_last, x, s2.eta, gens)
+                self._score(x, None, sums)
+        s = all_reduce_sum(sums).tolist()
+        n_val, n_gen = max(s[2], 1), s[5]
+        val_adv = s[3] / n_gen if n_gen else float("nan")
+        adv_weight = sum(term.weight for term in self.loss.terms if term.needs_discriminator)
+        return {"epoch": round(self.step / self.per_epoch, 4), "val_loss": s[0] / n_val + adv_weight *
+                (val_adv if n_gen else 0.0), "val_mse": s[1] / n_val, "val_adv": val_adv,
+                "d_prob_fake": s[4] / n_gen if n_gen else float("nan"), "lr": self.sched.get_last_lr()[0],
+                "seconds": round(time.time() - self.t0, 2)}
+
+    def _score(self, z, t, sums):
+        if len(z) == 0:
+            return
+        logits = self._d_logits(z, t)
+        kind = self.cfg.discriminator.training.loss
+        per = (-logits) if kind == "hinge" else torch.nn.functional.softplus(-logits)
+        sums[3] += per.sum()
+        sums[4] += torch.sigmoid(logits).sum()
+        sums[5] += len(z)
+
+    # -- state and exports -------------------------------------------------------------------------
+    def model_state(self):
+        return {"optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_model_state(self, state):
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def _export(self, metrics):
+        blob = export_blob(self.cfg, self.ctx.spec, self._eval_model(), self.ctx.scaling, self.step, metrics,
+                           raw_unet=self.unet)
+        blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2")
+        return blob
+
+    def wrap_state(self, state):
+        blob = self._export(self.history[-1] if self.history else {})
+        blob.update(state=state, complete=state["complete"])
+        return blob
+
+    def unwrap_state(self, blob):
+        self.unet.load_state_dict(blob["raw_state_dict"])
+        return blob["state"]
+
+    def export(self, tag, metrics):
+        if tag == "best":
+            io.save_torch(self._export(metrics), self.best_path)

@@ -1,0 +1,291 @@
+"""Stage 2: adversarial fine-tuning of a stage-1 diffusion model against a latent discriminator.
+
+    advdiff stage2 CONFIG [--num_samples N] [--num_iterations I] ... [--start_iteration k]
+    accelerate launch -m trainer.stage2 CONFIG [flags]          # 1..N processes
+
+Each iteration k: (a) fakes generated and (b) reals encoded, sharded by index; (c) the main process
+writes both sets; (d) a new D is trained; (e) the UNet is fine-tuned with the composite loss. A rerun
+continues where the last run stopped; `--start_iteration k` requires iteration k-1's checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.autoencoder import decode
+from models.schedules import ddim_scheduler, training_scheduler
+from models.unet import spec_to_dict
+
+from . import io
+from .checkpoints import load_diffusion_checkpoint
+from .cli_common import stage_parser
+from .config import Config
+from .data import read_manifest
+from .errors import ConfigError, UserError
+from .finetune import FinetuneTrainer, predictions
+from .gan import DiscriminatorTrainer, load_discriminator
+from .latents import encode_local, latent_shape_of
+from .runtime import Logger, build_accelerator, generator
+from .sampling import ddim_sample, image_grid, initial_noise
+from .schema import error_at
+from .shards import iteration_shard, stratified_split
+
+# flag -> config path; the spec's nine flags and the original's extras
+FLAGS = {
+    "num_samples": ("stage2.num_samples", int, "real and fake samples per iteration (default 5000)"),
+    "num_iterations": ("stage2.num_iterations", int, "adversarial iterations (default 3)"),
+    "discriminator_epochs": ("discriminator.training.epochs", int, "D epochs per iteration (default 50)"),
+    "diffusion_epochs": ("stage2.diffusion_epochs", int, "diffusion epochs per iteration (default 50)"),
+    "generation_batch_size": ("stage2.generation_batch_size", int, "DDIM batch per process (default 32)"),
+    "generation_steps": ("stage2.generation_steps", int, "DDIM steps (default 100)"),
+    "discriminator_max_steps": ("discriminator.training.max_steps", int, "cap on D steps per iteration"),
+    "diffusion_max_steps": ("stage2.diffusion_max_steps", int, "cap on diffusion steps per iteration"),
+    "discriminator_batch_size": ("discriminator.training.batch_size", int, "global D batch (default 64)"),
+    "discriminator_eval_interval": ("discriminator.training.eval_interval", int, "D steps between validations"),
+    "diffusion_eval_interval": ("stage2.diffusion_eval_interval", int, "diffusion steps between validations"),
+    "eta": ("stage2.eta", float, "DDIM eta (default 0)"),
+    "generator_loss_mode": ("stage2.generator_loss_mode", str, "rollout (default) or x0_pred"),
+}
+
+
+class Stage2Context:
+    """What every phase of every iteration shares: config, accelerator, stage-1 model facts, data."""
+
+    def __init__(self, cfg: Config, acc):
+        self.cfg, self.acc = cfg, acc
+        self.log = Logger(acc, "stage2")
+        where = cfg.source or "<config>"
+        if cfg.diffusion.stage1_checkpoint is None:
+            raise ConfigError(f"{where}: diffusion.stage1_checkpoint: expected a stage-1 checkpoint path, got null")
+        if cfg.dataset.manifest is None:
+            raise ConfigError(f"{where}: dataset.manifest: expected a manifest CSV path, got null")
+        self.out_dir = cfg.out_dir
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"experiment.save_path: {self.out_dir} exists and is not a folder")
+        self.stage1 = load_diffusion_checkpoint(cfg.resolve_path(cfg.diffusion.stage1_checkpoint))
+        self.spec, self.scaling = self.stage1.spec, self.stage1.scaling
+        self.spec_dict = spec_to_dict(self.spec)
+        sch = self.stage1.scheduler
+        self.scheduler_dict = dict(sch)
+        self.noise_sched = training_scheduler(sch["type"], sch["num_steps"], sch["prediction_type"])
+        self.num_train_timesteps = sch["num_steps"]
+        self.ddim = self.new_ddim()
+        self.latent_shape = (self.spec.in_channels, self.spec.sample_size, self.spec.sample_size)
+        d = cfg.discriminator.config
+        if d.latent_channels != self.spec.in_channels:
+            raise error_at(where, "discriminator.config.latent_channels",
+                           f"{self.spec.in_channels} (the stage-1 UNet's latent channels)", d.latent_channels)
+        if self.spec.sample_size < 2 ** d.num_layers:
+            raise error_at(where, "discriminator.config.num_layers",
+                           f"at most {int(np.log2(self.spec.sample_size))} for {self.spec.sample_size}x"
+                           f"{self.spec.sample_size} latents", d.num_layers)
+        self.rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
+                                  cfg.dataset.filters, cfg.dataset.outputs.latent)
+        if len(self.rows) == 0:
+            raise UserError(f"{cfg.dataset.manifest}: no rows left after dataset.filters")
+        self._ae = None
+
+    def new_ddim(self):
+        sch = self.stage1.scheduler
+        return ddim_scheduler(sch["type"], sch["num_steps"], sch["prediction_type"])
+
+    @property
+    def ae(self):
+        """The frozen AE, loaded on first use (pre-embedded latents may make it unnecessary)."""
+        if self._ae is None:
+            from .stage1 import load_frozen_ae
+
+            cfg = self.cfg
+            if cfg.autoencoder.checkpoint is None:
+                cfg.autoencoder.checkpoint = self.stage1.autoencoder
+            self._ae = load_frozen_ae(cfg, self.acc.device)
+            if self._ae.config.latent_channels != self.spec.in_channels:
+                raise UserError(f"autoencoder.checkpoint: latent channels {self._ae.config.latent_channels} "
+                                f"differ from the stage-1 UNet's {self.spec.in_channels}")
+        return self._ae
+
+    def encode_local(self, rows) -> torch.Tensor:
+        """Model-space latents of these rows (files where given, else the frozen AE in fp32)."""
+        needs_ae = any(not isinstance(p, str) for p in rows["latent_path"])
+        ae = self.ae if needs_ae else None
+        size = self.cfg.dataset.resolution or (ae.config.sample_size if ae is not None else None)
+        if ae is not None:
+            shape = latent_shape_of(ae, size)
+            if shape != self.latent_shape:
+                raise UserError(f"dataset.resolution: images give latents {shape}, the stage-1 UNet expects "
+                                f"{self.latent_shape}")
+        raw = encode_local(ae, rows["image_path"].tolist(), rows["latent_path"].tolist(), size=size,
+                           channels=ae.config.in_channels if ae is not None else 0, latent_shape=self.latent_shape,
+                           batch_size=self.cfg.autoencoder.encode_batch_size, device=self.acc.device,
+                           num_workers=self.cfg.training.num_workers)
+        return self.scaling.to_model(raw)
+
+    # -- paths -------------------------------------------------------------------------------------
+    def ckpt(self, k: int, tag: str) -> Path:
+        return self.out_dir / "checkpoints" / f"{self.cfg.experiment.name}_iter_{k}_checkpoint_{tag}.pt"
+
+    def folder(self, k: int) -> Path:
+        return self.out_dir / f"discriminator_iter_{k}"
+
+    def complete(self, k: int) -> bool:
+        path = self.ckpt(k, "latest")
+        if not path.is_file():
+            return False
+        try:
+            return bool(torch.load(path, map_location="cpu", weights_only=False).get("complete"))
+        except Exception:
+            return False
+
+
+def _weights(path: Path):
+    blob = load_diffusion_checkpoint(path).blob
+    raw = blob.get("raw_state_dict") or blob["state_dict"]
+    return {"raw": raw, "ema": blob["state_dict"]}
+
+
+def x0_pred_fakes(ctx: Stage2Context, unet, real: torch.Tensor, own: range, k: int):
+    """D's fakes in x0_pred mode: one-step x0 predictions of this rank's noised reals, with their t."""
+    seed = ctx.cfg.training.seed
+    t_max = int(ctx.cfg.stage2.x0_pred_max_timestep * ctx.num_train_timesteps)
+    t = torch.tensor([int(torch.randint(0, t_max, (1,), generator=generator(seed, "x0t", k, i))) for i in own],
+                     dtype=torch.long)
+    fakes = []
+    with torch.inference_mode():
+        for s in range(0, len(own), 256):
+            idx = list(own)[s:s + 256]
+            x0 = real[s:s + 256].to(ctx.acc.device)
+            noise = initial_noise(idx, ctx.latent_shape, seed, "x0n", k).to(x0.device)
+            tt = t[s:s + 256].to(x0.device)
+            x_t = ctx.noise_sched.add_noise(x0, noise, tt)
+            with ctx.acc.autocast():
+                out = unet(x_t, tt).sample.float()
+            fakes.append(predictions(ctx.noise_sched, out, x_t, tt)[1].cpu())
+    return (torch.cat(fakes) if fakes else real[:0].clone()), t
+
+
+def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
+    """Run (or finish) iteration k. Returns False if it stopped early as asked."""
+    cfg, acc, log = ctx.cfg, ctx.acc, ctx.log
+    s2 = cfg.stage2
+    if k == 0:
+        source = ctx.stage1.path
+        init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
+        log(f"iteration 0: starting from the stage-1 checkpoint {source} (EMA weights, step {ctx.stage1.step})")
+    else:
+        source = ctx.ckpt(k - 1, s2.continue_from)
+        init = _weights(source)
+        log(f"iteration {k}: starting from {source} ({s2.continue_from} of iteration {k - 1})")
+    from models.unet import build_unet
+
+    gen_unet = build_unet(ctx.spec)
+    gen_unet.load_state_dict(init["ema"])
+    gen_unet = gen_unet.to(acc.device).eval()
+    folder = ctx.folder(k)
+    shard = iteration_shard(ctx, k, gen_unet, folder, log)
+    real_train = stratified_split(shard.n, cfg.discriminator.training.train_split, cfg.training.seed, k, "real")
+    fake_train = stratified_split(shard.n, cfg.discriminator.training.train_split, cfg.training.seed, k, "fake")
+
+    d_best = folder / "discriminator_best.pt"
+    d_kwargs = {}
+    fake_for_d = shard.fake
+    if s2.generator_loss_mode == "x0_pred":
+        fake_for_d, t = x0_pred_fakes(ctx, gen_unet, shard.real, shard.own, k)
+        d_kwargs = {"real_t": t, "fake_t": t}
+    warm = ctx.folder(k - 1) / "discriminator_best.pt" if k > 0 and cfg.discriminator.training.warm_start else None
+    d_trainer = DiscriminatorTrainer(ctx, k, folder, shard.real, fake_for_d, real_train, fake_train,
+                                     warm_start_from=warm, **d_kwargs)
+    d_trainer.fit()
+    acc.free_memory()
+    del d_trainer, gen_unet
+
+    d = load_discriminator(d_best)
+    g_trainer = FinetuneTrainer(ctx, k, shard.real, real_train, d, init)
+    g_trainer.stop_after = stop_after
+    g_trainer.fit()
+    done = g_trainer.step >= g_trainer.max_steps
+    acc.free_memory()
+    if done:
+        write_grid(ctx, k)
+    return done
+
+
+def write_grid(ctx: Stage2Context, k: int) -> None:
+    """Decoded samples of iteration k's final weights, from the same fixed seeds every iteration."""
+    n = ctx.cfg.stage2.grid_samples
+    path = ctx.out_dir / "samples" / f"{ctx.cfg.experiment.name}_iter_{k}.png"
+    if n and ctx.acc.is_main_process and not path.is_file():
+        from models.unet import build_unet
+
+        unet = build_unet(ctx.spec)
+        unet.load_state_dict(_weights(ctx.ckpt(k, "latest"))["ema"])
+        unet = unet.to(ctx.acc.device).eval()
+        noise = initial_noise(range(n), ctx.latent_shape, ctx.cfg.training.seed, "grid").to(ctx.acc.device)
+        z = ddim_sample(unet, ctx.new_ddim(), noise, ctx.cfg.stage2.generation_steps)
+        io.save_png(image_grid(decode(ctx.ae, ctx.scaling.from_model(z)), nrow=8), path)
+        ctx.log(f"iteration {k}: sample grid written to {path}")
+    ctx.acc.wait_for_everyone()
+
+
+def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
+    ctx = Stage2Context(cfg, acc)
+    s2 = cfg.stage2
+    if start_iteration is not None:
+        if start_iteration >= s2.num_iterations:
+            raise UserError(f"--start_iteration {start_iteration}: expected less than --num_iterations "
+                            f"({s2.num_iterations})")
+        if start_iteration > 0 and not ctx.complete(start_iteration - 1):
+            path = ctx.ckpt(start_iteration - 1, "latest")
+            state = "is missing" if not path.is_file() else "is not a finished iteration"
+            raise UserError(f"--start_iteration {start_iteration}: {path} {state}; finish iteration "
+                            f"{start_iteration - 1} first (or drop --start_iteration to continue where the "
+                            f"last run stopped)")
+        first = start_iteration
+    else:
+        first = 0
+    for k in range(first, s2.num_iterations):
+        if ctx.complete(k):
+            ctx.log(f"iteration {k}: already complete ({ctx.ckpt(k, 'latest')}); skipping")
+            write_grid(ctx, k)
+            continue
+        if not run_iteration(ctx, k, stop_after):
+            ctx.log(f"stopped inside iteration {k} as asked; rerun the same command to continue")
+            return
+    ctx.log(f"stage 2 complete: {s2.num_iterations} iteration(s) under {ctx.out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = stage_parser("stage2", "Adversarial fine-tuning against a latent discriminator (stage 2).")
+    for flag, (_, typ, help_) in FLAGS.items():
+        p.add_argument(f"--{flag}", type=typ, default=None, help=f"{help_}")
+    p.add_argument("--start_iteration", type=int, default=None,
+                   help="start at this iteration; needs iteration k-1's checkpoint (default: continue where "
+                        "the last run stopped, from iteration 0)")
+    return p
+
+
+def main(argv=None) -> int:
+    from .cli_common import run_main
+
+    parser = build_parser()
+
+    def flags(args):
+        return {path: getattr(args, flag) for flag, (path, _, _) in FLAGS.items() if getattr(args, flag) is not None}
+
+    def body(cfg, args):
+        if args.start_iteration is not None and args.start_iteration < 0:
+            raise UserError(f"--start_iteration: expected an integer >= 0, got {args.start_iteration}")
+        acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
+        try:
+            run(cfg, acc, args.start_iteration, args.stop_after_steps)
+        finally:
+            acc.end_training()
+
+    return run_main(parser, argv, body, extra_overrides=flags)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
