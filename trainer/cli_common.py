@@ -55,13 +55,23 @@ def load_from_args(args, extra: dict | None = None):
 
 def run_main(parser, argv, body, extra_overrides=None) -> int:
     """Parse, load the config, run `body(cfg, args)`; user errors become one line and exit 2."""
+    from . import preempt
+
     args = parser.parse_args(argv)
+    cfg = None
     try:
         extra = extra_overrides(args) if extra_overrides else None
         cfg = load_from_args(args, extra)
         if args.dry_run:
             return 0
+        preempt.install()
+        preempt.set_marker_dir(cfg.out_dir)
         body(cfg, args)
+    except preempt.Preempted as e:
+        if is_main_launch_rank():
+            print(f"advdiff: preempted ({e}); resume state written; rerun the same command to continue "
+                  f"(exit {preempt.REQUEUE_EXIT_CODE})", file=sys.stderr)
+        return preempt.REQUEUE_EXIT_CODE
     except UserError as e:
         if is_main_launch_rank():
             print(f"advdiff: error: {e}", file=sys.stderr)

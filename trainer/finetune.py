@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import torch
-from diffusers.training_utils import EMAModel
 
 from models.unet import build_unet
 
-from . import io
+from . import engine, io
+from .ema import EMA
 from .distributed import all_reduce_sum, shard_range
 from .loop import StepTrainer, cosine_with_warmup, draw_local, local_weight
 from .losses import CompositeLoss
@@ -85,12 +85,12 @@ class FinetuneTrainer(StepTrainer):
         self.unet.load_state_dict(init["raw"])
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.load_state_dict(init["ema"])
-        self.ema = EMAModel(self.ema_unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.ema_unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         opt_cls = torch.optim.AdamW if t.optimizer == "AdamW" else torch.optim.Adam
         opt = opt_cls(self.unet.parameters(), lr=self.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type))
-        self.ddp_unet, self.opt = acc.prepare(self.unet, opt)
+        self.ddp_unet, self.opt = engine.prepare(acc, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(acc.device)
         self.loss = CompositeLoss.from_config(t.loss)
         self.d = d
@@ -143,13 +143,14 @@ class FinetuneTrainer(StepTrainer):
     def train_step(self, step):
         loss, parts, n = self.compute_loss(step)
         self.acc.backward(loss * local_weight(n, self.batch, self.world))
-        if self.cfg.training.max_grad_norm > 0:
+        if self.cfg.training.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):  # DeepSpeed clips itself
             self.acc.clip_grad_norm_(self.ddp_unet.parameters(), self.cfg.training.max_grad_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            with engine.full_parameters(self.acc, self.unet):
+                self.ema.step(self.unet.parameters())
         return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"]}
 
     def compute_loss(self, step):
@@ -166,7 +167,7 @@ class FinetuneTrainer(StepTrainer):
         if rollout:
             total = s2.rollout_batch_size or self.batch
             mine = shard_range(total, self.rank, self.world)
-            x_r, t_last, gens = self._rollout_start(self.unet, list(mine),
+            x_r, t_last, gens = self._rollout_start(engine.forward_module(self.acc, self.ddp_unet, self.unet), list(mine),
                                                    (self.seed, self.stage, "rollout", step))
             inputs.append(x_r)
             ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))
@@ -191,7 +192,7 @@ class FinetuneTrainer(StepTrainer):
         if self.ema is not None:
             self.ema.copy_to(self.ema_unet.parameters())
         else:
-            self.ema_unet.load_state_dict(self.unet.state_dict())
+            self.ema_unet.load_state_dict(engine.state_dict(self.acc, self.unet))
         return self.ema_unet
 
     @torch.no_grad()
@@ -249,18 +250,18 @@ class FinetuneTrainer(StepTrainer):
 
     # -- state and exports -------------------------------------------------------------------------
     def model_state(self):
-        return {"optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(),
+        return {"optimizer": self.optimizer_state(self.opt), "lr_scheduler": self.sched.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_model_state(self, state):
-        self.opt.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
     def _export(self, metrics):
-        blob = export_blob(self.cfg, self.ctx.spec, self._eval_model(), self.ctx.scaling, self.step, metrics,
-                           raw_unet=self.unet)
+        blob = export_blob(self.cfg, self.ctx.spec, engine.state_dict(self.acc, self._eval_model()), self.ctx.scaling,
+                           self.step, metrics, raw_weights=engine.state_dict(self.acc, self.unet))
         blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2")
         return blob
 
@@ -270,9 +271,11 @@ class FinetuneTrainer(StepTrainer):
         return blob
 
     def unwrap_state(self, blob):
-        self.unet.load_state_dict(blob["raw_state_dict"])
+        engine.load_state_dict(self.acc, self.unet, blob["raw_state_dict"])
         return blob["state"]
 
     def export(self, tag, metrics):
         if tag == "best":
-            io.save_torch(self._export(metrics), self.best_path)
+            blob = self._export(metrics)
+            if self.acc.is_main_process:
+                io.save_torch(blob, self.best_path)

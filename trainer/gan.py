@@ -15,7 +15,7 @@ import torch
 
 from models.discriminator import build_discriminator
 
-from . import io
+from . import engine, io
 from .distributed import all_reduce_sum, shard_range
 from .loop import StepTrainer, draw_local, local_weight
 from .losses import d_loss, d_loss_terms, r1_term
@@ -74,7 +74,7 @@ class DiscriminatorTrainer(StepTrainer):
             self.log(f"D warm-started from {warm_start_from}")
         opt = torch.optim.AdamW(self.d.parameters(), lr=td.learning_rate, weight_decay=td.weight_decay,
                                 betas=tuple(td.betas))
-        self.ddp_d, self.opt = acc.prepare(self.d, opt)
+        self.ddp_d, self.opt = engine.prepare(acc, self.d, opt, td.batch_size, td.max_grad_norm)
         self.t0 = time.time()
 
     def _draw(self, positions: np.ndarray, step: int, label: str) -> np.ndarray:
@@ -110,7 +110,7 @@ class DiscriminatorTrainer(StepTrainer):
         if td.r1_gamma > 0:
             loss = loss + td.r1_gamma * r1_term(lr_, zr)
         self.acc.backward(loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world))
-        if td.max_grad_norm > 0:
+        if td.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):  # DeepSpeed clips inside its step
             self.acc.clip_grad_norm_(self.ddp_d.parameters(), td.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -119,6 +119,10 @@ class DiscriminatorTrainer(StepTrainer):
 
     @torch.no_grad()
     def evaluate(self):
+        with engine.full_parameters(self.acc, self.d):
+            return self._evaluate()
+
+    def _evaluate(self):
         td = self.cfg.discriminator.training
         self.d.eval()
         sums = torch.zeros(6, dtype=torch.float64, device=self.acc.device)  # loss_r, loss_f, ok_r, ok_f, n_r, n_f
@@ -144,14 +148,16 @@ class DiscriminatorTrainer(StepTrainer):
                 "lr": self.opt.param_groups[0]["lr"], "seconds": round(time.time() - self.t0, 2)}
 
     def model_state(self):
-        return {"d": self.d.state_dict(), "optimizer": self.opt.state_dict()}
+        return {"d": engine.state_dict(self.acc, self.d), "optimizer": self.optimizer_state(self.opt)}
 
     def load_model_state(self, state):
-        self.d.load_state_dict(state["d"])
-        self.opt.load_state_dict(state["optimizer"])
+        engine.load_state_dict(self.acc, self.d, state["d"])
+        self.load_optimizer_state(self.opt, state["optimizer"])
 
     def export(self, tag, metrics):
         if tag == "best":
-            io.save_torch({"format": D_FORMAT, "config": self.d.config, "state_dict": self.d.state_dict(),
-                           "iteration": self.k, "step": self.step, "metrics": metrics}, self.best_path)
+            weights = engine.state_dict(self.acc, self.d)
+            if self.acc.is_main_process:
+                io.save_torch({"format": D_FORMAT, "config": self.d.config, "state_dict": weights,
+                               "iteration": self.k, "step": self.step, "metrics": metrics}, self.best_path)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
+from . import engine, io, preempt
 from .distributed import all_reduce_sum, barrier
 from .errors import UserError
 from .runtime import Logger, derive_seed, generator
@@ -102,8 +102,17 @@ class StepTrainer:
         raise NotImplementedError
 
     def export(self, tag: str, metrics: dict) -> None:
-        """Write the `tag` ("best" or "latest") export. Called on the main process only."""
+        """Write the `tag` ("best" or "latest") export. Called on every rank (weights may need a
+        gather); only the main process writes."""
         raise NotImplementedError
+
+    def optimizer_state(self, opt):
+        """Optimizer state for the single-file state; under DeepSpeed it lives in the engine's checkpoint."""
+        return None if engine.is_deepspeed(self.acc) else opt.state_dict()
+
+    def load_optimizer_state(self, opt, state) -> None:
+        if state is not None and not engine.is_deepspeed(self.acc):
+            opt.load_state_dict(state)
 
     def finish(self) -> None:
         """After the last step, on every rank (collectives allowed)."""
@@ -136,18 +145,38 @@ class StepTrainer:
             raise UserError(f"{self.state_path}: the config changed since this state was written "
                             f"({', '.join(changed)}); use a new experiment.save_path or restore the config")
         self.load_model_state(state["model"])
+        if engine.is_deepspeed(self.acc):
+            folder = self.engine_state_path
+            if not folder.is_dir():
+                raise UserError(f"{folder}: DeepSpeed state missing beside {self.state_path}; delete both to restart")
+            engine.load_engine_state(self.acc, folder)
         self.step, self.best, self.history = state["step"], state["best"], state["history"]
-        self._sums, self._count, self._last_train = state["log_sums"], state["log_count"], state["last_train"]
+        # the saved sums are totals over ranks: rank 0 carries them, the others restart from zero
+        sums = state["log_sums"] if self.rank == 0 else {k: 0.0 for k in state["log_sums"]}
+        self._sums, self._count, self._last_train = dict(sums), state["log_count"], state["last_train"]
         self.log(f"RESUMED from {self.state_path} at step {self.step}/{self.max_steps}")
         return True
 
+    @property
+    def engine_state_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.stem + ".deepspeed")
+
     def save_state(self) -> None:
+        # Built on every rank: under ZeRO-3 reading the weights is a collective. The partial log
+        # window's sums are reduced too, so a resume continues the same averages at any world size.
+        keys = sorted(self._sums)
+        totals = all_reduce_sum(torch.tensor([self._sums[k] for k in keys], dtype=torch.float64,
+                                             device=self.acc.device)).tolist() if keys else []
+        blob = self.wrap_state({
+            "format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
+            "history": self.history, "fingerprint": self.fingerprint, "complete": self.step >= self.max_steps,
+            "log_sums": dict(zip(keys, totals)), "log_count": self._count, "last_train": self._last_train,
+            "model": self.model_state()})
+        if engine.is_deepspeed(self.acc):
+            # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state that names it
+            engine.save_engine_state(self.acc, self.engine_state_path)
         if self.acc.is_main_process:
-            io.save_torch(self.wrap_state({
-                "format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
-                "history": self.history, "fingerprint": self.fingerprint, "complete": self.step >= self.max_steps,
-                "log_sums": self._sums, "log_count": self._count, "last_train": self._last_train,
-                "model": self.model_state()}), self.state_path)
+            io.save_torch(blob, self.state_path)
         barrier()
 
     def wrap_state(self, state: dict) -> dict:
@@ -170,6 +199,10 @@ class StepTrainer:
                 self.save_state()
                 self.log(f"stopped at step {self.step} as asked; resume state in {self.state_path}")
                 return self.best
+            if preempt.should_stop(self.acc.device):
+                self.save_state()
+                self.log(f"preempted at step {self.step}; resume state in {self.state_path}")
+                preempt.stop(self.acc, f"{self.stage} at step {self.step}")
             # Dropout and anything else drawing from the global RNG: seeded per step and rank.
             torch.manual_seed(derive_seed(self.seed, self.stage, "global", self.step, self.rank))
             logs = self.train_step(self.step)
@@ -199,10 +232,10 @@ class StepTrainer:
         improved = metrics[self.metric] < self.best["value"]
         if improved:
             self.best = {"value": float(metrics[self.metric]), "step": self.step}
+        if improved:
+            self.export("best", row)
+        self.export("latest", row)
         if self.acc.is_main_process:
-            if improved:
-                self.export("best", row)
-            self.export("latest", row)
             io.write_csv(self.history, self.history_path, self.history_fields)
         self.log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                  + (" (best)" if improved else ""))

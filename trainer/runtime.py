@@ -20,11 +20,17 @@ def build_accelerator(device: str = "auto", mixed_precision: str = "no"):
         raise UserError(f"--device: expected auto, cpu or cuda, got \"{device}\"")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
-    cpu = device == "cpu" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1"
+    no_cuda = device == "cpu" or not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # cpu=True makes accelerate silently drop DeepSpeed, so a DeepSpeed run on CPU (DS_ACCELERATOR=cpu)
+    # must not ask for it; DeepSpeed then runs on its own CPU accelerator.
+    cpu = (no_cuda or os.environ.get("ACCELERATE_USE_CPU") == "1") and not deepspeed
     kwargs = []
-    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if no_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo is the only CPU backend; without naming it, DeepSpeed on CPU sees one process per rank.
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    if deepspeed and no_cuda and os.environ.get("DS_ACCELERATOR") != "cpu":
+        raise UserError("DeepSpeed without CUDA needs DS_ACCELERATOR=cpu in the environment")
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs)
     if acc.is_main_process and acc.device.type == "cpu" and mixed_precision == "fp16":
         warn("mixed_precision fp16 has no effect on CPU: PyTorch runs these models in fp32 there")

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import torch
 
-from models.autoencoder import ae_export, build_autoencoder, load_autoencoder
+from models.autoencoder import AE_FORMAT, ae_export, build_autoencoder, load_autoencoder
 
-from . import io
+from . import engine, io
 from .cli_common import stage_main
 from .config import Config
 from .errors import ConfigError
@@ -51,7 +51,7 @@ class AutoencoderTrainer(StepTrainer):
         opt = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cosine_with_warmup(s, t.warmup_steps, t.max_steps))
-        self.ddp_model, self.opt = accelerator.prepare(_WithKL(self.model), opt)
+        self.ddp_model, self.opt = engine.prepare(accelerator, _WithKL(self.model), opt, t.batch_size, 0.0)
 
     def _images(self, rows: np.ndarray) -> torch.Tensor:
         paths = self.rows["image_path"].tolist()
@@ -76,6 +76,10 @@ class AutoencoderTrainer(StepTrainer):
 
     @torch.no_grad()
     def evaluate(self):
+        with engine.full_parameters(self.acc, self.model):
+            return self._evaluate()
+
+    def _evaluate(self):
         self.model.eval()
         mine = shard_range(len(self.val_idx), self.rank, self.world)
         total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
@@ -90,18 +94,19 @@ class AutoencoderTrainer(StepTrainer):
         return {"val_mse": float(total[0] / total[1].clamp(min=1))}
 
     def model_state(self):
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"model": engine.state_dict(self.acc, self.model), "optimizer": self.optimizer_state(self.opt),
                 "lr_scheduler": self.sched.state_dict()}
 
     def load_model_state(self, state):
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        engine.load_state_dict(self.acc, self.model, state["model"])
+        self.load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["lr_scheduler"])
 
     def export(self, tag, metrics):
-        blob = ae_export(self.model)
-        blob.update(step=self.step, metrics=metrics)
-        io.save_torch(blob, self.out_dir / f"autoencoder_{tag}.pt")
+        blob = {"format": AE_FORMAT, "config": dict(self.model.config), "state_dict": engine.state_dict(self.acc, self.model),
+                "step": self.step, "metrics": metrics}
+        if self.acc.is_main_process:
+            io.save_torch(blob, self.out_dir / f"autoencoder_{tag}.pt")
 
     def finish(self):
         """Measure the latent scale on the training images with the best weights; write the folder."""

@@ -11,12 +11,12 @@ import copy
 import sys
 
 import torch
-from diffusers.training_utils import EMAModel
 
 from models.autoencoder import config_scaling, decode, load_autoencoder, AutoencoderLoadError
 from models.unet import build_unet, count_parameters, spec_to_dict
 
-from . import io
+from . import engine, io
+from .ema import EMA
 from .cli_common import stage_main
 from .config import Config
 from .data import read_manifest, split_indices
@@ -87,13 +87,13 @@ class DiffusionTrainer(StepTrainer):
         torch.manual_seed(derive_seed(t.seed, "init", "unet"))  # the same initial weights on every run and rank
         self.unet = build_unet(self.spec)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
-        self.ema = EMAModel(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         opt_cls = torch.optim.AdamW if t.optimizer == "AdamW" else torch.optim.Adam
         opt = opt_cls(self.unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, betas=tuple(t.betas))
         # Stepped by hand once per optimizer step: the schedule is in global steps whatever the world size.
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda st: cosine_with_warmup(st, t.scheduler.warmup_steps, t.max_steps, t.scheduler.type))
-        self.ddp_unet, self.opt = accelerator.prepare(self.unet, opt)
+        self.ddp_unet, self.opt = engine.prepare(accelerator, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(accelerator.device)
 
     def _dataset_latents(self, rows, size):
@@ -133,20 +133,21 @@ class DiffusionTrainer(StepTrainer):
             pred = self.ddp_unet(x_t, ts).sample
         mse = torch.mean((pred.float() - model_target(self.noise_sched, x0, noise, ts)) ** 2)
         self.acc.backward(mse * local_weight(len(mine), len(batch), self.world))
-        if t.max_grad_norm > 0:
+        if t.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):  # DeepSpeed clips inside its step
             self.acc.clip_grad_norm_(self.ddp_unet.parameters(), t.max_grad_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            with engine.full_parameters(self.acc, self.unet):
+                self.ema.step(self.unet.parameters())
         return {"mse": mse.item()}
 
     def _sync_ema(self):
         if self.ema is not None:
             self.ema.copy_to(self.ema_unet.parameters())
         else:
-            self.ema_unet.load_state_dict(self.unet.state_dict())
+            self.ema_unet.load_state_dict(engine.state_dict(self.acc, self.unet))
 
     @torch.no_grad()
     def evaluate(self):
@@ -165,19 +166,21 @@ class DiffusionTrainer(StepTrainer):
         return {"val_mse": float(total[0] / total[1].clamp(min=1)), "lr": self.sched.get_last_lr()[0]}
 
     def model_state(self):
-        return {"unet": self.unet.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"unet": engine.state_dict(self.acc, self.unet), "optimizer": self.optimizer_state(self.opt),
                 "lr_scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
 
     def load_model_state(self, state):
-        self.unet.load_state_dict(state["unet"])
-        self.opt.load_state_dict(state["optimizer"])
+        engine.load_state_dict(self.acc, self.unet, state["unet"])
+        self.load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
     def export(self, tag, metrics):
-        io.save_torch(export_blob(self.cfg, self.spec, self.ema_unet, self.scaling, self.step, metrics,
-                                  raw_unet=self.unet), self.out_dir / f"checkpoint_{tag}.pt")
+        blob = export_blob(self.cfg, self.spec, engine.state_dict(self.acc, self.ema_unet), self.scaling, self.step,
+                           metrics, raw_weights=engine.state_dict(self.acc, self.unet))
+        if self.acc.is_main_process:
+            io.save_torch(blob, self.out_dir / f"checkpoint_{tag}.pt")
 
     def finish(self):
         """A decoded sample grid of the best checkpoint, from fixed seeds (main process)."""
@@ -199,13 +202,14 @@ def count_parameters_of(spec) -> int:
     return count_parameters(build_unet(spec))
 
 
-def export_blob(cfg, spec, unet, scaling, step, metrics, raw_unet=None) -> dict:
+def export_blob(cfg, spec, weights, scaling, step, metrics, raw_weights=None) -> dict:
+    """A self-describing diffusion export; `weights` (EMA) and `raw_weights` are CPU state dicts."""
     s = cfg.scheduler
     return {
         "format": CKPT_FORMAT,
         "unet_spec": spec_to_dict(spec),
-        "state_dict": {k: v.detach().cpu() for k, v in unet.state_dict().items()},
-        "raw_state_dict": None if raw_unet is None else {k: v.detach().cpu() for k, v in raw_unet.state_dict().items()},
+        "state_dict": weights,
+        "raw_state_dict": raw_weights,
         "scheduler": {"type": s.type, "num_steps": s.num_steps, "prediction_type": s.prediction_type},
         "latent_scaling": scaling.to_dict(),
         "autoencoder": str(cfg.resolve_path(cfg.autoencoder.checkpoint)),

@@ -20,7 +20,7 @@ from models.autoencoder import decode
 from models.schedules import ddim_scheduler, training_scheduler
 from models.unet import spec_to_dict
 
-from . import io
+from . import io, preempt
 from .checkpoints import load_diffusion_checkpoint
 from .cli_common import stage_parser
 from .config import Config
@@ -247,6 +247,8 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
     else:
         first = 0
     for k in range(first, s2.num_iterations):
+        if preempt.should_stop(acc.device):
+            preempt.stop(acc, f"before iteration {k}")
         if ctx.complete(k):
             ctx.log(f"iteration {k}: already complete ({ctx.ckpt(k, 'latest')}); skipping")
             write_grid(ctx, k)

@@ -1,0 +1,362 @@
+"""launch.sh and trainer.slurm without a cluster: per-node accelerate arguments from faked SLURM
+environments, the dry-run output of both modes, usage errors, and the generated batch script run
+under bash with stand-ins for srun, scontrol and sbatch."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from trainer.slurm import SlurmError, expand_nodelist, launch_args, main_process_port
+
+LAUNCH = REPO / "launch.sh"
+HOSTS = ["gpu07", "gpu08", "gpu09"]
+
+
+def node_env(node_id, nodes=3, job_id="4242", nodelist="gpu[07-09]"):
+    return {"SLURM_NNODES": str(nodes), "SLURM_NODEID": str(node_id), "SLURM_JOB_ID": job_id,
+            "SLURM_JOB_NODELIST": nodelist}
+
+
+def as_dict(args):
+    """accelerate arguments as {flag: value or True}."""
+    out, i = {}, 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]] = args[i + 1]
+            i += 2
+        else:
+            out[args[i]] = True
+            i += 1
+    return out
+
+
+# ---- launch_args ----
+
+def test_every_node_gets_its_own_rank_and_the_same_rendezvous():
+    per_node = [as_dict(launch_args(node_env(i), 4, HOSTS)) for i in range(3)]
+    assert [a["--machine_rank"] for a in per_node] == ["0", "1", "2"]
+    for a in per_node:
+        assert a["--num_machines"] == "3" and a["--num_processes"] == "12"
+        assert a["--main_process_ip"] == "gpu07"
+        assert a["--main_process_port"] == per_node[0]["--main_process_port"]
+        assert a["--rdzv_backend"] == "c10d" and a["--multi_gpu"] is True
+        assert "--same_network" not in a
+
+
+def test_the_cli_reads_each_tasks_own_environment():
+    """What srun does: the same command line on three nodes, each with its own SLURM_NODEID."""
+    ranks, rendezvous = [], set()
+    for i in range(3):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        proc = subprocess.run([sys.executable, "-m", "trainer.slurm", "print-args", "--gpus-per-node", "2"],
+                              capture_output=True, text=True, cwd=REPO, env={**env, **node_env(i)})
+        assert proc.returncode == 0, proc.stderr
+        a = as_dict(shlex.split(proc.stdout))
+        ranks.append(a["--machine_rank"])
+        rendezvous.add((a["--main_process_ip"], a["--main_process_port"], a["--num_processes"]))
+    assert ranks == ["0", "1", "2"]
+    assert rendezvous == {("gpu07", str(main_process_port(4242)), "6")}
+
+
+def test_single_node():
+    a = as_dict(launch_args(node_env(0, nodes=1, nodelist="n1"), 2, ["n1"]))
+    assert a["--num_machines"] == "1" and a["--machine_rank"] == "0" and a["--num_processes"] == "2"
+    assert a["--same_network"] is True and a["--multi_gpu"] is True
+    assert a["--rdzv_backend"] == "static"  # c10d would ignore our port on one machine
+    one = as_dict(launch_args(node_env(0, nodes=1, nodelist="n1"), 1, ["n1"]))
+    assert "--multi_gpu" not in one and one["--num_processes"] == "1"
+
+
+def test_port_is_deterministic_and_differs_between_jobs():
+    ports = {main_process_port(j) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(20000 <= p < 32768 for p in ports)
+    assert main_process_port(123456) == main_process_port(123456)
+
+
+def test_hostnames_come_from_scontrol(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames weird[1-2]' ] && printf 'first\\nsecond\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    a = as_dict(launch_args(node_env(1, nodes=2, nodelist="weird[1-2]"), 1))
+    assert a["--main_process_ip"] == "first" and a["--machine_rank"] == "1"
+
+
+def test_hostnames_without_scontrol(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run there: the built-in expansion is used
+    a = as_dict(launch_args(node_env(2, nodelist="gpu[07-09]"), 1))
+    assert a["--main_process_ip"] == "gpu07"
+    assert expand_nodelist("gpu[07-09,11],login1,r[1-2]-n[1-2]") == [
+        "gpu07", "gpu08", "gpu09", "gpu11", "login1", "r1-n1", "r1-n2", "r2-n1", "r2-n2"]
+    assert expand_nodelist("n[008-010]") == ["n008", "n009", "n010"]
+
+
+@pytest.mark.parametrize("drop, message", [("SLURM_NODEID", "SLURM_NODEID is not set"),
+                                           ("SLURM_NNODES", "SLURM_NNODES / SLURM_JOB_NUM_NODES is not set"),
+                                           ("SLURM_JOB_ID", "SLURM_JOB_ID / SLURM_JOBID is not set")])
+def test_missing_slurm_variables(drop, message):
+    env = node_env(0)
+    del env[drop]
+    with pytest.raises(SlurmError, match=message):
+        launch_args(env, 2, HOSTS)
+
+
+def test_inconsistent_slurm_variables():
+    with pytest.raises(SlurmError, match="SLURM_NODEID=3 is not below SLURM_NNODES=3"):
+        launch_args(node_env(3), 2, HOSTS)
+    with pytest.raises(SlurmError, match="expected an integer"):
+        launch_args({**node_env(0), "SLURM_NNODES": "three"}, 2, HOSTS)
+    with pytest.raises(SlurmError, match="fewer than SLURM_NNODES=3"):
+        launch_args(node_env(0), 2, HOSTS[:2])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["print-args", "--gpus-per-node", "2"], "SLURM_NNODES / SLURM_JOB_NUM_NODES is not set"),
+    (["exec", "--gpus-per-node", "2", "--", "trainer.stage2", "x.yaml"], "SLURM_NNODES"),
+    (["exec", "--gpus-per-node", "2"], "expected -- MODULE"),
+    (["print-args"], "--gpus-per-node is required"),
+])
+def test_cli_errors_are_one_line(argv, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    if "SLURM" not in message:
+        env.update(node_env(0))
+    proc = subprocess.run([sys.executable, "-m", "trainer.slurm", *argv], capture_output=True, text=True,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("trainer.slurm: error: ")
+
+
+def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
+    data = tmp_path / "x.json"
+    data.write_text('{"b": 1}')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           **node_env(0, nodes=1, nodelist="localhost"), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.slurm", "exec", "--gpus-per-node", "1", "--",
+                           "json.tool", str(data)], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert '"b": 1' in proc.stdout
+    assert "accelerate.commands.launch --num_machines 1 --machine_rank 0" in proc.stderr
+
+
+# ---- launch.sh ----
+
+def write_config(folder: Path, save_path="out") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": {"name": "e", "save_path": save_path}}))
+    return path
+
+
+def launch(*args, env=None, cwd=REPO):
+    full = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(["bash", str(LAUNCH), *map(str, args)], capture_output=True, text=True, env=full,
+                          cwd=cwd, timeout=120)
+
+
+def test_local_dry_run(tmp_path):
+    cfg = write_config(tmp_path)
+    proc = launch(cfg, "--cpu", "--gpus", "2", "--dry-run", "--", "--num_samples", "3")
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.strip()
+    assert cmd.startswith("ACCELERATE_USE_CPU=1 ")
+    assert f"accelerate.commands.launch --num_processes 2 --multi_gpu -m trainer.stage2 {cfg} " \
+           f"--device cpu --num_samples 3" in cmd  # stage 2 by default
+    proc = launch(cfg, "--stage", "stage1", "--mixed-precision", "bf16", "--dry-run")
+    assert "-m trainer.stage1 " in proc.stdout and "--mixed_precision bf16" in proc.stdout
+    assert "ACCELERATE_USE_CPU" not in proc.stdout and "--multi_gpu" not in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def split_dry_run(stdout: str):
+    """(sbatch script, launch command) from `launch.sh --slurm --dry-run`."""
+    lines = stdout.splitlines()
+    assert lines[0].startswith("# ") and lines[0].endswith(".sbatch")
+    cut = lines.index("# launch command (run by srun on each node):")
+    return "\n".join(lines[1:cut]) + "\n", lines[cut + 1][2:], lines[0][2:]
+
+
+def test_slurm_dry_run_gpu(tmp_path):
+    cfg = write_config(tmp_path / "exp", save_path="runs/r1")  # relative: against the YAML's folder
+    proc = launch("--slurm", "--nodes", 3, "--gpus-per-node", 4, "--partition", "gpu", "--time", "02:00:00",
+                  "--signal-seconds", 120, "--dry-run", cfg, "--", "--num_iterations", "2")
+    assert proc.returncode == 0, proc.stderr
+    script, command, path = split_dry_run(proc.stdout)
+    out = (tmp_path / "exp" / "runs" / "r1").resolve()
+    assert path == f"{out}/slurm/advdiff_stage2.sbatch"
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    for expected in ("--nodes=3", "--ntasks-per-node=1", "--gpus-per-node=4", "--partition=gpu", "--time=02:00:00",
+                     "--signal=B:USR1@120", "--requeue", "--open-mode=append",
+                     f"--output={out}/slurm/advdiff_stage2_%j.out", f"--error={out}/slurm/advdiff_stage2_%j.err"):
+        assert f"#SBATCH {expected}" in header, expected
+    assert not any("cpus-per-task" in line for line in header)
+    for expected in ("srun", "trainer.slurm exec", "ADVDIFF_STOP_FILE=\"$stop_file\"", "scontrol requeue",
+                     "trap 'request_stop USR1' USR1", "trap 'request_stop TERM' TERM", "wait"):
+        assert expected in script, expected
+    assert "ACCELERATE_USE_CPU" not in script
+    # the rank is never decided by the batch shell: no $SLURM_NODEID anywhere in what it runs
+    assert "SLURM_NODEID" not in script and "SLURM_PROCID" not in script and "machine_rank" not in script
+    assert command.startswith("srun --nodes=3 --ntasks-per-node=1 ")
+    assert command.endswith(f"-m trainer.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
+                            f"--num_iterations 2")
+    assert command in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert not out.exists(), "a dry run writes nothing"
+
+
+def test_slurm_dry_run_cpu_and_overrides(tmp_path):
+    cfg = write_config(tmp_path)
+    other = tmp_path / "elsewhere"
+    proc = launch("--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", "--stage", "stage1", "--dry-run", cfg,
+                  "--", "--set", f"experiment.save_path={other}")
+    assert proc.returncode == 0, proc.stderr
+    script, command, path = split_dry_run(proc.stdout)
+    assert path == f"{other}/slurm/advdiff_stage1.sbatch"  # --set experiment.save_path moves everything
+    assert "#SBATCH --cpus-per-task=2" in script and "#SBATCH --gpus-per-node" not in script
+    assert "export ACCELERATE_USE_CPU=1" in script
+    assert f"-- trainer.stage1 {cfg} --device cpu --set experiment.save_path={other}" in command
+    assert "--cpus-per-task=2" in command
+    assert "stop_file=\"$out_dir/.advdiff_stop\"" in script and f"out_dir={other}" in script
+
+
+BAD_USAGE = [
+    ([], "CONFIG is required"),
+    (["{cfg}", "--stage", "stage3"], "--stage: expected stage0, stage1 or stage2, got stage3"),
+    (["{cfg}", "--stage"], "--stage needs a value"),
+    (["{cfg}", "--gpus", "--cpu"], "--gpus needs a value"),
+    (["{cfg}", "--gpus", "two"], "--gpus: expected a positive integer, got 'two'"),
+    (["{cfg}", "--bogus"], "unknown option --bogus"),
+    (["{cfg}", "extra.yaml"], "unexpected argument extra.yaml"),
+    (["missing.yaml"], "missing.yaml: config file not found"),
+    (["{cfg}", "--nodes", "2"], "--nodes needs --slurm"),
+    (["{cfg}", "--mixed-precision", "fp8"], "--mixed-precision: expected no, fp16 or bf16, got fp8"),
+    (["--slurm", "{cfg}", "--gpus-per-node", "2"], "--slurm needs --nodes M"),
+    (["--slurm", "{cfg}", "--nodes", "2"], "--slurm needs --gpus-per-node G"),
+    (["--slurm", "{cfg}", "--nodes", "0", "--gpus-per-node", "2"], "--nodes: expected a positive integer, got '0'"),
+    (["--slurm", "{cfg}", "--nodes", "1", "--gpus-per-node", "2", "--gpus", "2", "--dry-run"], "--gpus is for local"),
+    (["--slurm", "{cfg}", "--nodes", "1", "--gpus-per-node", "2", "--signal-seconds", "soon", "--dry-run"],
+     "--signal-seconds: expected a positive integer"),
+    (["--slurm", "{bad}", "--nodes", "1", "--gpus-per-node", "1", "--dry-run"], "experiment.name"),
+    (["--slurm", "{spaced}", "--nodes", "1", "--gpus-per-node", "1", "--dry-run"], "cannot hold blanks"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_USAGE, ids=[m for _, m in BAD_USAGE])
+def test_bad_usage_is_one_line_and_exit_2(tmp_path, argv, message):
+    cfg = write_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment:\n  name: a/b\n")
+    spaced = write_config(tmp_path / "s", save_path="with space")
+    argv = [a.format(cfg=cfg, bad=bad, spaced=spaced) for a in argv]
+    proc = launch(*argv)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+# ---- the batch script itself, with stand-ins for the SLURM commands ----
+
+FAKE_SRUN = """#!/bin/bash
+# Stands in for srun + the trainer: honours the stop file like trainer/preempt.py does.
+printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
+[ -e "$ADVDIFF_STOP_FILE" ] && echo stale > "$FAKE_DIR/saw_stale_stop_file"
+for _ in $(seq 1 200); do
+  if [ -e "$ADVDIFF_STOP_FILE" ]; then
+    echo "preempted" > "$FAKE_OUT/.advdiff_requeue"
+    exit 1   # what accelerate makes of the trainer's 75
+  fi
+  [ -e "$FAKE_DIR/finish" ] && exit "${FAKE_EXIT:-0}"
+  sleep 0.05
+done
+exit 99
+"""
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path):
+    bin_dir, fake_dir = tmp_path / "bin", tmp_path / "fake"
+    bin_dir.mkdir()
+    fake_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$FAKE_DIR/scontrol"\n')
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$@" > "$FAKE_DIR/sbatch"\necho "4242;cluster"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    cfg = write_config(tmp_path / "exp")
+    out = tmp_path / "exp" / "out"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(fake_dir), "FAKE_OUT": str(out)}
+    return cfg, out, fake_dir, env
+
+
+def submit_with_fake_sbatch(cfg, env):
+    proc = launch("--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", cfg, "--", "--num_iterations", "1",
+                  env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def run_batch_script(script, env, fake_dir, signal_after=None, finish_after=None):
+    full = {**os.environ, **env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
+    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full)
+    deadline = time.monotonic() + 10
+    while not (fake_dir / "srun_args").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    if signal_after is not None:
+        proc.send_signal(signal_after)  # like scancel --signal=USR1 --batch: the batch shell alone
+    if finish_after:
+        (fake_dir / "finish").touch()
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, out, err
+
+
+def test_submission_writes_the_script_and_prints_the_job_id(fake_slurm):
+    cfg, out, fake_dir, env = fake_slurm
+    proc = submit_with_fake_sbatch(cfg, env)
+    script = out / "slurm" / "advdiff_stage2.sbatch"
+    assert proc.stdout == "4242\n"
+    assert (fake_dir / "sbatch").read_text().split() == ["--parsable", str(script)]
+    assert script.read_text().startswith("#!/bin/bash\n#SBATCH")
+    assert [p.name for p in (out / "slurm").iterdir()] == ["advdiff_stage2.sbatch"]  # no temp file left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_and_requeues(fake_slurm, sig):
+    cfg, out, fake_dir, env = fake_slurm
+    submit_with_fake_sbatch(cfg, env)
+    rc, stdout, stderr = run_batch_script(out / "slurm" / "advdiff_stage2.sbatch", env, fake_dir, signal_after=sig)
+    assert rc == 0, stdout + stderr
+    assert f"received {sig.name[3:]}" in stdout and "requeueing job 4242" in stdout
+    assert (fake_dir / "scontrol").read_text() == "requeue 4242\n"
+    assert not (out / ".advdiff_requeue").exists() and not (out / ".advdiff_stop").exists()
+    args = (fake_dir / "srun_args").read_text().splitlines()
+    assert args[args.index("--") + 1:] == ["trainer.stage2", str(cfg), "--device", "cpu", "--num_iterations", "1"]
+
+
+def test_no_marker_passes_the_exit_status_through(fake_slurm):
+    cfg, out, fake_dir, env = fake_slurm
+    submit_with_fake_sbatch(cfg, env)
+    rc, stdout, _ = run_batch_script(out / "slurm" / "advdiff_stage2.sbatch", {**env, "FAKE_EXIT": "3"}, fake_dir,
+                                     finish_after=True)
+    assert rc == 3 and "srun finished with status 3" in stdout
+    assert not (fake_dir / "scontrol").exists()
+
+
+def test_leftovers_of_an_earlier_run_are_cleared(fake_slurm):
+    cfg, out, fake_dir, env = fake_slurm
+    submit_with_fake_sbatch(cfg, env)
+    (out / ".advdiff_stop").touch()
+    (out / ".advdiff_requeue").write_text("old\n")
+    rc, stdout, _ = run_batch_script(out / "slurm" / "advdiff_stage2.sbatch", env, fake_dir, finish_after=True)
+    assert rc == 0 and not (fake_dir / "saw_stale_stop_file").exists()
+    assert not (fake_dir / "scontrol").exists() and not (out / ".advdiff_requeue").exists()
