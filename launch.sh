@@ -160,11 +160,22 @@ rm -f "\$stop_file"
 if [ -e "\$marker" ]; then
   rm -f "\$marker"
   echo "advdiff: resume state saved; requeueing job \$SLURM_JOB_ID"
-  if ! scontrol requeue "\$SLURM_JOB_ID"; then
-    echo "advdiff: scontrol requeue failed; resubmit $(quoted "$script_path") to continue" >&2
-    exit 75
-  fi
-  exit 0
+  # Once the controller accepts the requeue it ends this script itself. A busy controller can
+  # time an RPC out: a few tries, each bounded, each failure shown in the job's .err file.
+  tries=3
+  for try in \$(seq 1 "\$tries"); do
+    if [ "\$try" -gt 1 ]; then sleep 3; fi
+    if command -v timeout >/dev/null; then
+      err=\$(timeout 60 scontrol requeue "\$SLURM_JOB_ID" 2>&1); rc=\$?
+    else
+      err=\$(scontrol requeue "\$SLURM_JOB_ID" 2>&1); rc=\$?
+    fi
+    [ "\$rc" != 0 ] || exit 0
+    [ "\$rc" != 124 ] || err="no answer in 60 s"
+    echo "advdiff: scontrol requeue \$SLURM_JOB_ID failed (try \$try of \$tries, exit status \$rc): \${err:-no message}" >&2
+  done
+  echo "advdiff: error: job \$SLURM_JOB_ID was not requeued; its resume state is saved: sbatch $(quoted "$script_path") continues the run" >&2
+  exit 75
 fi
 echo "advdiff: srun finished with status \$status"
 exit "\$status"

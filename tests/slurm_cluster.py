@@ -154,6 +154,19 @@ def _log_tail(name: str) -> str:
         return "(no log)"
 
 
+def ctld_log(job_id: str, lines: int = 30) -> str:
+    """slurmctld's log lines about one job (best effort), for a failed test's message: why a job
+    ended the way it did (e.g. "Killing non-startable batch JobId=N: Job credential revoked") is
+    written there, not to the job's own output."""
+    try:
+        text = (LOGS / "slurmctld.log").read_text(errors="replace")
+    except OSError:
+        return "(no slurmctld log)"
+    keys = (f"JobId={job_id} ", f"JobId={job_id}:", f"JobId={job_id}\n", f"job {job_id} ", f"job {job_id}:")
+    hits = [line for line in text.splitlines() if any(k in line + "\n" for k in keys)]
+    return "\n".join(hits[-lines:]) or f"(nothing about job {job_id} in {LOGS / 'slurmctld.log'})"
+
+
 def ensure_cluster() -> str:
     """Bring the cluster up (or reuse it); returns the node name."""
     if sys.platform != "linux":

@@ -22,8 +22,11 @@ def spec_layout(name: str, iterations: int) -> set:
 
 
 def extras(name: str, iterations: int) -> set:
-    """Files beyond the spec's layout: the best D, D's resume state, the per-iteration sample grid."""
-    paths = set()
+    """Files beyond the spec's layout: the best D, D's resume state, the per-iteration sample grid,
+    and the quality summary."""
+    paths = {f"{name}_summary.csv", f"{name}_summary.png"}
+    paths |= {f"{name}_metrics_iter_{k}.png" for k in range(iterations)}
+    paths |= {f"discriminator_iter_{k}/discriminator_history.png" for k in range(iterations)}
     for k in range(iterations):
         paths |= {f"discriminator_iter_{k}/discriminator_best.pt", f"discriminator_iter_{k}/discriminator_state.pt",
                   f"samples/{name}_iter_{k}.png"}
@@ -61,9 +64,12 @@ def test_spec_command_line_gives_the_spec_layout(tmp_path, digits_manifest, smal
     assert d_hist["epoch"].iloc[-1] == 2
     metrics = pd.read_csv(out / "t2_metrics_iter_1.csv")
     assert list(metrics.columns) == ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse",
-                                     "val_adv", "d_prob_fake", "lr", "seconds"]
+                                     "val_adv", "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight"]
     assert len(metrics) == 2 and metrics["epoch"].tolist() == [1, 2]
     assert "DDIM" in proc.stdout and "3 DDIM steps" in proc.stdout
+    summary = pd.read_csv(out / "t2_summary.csv")
+    assert summary["iteration"].tolist() == [0, 1, 2]  # stage 1, then one row per iteration
+    assert summary[["latent_fd", "precision", "recall", "pixel_fd", "d_acc"]].notna().all().all()
     ck = torch.load(out / "checkpoints" / "t2_iter_1_checkpoint_latest.pt", weights_only=False)
     assert ck["iteration"] == 1 and ck["complete"] and "optimizer" in ck["state"]["model"]
     best = torch.load(out / "checkpoints" / "t2_iter_1_checkpoint_best.pt", weights_only=True)

@@ -8,6 +8,7 @@ COMMANDS = {
     "stage0": ("trainer.stage0", "train the autoencoder"),
     "stage1": ("trainer.stage1", "train the diffusion UNet"),
     "stage2": ("trainer.stage2", "adversarial fine-tuning against a latent discriminator"),
+    "compare": ("trainer.compare", "two runs' quality summaries side by side"),
     "models": ("trainer.models_cmd", "list UNet presets with computed parameter counts"),
     "digits": ("trainer.models_cmd", "write the digits dataset and manifest to a folder"),
     "config-reference": ("trainer.docs", "print the config reference table (Markdown)"),

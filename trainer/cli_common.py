@@ -21,6 +21,9 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="override any config field, e.g. --set training.batch_size=32 (repeatable)")
     p.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
                    help="stop after N steps in this call, leaving a resume state (time-boxed jobs)")
+    p.add_argument("--report_to", "--report-to", default=None, choices=("tensorboard",),
+                   help="log every CSV metric (and sample grids) through accelerate's trackers, under "
+                        "<save_path>/tracking")
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -82,12 +85,17 @@ def run_main(parser, argv, body, extra_overrides=None) -> int:
     return 0
 
 
-def stage_main(trainer_cls, name: str, description: str, argv=None) -> int:
-    """The whole entry point of a stage: parse, validate, train (resuming if possible), clean up."""
+def accelerator_for(cfg, args):
     from .runtime import build_accelerator
 
+    return build_accelerator(args.device, cfg.training.resolved_mixed_precision(), report_to=args.report_to,
+                             project_dir=cfg.out_dir / "tracking", run_name=cfg.experiment.name)
+
+
+def stage_main(trainer_cls, name: str, description: str, argv=None) -> int:
+    """The whole entry point of a stage: parse, validate, train (resuming if possible), clean up."""
     def body(cfg, args):
-        acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
+        acc = accelerator_for(cfg, args)
         try:
             trainer = trainer_cls(cfg, acc)
             trainer.stop_after = args.stop_after_steps

@@ -151,6 +151,19 @@ class Stage2Config:
     sample_with_replacement: bool = option(False, "Allow drawing reals with replacement when num_samples "
                                            "exceeds the manifest rows.")
     grid_samples: int = option(64, "Decoded samples in each iteration's grid (fixed seeds).", ge=0)
+    metric_samples: int = option(1000, "Generated samples (and at most as many held-out reals) for the "
+                                 "per-iteration quality summary.", ge=2)
+    metric_k: int = option(3, "k of the k-NN precision and recall.", ge=1)
+    adaptive_weight: bool = option(False, "Scale the adversarial weight at each validation to keep D's accuracy "
+                                   "on (held-out reals, generated samples) inside adaptive_band.")
+    adaptive_band: list[float] = option(doc="Target band of D accuracy for adaptive_weight.",
+                                        factory=lambda: [0.5, 0.7])
+    adaptive_factor: float = option(1.5, "Multiplier applied to the weight per validation outside the band.", gt=1)
+
+    def check(self, where, prefix):
+        lo_hi = self.adaptive_band
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+            raise error_at(where, f"{prefix}.adaptive_band", "two numbers 0 <= low < high <= 1", lo_hi)
 
 
 @dataclass

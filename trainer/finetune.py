@@ -26,7 +26,7 @@ from .sampling import initial_noise
 from .stage1 import export_blob, model_target
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse", "val_adv",
-                 "d_prob_fake", "lr", "seconds"]
+                 "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight"]
 
 
 def predictions(noise_sched, model_output, x_t, t):
@@ -199,8 +199,8 @@ class FinetuneTrainer(StepTrainer):
     def evaluate(self):
         s2 = self.cfg.stage2
         model = self._eval_model()
-        # sums: mse_weighted, mse_raw, n_val, adv_sum, prob_sum, n_gen
-        sums = torch.zeros(6, dtype=torch.float64, device=self.acc.device)
+        # sums: mse_weighted, mse_raw, n_val, adv_sum, prob_sum, n_gen, fake_correct, real_correct, n_real
+        sums = torch.zeros(9, dtype=torch.float64, device=self.acc.device)
         mse_terms = [term for term in self.loss.terms if not term.needs_discriminator]
         for s in range(0, len(self.va), 256):
             pos = self.va[s:s + 256]
@@ -222,6 +222,9 @@ class FinetuneTrainer(StepTrainer):
             if self.d is not None and s2.generator_loss_mode == "x0_pred":
                 keep = self._x0_pred_mask(t)
                 self._score(outputs["pred_latent"][keep], t[keep], sums)
+                self._score_real(x0[keep], t[keep], sums)
+            elif self.d is not None:
+                self._score_real(x0, None, sums)
         if self.d is not None and s2.generator_loss_mode == "rollout":
             mine = list(shard_range(s2.val_samples, self.rank, self.world))
             if mine:
@@ -233,10 +236,29 @@ class FinetuneTrainer(StepTrainer):
         n_val, n_gen = max(s[2], 1), s[5]
         val_adv = s[3] / n_gen if n_gen else float("nan")
         adv_weight = sum(term.weight for term in self.loss.terms if term.needs_discriminator)
-        return {"epoch": round(self.step / self.per_epoch, 4), "val_loss": s[0] / n_val + adv_weight *
-                (val_adv if n_gen else 0.0), "val_mse": s[1] / n_val, "val_adv": val_adv,
-                "d_prob_fake": s[4] / n_gen if n_gen else float("nan"), "lr": self.sched.get_last_lr()[0],
-                "seconds": round(time.time() - self.t0, 2)}
+        d_acc = 0.5 * (s[6] / n_gen + s[7] / s[8]) if n_gen and s[8] else float("nan")
+        row = {"epoch": round(self.step / self.per_epoch, 4), "val_loss": s[0] / n_val + adv_weight *
+               (val_adv if n_gen else 0.0), "val_mse": s[1] / n_val, "val_adv": val_adv,
+               "d_prob_fake": s[4] / n_gen if n_gen else float("nan"), "lr": self.sched.get_last_lr()[0],
+               "seconds": round(time.time() - self.t0, 2), "d_val_acc": d_acc, "adv_weight": adv_weight}
+        self._adapt(d_acc)
+        return row
+
+    def _adapt(self, d_acc: float) -> None:
+        """Keep D's accuracy in the band: push harder when D wins, ease off when it is fooled."""
+        s2 = self.cfg.stage2
+        if not s2.adaptive_weight or d_acc != d_acc:
+            return
+        low, high = s2.adaptive_band
+        factor = s2.adaptive_factor if d_acc > high else (1 / s2.adaptive_factor if d_acc < low else 1.0)
+        for term in self.loss.terms:
+            if term.needs_discriminator:
+                term.weight *= factor
+
+    def _score_real(self, z, t, sums):
+        if len(z):
+            sums[7] += (self._d_logits(z, t) > 0).sum()
+            sums[8] += len(z)
 
     def _score(self, z, t, sums):
         if len(z) == 0:
@@ -247,14 +269,18 @@ class FinetuneTrainer(StepTrainer):
         sums[3] += per.sum()
         sums[4] += torch.sigmoid(logits).sum()
         sums[5] += len(z)
+        sums[6] += (logits < 0).sum()
 
     # -- state and exports -------------------------------------------------------------------------
     def model_state(self):
         return {"optimizer": self.optimizer_state(self.opt), "lr_scheduler": self.sched.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None}
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "adv_weights": [term.weight for term in self.loss.terms]}
 
     def load_model_state(self, state):
         self.load_optimizer_state(self.opt, state["optimizer"])
+        for term, weight in zip(self.loss.terms, state.get("adv_weights", [])):
+            term.weight = weight
         self.sched.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])

@@ -17,6 +17,7 @@ import torch
 from . import engine, io, preempt
 from .distributed import all_reduce_sum, barrier
 from .errors import UserError
+from .progress import bar
 from .runtime import Logger, derive_seed, generator
 
 STATE_FORMAT = "advdiff.state"
@@ -194,11 +195,21 @@ class StepTrainer:
             self.finish()
             return self.best
         start, t_last = self.step, time.time()
+        progress = bar(self.acc, self.max_steps, self.stage, "step", initial=self.step)
+        try:
+            self._run_steps(start, t_last, progress)
+        finally:
+            progress.close()
+        if self.step >= self.max_steps:
+            self.finish()
+        return self.best
+
+    def _run_steps(self, start: int, t_last: float, progress) -> None:
         while self.step < self.max_steps:
             if self.stop_after is not None and self.step - start >= self.stop_after:
                 self.save_state()
                 self.log(f"stopped at step {self.step} as asked; resume state in {self.state_path}")
-                return self.best
+                return
             if preempt.should_stop(self.acc.device):
                 self.save_state()
                 self.log(f"preempted at step {self.step}; resume state in {self.state_path}")
@@ -207,6 +218,7 @@ class StepTrainer:
             torch.manual_seed(derive_seed(self.seed, self.stage, "global", self.step, self.rank))
             logs = self.train_step(self.step)
             self.step += 1
+            progress.update(1)
             for k, v in logs.items():
                 self._sums[k] = self._sums.get(k, 0.0) + float(v)
             self._count += 1
@@ -221,8 +233,6 @@ class StepTrainer:
                 self._sums, self._count, t_last = {}, 0, time.time()
             if self.step % self.eval_interval == 0 or self.step == self.max_steps:
                 self._checkpoint()
-        self.finish()
-        return self.best
 
     def _checkpoint(self) -> None:
         metrics = self.evaluate()
@@ -237,6 +247,8 @@ class StepTrainer:
         self.export("latest", row)
         if self.acc.is_main_process:
             io.write_csv(self.history, self.history_path, self.history_fields)
+        self.acc.log({f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                     step=self.step)
         self.log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                  + (" (best)" if improved else ""))
         self.save_state()

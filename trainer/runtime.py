@@ -11,8 +11,10 @@ import torch
 from .errors import UserError
 
 
-def build_accelerator(device: str = "auto", mixed_precision: str = "no"):
-    """An Accelerator on `device` ("auto", "cpu" or "cuda") with the given mixed precision."""
+def build_accelerator(device: str = "auto", mixed_precision: str = "no", report_to: str | None = None,
+                      project_dir=None, run_name: str = "advdiff"):
+    """An Accelerator on `device` ("auto", "cpu" or "cuda") with the given mixed precision, and
+    accelerate's trackers (e.g. tensorboard, logging under project_dir) when `report_to` is set."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -31,7 +33,18 @@ def build_accelerator(device: str = "auto", mixed_precision: str = "no"):
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
     if deepspeed and no_cuda and os.environ.get("DS_ACCELERATOR") != "cpu":
         raise UserError("DeepSpeed without CUDA needs DS_ACCELERATOR=cpu in the environment")
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs)
+    tracking = {}
+    if report_to:
+        if report_to == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise UserError("--report_to tensorboard: tensorboard is not installed "
+                                "(pip install 'advdiff[tracking]')")
+        tracking = {"log_with": report_to, "project_dir": str(project_dir)}
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs, **tracking)
+    if report_to:
+        acc.init_trackers(run_name)
     if acc.is_main_process and acc.device.type == "cpu" and mixed_precision == "fp16":
         warn("mixed_precision fp16 has no effect on CPU: PyTorch runs these models in fp32 there")
     return acc

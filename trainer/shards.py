@@ -54,7 +54,10 @@ def _load_own(path: Path, n: int, own: range, shape: tuple) -> torch.Tensor | No
 def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int, steps: int, eta: float,
                  batch_size: int) -> torch.Tensor:
     """This rank's fakes: DDIM from per-sample noise, nothing decoded. Returned on the CPU."""
+    from .progress import bar
+
     out = []
+    progress = bar(acc, len(own), f"fakes {k}", "sample")
     for s in range(own.start, own.stop, batch_size):
         idx = list(range(s, min(s + batch_size, own.stop)))
         noise = initial_noise(idx, shape, seed, "fake", k).to(acc.device)
@@ -62,6 +65,8 @@ def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int
             z = ddim_sample(unet, ddim, noise, steps, eta=eta, batch_size=len(idx),
                             gen_parts=(seed, "fake", k), indices=idx)
         out.append(z.float().cpu())
+        progress.update(len(idx))
+    progress.close()
     return torch.cat(out) if out else torch.empty((0, *shape))
 
 

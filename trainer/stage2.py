@@ -20,8 +20,9 @@ from models.autoencoder import decode
 from models.schedules import ddim_scheduler, training_scheduler
 from models.unet import spec_to_dict
 
-from . import io, preempt
+from . import io, plots, preempt
 from .checkpoints import load_diffusion_checkpoint
+from .evaluate import Evaluator
 from .cli_common import stage_parser
 from .config import Config
 from .data import read_manifest
@@ -29,7 +30,7 @@ from .errors import ConfigError, UserError
 from .finetune import FinetuneTrainer, predictions
 from .gan import DiscriminatorTrainer, load_discriminator
 from .latents import encode_local, latent_shape_of
-from .runtime import Logger, build_accelerator, generator
+from .runtime import Logger, generator
 from .sampling import ddim_sample, image_grid, initial_noise
 from .schema import error_at
 from .shards import iteration_shard, stratified_split
@@ -87,7 +88,14 @@ class Stage2Context:
                                   cfg.dataset.filters, cfg.dataset.outputs.latent)
         if len(self.rows) == 0:
             raise UserError(f"{cfg.dataset.manifest}: no rows left after dataset.filters")
+        # before any compute: N must fit the data (unless drawing with replacement is allowed)
+        from .shards import choose_real_rows
+
+        choose_real_rows(len(self.rows), cfg.stage2.num_samples, cfg.training.seed, 0,
+                         cfg.stage2.sample_with_replacement)
         self._ae = None
+        ae_path = cfg.autoencoder.checkpoint or self.stage1.autoencoder
+        self.has_ae = bool(ae_path) and cfg.resolve_path(ae_path).exists()
 
     def new_ddim(self):
         sch = self.stage1.scheduler
@@ -118,10 +126,14 @@ class Stage2Context:
             if shape != self.latent_shape:
                 raise UserError(f"dataset.resolution: images give latents {shape}, the stage-1 UNet expects "
                                 f"{self.latent_shape}")
+        from .progress import bar
+
+        progress = bar(self.acc, len(rows), "encoding", "image")
         raw = encode_local(ae, rows["image_path"].tolist(), rows["latent_path"].tolist(), size=size,
                            channels=ae.config.in_channels if ae is not None else 0, latent_shape=self.latent_shape,
                            batch_size=self.cfg.autoencoder.encode_batch_size, device=self.acc.device,
-                           num_workers=self.cfg.training.num_workers)
+                           num_workers=self.cfg.training.num_workers, progress=progress.update)
+        progress.close()
         return self.scaling.to_model(raw)
 
     # -- paths -------------------------------------------------------------------------------------
@@ -200,7 +212,14 @@ def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
                                      warm_start_from=warm, **d_kwargs)
     d_trainer.fit()
     acc.free_memory()
-    del d_trainer, gen_unet
+    del d_trainer
+    if acc.is_main_process:
+        plots.plot_d_history(folder / "discriminator_history.csv", folder / "discriminator_history.png", k)
+    evaluator = Evaluator(ctx)
+    if k == 0 and 0 not in evaluator.done():
+        # the stage-1 baseline row, scored by the D fit to its samples
+        evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(d_best)))
+    del gen_unet
 
     d = load_discriminator(d_best)
     g_trainer = FinetuneTrainer(ctx, k, shard.real, real_train, d, init)
@@ -208,9 +227,27 @@ def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
     g_trainer.fit()
     done = g_trainer.step >= g_trainer.max_steps
     acc.free_memory()
+    if acc.is_main_process:
+        plots.plot_metrics(g_trainer.history_path, g_trainer.history_path.with_suffix(".png"), k)
     if done:
-        write_grid(ctx, k)
+        finish_iteration(ctx, k, evaluator)
     return done
+
+
+def finish_iteration(ctx: Stage2Context, k: int, evaluator) -> None:
+    """The grid and the summary row of a finished iteration (idempotent, for resumes)."""
+    write_grid(ctx, k)
+    from models.unet import build_unet
+
+    if k == 0 and 0 not in evaluator.done():  # a run interrupted before the baseline row was written
+        unet = build_unet(ctx.spec)
+        unet.load_state_dict(ctx.stage1.blob["state_dict"])
+        evaluator.record(evaluator.measure(0, unet, load_discriminator(ctx.folder(0) / "discriminator_best.pt")))
+    if k + 1 not in evaluator.done():
+
+        unet = build_unet(ctx.spec)
+        unet.load_state_dict(_weights(ctx.ckpt(k, "latest"))["ema"])
+        evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(ctx.folder(k) / "discriminator_best.pt")))
 
 
 def write_grid(ctx: Stage2Context, k: int) -> None:
@@ -225,9 +262,19 @@ def write_grid(ctx: Stage2Context, k: int) -> None:
         unet = unet.to(ctx.acc.device).eval()
         noise = initial_noise(range(n), ctx.latent_shape, ctx.cfg.training.seed, "grid").to(ctx.acc.device)
         z = ddim_sample(unet, ctx.new_ddim(), noise, ctx.cfg.stage2.generation_steps)
-        io.save_png(image_grid(decode(ctx.ae, ctx.scaling.from_model(z)), nrow=8), path)
+        grid = image_grid(decode(ctx.ae, ctx.scaling.from_model(z)), nrow=8)
+        io.save_png(grid, path)
+        log_image(ctx.acc, "samples", grid, k)
         ctx.log(f"iteration {k}: sample grid written to {path}")
     ctx.acc.wait_for_everyone()
+
+
+def log_image(acc, name, grid, step) -> None:
+    """A uint8 grid (H, W) or (H, W, 3) to the trackers that take images (TensorBoard)."""
+    for tracker in acc.trackers:
+        if hasattr(tracker, "log_images"):
+            img = grid if grid.ndim == 3 else grid[:, :, None]
+            tracker.log_images({name: img[None]}, step=step, dataformats="NHWC")
 
 
 def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
@@ -251,7 +298,7 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
             preempt.stop(acc, f"before iteration {k}")
         if ctx.complete(k):
             ctx.log(f"iteration {k}: already complete ({ctx.ckpt(k, 'latest')}); skipping")
-            write_grid(ctx, k)
+            finish_iteration(ctx, k, Evaluator(ctx))
             continue
         if not run_iteration(ctx, k, stop_after):
             ctx.log(f"stopped inside iteration {k} as asked; rerun the same command to continue")
@@ -259,10 +306,31 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
     ctx.log(f"stage 2 complete: {s2.num_iterations} iteration(s) under {ctx.out_dir}")
 
 
+def apply_arm(cfg: Config, weight: float | None, control: bool) -> None:
+    """--adversarial_weight and --control. The control arm keeps everything else (data, seeds, steps,
+    D training for its metrics) and only drops the adversarial term, in its own folder."""
+    if weight is not None and (weight < 0 or weight != weight):
+        raise UserError(f"--adversarial_weight: expected a number >= 0, got {weight}")
+    if control:
+        weight = 0.0
+        cfg.experiment.save_path = str(cfg.out_dir) + "_control"
+    if weight is not None:
+        terms = [t for t in cfg.training.loss.losses if t.type == "DiscriminatorLoss"]
+        if not terms:
+            raise UserError("--adversarial_weight: training.loss has no DiscriminatorLoss term to weight")
+        for t in terms:
+            t.weight = weight
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = stage_parser("stage2", "Adversarial fine-tuning against a latent discriminator (stage 2).")
     for flag, (_, typ, help_) in FLAGS.items():
         p.add_argument(f"--{flag}", type=typ, default=None, help=f"{help_}")
+    p.add_argument("--adversarial_weight", type=float, default=None,
+                   help="weight of every DiscriminatorLoss term (overrides training.loss)")
+    p.add_argument("--control", action="store_true",
+                   help="the MSE-only control arm: adversarial weight 0, same data and steps, into "
+                        "<save_path>_control")
     p.add_argument("--start_iteration", type=int, default=None,
                    help="start at this iteration; needs iteration k-1's checkpoint (default: continue where "
                         "the last run stopped, from iteration 0)")
@@ -280,7 +348,10 @@ def main(argv=None) -> int:
     def body(cfg, args):
         if args.start_iteration is not None and args.start_iteration < 0:
             raise UserError(f"--start_iteration: expected an integer >= 0, got {args.start_iteration}")
-        acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
+        apply_arm(cfg, args.adversarial_weight, args.control)
+        from .cli_common import accelerator_for
+
+        acc = accelerator_for(cfg, args)
         try:
             run(cfg, acc, args.start_iteration, args.stop_after_steps)
         finally:

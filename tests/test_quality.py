@@ -1,0 +1,98 @@
+"""Issue: show that stage 2 helps. The control arm and `compare`, the adaptive weight, pictures
+with and without matplotlib, and TensorBoard tracking."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_cli, stage2_config
+
+SMALL = ["--num_samples", "24", "--discriminator_epochs", "1", "--diffusion_epochs", "2", "--device", "cpu"]
+
+
+def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
+    a = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, "--control")
+    assert b.returncode == 0, b.stderr[-2000:]
+    run, control = tmp_path / "out", tmp_path / "out_control"
+    ma = pd.read_csv(run / "t2_metrics_iter_0.csv")
+    mb = pd.read_csv(control / "t2_metrics_iter_0.csv")
+    assert (mb["adv_weight"] == 0).all() and (mb["train_adv"] == 0).all()  # no adversarial term at all
+    assert (ma["adv_weight"] > 0).all() and (ma["train_adv"] > 0).all()
+    assert ma["step"].tolist() == mb["step"].tolist()  # the same steps
+    import torch
+
+    same_data = torch.equal(torch.load(run / "discriminator_iter_0" / "real_latents.pt"),
+                            torch.load(control / "discriminator_iter_0" / "real_latents.pt"))
+    assert same_data
+    sa, sb = pd.read_csv(run / "t2_summary.csv"), pd.read_csv(control / "t2_summary.csv")
+    assert sa.loc[0, "latent_fd"] == sb.loc[0, "latent_fd"]  # the same stage-1 baseline
+    proc = run_cli("-m", "trainer.cli", "compare", str(run), str(control))
+    assert proc.returncode == 0, proc.stderr
+    assert "latent_fd" in proc.stdout and "   1  latent_fd" in proc.stdout
+    bad = run_cli("-m", "trainer.cli", "compare", str(run), str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and bad.stderr.startswith("advdiff: error: ")
+
+
+def test_adaptive_weight_moves_with_d_accuracy(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    # a band no accuracy can sit above forces the weight up at every validation
+    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,
+                        stage2={"adaptive_weight": True, "adaptive_band": [0.0, 0.0001], "adaptive_factor": 2.0})
+    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = pd.read_csv(tmp_path / "out" / "t2_metrics_iter_0.csv")
+    assert m["adv_weight"].tolist() == pytest.approx([0.1, 0.2])  # logged before each update
+
+
+def test_plots_skip_with_one_warning_without_matplotlib(tmp_path):
+    csv = tmp_path / "s.csv"
+    csv.write_text("iteration,latent_fd,precision,recall\n0,5,0.8,0.8\n1,4,0.8,0.9\n")
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from trainer import plots\n"
+            f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'a.png')!r})\n"
+            f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'b.png')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("matplotlib is not installed") == 1
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_summary_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from trainer import plots
+
+    csv = tmp_path / "s.csv"
+    csv.write_text("iteration,latent_fd,precision,recall\n0,5,0.8,0.8\n1,4,0.8,0.9\n")
+    plots.plot_summary(csv, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_logs_metrics_and_grids(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
+    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, "--report_to", "tensorboard")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = list((tmp_path / "out" / "tracking").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for ev in events:
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["images"])
+    for expected in ("stage2_d0/val_acc", "stage2_g0/val_mse", "stage2_g0/d_prob_fake", "summary/latent_fd"):
+        assert expected in tags, sorted(tags)
+    assert any("samples" in t for t in tags), sorted(tags)
+
+
+def test_progress_bars_show_throughput_on_the_main_process(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
+    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, env={"ADVDIFF_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for desc in ("fakes 0", "encoding", "stage2_d0", "stage2_g0"):
+        assert desc in proc.stderr, desc
+    assert "sample/s" in proc.stderr and "step/s" in proc.stderr
