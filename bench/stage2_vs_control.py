@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/digits")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--tag", default="", help="suffix of the result folders, for variants run with extra flags")
     p.add_argument("extra", nargs="*", help="extra stage-2 flags (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -73,7 +74,7 @@ def main() -> int:
     finals, baselines = {}, []
     for seed in args.seeds:
         for arm in args.arms:
-            folder = results / f"{arm}_s{seed}"
+            folder = results / f"{arm}{args.tag}_s{seed}"
             flags = ["--seed", str(seed), "--set", f"experiment.save_path={folder.resolve()}", *ARMS[arm]]
             if arm == "control":  # --control appends _control to the folder: name it directly instead
                 flags = ["--seed", str(seed), "--set", f"experiment.save_path={folder.resolve()}",
@@ -92,7 +93,7 @@ def main() -> int:
     table = "\n".join(lines)
     text = (f"{table}\n\nseeds {args.seeds}; mean (min–max). Real vs real latent FD (held-out vs as many "
             f"training reals): {ref:.3g}.\n")
-    (results / "table.md").write_text(text)
+    (results / f"table{args.tag}.md").write_text(text)
     print(text)
     return 0
 

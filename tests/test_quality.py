@@ -12,9 +12,16 @@ SMALL = ["--num_samples", "24", "--discriminator_epochs", "1", "--diffusion_epoc
 
 
 def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    """Also, on the first run: progress bars (forced on without a terminal) and TensorBoard logging."""
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
-    a = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL)
+    tb = ["--report_to", "tensorboard"] if _has("tensorboard") else []
+    a = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, *tb, env={"ADVDIFF_PROGRESS": "1"})
     assert a.returncode == 0, a.stderr[-2000:]
+    for desc in ("fakes 0", "encoding", "stage2_d0", "stage2_g0"):  # bars with their throughput
+        assert desc in a.stderr, desc
+    assert "sample/s" in a.stderr and "step/s" in a.stderr
+    if tb:
+        _check_tensorboard(tmp_path / "out")
     b = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, "--control")
     assert b.returncode == 0, b.stderr[-2000:]
     run, control = tmp_path / "out", tmp_path / "out_control"
@@ -70,14 +77,16 @@ def test_summary_plot_is_a_png(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_tensorboard_logs_metrics_and_grids(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    pytest.importorskip("tensorboard")
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_tensorboard(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
-    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, "--report_to", "tensorboard")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    events = list((tmp_path / "out" / "tracking").rglob("events.out.tfevents.*"))
+    events = list((out / "tracking").rglob("events.out.tfevents.*"))
     assert events
     tags = set()
     for ev in events:
@@ -87,12 +96,3 @@ def test_tensorboard_logs_metrics_and_grids(tmp_path, digits_manifest, small_ae,
     for expected in ("stage2_d0/val_acc", "stage2_g0/val_mse", "stage2_g0/d_prob_fake", "summary/latent_fd"):
         assert expected in tags, sorted(tags)
     assert any("samples" in t for t in tags), sorted(tags)
-
-
-def test_progress_bars_show_throughput_on_the_main_process(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
-    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, env={"ADVDIFF_PROGRESS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for desc in ("fakes 0", "encoding", "stage2_d0", "stage2_g0"):
-        assert desc in proc.stderr, desc
-    assert "sample/s" in proc.stderr and "step/s" in proc.stderr
