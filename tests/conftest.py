@@ -51,10 +51,20 @@ def run_cli(*args, env=None, timeout=600):
                           cwd=REPO)
 
 
+def free_port() -> int:
+    """A port nobody listens on now: each launch gets its own, so a previous run's rendezvous socket
+    (still closing) or a concurrent run can never collide with it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(nproc: int, *args, env=None, timeout=600):
     """`accelerate launch` on CPU with `nproc` processes (gloo, DDP)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--num_processes", str(nproc), "--main_process_port", str(29500 + os.getpid() % 1000)]
+                "--num_processes", str(nproc), "--main_process_port", str(free_port())]
     if nproc > 1:
         launcher += ["--multi_gpu"]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",

@@ -80,6 +80,7 @@ fd = fd_from_moments(Moments(6).add(real[r.start:r.stop]).reduced(), Moments(6).
 p, rc = precision_recall(real[r.start:r.stop], fake[f.start:f.stop], 37, 41)
 if acc.is_main_process:
     json.dump({"fd": fd, "p": p, "r": rc}, open(sys.argv[1], "w"))
+acc.end_training()  # leaving a live gloo group to the interpreter's exit can abort (SIGABRT)
 """
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cli, stage2_config
+from conftest import REPO, free_port, run_cli, stage2_config
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
 
@@ -21,7 +21,7 @@ def ds_launch(config_name, nproc, *args):
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "accelerate_configs" / config_name), "--num_processes", str(nproc),
-           "--main_process_port", str(29700 + os.getpid() % 200), "-m", "trainer.stage2", *args]
+           "--main_process_port", str(free_port()), "-m", "trainer.stage2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
 

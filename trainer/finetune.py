@@ -142,15 +142,8 @@ class FinetuneTrainer(StepTrainer):
     # -- the step ----------------------------------------------------------------------------------
     def train_step(self, step):
         loss, parts, n = self.compute_loss(step)
-        self.acc.backward(loss * local_weight(n, self.batch, self.world))
-        if self.cfg.training.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):  # DeepSpeed clips itself
-            self.acc.clip_grad_norm_(self.ddp_unet.parameters(), self.cfg.training.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with engine.full_parameters(self.acc, self.unet):
-                self.ema.step(self.unet.parameters())
+        self.apply_update(loss * local_weight(n, self.batch, self.world), self.ddp_unet, self.unet, self.opt,
+                          self.sched, self.cfg.training.max_grad_norm, self.ema)
         return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"]}
 
     def compute_loss(self, step):

@@ -107,6 +107,19 @@ class StepTrainer:
         gather); only the main process writes."""
         raise NotImplementedError
 
+    def apply_update(self, loss, wrapped, plain, opt, sched, max_grad_norm: float, ema=None) -> None:
+        """Backward, clip (DeepSpeed clips inside its own step), step the optimizer and LR schedule, and
+        update the EMA of `plain`'s weights (gathered first under ZeRO-3)."""
+        self.acc.backward(loss)
+        if max_grad_norm > 0 and not engine.is_deepspeed(self.acc):
+            self.acc.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with engine.full_parameters(self.acc, plain):
+                ema.step(plain.parameters())
+
     def optimizer_state(self, opt):
         """Optimizer state for the single-file state; under DeepSpeed it lives in the engine's checkpoint."""
         return None if engine.is_deepspeed(self.acc) else opt.state_dict()

@@ -132,15 +132,8 @@ class DiffusionTrainer(StepTrainer):
         with self.acc.autocast():
             pred = self.ddp_unet(x_t, ts).sample
         mse = torch.mean((pred.float() - model_target(self.noise_sched, x0, noise, ts)) ** 2)
-        self.acc.backward(mse * local_weight(len(mine), len(batch), self.world))
-        if t.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):  # DeepSpeed clips inside its step
-            self.acc.clip_grad_norm_(self.ddp_unet.parameters(), t.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with engine.full_parameters(self.acc, self.unet):
-                self.ema.step(self.unet.parameters())
+        self.apply_update(mse * local_weight(len(mine), len(batch), self.world), self.ddp_unet, self.unet, self.opt,
+                          self.sched, t.max_grad_norm, self.ema)
         return {"mse": mse.item()}
 
     def _sync_ema(self):
