@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 AE_FORMAT = "advdiff.autoencoder"
 
@@ -33,6 +36,8 @@ class LatentScaling:
 
 def build_autoencoder(in_channels=1, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
                       norm_num_groups=8, sample_size=32) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     n = len(block_out_channels)
     return AutoencoderKL(
         in_channels=in_channels, out_channels=in_channels,
@@ -48,6 +53,8 @@ class AutoencoderLoadError(Exception):
 
 
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    from diffusers import AutoencoderKL  # imported here: config checks read AE facts without diffusers
+
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():

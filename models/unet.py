@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from diffusers import UNet2DModel
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def preset(name: str, **overrides) -> UNetSpec:
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def build_unet(spec: UNetSpec) -> UNet2DModel:
+def build_unet(spec: UNetSpec):
     boc = spec.block_out_channels()
     for ch in boc:
         if ch % spec.norm_groups:
@@ -61,6 +60,8 @@ def build_unet(spec: UNetSpec) -> UNet2DModel:
     down = tuple("AttnDownBlock2D" if spec.attention and i == spec.depth - 1 else "DownBlock2D"
                  for i in range(spec.depth))
     up = tuple("AttnUpBlock2D" if spec.attention and i == 0 else "UpBlock2D" for i in range(spec.depth))
+    from diffusers import UNet2DModel  # imported here: config checks need the presets, not diffusers
+
     return UNet2DModel(
         sample_size=spec.sample_size,
         in_channels=spec.in_channels,

@@ -66,7 +66,7 @@ def test_deepspeed_trains_both_models_and_resumes(tmp_path, digits_manifest, sma
     assert "stopped inside iteration 0" in first.stdout
     second = ds_launch(config_name, nproc, str(resumed), *DS_FLAGS)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "RESUMED from" in second.stdout and "at step 2/" in second.stdout
+    assert "RESUMED iteration 0, diffusion phase, from" in second.stdout and "at step 2/" in second.stdout
 
     out_a, out_b = tmp_path / "a" / "out", tmp_path / "b" / "out"
     # both models were DeepSpeed engines: each phase left DeepSpeed's own per-rank checkpoint

@@ -170,7 +170,7 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.diagnostics(out)
     assert int(info["Restarts"]) >= 1, info
     for expected in ("received USR1", "preempted at step", f"requeueing job {job.id}",
-                     f"job {job.id}, start 2", "RESUMED from", "stage 2 complete"):
+                     f"job {job.id}, start 2", "RESUMED ", "stage 2 complete"):
         assert expected in log, expected
     assert log.index("preempted at step") < log.index(f"job {job.id}, start 2") < log.index("stage 2 complete")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -23,8 +23,8 @@ def spec_layout(name: str, iterations: int) -> set:
 
 def extras(name: str, iterations: int) -> set:
     """Files beyond the spec's layout: the best D, D's resume state, the per-iteration sample grid,
-    and the quality summary."""
-    paths = {f"{name}_summary.csv", f"{name}_summary.png"}
+    the quality summary, the record of the config fields the run started with, and the time by phase."""
+    paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv"}
     paths |= {f"{name}_metrics_iter_{k}.png" for k in range(iterations)}
     paths |= {f"discriminator_iter_{k}/discriminator_history.png" for k in range(iterations)}
     for k in range(iterations):
@@ -60,11 +60,13 @@ def test_spec_command_line_gives_the_spec_layout(tmp_path, digits_manifest, smal
 
     d_hist = pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")
     assert list(d_hist.columns) == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc",
-                                    "val_real_acc", "val_fake_acc", "lr", "seconds"]
-    assert d_hist["epoch"].iloc[-1] == 2
+                                    "val_real_acc", "val_fake_acc", "lr", "seconds", "nonfinite_skipped"]
+    assert d_hist["epoch"].iloc[-1] == 2 and (d_hist["nonfinite_skipped"] == 0).all()
     metrics = pd.read_csv(out / "t2_metrics_iter_1.csv")
     assert list(metrics.columns) == ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse",
-                                     "val_adv", "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight"]
+                                     "val_adv", "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight",
+                                     "nonfinite_skipped"]
+    assert (metrics["nonfinite_skipped"] == 0).all()
     assert len(metrics) == 2 and metrics["epoch"].tolist() == [1, 2]
     assert "DDIM" in proc.stdout and "3 DDIM steps" in proc.stdout
     summary = pd.read_csv(out / "t2_summary.csv")
@@ -218,7 +220,8 @@ def test_diffusion_phase_resume_is_exact(tmp_path, digits_manifest, small_ae, st
     resumed = _run(cfg_b)
     log = capsys.readouterr().out
     assert "reusing saved latents" in log and "already complete" in log  # latents and D not redone
-    assert "RESUMED from" in log and "at step 3/12" in log
+    assert "RESUMED iteration 0, diffusion phase, from" in log and "at step 3/12" in log
+    assert "RESUMING" in log and "fake_latents.pt saved, real_latents.pt saved" in log
     name = "checkpoints/t2_iter_0_checkpoint_latest.pt"
     a = torch.load(straight / name, weights_only=False)
     b = torch.load(resumed / name, weights_only=False)

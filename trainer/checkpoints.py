@@ -11,6 +11,8 @@ from models.unet import UNetSpec, build_unet, spec_from_dict
 
 from .errors import UserError
 
+CKPT_FORMAT = "advdiff.diffusion"  # stage-1 and stage-2 diffusion exports
+
 
 @dataclass
 class DiffusionCheckpoint:
@@ -27,8 +29,6 @@ class DiffusionCheckpoint:
 
 def load_diffusion_checkpoint(path, use_ema: bool = True) -> DiffusionCheckpoint:
     """Load an exported diffusion checkpoint; errors are one line naming the file."""
-    from .stage1 import CKPT_FORMAT
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")

@@ -8,6 +8,7 @@ COMMANDS = {
     "stage0": ("trainer.stage0", "train the autoencoder"),
     "stage1": ("trainer.stage1", "train the diffusion UNet"),
     "stage2": ("trainer.stage2", "adversarial fine-tuning against a latent discriminator"),
+    "validate": ("trainer.validate", "check a stage-2 config, its files and flags before any compute"),
     "compare": ("trainer.compare", "two runs' quality summaries side by side"),
     "models": ("trainer.models_cmd", "list UNet presets with computed parameter counts"),
     "digits": ("trainer.models_cmd", "write the digits dataset and manifest to a folder"),

@@ -86,8 +86,10 @@ def run_main(parser, argv, body, extra_overrides=None) -> int:
 
 
 def accelerator_for(cfg, args):
-    from .runtime import build_accelerator
+    from .runtime import apply_performance, build_accelerator, set_deterministic
 
+    set_deterministic(cfg.training.deterministic)
+    apply_performance(cfg.performance)
     return build_accelerator(args.device, cfg.training.resolved_mixed_precision(), report_to=args.report_to,
                              project_dir=cfg.out_dir / "tracking", run_name=cfg.experiment.name)
 

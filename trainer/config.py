@@ -257,6 +257,12 @@ class TrainingConfig:
     mixed_precision: Optional[str] = option(None, "no, fp16 or bf16 (accelerate); the AE always runs in fp32.",
                                             choices=("no", "fp16", "bf16"))
     max_grad_norm: float = option(0.5, "Gradient clipping norm (0 disables).", ge=0)
+    max_nonfinite_steps: int = option(5, "Every stage (0, 1, 2's D and diffusion phases) skips a step whose loss "
+                                      "(on any process) or gradient norm is NaN/Inf; after this many skipped "
+                                      "steps in a row the run stops (exit 2), keeping the last checkpoint.", ge=1)
+    deterministic: bool = option(False, "GPU: deterministic kernels (torch.use_deterministic_algorithms, no cuDNN "
+                                 "autotuning, CUBLAS_WORKSPACE_CONFIG) so training repeats bit for bit; slower. "
+                                 "CPU runs repeat either way.")
     scheduler: LRScheduleConfig = option(doc="Learning-rate schedule.", factory=LRScheduleConfig)
     max_steps: int = option(1000, "Stage-1 optimizer steps.", ge=1)
     ema_decay: float = option(0.999, "EMA decay of the exported weights (0 disables EMA).", ge=0, le=1)
@@ -277,6 +283,19 @@ class TrainingConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Speed switches. None of them changes the maths beyond rounding; defaults are measured
+    (docs/PERFORMANCE.md). CUDA-only switches do nothing on CPU."""
+    tf32: bool = option(True, "CUDA: TF32 tensor-core matrix products and convolutions for fp32 work (products "
+                        "keep about 3 significant digits; bf16/fp16 runs are unaffected).")
+    channels_last: bool = option(False, "Channels-last memory format for the UNet and D (CUDA convolutions).")
+    fused_optimizer: bool = option(True, "CUDA: fused AdamW/Adam kernels (one launch per step instead of several "
+                                   "per parameter).")
+    compile_generation: bool = option(False, "torch.compile the generation UNet (compiles once per batch shape; "
+                                      "pays off only for long generation passes).")
+
+
+@dataclass
 class Config:
     experiment: ExperimentConfig = option(doc="Name and output folder.", factory=ExperimentConfig)
     diffusion: DiffusionConfig = option(doc="Stage-1 checkpoint for stage 2.", factory=DiffusionConfig)
@@ -288,6 +307,7 @@ class Config:
     scheduler: SchedulerConfig = option(doc="Noise schedule.", factory=SchedulerConfig)
     training: TrainingConfig = option(doc="Diffusion optimisation.", factory=TrainingConfig)
     stage2: Stage2Config = option(doc="Adversarial fine-tuning (stage 2).", factory=Stage2Config)
+    performance: PerformanceConfig = option(doc="Speed switches (measured defaults).", factory=PerformanceConfig)
 
     # Where the config came from; relative paths in it resolve against this folder.
     source: Optional[str] = option(None, "Set by the loader: the YAML file this config came from.")

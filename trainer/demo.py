@@ -39,8 +39,12 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
     prepare(out, acc.is_main_process)
     acc.wait_for_everyone()
     cfg = load_config(cfg_path, overrides)
-    AutoencoderTrainer(cfg, acc).fit()
-    DiffusionTrainer(cfg, acc).fit()
+    from . import timing
+
+    with timing.phase(acc, cfg.out_dir, "stage0 (autoencoder)"):
+        AutoencoderTrainer(cfg, acc).fit()
+    with timing.phase(acc, cfg.out_dir, "stage1 (diffusion)"):
+        DiffusionTrainer(cfg, acc).fit()
     acc.free_memory()
     if stage2:
         from .stage2 import run as run_stage2

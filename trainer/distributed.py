@@ -19,9 +19,10 @@ def _dist_on() -> bool:
 def gather_shards(local: torch.Tensor, n: int, to_all: bool = True) -> torch.Tensor | None:
     """Reassemble exactly `n` rows, in global index order, from each rank's `shard_range` block.
 
-    Shards are padded to a common length only for transport; each rank's padding is cut off by its
-    known length, so no padded duplicate ever reaches the result. With `to_all=False` only rank 0
-    receives the result (others get None), so non-main ranks never hold all n rows.
+    With `to_all=True` shards are padded to a common length only for transport; each rank's padding
+    is cut off by its known length, so no padded duplicate ever reaches the result. With `to_all=False`
+    only rank 0 receives the result (others get None), block by block at exact sizes, so non-main
+    ranks never hold all n rows and rank 0 holds nothing but its own block and the result.
     """
     if not _dist_on():
         assert local.shape[0] == n, (local.shape, n)
@@ -29,17 +30,26 @@ def gather_shards(local: torch.Tensor, n: int, to_all: bool = True) -> torch.Ten
     world, rank = dist.get_world_size(), dist.get_rank()
     sizes = [len(shard_range(n, r, world)) for r in range(world)]
     assert local.shape[0] == sizes[rank], (local.shape, sizes, rank)
+    if not to_all:
+        # point to point, exact sizes, no padding: rank 0 receives every block straight into its row range
+        # of one preallocated result (peak: its own block + the result; others: their block, no copy)
+        if rank != 0:
+            if sizes[rank]:
+                dist.send(local.contiguous(), dst=0)
+            return None
+        out = local.new_empty((n, *local.shape[1:]))
+        out[: sizes[0]] = local
+        start = sizes[0]
+        for r in range(1, world):
+            if sizes[r]:
+                dist.recv(out[start:start + sizes[r]], src=r)
+            start += sizes[r]
+        return out
     width = max(sizes)
     padded = local.new_zeros((width, *local.shape[1:]))
     padded[: local.shape[0]] = local
-    if to_all:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-    else:
-        parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-        dist.gather(padded.contiguous(), parts, dst=0)
-        if rank != 0:
-            return None
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
 
 

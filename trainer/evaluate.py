@@ -20,7 +20,7 @@ import torch
 
 from models.autoencoder import decode
 
-from . import io
+from . import faults, io
 from .data import split_indices
 from .distributed import all_reduce_sum, shard_range
 from .metrics import Moments, features, fd_from_moments, precision_recall
@@ -76,6 +76,7 @@ class Evaluator:
     def measure(self, iteration: int, unet, d) -> dict:
         """Collective: every rank generates and scores its own block of the M samples."""
         t0 = time.time()
+        faults.phase(f"summary{iteration}")
         cfg, acc = self.cfg, self.acc
         unet = unet.to(acc.device).eval()
         idx = list(self.own)
@@ -116,6 +117,7 @@ class Evaluator:
     def record(self, row: dict) -> None:
         rows = [r for r in read_rows(self.path) if int(r["iteration"]) != row["iteration"]] + [row]
         rows.sort(key=lambda r: r["iteration"])
+        faults.scope(f"summary{int(row['iteration'])}", self.path.with_suffix(".png"))
         if self.acc.is_main_process:
             io.write_csv(rows, self.path, SUMMARY_FIELDS)
             from .plots import plot_summary

@@ -21,12 +21,12 @@ from .ema import EMA
 from .distributed import all_reduce_sum, shard_range
 from .loop import StepTrainer, cosine_with_warmup, draw_local, local_weight
 from .losses import CompositeLoss
-from .runtime import generator
+from .runtime import fast_optimizer, generator, prepare_module
 from .sampling import initial_noise
 from .stage1 import export_blob, model_target
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse", "val_adv",
-                 "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight"]
+                 "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight", "nonfinite_skipped"]
 
 
 def predictions(noise_sched, model_output, x_t, t):
@@ -54,6 +54,7 @@ class FinetuneTrainer(StepTrainer):
         cfg, acc = ctx.cfg, ctx.acc
         self.cfg, self.ctx, self.k = cfg, ctx, k
         self.stage = f"stage2_g{k}"
+        self.phase_label = f"iteration {k}, diffusion phase"
         self.metric = cfg.stage2.best_metric
         s2, t = cfg.stage2, cfg.training
         own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
@@ -75,7 +76,8 @@ class FinetuneTrainer(StepTrainer):
                        "generation_steps": s2.generation_steps, "eta": s2.eta,
                        "rollout_grad_steps": s2.rollout_grad_steps, "ema_decay": t.ema_decay}
         super().__init__(acc, ctx.out_dir / "checkpoints", max_steps=max_steps, eval_interval=interval,
-                         log_interval=interval, seed=t.seed, fingerprint=fingerprint)
+                         log_interval=interval, seed=t.seed, fingerprint=fingerprint,
+                         max_nonfinite_steps=t.max_nonfinite_steps)
         name = cfg.experiment.name
         self.state_path = self.out_dir / f"{name}_iter_{k}_checkpoint_latest.pt"
         self.best_path = self.out_dir / f"{name}_iter_{k}_checkpoint_best.pt"
@@ -87,7 +89,9 @@ class FinetuneTrainer(StepTrainer):
         self.ema_unet.load_state_dict(init["ema"])
         self.ema = EMA(self.ema_unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         opt_cls = torch.optim.AdamW if t.optimizer == "AdamW" else torch.optim.Adam
-        opt = opt_cls(self.unet.parameters(), lr=self.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        self.unet = prepare_module(self.unet, cfg.performance, acc)
+        opt = opt_cls(self.unet.parameters(), lr=self.lr, weight_decay=t.weight_decay, betas=tuple(t.betas),
+                      **fast_optimizer(cfg.performance, acc))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type))
         self.ddp_unet, self.opt = engine.prepare(acc, self.unet, opt, t.batch_size, t.max_grad_norm)

@@ -19,11 +19,11 @@ from . import engine, io
 from .distributed import all_reduce_sum, shard_range
 from .loop import StepTrainer, draw_local, local_weight
 from .losses import d_loss, d_loss_terms, r1_term
-from .runtime import derive_seed
+from .runtime import derive_seed, fast_optimizer, prepare_module
 
 D_FORMAT = "advdiff.discriminator"
 D_HISTORY_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_real_acc",
-                    "val_fake_acc", "lr", "seconds"]
+                    "val_fake_acc", "lr", "seconds", "nonfinite_skipped"]
 
 
 def load_discriminator(path):
@@ -44,6 +44,7 @@ class DiscriminatorTrainer(StepTrainer):
         cfg, acc = ctx.cfg, ctx.acc
         self.cfg, self.ctx, self.k = cfg, ctx, k
         self.stage = f"stage2_d{k}"
+        self.phase_label = f"iteration {k}, discriminator phase"
         td = cfg.discriminator.training
         own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
         self.real, self.fake = real, fake
@@ -63,7 +64,8 @@ class DiscriminatorTrainer(StepTrainer):
         fingerprint = {"arch": dict(arch.__dict__), "training": dict(td.__dict__), "seed": cfg.training.seed,
                        "num_samples": cfg.stage2.num_samples, "mode": cfg.stage2.generator_loss_mode}
         super().__init__(acc, folder, max_steps=max_steps, eval_interval=interval, log_interval=interval,
-                         seed=cfg.training.seed, fingerprint=fingerprint)
+                         seed=cfg.training.seed, fingerprint=fingerprint,
+                         max_nonfinite_steps=cfg.training.max_nonfinite_steps)
         self.state_path = folder / "discriminator_state.pt"
         self.history_path = folder / "discriminator_history.csv"
         self.best_path = folder / "discriminator_best.pt"
@@ -72,8 +74,9 @@ class DiscriminatorTrainer(StepTrainer):
         if warm_start_from is not None:
             self.d.load_state_dict(load_discriminator(warm_start_from).state_dict())
             self.log(f"D warm-started from {warm_start_from}")
+        self.d = prepare_module(self.d, cfg.performance, acc)
         opt = torch.optim.AdamW(self.d.parameters(), lr=td.learning_rate, weight_decay=td.weight_decay,
-                                betas=tuple(td.betas))
+                                betas=tuple(td.betas), **fast_optimizer(cfg.performance, acc))
         self.ddp_d, self.opt = engine.prepare(acc, self.d, opt, td.batch_size, td.max_grad_norm)
         self.t0 = time.time()
 
@@ -109,11 +112,9 @@ class DiscriminatorTrainer(StepTrainer):
         loss = d_loss(td.loss, lr_, lf)
         if td.r1_gamma > 0:
             loss = loss + td.r1_gamma * r1_term(lr_, zr)
-        self.acc.backward(loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world))
-        if td.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):  # DeepSpeed clips inside its step
-            self.acc.clip_grad_norm_(self.ddp_d.parameters(), td.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        # the shared guarded update (non-finite loss/gradient skips); D has no LR schedule and no EMA
+        self.apply_update(loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world), self.ddp_d, self.d,
+                          self.opt, None, td.max_grad_norm)
         acc = ((lr_ > 0).float().sum() + (lf < 0).float().sum()) / (len(lr_) + len(lf))
         return {"loss": loss.item(), "acc": acc.item()}
 

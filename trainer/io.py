@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from . import faults
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -33,9 +35,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            write(faults.probe(f, path))
             f.flush()
             os.fsync(f.fileno())
+        faults.before_rename(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -79,3 +82,22 @@ def save_png(array, path: str | os.PathLike) -> Path:
 
     img = Image.fromarray(array)
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files (`.NAME.tmp.PID`) that `atomic_write`s killed mid-write left under `folder`.
+    Call it on the main process at the start of a run, before anything is written there."""
+    import re
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    pattern = re.compile(r"\..+\.tmp\.\d+")
+    for p in folder.rglob(".*.tmp.*"):
+        if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed

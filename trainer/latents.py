@@ -7,6 +7,7 @@ import torch
 from .data import ImageDataset
 from .distributed import gather_shards, shard_range
 from .errors import UserError
+from . import faults
 
 
 def load_latent_file(path: str, shape: tuple | None) -> torch.Tensor:
@@ -41,7 +42,8 @@ def encode_local(ae, image_paths: list, latent_paths: list, *, size: int, channe
 
         ds = ImageDataset([image_paths[j] for j in todo], size, channels)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        for idx, images in loader:
+        for j, (idx, images) in enumerate(loader):
+            faults.point(f"encode:{faults.phase_label()}:b{j}")
             z = encode_mean(ae, images.to(device)).cpu()
             out[[todo[i] for i in idx.tolist()]] = z
             if progress is not None:

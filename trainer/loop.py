@@ -4,23 +4,80 @@ and a single-file resume state that restores the run exactly.
 All randomness in a step is derived from (seed, stage, step), never from a running RNG, so a run
 resumed at step k draws exactly what the uninterrupted run drew. The state is written by the main
 process only (under DDP every rank holds identical model and optimizer state), atomically.
+
+Non-finite steps: `StepTrainer.apply_update` skips a step whose loss (on any rank) or gradient norm
+is NaN/Inf, on every rank alike, counts it (`nonfinite_skipped`: resume state and history column)
+and stops the run with a UserError after `training.max_nonfinite_steps` skipped steps in a row,
+leaving the checkpoint files from before them untouched. For tests, the environment variable
+ADVDIFF_INJECT_NAN="STAGE:STEPS[:RANK][;STAGE:STEPS[:RANK]...]" multiplies the loss by NaN at those
+steps: STAGE is a trainer's `stage` (stage0, stage1, stage2_d0, stage2_g0, ...), STEPS a comma list
+of step numbers (1-based, as in the log's "step N/M": the N-th step), `a-b` ranges or an open `a-`,
+and RANK (optional) injects on that process only. Unset, it costs one environment lookup per step.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import engine, io, preempt
+from . import engine, faults, io, preempt
 from .distributed import all_reduce_sum, barrier
 from .errors import UserError
 from .progress import bar
 from .runtime import Logger, derive_seed, generator
 
 STATE_FORMAT = "advdiff.state"
+INJECT_NAN_ENV = "ADVDIFF_INJECT_NAN"
+
+
+@functools.lru_cache(maxsize=8)
+def parse_nan_injection(text: str) -> tuple:
+    """ADVDIFF_INJECT_NAN's value -> ((stage, ((first, last or None), ...), rank or None), ...)."""
+    entries = []
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        parts = entry.split(":")
+        try:
+            if len(parts) not in (2, 3) or not parts[0]:
+                raise ValueError
+            ranges = []
+            for item in parts[1].split(","):
+                lo, dash, hi = item.strip().partition("-")
+                first = int(lo)
+                last = (int(hi) if hi.strip() else None) if dash else first
+                if first < 1 or (last is not None and last < first):
+                    raise ValueError
+                ranges.append((first, last))
+            rank = int(parts[2]) if len(parts) == 3 else None
+        except ValueError:
+            raise UserError(f"{INJECT_NAN_ENV}: expected STAGE:STEPS[:RANK] entries separated by ';' (STEPS: "
+                            f"1-based step numbers, a-b or a- ranges, comma-separated), got \"{entry}\"") from None
+        entries.append((parts[0], tuple(ranges), rank))
+    return tuple(entries)
+
+
+def nan_injected(stage: str, step_number: int, rank: int) -> bool:
+    """Whether ADVDIFF_INJECT_NAN asks for a NaN loss at this (stage, 1-based step number, rank)."""
+    text = os.environ.get(INJECT_NAN_ENV)
+    if not text:
+        return False
+    return any(s == stage and (r is None or r == rank) and
+               any(first <= step_number and (last is None or step_number <= last) for first, last in ranges)
+               for s, ranges, r in parse_nan_injection(text))
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The total L2 norm of the parameters' gradients (what clip_grad_norm_ returns), without clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
 
 
 def batch_indices(train_idx: np.ndarray, batch: int, step: int, seed: int, stage: str) -> np.ndarray:
@@ -71,9 +128,10 @@ class StepTrainer:
     stage = "stage"
     metric = "val_loss"
     history_fields: list[str] | None = None  # CSV column order (default: order of first appearance)
+    phase_label: str | None = None  # e.g. "iteration 1, discriminator phase", in the RESUMED line
 
     def __init__(self, accelerator, out_dir: Path, *, max_steps: int, eval_interval: int, log_interval: int,
-                 seed: int, fingerprint: dict):
+                 seed: int, fingerprint: dict, max_nonfinite_steps: int = 5):
         self.acc = accelerator
         self.out_dir = Path(out_dir)
         self.max_steps, self.eval_interval, self.log_interval = max_steps, eval_interval, log_interval
@@ -85,6 +143,15 @@ class StepTrainer:
         self._last_train: dict = {}
         self.best = {"value": math.inf, "step": -1}
         self.history: list[dict] = []
+        # Non-finite steps: the total skipped (resume state, history column), the current run of
+        # consecutive skips (length, first step number), whether this step was skipped, a checkpoint
+        # postponed until that run ends, and the step of the last resume state on disk.
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_skipped = 0
+        self._bad_run, self._bad_first = 0, 0
+        self._step_skipped = False
+        self._checkpoint_due = False
+        self._saved_step: int | None = None
         self.log = Logger(accelerator, self.stage)
         self.state_path = self.out_dir / "state.pt"
         self.history_path = self.out_dir / "history.csv"
@@ -107,18 +174,82 @@ class StepTrainer:
         gather); only the main process writes."""
         raise NotImplementedError
 
-    def apply_update(self, loss, wrapped, plain, opt, sched, max_grad_norm: float, ema=None) -> None:
-        """Backward, clip (DeepSpeed clips inside its own step), step the optimizer and LR schedule, and
-        update the EMA of `plain`'s weights (gathered first under ZeRO-3)."""
+    def apply_update(self, loss, wrapped, plain, opt, sched, max_grad_norm: float, ema=None) -> bool:
+        """Backward, clip (DeepSpeed clips inside its own step), step the optimizer and LR schedule (if
+        any), and update the EMA of `plain`'s weights (gathered first under ZeRO-3). Call on every rank.
+
+        Guarded against non-finite values; returns False when the step was skipped:
+        - loss: a per-rank NaN/Inf flag is all-reduced before backward, so if any rank's loss is
+          non-finite no rank runs backward or the optimizer step (DDP cannot hang on a missing
+          gradient all-reduce, and DeepSpeed never sees the step).
+        - gradient (not under DeepSpeed, nor with fp16's GradScaler): the total gradient norm after
+          backward (clip_grad_norm_'s, or computed when clipping is off) must be finite, else the
+          optimizer step is skipped. DeepSpeed owns its (possibly partitioned) gradients and its fp16
+          loss scaler skips overflowing steps itself; accelerate's GradScaler does the same for fp16
+          without DeepSpeed (an overflow there is routine, lowers the scale and is not counted).
+        A skipped step leaves weights, optimizer, LR schedule and EMA exactly as they were (the
+        schedule counts applied updates, as accelerate and DeepSpeed do for fp16 overflow skips);
+        the step counter still advances, so the data drawn later is that of an uninterrupted run.
+        """
+        if nan_injected(self.stage, self.step + 1, self.rank):
+            loss = loss * float("nan")
+        bad = self._nonfinite_ranks(loss)
+        if bad:
+            opt.zero_grad(set_to_none=True)
+            self._skip_step(f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}")
+            return False
         self.acc.backward(loss)
-        if max_grad_norm > 0 and not engine.is_deepspeed(self.acc):
-            self.acc.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
+        deepspeed = engine.is_deepspeed(self.acc)
+        norm = None
+        if max_grad_norm > 0 and not deepspeed:
+            norm = self.acc.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
+        if not deepspeed and getattr(self.acc, "scaler", None) is None:
+            if norm is None:
+                norm = grad_norm(wrapped.parameters())
+            # Under DDP the gradients are already averaged (a NaN/Inf anywhere reaches every rank), so
+            # the norm agrees across ranks; the flag is all-reduced anyway (one scalar per rank), so
+            # the decision can never differ between ranks.
+            if self._nonfinite_ranks(norm):
+                opt.zero_grad(set_to_none=True)
+                self._skip_step(f"non-finite gradient norm ({float(norm):g})")
+                return False
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             with engine.full_parameters(self.acc, plain):
                 ema.step(plain.parameters())
+        self._bad_run = 0
+        return True
+
+    def _nonfinite_ranks(self, value: torch.Tensor) -> list[int]:
+        """The ranks whose `value` holds a NaN or Inf; the same list on every rank (a collective when
+        there are several processes)."""
+        bad = (~torch.isfinite(value.detach())).any()
+        if self.world == 1:
+            return [0] if bool(bad) else []
+        flags = torch.zeros(self.world, dtype=torch.float32, device=self.acc.device)
+        flags[self.rank] = bad.to(flags.device, flags.dtype)
+        return torch.nonzero(all_reduce_sum(flags)).flatten().tolist()
+
+    def _skip_step(self, what: str) -> None:
+        """Count a skipped step, warn, and stop after max_nonfinite_steps of them in a row (on every
+        rank at the same step, since the decision is shared). Nothing is saved on the way out."""
+        n = self.step + 1  # the step number the log lines and history rows use
+        self._step_skipped = True
+        self.nonfinite_skipped += 1
+        if self._bad_run == 0:
+            self._bad_first = n
+        self._bad_run += 1
+        self.log(f"warning: step {n}/{self.max_steps}: {what}; step skipped, no update "
+                 f"({self._bad_run} in a row, {self.nonfinite_skipped} in all)")
+        if self._bad_run >= self.max_nonfinite_steps:
+            kept = (f"last good checkpoint: {self.state_path} (step {self._saved_step})"
+                    if self._saved_step is not None else f"no {self.stage} checkpoint was written before them")
+            steps = f"steps {self._bad_first}-{n}" if self._bad_first != n else f"step {n}"
+            raise UserError(f"{self.stage}: {self._bad_run} non-finite step{'s' if self._bad_run > 1 else ''} "
+                            f"in a row ({steps}); stopped without saving, {kept}")
 
     def optimizer_state(self, opt):
         """Optimizer state for the single-file state; under DeepSpeed it lives in the engine's checkpoint."""
@@ -168,7 +299,13 @@ class StepTrainer:
         # the saved sums are totals over ranks: rank 0 carries them, the others restart from zero
         sums = state["log_sums"] if self.rank == 0 else {k: 0.0 for k in state["log_sums"]}
         self._sums, self._count, self._last_train = dict(sums), state["log_count"], state["last_train"]
-        self.log(f"RESUMED from {self.state_path} at step {self.step}/{self.max_steps}")
+        # states written before non-finite steps were counted have none of these keys
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self._bad_run, self._bad_first = (int(x) for x in state.get("nonfinite_run", (0, 0)))
+        self._checkpoint_due = bool(state.get("checkpoint_due", False))
+        self._saved_step = self.step
+        what = f"{self.phase_label}, " if self.phase_label else ""
+        self.log(f"RESUMED {what}from {self.state_path} at step {self.step}/{self.max_steps}")
         return True
 
     @property
@@ -185,13 +322,15 @@ class StepTrainer:
             "format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
             "history": self.history, "fingerprint": self.fingerprint, "complete": self.step >= self.max_steps,
             "log_sums": dict(zip(keys, totals)), "log_count": self._count, "last_train": self._last_train,
-            "model": self.model_state()})
+            "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_run": [self._bad_run, self._bad_first],
+            "checkpoint_due": self._checkpoint_due, "model": self.model_state()})
         if engine.is_deepspeed(self.acc):
             # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state that names it
             engine.save_engine_state(self.acc, self.engine_state_path)
         if self.acc.is_main_process:
             io.save_torch(blob, self.state_path)
         barrier()
+        self._saved_step = self.step
 
     def wrap_state(self, state: dict) -> dict:
         """What goes into the state file (a subclass may embed the state in a richer file)."""
@@ -219,6 +358,7 @@ class StepTrainer:
 
     def _run_steps(self, start: int, t_last: float, progress) -> None:
         while self.step < self.max_steps:
+            faults.step(self.stage, self.step, self.state_path)
             if self.stop_after is not None and self.step - start >= self.stop_after:
                 self.save_state()
                 self.log(f"stopped at step {self.step} as asked; resume state in {self.state_path}")
@@ -232,30 +372,45 @@ class StepTrainer:
             logs = self.train_step(self.step)
             self.step += 1
             progress.update(1)
-            for k, v in logs.items():
-                self._sums[k] = self._sums.get(k, 0.0) + float(v)
-            self._count += 1
+            if self._step_skipped:  # a skipped step's losses stay out of the averages (alike on every rank)
+                self._step_skipped = False
+            else:
+                for k, v in logs.items():
+                    self._sums[k] = self._sums.get(k, 0.0) + float(v)
+                self._count += 1
             if self.step % self.log_interval == 0 or self.step == self.max_steps:
-                keys = sorted(self._sums)
-                red = all_reduce_sum(torch.tensor([self._sums[k] for k in keys], dtype=torch.float64,
-                                                  device=self.acc.device)) / (self._count * self.world)
-                rate = self._count / max(1e-9, time.time() - t_last)
-                self._last_train = dict(zip(keys, red.tolist()))
-                self.log(f"step {self.step}/{self.max_steps} " + " ".join(
-                    f"{k}={v:.4g}" for k, v in self._last_train.items()) + f" ({rate:.2f} it/s)")
+                if self._count:
+                    keys = sorted(self._sums)
+                    red = all_reduce_sum(torch.tensor([self._sums[k] for k in keys], dtype=torch.float64,
+                                                      device=self.acc.device)) / (self._count * self.world)
+                    rate = self._count / max(1e-9, time.time() - t_last)
+                    self._last_train = dict(zip(keys, red.tolist()))
+                    self.log(f"step {self.step}/{self.max_steps} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in self._last_train.items()) + f" ({rate:.2f} it/s)")
+                else:
+                    self._last_train = {}
+                    self.log(f"step {self.step}/{self.max_steps}: every step since the last status line was skipped")
                 self._sums, self._count, t_last = {}, 0, time.time()
             if self.step % self.eval_interval == 0 or self.step == self.max_steps:
+                self._checkpoint_due = True
+            # During a run of skipped steps a checkpoint waits for the next applied step, so the files
+            # on disk stay those written before the run began (at the last step it is written anyway:
+            # the weights are still those of the last applied update).
+            if self._checkpoint_due and (self._bad_run == 0 or self.step == self.max_steps):
+                self._checkpoint_due = False
                 self._checkpoint()
 
     def _checkpoint(self) -> None:
         metrics = self.evaluate()
         row = {"step": self.step, **{f"train_{k}": v for k, v in self._last_train.items()},
-               **metrics}
+               **metrics, "nonfinite_skipped": self.nonfinite_skipped}
         self.history.append(row)
-        improved = metrics[self.metric] < self.best["value"]
+        value, best = float(metrics[self.metric]), float(self.best["value"])
+        # NaN is never better than a number, but the first validation always exports a "best", so a
+        # later phase that loads it finds one
+        improved = self.best["step"] < 0 or (not math.isnan(value) and (math.isnan(best) or value < best))
         if improved:
-            self.best = {"value": float(metrics[self.metric]), "step": self.step}
-        if improved:
+            self.best = {"value": value, "step": self.step}
             self.export("best", row)
         self.export("latest", row)
         if self.acc.is_main_process:

@@ -58,6 +58,14 @@ def _panels(csv_path, png_path, panels, xlabel, title):
     _save(fig, plt, png_path)
 
 
+def redraw_stale(csv_path, draw, *args) -> None:
+    """Draw `csv_path`'s picture (beside it, .png) again where it is missing or not newer than the CSV:
+    a run killed between writing a CSV and drawing it leaves the picture missing or behind."""
+    png_path = csv_path.with_suffix(".png")
+    if csv_path.is_file() and (not png_path.is_file() or png_path.stat().st_mtime_ns <= csv_path.stat().st_mtime_ns):
+        draw(csv_path, png_path, *args)
+
+
 def plot_d_history(csv_path, png_path, k: int):
     _panels(csv_path, png_path, [("loss", ["train_loss", "val_loss"]),
                                  ("accuracy", ["train_acc", "val_acc", "val_real_acc", "val_fake_acc"])],

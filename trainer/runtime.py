@@ -11,6 +11,42 @@ import torch
 from .errors import UserError
 
 
+def set_deterministic(on: bool) -> None:
+    """training.deterministic: kernels that repeat bit for bit on GPU (see docs/REPRODUCIBILITY.md)."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def apply_performance(perf) -> None:
+    """Process-wide switches of the `performance:` section (TF32)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(perf.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(perf.tf32)
+
+
+def fast_optimizer(perf, acc) -> dict:
+    """Extra AdamW/Adam arguments: fused kernels on CUDA when asked (DeepSpeed brings its own)."""
+    from . import engine
+
+    if perf.fused_optimizer and acc.device.type == "cuda" and not engine.is_deepspeed(acc):
+        return {"fused": True}
+    return {}
+
+
+def prepare_module(model, perf, acc):
+    """A model about to be trained or sampled: on the device first when its optimizer is fused (the
+    fused kernels check the parameters' device when built), channels-last when asked."""
+    if fast_optimizer(perf, acc):
+        model = model.to(acc.device)
+    if perf.channels_last and acc.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_accelerator(device: str = "auto", mixed_precision: str = "no", report_to: str | None = None,
                       project_dir=None, run_name: str = "advdiff"):
     """An Accelerator on `device` ("auto", "cpu" or "cuda") with the given mixed precision, and

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
+from . import faults, io, timing
 from .distributed import barrier, gather_shards, shard_range
 from .errors import UserError
 from .runtime import derive_seed
@@ -56,23 +56,25 @@ def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int
     """This rank's fakes: DDIM from per-sample noise, nothing decoded. Returned on the CPU."""
     from .progress import bar
 
-    out = []
+    out = torch.empty((len(own), *shape))  # filled batch by batch: no list of batches + a concatenated copy
     progress = bar(acc, len(own), f"fakes {k}", "sample")
     for s in range(own.start, own.stop, batch_size):
+        faults.point(f"gen:k{k}:b{s}")
         idx = list(range(s, min(s + batch_size, own.stop)))
         noise = initial_noise(idx, shape, seed, "fake", k).to(acc.device)
         with acc.autocast():
             z = ddim_sample(unet, ddim, noise, steps, eta=eta, batch_size=len(idx),
                             gen_parts=(seed, "fake", k), indices=idx)
-        out.append(z.float().cpu())
+        out[s - own.start:s - own.start + len(idx)] = z.float().cpu()
         progress.update(len(idx))
     progress.close()
-    return torch.cat(out) if out else torch.empty((0, *shape))
+    return out
 
 
 def iteration_shard(ctx, k: int, gen_unet, folder: Path, log) -> Shard:
     """Load or produce this rank's reals and fakes for iteration k; the main process writes the sets."""
     cfg, acc = ctx.cfg, ctx.acc
+    faults.phase(f"k{k}")
     n = cfg.stage2.num_samples
     own = shard_range(n, acc.process_index, acc.num_processes)
     real_path, fake_path = folder / "real_latents.pt", folder / "fake_latents.pt"
@@ -82,23 +84,28 @@ def iteration_shard(ctx, k: int, gen_unet, folder: Path, log) -> Shard:
     if fake is None:
         log(f"iteration {k}: generating {n} fakes ({cfg.stage2.generation_steps} DDIM steps, "
             f"{acc.num_processes} process(es))")
-        fake = generate_own(acc, gen_unet, ctx.ddim, own, ctx.latent_shape, seed=cfg.training.seed, k=k,
-                            steps=cfg.stage2.generation_steps, eta=cfg.stage2.eta,
-                            batch_size=cfg.stage2.generation_batch_size)
-        _write_gathered(acc, fake, n, fake_path)
+        with timing.phase(acc, ctx.out_dir, "generation", k):
+            fake = generate_own(acc, gen_unet, ctx.ddim, own, ctx.latent_shape, seed=cfg.training.seed, k=k,
+                                steps=cfg.stage2.generation_steps, eta=cfg.stage2.eta,
+                                batch_size=cfg.stage2.generation_batch_size)
+            _write_gathered(acc, fake, n, fake_path)
     if real is None:
         rows = choose_real_rows(len(ctx.rows), n, cfg.training.seed, k, cfg.stage2.sample_with_replacement)
         mine = ctx.rows.iloc[rows[own.start:own.stop]]
         log(f"iteration {k}: encoding {n} reals")
-        real = ctx.encode_local(mine)
-        _write_gathered(acc, real, n, real_path)
+        with timing.phase(acc, ctx.out_dir, "encoding", k):
+            real = ctx.encode_local(mine)
+            _write_gathered(acc, real, n, real_path)
     if reused:
         log(f"iteration {k}: reusing saved latents in {folder}")
     return Shard(n=n, own=own, real=real, fake=fake, reused=reused)
 
 
 def _write_gathered(acc, local: torch.Tensor, n: int, path: Path) -> None:
-    full = gather_shards(local.to(acc.device), n, to_all=False)
+    faults.point(f"gather:{path.parent.name}/{path.name}")
+    # on CPU, acc.device is cpu:0 and .to() it would copy the whole shard (a CPU tensor's device is "cpu")
+    dev = acc.device
+    full = gather_shards(local if local.device.type == dev.type == "cpu" else local.to(dev), n, to_all=False)
     if acc.is_main_process:
         io.save_torch(full.cpu().contiguous(), path)
     barrier()

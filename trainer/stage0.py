@@ -39,7 +39,8 @@ class AutoencoderTrainer(StepTrainer):
         fingerprint = {"model": dict(m.__dict__), "training": dict(t.__dict__), "seed": cfg.training.seed,
                        "manifest": str(cfg.resolve_path(cfg.dataset.manifest))}
         super().__init__(accelerator, out, max_steps=t.max_steps, eval_interval=t.eval_interval,
-                         log_interval=t.log_interval, seed=cfg.training.seed, fingerprint=fingerprint)
+                         log_interval=t.log_interval, seed=cfg.training.seed, fingerprint=fingerprint,
+                         max_nonfinite_steps=cfg.training.max_nonfinite_steps)
         self.rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
                                   cfg.dataset.filters)
         self.size = cfg.dataset.resolution or m.sample_size
@@ -68,10 +69,7 @@ class AutoencoderTrainer(StepTrainer):
         mse = torch.mean((recon.float() - x) ** 2)
         kl = kl.float().mean() / x[0].numel()
         loss = (mse + t.kl_weight * kl) * local_weight(len(mine), len(batch), self.world)
-        self.acc.backward(loss)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.apply_update(loss, self.ddp_model, self.model, self.opt, self.sched, 0.0)  # no clipping in stage 0
         return {"mse": mse.item(), "kl": kl.item()}
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from models.autoencoder import config_scaling, decode, load_autoencoder, Autoenc
 from models.unet import build_unet, count_parameters, spec_to_dict
 
 from . import engine, io
+from .checkpoints import CKPT_FORMAT  # noqa: F401  (re-exported)
 from .ema import EMA
 from .cli_common import stage_main
 from .config import Config
@@ -25,10 +26,8 @@ from .errors import ConfigError, UserError
 from .latents import encode_rows, latent_shape_of, measure_scaling
 from .loop import StepTrainer, batch_indices, cosine_with_warmup, local_weight, rank_slice
 from .modelspec import unet_spec_from_config
-from .runtime import derive_seed, generator
+from .runtime import derive_seed, fast_optimizer, generator, prepare_module
 from .sampling import ddim_sample, image_grid, initial_noise
-
-CKPT_FORMAT = "advdiff.diffusion"
 
 
 def model_target(noise_sched, latents, noise, t):
@@ -69,7 +68,8 @@ class DiffusionTrainer(StepTrainer):
                        "max_steps": t.max_steps, "autoencoder": str(cfg.resolve_path(cfg.autoencoder.checkpoint)),
                        "manifest": str(cfg.resolve_path(cfg.dataset.manifest))}
         super().__init__(accelerator, cfg.out_dir / "stage1", max_steps=t.max_steps, eval_interval=t.eval_interval,
-                         log_interval=t.log_interval, seed=t.seed, fingerprint=fingerprint)
+                         log_interval=t.log_interval, seed=t.seed, fingerprint=fingerprint,
+                         max_nonfinite_steps=t.max_nonfinite_steps)
         rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
                              cfg.dataset.filters, cfg.dataset.outputs.latent)
         if len(rows) < 2:
@@ -89,7 +89,9 @@ class DiffusionTrainer(StepTrainer):
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema = EMA(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         opt_cls = torch.optim.AdamW if t.optimizer == "AdamW" else torch.optim.Adam
-        opt = opt_cls(self.unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        self.unet = prepare_module(self.unet, cfg.performance, accelerator)
+        opt = opt_cls(self.unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, betas=tuple(t.betas),
+                      **fast_optimizer(cfg.performance, accelerator))
         # Stepped by hand once per optimizer step: the schedule is in global steps whatever the world size.
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda st: cosine_with_warmup(st, t.scheduler.warmup_steps, t.max_steps, t.scheduler.type))

@@ -13,44 +13,26 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.autoencoder import decode
 from models.schedules import ddim_scheduler, training_scheduler
 from models.unet import spec_to_dict
 
-from . import io, plots, preempt
+from . import io, plots, preempt, timing
 from .checkpoints import load_diffusion_checkpoint
 from .evaluate import Evaluator
 from .cli_common import stage_parser
 from .config import Config
-from .data import read_manifest
-from .errors import ConfigError, UserError
+from .errors import UserError
 from .finetune import FinetuneTrainer, predictions
 from .gan import DiscriminatorTrainer, load_discriminator
 from .latents import encode_local, latent_shape_of
-from .runtime import Logger, generator
+from .runtime import Logger, generator, prepare_module
 from .sampling import ddim_sample, image_grid, initial_noise
-from .schema import error_at
 from .shards import iteration_shard, stratified_split
 
-# flag -> config path; the spec's nine flags and the original's extras
-FLAGS = {
-    "num_samples": ("stage2.num_samples", int, "real and fake samples per iteration (default 5000)"),
-    "num_iterations": ("stage2.num_iterations", int, "adversarial iterations (default 3)"),
-    "discriminator_epochs": ("discriminator.training.epochs", int, "D epochs per iteration (default 50)"),
-    "diffusion_epochs": ("stage2.diffusion_epochs", int, "diffusion epochs per iteration (default 50)"),
-    "generation_batch_size": ("stage2.generation_batch_size", int, "DDIM batch per process (default 32)"),
-    "generation_steps": ("stage2.generation_steps", int, "DDIM steps (default 100)"),
-    "discriminator_max_steps": ("discriminator.training.max_steps", int, "cap on D steps per iteration"),
-    "diffusion_max_steps": ("stage2.diffusion_max_steps", int, "cap on diffusion steps per iteration"),
-    "discriminator_batch_size": ("discriminator.training.batch_size", int, "global D batch (default 64)"),
-    "discriminator_eval_interval": ("discriminator.training.eval_interval", int, "D steps between validations"),
-    "diffusion_eval_interval": ("stage2.diffusion_eval_interval", int, "diffusion steps between validations"),
-    "eta": ("stage2.eta", float, "DDIM eta (default 0)"),
-    "generator_loss_mode": ("stage2.generator_loss_mode", str, "rollout (default) or x0_pred"),
-}
+from .flags import FLAGS  # noqa: E402,F401  (the stage-2 flags, shared with `advdiff validate`)
 
 
 class Stage2Context:
@@ -59,15 +41,13 @@ class Stage2Context:
     def __init__(self, cfg: Config, acc):
         self.cfg, self.acc = cfg, acc
         self.log = Logger(acc, "stage2")
-        where = cfg.source or "<config>"
-        if cfg.diffusion.stage1_checkpoint is None:
-            raise ConfigError(f"{where}: diffusion.stage1_checkpoint: expected a stage-1 checkpoint path, got null")
-        if cfg.dataset.manifest is None:
-            raise ConfigError(f"{where}: dataset.manifest: expected a manifest CSV path, got null")
+        from .validate import start_checks
+
+        # every check that can fail before compute (files, columns, channels, sizes, N, saved latents,
+        # a changed config); input files are checked sharded, and a failure on any rank stops all ranks
+        self.facts = facts = start_checks(cfg, acc)
         self.out_dir = cfg.out_dir
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise UserError(f"experiment.save_path: {self.out_dir} exists and is not a folder")
-        self.stage1 = load_diffusion_checkpoint(cfg.resolve_path(cfg.diffusion.stage1_checkpoint))
+        self.stage1 = load_diffusion_checkpoint(facts.stage1.path)
         self.spec, self.scaling = self.stage1.spec, self.stage1.scaling
         self.spec_dict = spec_to_dict(self.spec)
         sch = self.stage1.scheduler
@@ -75,27 +55,10 @@ class Stage2Context:
         self.noise_sched = training_scheduler(sch["type"], sch["num_steps"], sch["prediction_type"])
         self.num_train_timesteps = sch["num_steps"]
         self.ddim = self.new_ddim()
-        self.latent_shape = (self.spec.in_channels, self.spec.sample_size, self.spec.sample_size)
-        d = cfg.discriminator.config
-        if d.latent_channels != self.spec.in_channels:
-            raise error_at(where, "discriminator.config.latent_channels",
-                           f"{self.spec.in_channels} (the stage-1 UNet's latent channels)", d.latent_channels)
-        if self.spec.sample_size < 2 ** d.num_layers:
-            raise error_at(where, "discriminator.config.num_layers",
-                           f"at most {int(np.log2(self.spec.sample_size))} for {self.spec.sample_size}x"
-                           f"{self.spec.sample_size} latents", d.num_layers)
-        self.rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
-                                  cfg.dataset.filters, cfg.dataset.outputs.latent)
-        if len(self.rows) == 0:
-            raise UserError(f"{cfg.dataset.manifest}: no rows left after dataset.filters")
-        # before any compute: N must fit the data (unless drawing with replacement is allowed)
-        from .shards import choose_real_rows
-
-        choose_real_rows(len(self.rows), cfg.stage2.num_samples, cfg.training.seed, 0,
-                         cfg.stage2.sample_with_replacement)
+        self.latent_shape = facts.latent_shape
+        self.rows = facts.rows
         self._ae = None
-        ae_path = cfg.autoencoder.checkpoint or self.stage1.autoencoder
-        self.has_ae = bool(ae_path) and cfg.resolve_path(ae_path).exists()
+        self.has_ae = facts.ae is not None
 
     def new_ddim(self):
         sch = self.stage1.scheduler
@@ -117,7 +80,13 @@ class Stage2Context:
         return self._ae
 
     def encode_local(self, rows) -> torch.Tensor:
-        """Model-space latents of these rows (files where given, else the frozen AE in fp32)."""
+        """Model-space latents of these rows (files where given, else the frozen AE in fp32). A file
+        that fails on one rank stops every rank with its message (no rank is left waiting)."""
+        from .validate import agree
+
+        return agree(self.acc, self._encode_local, rows)
+
+    def _encode_local(self, rows) -> torch.Tensor:
         needs_ae = any(not isinstance(p, str) for p in rows["latent_path"])
         ae = self.ae if needs_ae else None
         size = self.cfg.dataset.resolution or (ae.config.sample_size if ae is not None else None)
@@ -195,9 +164,11 @@ def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
 
     gen_unet = build_unet(ctx.spec)
     gen_unet.load_state_dict(init["ema"])
-    gen_unet = gen_unet.to(acc.device).eval()
+    gen_unet = prepare_module(gen_unet.to(acc.device).eval(), cfg.performance, acc)
     folder = ctx.folder(k)
-    shard = iteration_shard(ctx, k, gen_unet, folder, log)
+    sampler = torch.compile(gen_unet) if cfg.performance.compile_generation else gen_unet
+    shard = iteration_shard(ctx, k, sampler, folder, log)
+    del sampler
     real_train = stratified_split(shard.n, cfg.discriminator.training.train_split, cfg.training.seed, k, "real")
     fake_train = stratified_split(shard.n, cfg.discriminator.training.train_split, cfg.training.seed, k, "fake")
 
@@ -210,7 +181,8 @@ def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
     warm = ctx.folder(k - 1) / "discriminator_best.pt" if k > 0 and cfg.discriminator.training.warm_start else None
     d_trainer = DiscriminatorTrainer(ctx, k, folder, shard.real, fake_for_d, real_train, fake_train,
                                      warm_start_from=warm, **d_kwargs)
-    d_trainer.fit()
+    with timing.phase(acc, ctx.out_dir, "discriminator", k):
+        d_trainer.fit()
     acc.free_memory()
     del d_trainer
     if acc.is_main_process:
@@ -218,13 +190,15 @@ def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
     evaluator = Evaluator(ctx)
     if k == 0 and 0 not in evaluator.done():
         # the stage-1 baseline row, scored by the D fit to its samples
-        evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(d_best)))
+        with timing.phase(acc, ctx.out_dir, "quality summary", 0):
+            evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(d_best)))
     del gen_unet
 
     d = load_discriminator(d_best)
     g_trainer = FinetuneTrainer(ctx, k, shard.real, real_train, d, init)
     g_trainer.stop_after = stop_after
-    g_trainer.fit()
+    with timing.phase(acc, ctx.out_dir, "diffusion", k):
+        g_trainer.fit()
     done = g_trainer.step >= g_trainer.max_steps
     acc.free_memory()
     if acc.is_main_process:
@@ -236,6 +210,8 @@ def run_iteration(ctx: Stage2Context, k: int, stop_after: int | None) -> bool:
 
 def finish_iteration(ctx: Stage2Context, k: int, evaluator) -> None:
     """The grid and the summary row of a finished iteration (idempotent, for resumes)."""
+    if ctx.acc.is_main_process:  # a run killed between writing a CSV and drawing it: draw it now
+        plots.redraw_stale(ctx.out_dir / f"{ctx.cfg.experiment.name}_metrics_iter_{k}.csv", plots.plot_metrics, k)
     write_grid(ctx, k)
     from models.unet import build_unet
 
@@ -244,10 +220,12 @@ def finish_iteration(ctx: Stage2Context, k: int, evaluator) -> None:
         unet.load_state_dict(ctx.stage1.blob["state_dict"])
         evaluator.record(evaluator.measure(0, unet, load_discriminator(ctx.folder(0) / "discriminator_best.pt")))
     if k + 1 not in evaluator.done():
-
         unet = build_unet(ctx.spec)
         unet.load_state_dict(_weights(ctx.ckpt(k, "latest"))["ema"])
-        evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(ctx.folder(k) / "discriminator_best.pt")))
+        with timing.phase(ctx.acc, ctx.out_dir, "quality summary", k + 1):
+            evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(ctx.folder(k) / "discriminator_best.pt")))
+    if ctx.acc.is_main_process:
+        plots.redraw_stale(evaluator.path, plots.plot_summary)
 
 
 def write_grid(ctx: Stage2Context, k: int) -> None:
@@ -293,6 +271,13 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
         first = start_iteration
     else:
         first = 0
+    # every check passed: only now is anything written
+    if acc.is_main_process:
+        io.remove_stale_temps(cfg.out_dir)  # temp files of writes a kill interrupted
+        from .validate import record_run_fields, run_fields
+
+        record_run_fields(cfg, run_fields(cfg, ctx.facts.stage1))
+    log_resume_point(ctx, first)
     for k in range(first, s2.num_iterations):
         if preempt.should_stop(acc.device):
             preempt.stop(acc, f"before iteration {k}")
@@ -304,6 +289,27 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
             ctx.log(f"stopped inside iteration {k} as asked; rerun the same command to continue")
             return
     ctx.log(f"stage 2 complete: {s2.num_iterations} iteration(s) under {ctx.out_dir}")
+
+
+def log_resume_point(ctx: Stage2Context, first: int) -> None:
+    """One line saying where this run picks up, when the folder already holds work."""
+    done = [k for k in range(first, ctx.cfg.stage2.num_iterations) if ctx.complete(k)]
+    k = next((k for k in range(first, ctx.cfg.stage2.num_iterations) if k not in done), None)
+    if k is None:
+        ctx.log(f"RESUMING {ctx.out_dir}: all {ctx.cfg.stage2.num_iterations} iteration(s) already complete")
+        return
+    folder, parts = ctx.folder(k), []
+    for name in ("fake_latents.pt", "real_latents.pt"):
+        if (folder / name).is_file():
+            parts.append(f"{name} saved")
+    for label, path in (("discriminator state", folder / "discriminator_state.pt"),
+                        ("diffusion state", ctx.ckpt(k, "latest"))):
+        if path.is_file():
+            parts.append(f"{label} {path.name}")
+    if done or parts:
+        finished = ", ".join(map(str, done)) or "none"
+        ctx.log(f"RESUMING {ctx.out_dir}: complete iteration(s): {finished}; iteration {k}: "
+                + (", ".join(parts) if parts else "nothing saved yet") + " (phases below say the step)")
 
 
 def apply_arm(cfg: Config, weight: float | None, control: bool) -> None:

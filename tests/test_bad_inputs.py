@@ -1,0 +1,373 @@
+"""The bad-input catalogue: every case must fail before compute with one exact line naming the field or
+file, exit code 2, no traceback, and leave every existing output byte-identical. The same line must
+come from `advdiff validate` (which shares the checks) where the problem is in the config or files.
+"""
+import hashlib
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli, stage2_config
+
+FAST = ["--device", "cpu"]
+
+
+def snapshot(*roots):
+    """{path: sha1} of every file under the roots."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                out[str(p)] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, digits_manifest, small_ae, stage1_ckpt):
+    """A finished 1-iteration stage-2 run: the outputs every case must leave untouched."""
+    root = tmp_path_factory.mktemp("finished")
+    cfg = stage2_config(root, digits_manifest, small_ae, stage1_ckpt,
+                        stage2={"num_samples": 16, "diffusion_max_steps": 2, "metric_samples": 8, "grid_samples": 0},
+                        discriminator={"max_steps": 2})
+    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cfg
+
+
+class Case:
+    def __init__(self, tmp, finished, manifest, ae, ckpt):
+        self.tmp, self.finished, self.manifest, self.ae, self.ckpt = tmp, finished, manifest, ae, ckpt
+        self.base = yaml.safe_load(finished.read_text())
+        self.out = finished.parent / "out"
+
+    def config(self, edit=None, text=None, name="bad.yaml"):
+        path = self.tmp / name
+        if text is not None:
+            path.write_text(text)
+            return path
+        data = yaml.safe_load(yaml.safe_dump(self.base))
+        if edit:
+            edit(data)
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def manifest_with(self, rows_edit, name="manifest.csv"):
+        import pandas as pd
+
+        df = pd.read_csv(self.manifest)
+        df["image_path"] = [str((self.manifest.parent / p).resolve()) for p in df["image_path"]]
+        df = rows_edit(df)
+        path = self.tmp / name
+        df.to_csv(path, index=False)
+        return path
+
+
+def _set(path, value):
+    def edit(data):
+        node = data
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return edit
+
+
+def _small(df):
+    return df.iloc[:20].copy()
+
+
+# Each builder returns (argv after the config, config path, expected line, also_validate).
+def c_malformed_yaml(c):
+    p = c.config(text="experiment:\n  name: [unclosed\n")
+    return [], p, f"{p}: malformed YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'", True
+
+
+def c_wrong_type(c):
+    p = c.config(_set("stage2.num_samples", "many"))
+    return [], p, f'{p}: stage2.num_samples: expected an integer >= 2, got "many"', True
+
+
+def c_unknown_loss(c):
+    def edit(d):
+        d["training"]["loss"]["losses"][0]["type"] = "L3Loss"
+    p = c.config(edit)
+    return [], p, (f'{p}: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L3Loss"'), True
+
+
+def c_missing_checkpoint(c):
+    p = c.config(_set("diffusion.stage1_checkpoint", str(c.tmp / "nope.pt")))
+    return [], p, f"{c.tmp / 'nope.pt'}: checkpoint not found", True
+
+
+def c_missing_ae(c):
+    p = c.config(_set("autoencoder.checkpoint", str(c.tmp / "no_ae")))
+    return [], p, f"autoencoder.checkpoint: {c.tmp / 'no_ae'}: autoencoder not found", True
+
+
+def c_missing_manifest(c):
+    p = c.config(_set("dataset.manifest", str(c.tmp / "none.csv")))
+    return [], p, f"{c.tmp / 'none.csv'}: manifest not found", True
+
+
+def c_missing_column(c):
+    p = c.config(_set("dataset.image_column", "img"))
+    return [], p, (f"{c.manifest}: no column 'img' (dataset.image_column); columns are: "
+                   f"image_path,label,is_empty,is_augmented".replace(",", ", ")), True
+
+
+def c_empty_column(c):
+    def edit(df):
+        df.loc[3, "image_path"] = None
+        return df
+    m = c.manifest_with(edit)
+    p = c.config(_set("dataset.manifest", str(m)))
+    return [], p, f"{m}: row 3: empty 'image_path'", True
+
+
+def c_corrupt_image(c):
+    bad = c.tmp / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+
+    def edit(df):
+        df = _small(df)
+        df.loc[5, "image_path"] = str(bad)
+        return df
+    m = c.manifest_with(edit)
+    p = c.config(_set("dataset.manifest", str(m)))
+    return ["--num_samples", "20"], p, f"{bad}: cannot read image (OSError)", True
+
+
+def c_missing_image(c):
+    def edit(df):
+        df = _small(df)
+        df.loc[7, "image_path"] = str(c.tmp / "gone.png")
+        return df
+    m = c.manifest_with(edit)
+    p = c.config(_set("dataset.manifest", str(m)))
+    return ["--num_samples", "20"], p, f"{c.tmp / 'gone.png'}: image not found", True
+
+
+def c_corrupt_checkpoint(c):
+    bad = c.tmp / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint at all" * 10)
+    p = c.config(_set("diffusion.stage1_checkpoint", str(bad)))
+    return [], p, f"{bad}: unreadable checkpoint (truncated, or not written by torch.save)", True
+
+
+def c_truncated_checkpoint(c):
+    bad = c.tmp / "truncated.pt"
+    data = c.ckpt.read_bytes()
+    bad.write_bytes(data[:len(data) // 2])
+    p = c.config(_set("diffusion.stage1_checkpoint", str(bad)))
+    return [], p, f"{bad}: unreadable checkpoint (truncated, or not written by torch.save)", True
+
+
+def c_wrong_format_checkpoint(c):
+    bad = c.tmp / "d.pt"
+    torch.save({"format": "advdiff.discriminator", "state_dict": {}}, bad)
+    p = c.config(_set("diffusion.stage1_checkpoint", str(bad)))
+    return [], p, f"{bad}: not an advdiff diffusion checkpoint (format advdiff.diffusion)", True
+
+
+def c_wrong_latent_shape(c):
+    lat = c.tmp / "z.pt"
+    torch.save(torch.zeros(3, 8, 8), lat)
+
+    def edit(df):
+        df = _small(df)
+        df["latent_path"] = None
+        df.loc[2, "latent_path"] = str(lat)
+        return df
+    m = c.manifest_with(edit)
+    p = c.config(_set("dataset.manifest", str(m)))
+    return ["--num_samples", "20"], p, f"{lat}: latent of shape (3, 8, 8), expected (4, 8, 8)", True
+
+
+def c_d_channels(c):
+    p = c.config(_set("discriminator.config.latent_channels", 3))
+    return [], p, (f"{p}: discriminator.config.latent_channels: expected 4 (the stage-1 UNet's latent channels), "
+                   f"got 3"), True
+
+
+def c_ae_channels(c):
+    from models.autoencoder import build_autoencoder
+
+    ae3 = c.tmp / "ae3"
+    build_autoencoder(latent_channels=3).save_pretrained(str(ae3))
+    p = c.config(_set("autoencoder.checkpoint", str(ae3)))
+    return [], p, "autoencoder.checkpoint: latent channels 3 differ from the stage-1 UNet's 4", True
+
+
+def c_ae_without_weights(c):
+    folder = c.tmp / "ae_empty"
+    folder.mkdir()
+    shutil.copy(c.ae / "config.json", folder / "config.json")
+    p = c.config(_set("autoencoder.checkpoint", str(folder)))
+    return [], p, (f"autoencoder.checkpoint: {folder}: no weights (diffusion_pytorch_model.safetensors or .bin)"), True
+
+
+def c_d_too_deep(c):
+    p = c.config(_set("discriminator.config.num_layers", 4))
+    return [], p, f"{p}: discriminator.config.num_layers: expected at most 3 for 8x8 latents, got 4", True
+
+
+def c_n_zero(c):
+    p = c.config()
+    return ["--num_samples", "0"], p, f"{p}: stage2.num_samples: expected an integer >= 2, got 0", True
+
+
+def c_n_too_large(c):
+    p = c.config()
+    return ["--num_samples", "5000"], p, ("--num_samples 5000 exceeds the 1797 manifest rows left after filters; "
+                                          "lower it, or set stage2.sample_with_replacement: true"), True
+
+
+def c_negative_epochs(c):
+    p = c.config()
+    return (["--discriminator_epochs", "-1"], p,
+            f"{p}: discriminator.training.epochs: expected an integer >= 1, got -1", True)
+
+
+def c_filters_leave_nothing(c):
+    p = c.config(_set("dataset.filters", {"label": [42]}))
+    return [], p, f"{c.manifest}: no rows left after dataset.filters", True
+
+
+def c_filter_unknown_column(c):
+    p = c.config(_set("dataset.filters", {"colour": ["red"]}))
+    return [], p, f"{c.manifest}: dataset.filters.colour: no such column in the manifest", True
+
+
+def c_manifest_not_csv(c):
+    bad = c.tmp / "binary.csv"
+    bad.write_bytes(bytes(range(256)) * 4)
+    p = c.config(_set("dataset.manifest", str(bad)))
+    return [], p, f"{bad}: not a readable CSV (Error tokenizing data. C error: Expected 1 fields in line 3, saw 2)", True
+
+
+def c_output_is_a_file(c):
+    f = c.tmp / "a_file"
+    f.write_text("precious")
+    p = c.config(_set("experiment.save_path", str(f)))
+    return [], p, f"experiment.save_path: {f} exists and is not a folder", True
+
+
+def c_output_under_a_file(c):
+    f = c.tmp / "plain_file"
+    f.write_text("precious")
+    p = c.config(_set("experiment.save_path", str(f / "run")))
+    return [], p, f"experiment.save_path: {f / 'run'} cannot be created: {f} is a file", True
+
+
+def c_generation_steps(c):
+    p = c.config()
+    return (["--generation_steps", "5000"], p,
+            f"{p}: stage2.generation_steps: expected at most 1000 (the stage-1 schedule's steps), got 5000", True)
+
+
+def c_bad_precision(c):
+    p = c.config()
+    return (["--set", "training.mixed_precision=fp8"], p,
+            f'{p}: training.mixed_precision: expected one of no, fp16, bf16, got "fp8"', True)
+
+
+def c_start_iteration_beyond(c):
+    p = c.config(_set("stage2.num_iterations", 4))
+    last = c.out / "checkpoints" / "t2_iter_1_checkpoint_latest.pt"
+    return (["--start_iteration", "2"], p,
+            f"--start_iteration 2: {last} is missing; finish iteration 1 first (or drop --start_iteration to "
+            f"continue where the last run stopped)", False)
+
+
+def c_changed_model_field(c):
+    p = c.config(_set("discriminator.config.base_channels", 16))
+    return [], p, (f"{c.out}: this folder's stage-2 run was started with a different config "
+                   f"(discriminator.config.base_channels: 8 -> 16); use a new experiment.save_path, or restore "
+                   f"those fields"), True
+
+
+def c_corrupt_saved_latents(c):
+    run = c.tmp / "copy"
+    shutil.copytree(c.out, run)
+    bad = run / "discriminator_iter_0" / "real_latents.pt"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 3])
+    (run / "stage2_run.json").unlink()  # a different folder: its recorded save-path-free fields still match
+    p = c.config(_set("experiment.save_path", str(run)))
+    return [], p, f"{bad}: unreadable latents (truncated, or not written by torch.save); delete it to regenerate", True
+
+
+def c_missing_config(c):
+    return [], c.tmp / "absent.yaml", f"{c.tmp / 'absent.yaml'}: config file not found", True
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f.__name__[2:] for f in CASES])
+def test_bad_input_fails_before_compute_with_one_exact_line(case, tmp_path, finished, digits_manifest, small_ae,
+                                                            stage1_ckpt, capsys):
+    from trainer.cli import main
+
+    c = Case(tmp_path, finished, digits_manifest, small_ae, stage1_ckpt)
+    argv, cfg, expected, also_validate = case(c)
+    before = snapshot(c.out, tmp_path)
+    code = main(["stage2", str(cfg), *argv, *FAST])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("advdiff: error:")]
+    assert code == 2, err
+    assert lines == [f"advdiff: error: {expected}"], err
+    assert "Traceback" not in err
+    assert snapshot(c.out, tmp_path) == before, "an existing output or input was modified"
+    if also_validate:
+        code = main(["validate", str(cfg), *[a for a in argv if a not in FAST]])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert f"advdiff: error: {expected}" in err.splitlines(), err
+        assert snapshot(c.out, tmp_path) == before
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 20
+
+
+def test_cli_process_exit_code_and_no_traceback(tmp_path, finished):
+    """The same path through a real process: exit 2, the line on stderr, nothing else."""
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load(finished.read_text())
+    data["discriminator"]["config"]["num_layers"] = 9
+    bad.write_text(yaml.safe_dump(data))
+    proc = run_cli("-m", "trainer.cli", "stage2", str(bad), *FAST)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"advdiff: error: {bad}: discriminator.config.num_layers: expected at most 3 for "
+                                   f"8x8 latents, got 9")
+
+
+def test_validate_lists_every_problem(tmp_path, finished):
+    data = yaml.safe_load(finished.read_text())
+    data["discriminator"]["config"]["latent_channels"] = 2
+    data["diffusion"]["stage1_checkpoint"] = str(finished.parent / "out" / "checkpoints" / "t2_iter_0_checkpoint_best.pt")
+    data["dataset"]["filters"] = {"label": [0]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    proc = run_cli("-m", "trainer.cli", "validate", str(bad), "--num_samples", "900")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == f"advdiff validate: 4 problem(s) in {bad}", proc.stderr
+    assert any("discriminator.config.latent_channels" in ln for ln in lines)
+    assert any(ln.startswith("advdiff: error: --num_samples 900 exceeds the") for ln in lines)
+    assert any("this folder's stage-2 run was started with a different config" in ln for ln in lines)
+    assert any(ln.endswith("latents of shape (16, 4, 8, 8), expected (900, 4, 8, 8); delete it to regenerate")
+               for ln in lines)
+
+
+def test_validate_passes_on_a_good_config_and_the_embedded_default(tmp_path, finished):
+    proc = run_cli("-m", "trainer.cli", "validate", str(finished))
+    assert proc.returncode == 0, proc.stderr
+    assert "is ready for stage 2" in proc.stdout
+    proc = run_cli("-m", "trainer.cli", "validate", "--demo", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    assert "the embedded default" in proc.stdout and "is ready for stage 2" in proc.stdout
+    assert not (tmp_path / "demo").exists(), "validate must not create anything"
