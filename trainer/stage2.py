@@ -296,7 +296,7 @@ def log_resume_point(ctx: Stage2Context, first: int) -> None:
     done = [k for k in range(first, ctx.cfg.stage2.num_iterations) if ctx.complete(k)]
     k = next((k for k in range(first, ctx.cfg.stage2.num_iterations) if k not in done), None)
     if k is None:
-        ctx.log(f"RESUMING {ctx.out_dir}: all {ctx.cfg.stage2.num_iterations} iteration(s) already complete")
+        ctx.log(f"RESUMING {ctx.out_dir}: all {ctx.cfg.stage2.num_iterations} iteration(s) finished earlier")
         return
     folder, parts = ctx.folder(k), []
     for name in ("fake_latents.pt", "real_latents.pt"):
