@@ -33,6 +33,16 @@ def loadavg() -> str:
         return "n/a"
 
 
+def machine_header(threads: int) -> str:
+    """One line: date, CPU, cores, torch, threads and load (the in-process benches print it)."""
+    import datetime
+
+    import torch
+
+    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; cpu {cpu_model()}, {os.cpu_count()} "
+            f"cores; torch {torch.__version__}, threads {threads}; load average {loadavg()}")
+
+
 def header(title: str) -> None:
     import torch
 

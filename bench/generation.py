@@ -22,9 +22,6 @@ Exit code 0 whatever the result unless --strict.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,25 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _multiproc import machine_header  # noqa: E402
 
 TARGET = 1.0  # our throughput / plain diffusers throughput, at least
 TOLERANCE = 1e-5
-
-
-def machine_header(threads: int) -> str:
-    import torch
-
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or "unknown"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; cpu {model}, {os.cpu_count()} cores; "
-            f"torch {torch.__version__}, threads {threads}; load average {load}")
 
 
 def plain_scheduler():
