@@ -3,7 +3,7 @@
     python bench/scaling.py [--quick] [--strict] [--repeats R] [--n N] [--steps S]
 
 Phase a: sharded DDIM generation of N fakes (trainer.shards.generate_own), gathered to the main
-process and written (trainer.shards._write_gathered). Phase b: sharded AE encoding of N real digits
+process, written there and handed back per rank (trainer.shards.produce_gathered). Phase b: sharded AE encoding of N real digits
 images (trainer.latents.encode_local, scaled as Stage2Context does), gathered and written the same
 way. Each launch is `ACCELERATE_USE_CPU=1 accelerate launch --num_processes P [--multi_gpu]` of this
 file in worker mode, one thread per process (OMP_NUM_THREADS=1, torch.set_num_threads(1)); timers
@@ -100,24 +100,33 @@ def worker(a) -> int:
     rec["control"] = [control()]
     # phase a: fakes
     barrier()
+    marks = {}
+
+    def gen(dest):
+        shards.generate_own(acc, unet, ddim, own, SHAPE, seed=SEED, k=0, steps=a.steps, eta=0.0,
+                            batch_size=a.gen_batch, out=dest)
+        marks["t1"], marks["c1"] = pc(), time.process_time()
+
     t0, c0 = pc(), time.process_time()
-    fake = shards.generate_own(acc, unet, ddim, own, SHAPE, seed=SEED, k=0, steps=a.steps, eta=0.0,
-                               batch_size=a.gen_batch)
-    t1, c1 = pc(), time.process_time()
-    shards._write_gathered(acc, fake, n, out / "fake_latents.pt")
+    shards.produce_gathered(acc, n, own, SHAPE, out / "fake_latents.pt", gen)
     t2, c2 = pc(), time.process_time()
+    t1, c1 = marks["t1"], marks["c1"]
     rec["a"] = {"start": t0, "compute_end": t1, "end": t2, "cpu": c1 - c0, "cpu_all": c2 - c0,
                 "gather": events["gather"][-1], "write": events.get("write", [None])[-1]}
     # phase b: reals (N rows drawn with replacement from the 1,797 digits)
     rows = shards.choose_real_rows(len(paths), n, SEED, 0, True)[own.start:own.stop]
     barrier()
+
+    def enc(dest):
+        encode_local(ae, [paths[i] for i in rows], [None] * len(rows), size=32, channels=1, latent_shape=SHAPE,
+                     batch_size=a.enc_batch, device=acc.device, out=dest)
+        scaling.to_model_(dest)
+        marks["t1"], marks["c1"] = pc(), time.process_time()
+
     t0, c0 = pc(), time.process_time()
-    raw = encode_local(ae, [paths[i] for i in rows], [None] * len(rows), size=32, channels=1, latent_shape=SHAPE,
-                       batch_size=a.enc_batch, device=acc.device)
-    real = scaling.to_model(raw)
-    t1, c1 = pc(), time.process_time()
-    shards._write_gathered(acc, real, n, out / "real_latents.pt")
+    shards.produce_gathered(acc, n, own, SHAPE, out / "real_latents.pt", enc)
     t2, c2 = pc(), time.process_time()
+    t1, c1 = marks["t1"], marks["c1"]
     rec["b"] = {"start": t0, "compute_end": t1, "end": t2, "cpu": c1 - c0, "cpu_all": c2 - c0,
                 "gather": events["gather"][-1], "write": events.get("write", [None])[-1]}
     rec["control"].append(control())

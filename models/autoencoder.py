@@ -27,6 +27,10 @@ class LatentScaling:
     def to_model(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.shift) * self.scale
 
+    def to_model_(self, z: torch.Tensor) -> torch.Tensor:
+        """to_model in place (the same float operations, so the same bits)."""
+        return z.sub_(self.shift).mul_(self.scale)
+
     def from_model(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.scale + self.shift
 

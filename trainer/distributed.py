@@ -16,13 +16,15 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_shards(local: torch.Tensor, n: int, to_all: bool = True) -> torch.Tensor | None:
+def gather_shards(local: torch.Tensor, n: int, to_all: bool = True, out: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
     """Reassemble exactly `n` rows, in global index order, from each rank's `shard_range` block.
 
     With `to_all=True` shards are padded to a common length only for transport; each rank's padding
     is cut off by its known length, so no padded duplicate ever reaches the result. With `to_all=False`
     only rank 0 receives the result (others get None), block by block at exact sizes, so non-main
-    ranks never hold all n rows and rank 0 holds nothing but its own block and the result.
+    ranks never hold all n rows. Rank 0 may pass `out`, the n-row result whose first rows already
+    hold its own block (`local` is then that view, nothing is copied): it then holds the result alone.
     """
     if not _dist_on():
         assert local.shape[0] == n, (local.shape, n)
@@ -32,13 +34,18 @@ def gather_shards(local: torch.Tensor, n: int, to_all: bool = True) -> torch.Ten
     assert local.shape[0] == sizes[rank], (local.shape, sizes, rank)
     if not to_all:
         # point to point, exact sizes, no padding: rank 0 receives every block straight into its row range
-        # of one preallocated result (peak: its own block + the result; others: their block, no copy)
+        # of one preallocated result (peak: the result, + its own block unless it was made inside `out`)
         if rank != 0:
             if sizes[rank]:
                 dist.send(local.contiguous(), dst=0)
             return None
-        out = local.new_empty((n, *local.shape[1:]))
-        out[: sizes[0]] = local
+        if out is None:
+            out = local.new_empty((n, *local.shape[1:]))
+            out[: sizes[0]] = local
+        else:
+            assert out.shape == (n, *local.shape[1:]) and out.is_contiguous(), (out.shape, n)
+            if local.data_ptr() != out.data_ptr():
+                out[: sizes[0]] = local
         start = sizes[0]
         for r in range(1, world):
             if sizes[r]:

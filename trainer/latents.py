@@ -28,9 +28,13 @@ def load_latent_file(path: str, shape: tuple | None) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_local(ae, image_paths: list, latent_paths: list, *, size: int, channels: int, latent_shape: tuple,
-                 batch_size: int, device, num_workers: int = 0, progress=None) -> torch.Tensor:
-    """Raw (unscaled) latents for the given rows, in order: files where given, else AE means."""
-    out = torch.empty((len(image_paths), *latent_shape))
+                 batch_size: int, device, num_workers: int = 0, progress=None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw (unscaled) latents for the given rows, in order: files where given, else AE means. Written
+    into `out` (one row per path, on any device; a new CPU tensor by default), which is returned."""
+    if out is None:
+        out = torch.empty((len(image_paths), *latent_shape))
+    assert tuple(out.shape) == (len(image_paths), *latent_shape), (tuple(out.shape), len(image_paths))
     todo = []
     for j, (img, lat) in enumerate(zip(image_paths, latent_paths)):
         if isinstance(lat, str) and lat:
@@ -44,8 +48,8 @@ def encode_local(ae, image_paths: list, latent_paths: list, *, size: int, channe
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
         for j, (idx, images) in enumerate(loader):
             faults.point(f"encode:{faults.phase_label()}:b{j}")
-            z = encode_mean(ae, images.to(device)).cpu()
-            out[[todo[i] for i in idx.tolist()]] = z
+            z = encode_mean(ae, images.to(device))
+            out[[todo[i] for i in idx.tolist()]] = z.to(out.device)
             if progress is not None:
                 progress(len(idx))
     return out

@@ -52,11 +52,14 @@ def _load_own(path: Path, n: int, own: range, shape: tuple) -> torch.Tensor | No
 
 @torch.inference_mode()
 def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int, steps: int, eta: float,
-                 batch_size: int) -> torch.Tensor:
-    """This rank's fakes: DDIM from per-sample noise, nothing decoded. Returned on the CPU."""
+                 batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's fakes: DDIM from per-sample noise, nothing decoded, written batch by batch into `out`
+    (len(own) rows, on any device; a new CPU tensor by default), which is returned."""
     from .progress import bar
 
-    out = torch.empty((len(own), *shape))  # filled batch by batch: no list of batches + a concatenated copy
+    if out is None:
+        out = torch.empty((len(own), *shape))  # filled batch by batch: no list of batches + a concatenated copy
+    assert tuple(out.shape) == (len(own), *shape), (tuple(out.shape), len(own), shape)
     progress = bar(acc, len(own), f"fakes {k}", "sample")
     for s in range(own.start, own.stop, batch_size):
         faults.point(f"gen:k{k}:b{s}")
@@ -65,7 +68,7 @@ def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int
         with acc.autocast():
             z = ddim_sample(unet, ddim, noise, steps, eta=eta, batch_size=len(idx),
                             gen_parts=(seed, "fake", k), indices=idx)
-        out[s - own.start:s - own.start + len(idx)] = z.float().cpu()
+        out[s - own.start:s - own.start + len(idx)] = z.float().to(out.device)
         progress.update(len(idx))
     progress.close()
     return out
@@ -85,30 +88,55 @@ def iteration_shard(ctx, k: int, gen_unet, folder: Path, log) -> Shard:
         log(f"iteration {k}: generating {n} fakes ({cfg.stage2.generation_steps} DDIM steps, "
             f"{acc.num_processes} process(es))")
         with timing.phase(acc, ctx.out_dir, "generation", k):
-            fake = generate_own(acc, gen_unet, ctx.ddim, own, ctx.latent_shape, seed=cfg.training.seed, k=k,
-                                steps=cfg.stage2.generation_steps, eta=cfg.stage2.eta,
-                                batch_size=cfg.stage2.generation_batch_size)
-            _write_gathered(acc, fake, n, fake_path)
+            fake = produce_gathered(acc, n, own, ctx.latent_shape, fake_path, lambda dest: generate_own(
+                acc, gen_unet, ctx.ddim, own, ctx.latent_shape, seed=cfg.training.seed, k=k,
+                steps=cfg.stage2.generation_steps, eta=cfg.stage2.eta, batch_size=cfg.stage2.generation_batch_size,
+                out=dest))
     if real is None:
         rows = choose_real_rows(len(ctx.rows), n, cfg.training.seed, k, cfg.stage2.sample_with_replacement)
         mine = ctx.rows.iloc[rows[own.start:own.stop]]
         log(f"iteration {k}: encoding {n} reals")
         with timing.phase(acc, ctx.out_dir, "encoding", k):
-            real = ctx.encode_local(mine)
-            _write_gathered(acc, real, n, real_path)
+            real = produce_gathered(acc, n, own, ctx.latent_shape, real_path,
+                                    lambda dest: ctx.encode_local(mine, out=dest))
     if reused:
         log(f"iteration {k}: reusing saved latents in {folder}")
     return Shard(n=n, own=own, real=real, fake=fake, reused=reused)
 
 
-def _write_gathered(acc, local: torch.Tensor, n: int, path: Path) -> None:
-    faults.point(f"gather:{path.parent.name}/{path.name}")
+def produce_gathered(acc, n: int, own: range, shape: tuple, path: Path, fill) -> torch.Tensor:
+    """Make this rank's rows of an n-row set with `fill(dest)` (dest: len(own) rows to write into), gather
+    every rank's rows to the main process, write `path` there (atomically), and return this rank's rows
+    on the CPU. A collective: call it on every rank.
+
+    Memory: a non-main rank holds its own rows only. The main process of a multi-process run fills its
+    rows straight into the preallocated n-row result (on the accelerator when there is one) and receives
+    the others' rows after them, so it holds the result alone, not its rows + the result; once the file
+    is written it frees the result and reads its own rows back from that file.
+    """
+    world = acc.num_processes
+    point = f"gather:{path.parent.name}/{path.name}"
+    if world > 1 and acc.is_main_process:
+        assert own.start == 0, own  # the main process (rank 0) owns the first block
+        dev = acc.device if acc.device.type != "cpu" else torch.device("cpu")
+        full = torch.empty((n, *shape), device=dev)
+        fill(full[: len(own)])
+        faults.point(point)
+        full = gather_shards(full[: len(own)], n, to_all=False, out=full)
+        io.save_torch(full.cpu().contiguous(), path)
+        del full
+        barrier()
+        return _load_own(path, n, own, shape)
+    local = torch.empty((len(own), *shape))
+    fill(local)
+    faults.point(point)
     # on CPU, acc.device is cpu:0 and .to() it would copy the whole shard (a CPU tensor's device is "cpu")
     dev = acc.device
-    full = gather_shards(local if local.device.type == dev.type == "cpu" else local.to(dev), n, to_all=False)
-    if acc.is_main_process:
+    full = gather_shards(local if dev.type == "cpu" else local.to(dev), n, to_all=False)
+    if acc.is_main_process:  # one process: `full` is `local`
         io.save_torch(full.cpu().contiguous(), path)
     barrier()
+    return local
 
 
 def stratified_split(n: int, fraction: float, seed: int, k: int, label: str) -> np.ndarray:

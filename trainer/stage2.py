@@ -79,14 +79,15 @@ class Stage2Context:
                                 f"differ from the stage-1 UNet's {self.spec.in_channels}")
         return self._ae
 
-    def encode_local(self, rows) -> torch.Tensor:
-        """Model-space latents of these rows (files where given, else the frozen AE in fp32). A file
-        that fails on one rank stops every rank with its message (no rank is left waiting)."""
+    def encode_local(self, rows, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Model-space latents of these rows (files where given, else the frozen AE in fp32), written into
+        `out` when given. A file that fails on one rank stops every rank with its message (no rank is
+        left waiting)."""
         from .validate import agree
 
-        return agree(self.acc, self._encode_local, rows)
+        return agree(self.acc, self._encode_local, rows, out)
 
-    def _encode_local(self, rows) -> torch.Tensor:
+    def _encode_local(self, rows, out: torch.Tensor | None) -> torch.Tensor:
         needs_ae = any(not isinstance(p, str) for p in rows["latent_path"])
         ae = self.ae if needs_ae else None
         size = self.cfg.dataset.resolution or (ae.config.sample_size if ae is not None else None)
@@ -101,9 +102,9 @@ class Stage2Context:
         raw = encode_local(ae, rows["image_path"].tolist(), rows["latent_path"].tolist(), size=size,
                            channels=ae.config.in_channels if ae is not None else 0, latent_shape=self.latent_shape,
                            batch_size=self.cfg.autoencoder.encode_batch_size, device=self.acc.device,
-                           num_workers=self.cfg.training.num_workers, progress=progress.update)
+                           num_workers=self.cfg.training.num_workers, progress=progress.update, out=out)
         progress.close()
-        return self.scaling.to_model(raw)
+        return self.scaling.to_model_(raw)
 
     # -- paths -------------------------------------------------------------------------------------
     def ckpt(self, k: int, tag: str) -> Path:
