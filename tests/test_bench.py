@@ -16,3 +16,12 @@ def test_bench_quick_runs(script, ratio):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(ratio, proc.stdout), proc.stdout
     assert re.search(r"^target .*: (PASS|MISS)$", proc.stdout, re.M), proc.stdout
+
+
+def test_growth_quick_runs():
+    """bench/growth.py measures, it has no target: each sweep prints its ratio to a proportional cost."""
+    proc = run_cli("bench/growth.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(re.findall(r"vs proportional to N: \d+\.\d+x", proc.stdout)) == 2, proc.stdout
+    assert len(re.findall(r"vs proportional to steps: \d+\.\d+x", proc.stdout)) == 2, proc.stdout
+    assert re.search(r"^  tiny +\d+\.\d+ +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout
