@@ -34,8 +34,11 @@ def test_stage0_resume_and_exports(tmp_path, digits_manifest):
 
     a = _train_ae(_ae_config(tmp_path / "a", digits_manifest))
     cfg_b = _ae_config(tmp_path / "b", digits_manifest)
-    _train_ae(cfg_b, stop_after=4)
+    b = _train_ae(cfg_b, stop_after=4)
+    stale = b / ".autoencoder_latest.pt.tmp.4242"  # what a kill in the middle of an atomic write leaves
+    stale.write_bytes(b"half a checkpoint")
     b = _train_ae(cfg_b)
+    assert not stale.exists()
     wa = torch.load(a / "autoencoder_latest.pt", weights_only=True)["state_dict"]
     wb = torch.load(b / "autoencoder_latest.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

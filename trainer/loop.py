@@ -155,6 +155,8 @@ class StepTrainer:
         self.log = Logger(accelerator, self.stage)
         self.state_path = self.out_dir / "state.pt"
         self.history_path = self.out_dir / "history.csv"
+        if accelerator.is_main_process:
+            io.remove_stale_temps(self.out_dir)  # temp files of writes a kill interrupted (stages 0 and 1 too)
 
     # -- hooks ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
