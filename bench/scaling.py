@@ -98,37 +98,33 @@ def worker(a) -> int:
         return pc() - t0, time.process_time() - c0
 
     rec["control"] = [control()]
-    # phase a: fakes
-    barrier()
-    marks = {}
+    def phase(name: str, compute) -> dict:
+        """One phase through the trainer's produce_gathered: compute(dest) makes this rank's rows."""
+        marks = {}
 
-    def gen(dest):
-        shards.generate_own(acc, unet, ddim, own, SHAPE, seed=SEED, k=0, steps=a.steps, eta=0.0,
-                            batch_size=a.gen_batch, out=dest)
-        marks["t1"], marks["c1"] = pc(), time.process_time()
+        def fill(dest):
+            compute(dest)
+            marks["t1"], marks["c1"] = pc(), time.process_time()
 
-    t0, c0 = pc(), time.process_time()
-    shards.produce_gathered(acc, n, own, SHAPE, out / "fake_latents.pt", gen)
-    t2, c2 = pc(), time.process_time()
-    t1, c1 = marks["t1"], marks["c1"]
-    rec["a"] = {"start": t0, "compute_end": t1, "end": t2, "cpu": c1 - c0, "cpu_all": c2 - c0,
+        barrier()
+        t0, c0 = pc(), time.process_time()
+        shards.produce_gathered(acc, n, own, SHAPE, out / name, fill)
+        t2, c2 = pc(), time.process_time()
+        return {"start": t0, "compute_end": marks["t1"], "end": t2, "cpu": marks["c1"] - c0, "cpu_all": c2 - c0,
                 "gather": events["gather"][-1], "write": events.get("write", [None])[-1]}
+
+    # phase a: fakes
+    rec["a"] = phase("fake_latents.pt", lambda dest: shards.generate_own(
+        acc, unet, ddim, own, SHAPE, seed=SEED, k=0, steps=a.steps, eta=0.0, batch_size=a.gen_batch, out=dest))
     # phase b: reals (N rows drawn with replacement from the 1,797 digits)
     rows = shards.choose_real_rows(len(paths), n, SEED, 0, True)[own.start:own.stop]
-    barrier()
 
-    def enc(dest):
+    def encode(dest):
         encode_local(ae, [paths[i] for i in rows], [None] * len(rows), size=32, channels=1, latent_shape=SHAPE,
                      batch_size=a.enc_batch, device=acc.device, out=dest)
         scaling.to_model_(dest)
-        marks["t1"], marks["c1"] = pc(), time.process_time()
 
-    t0, c0 = pc(), time.process_time()
-    shards.produce_gathered(acc, n, own, SHAPE, out / "real_latents.pt", enc)
-    t2, c2 = pc(), time.process_time()
-    t1, c1 = marks["t1"], marks["c1"]
-    rec["b"] = {"start": t0, "compute_end": t1, "end": t2, "cpu": c1 - c0, "cpu_all": c2 - c0,
-                "gather": events["gather"][-1], "write": events.get("write", [None])[-1]}
+    rec["b"] = phase("real_latents.pt", encode)
     rec["control"].append(control())
     records = mp.gather_records(rec)
     if acc.is_main_process:
