@@ -3,8 +3,8 @@
     python bench/generation.py [--quick] [--threads N] [--repeats R] [--compile] [--strict]
     python bench/generation.py --preset unet32_d3 --shape 16,32,32 -n 64     # a bigger model
 
-"ours" is `trainer.shards.generate_own` as stage 2 runs it at 1 process (per-sample seeded noise,
-`trainer.sampling.ddim_sample` under inference mode, channels-last input on CPU, accelerate's
+"ours" is `trainer.stage2.generation.generate_own` as stage 2 runs it at 1 process (per-sample seeded noise,
+`trainer.diffusion.sampling.ddim_sample` under inference mode, channels-last input on CPU, accelerate's
 autocast context, results copied to the CPU). "plain" is the loop a diffusers user writes:
 `torch.no_grad()`, one torch.Generator, batch by batch `scheduler.set_timesteps(steps)` and, for
 each t, `unet(x, t).sample` then `scheduler.step(...)`. Both use one random-init UNet2DModel preset
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
 
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
-    from trainer import sampling
-    from trainer.runtime import build_accelerator
-    from trainer.sampling import initial_noise
-    from trainer.shards import generate_own
+    from trainer.diffusion import sampling
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.diffusion.noise import per_sample_noise
+    from trainer.stage2.generation import generate_own
 
     torch.set_num_threads(args.threads)
     print(machine_header(args.threads), flush=True)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     spec = preset(args.preset, in_channels=shape[0], out_channels=shape[0], sample_size=shape[1])
     unet = build_unet(spec).eval()
     acc = build_accelerator("cpu")
-    ours_ddim = ddim_scheduler("cosine", 1000, "v_prediction")  # what Stage2Context.new_ddim builds
+    ours_ddim = ddim_scheduler("cosine", 1000, "v_prediction")  # what Schedule.ddim() builds for stage 2
     sched = plain_scheduler()
     params = sum(p.numel() for p in unet.parameters())
     print(f"UNet {args.preset} ({params / 1e6:.2f}M params), latents {shape}, N {n}, {steps} DDIM steps, "
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                                     batch_size=batch)
 
     # correctness: the same noise through both loops
-    noise = initial_noise(range(n), shape, 42, "fake", 0)
+    noise = per_sample_noise(range(n), shape, 42, "fake", 0)
     a = ours(unet, base)()
     b = plain_generate(unet, sched, n, shape, steps, base, noise=noise)
     diff = float((a - b).abs().max())

@@ -31,9 +31,9 @@ def experiment(root: Path, n_real: int, preset: str, latent: tuple, overrides: d
     """Write a stage-1 checkpoint and a manifest of latent files; return the loaded config."""
     from models.autoencoder import LatentScaling
     from models.unet import build_unet, preset as unet_preset
-    from trainer import io
-    from trainer.config import load_config
-    from trainer.stage1 import export_blob
+    from trainer.files import atomic
+    from trainer.config.load import load_config
+    from trainer.stage1.diffusion_trainer import export_blob
 
     c, s = latent[0], latent[1]
     spec = unet_preset(preset, in_channels=c, out_channels=c, sample_size=s)
@@ -51,7 +51,7 @@ def experiment(root: Path, n_real: int, preset: str, latent: tuple, overrides: d
             "stage2.grid_samples": 0, "training.use_amp": False, "training.num_workers": 0, **overrides}
     cfg = load_config(REPO / "experiments" / "stage2_discriminator_unet64_d4.yaml", base)
     weights = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    io.save_torch(export_blob(cfg, spec, weights, LatentScaling(1.0, 0.0), 0, {}, weights), root / "stage1.pt")
+    atomic.save_torch(export_blob(cfg, spec, weights, LatentScaling(1.0, 0.0), 0, {}, weights), root / "stage1.pt")
     return cfg
 
 
@@ -70,7 +70,7 @@ def reset_peak(device):
 
 
 def setup(args, overrides=None):
-    from trainer.runtime import apply_performance, build_accelerator
+    from trainer.dist.accelerator import apply_performance, build_accelerator
 
     root = Path(tempfile.mkdtemp(prefix="advdiff_gpu_"))
     n_real = 64 if args.smoke else 512
@@ -85,9 +85,9 @@ def setup(args, overrides=None):
     cfg = experiment(root, n_real, preset, latent, ov)
     apply_performance(cfg.performance)
     acc = build_accelerator(args.device, args.precision)
-    from trainer.stage2 import Stage2Context
+    from trainer.stage2.run import setup as stage2_setup
 
-    return cfg, acc, Stage2Context(cfg, acc)
+    return cfg, acc, stage2_setup(cfg, acc)
 
 
 def emit(args, record: dict):
@@ -101,24 +101,24 @@ def emit(args, record: dict):
 
 def part_gen(args):
     from models.unet import build_unet
-    from trainer.runtime import prepare_module
-    from trainer.shards import generate_own
+    from trainer.dist.accelerator import prepare_module
+    from trainer.stage2.generation import generate_own
 
     cfg, acc, ctx = setup(args)
-    unet = build_unet(ctx.spec)
+    unet = build_unet(ctx.stage1.spec)
     unet.load_state_dict(ctx.stage1.blob["state_dict"])
     unet = prepare_module(unet.to(acc.device).eval(), cfg.performance, acc)
     sampler = torch.compile(unet) if args.compile else unet
     shape = ctx.latent_shape
     t0 = time.perf_counter()
     warm = min(args.batch, args.n)
-    generate_own(acc, sampler, ctx.new_ddim(), range(warm), shape, seed=1, k=0, steps=args.steps, eta=0.0,
+    generate_own(acc, sampler, ctx.schedule.ddim(), range(warm), shape, seed=1, k=0, steps=args.steps, eta=0.0,
                  batch_size=args.batch)  # warm-up (and the compile, if any)
     sync(acc.device)
     warm_s = time.perf_counter() - t0
     reset_peak(acc.device)
     t0 = time.perf_counter()
-    z = generate_own(acc, sampler, ctx.new_ddim(), range(args.n), shape, seed=0, k=0, steps=args.steps, eta=0.0,
+    z = generate_own(acc, sampler, ctx.schedule.ddim(), range(args.n), shape, seed=0, k=0, steps=args.steps, eta=0.0,
                      batch_size=args.batch)
     sync(acc.device)
     dt = time.perf_counter() - t0
@@ -132,9 +132,7 @@ def part_gen(args):
 
 
 def part_train(args):
-    from trainer.finetune import FinetuneTrainer
-    from trainer.gan import DiscriminatorTrainer
-    from trainer.shards import stratified_split
+    from trainer.stage2.generation import stratified_split
 
     cfg, acc, ctx = setup(args, {"stage2.generation_steps": args.steps, "training.batch_size": args.train_batch,
                                  "discriminator.training.batch_size": 2 * args.train_batch})
@@ -143,17 +141,16 @@ def part_train(args):
     fake = torch.randn(n, *ctx.latent_shape)
     real_train = stratified_split(n, 0.8, 0, 0, "real")
     fake_train = stratified_split(n, 0.8, 0, 0, "fake")
-    folder = cfg.out_dir / "discriminator_iter_0"
     results = {}
     for phase in ("d", "g"):
         reset_peak(acc.device)
         if phase == "d":
-            trainer = DiscriminatorTrainer(ctx, 0, folder, real, fake, real_train, fake_train)
+            trainer = ctx.discriminator_trainer(0, real, fake, real_train, fake_train)
             n_steps = args.d_steps
         else:
             d = results.pop("d_model")
             init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
-            trainer = FinetuneTrainer(ctx, 0, real, real_train, d, init)
+            trainer = ctx.finetune_trainer(0, real, real_train, d, init)
             n_steps = args.g_steps
         for s in range(2):  # warm-up
             trainer.train_step(s)
@@ -178,17 +175,16 @@ def part_repro(args):
     """Generation twice (bit-identical?), and 3 training steps twice with and without
     training.deterministic (the switch is applied in a fresh process by gpu.sh)."""
     from models.unet import build_unet
-    from trainer.finetune import FinetuneTrainer
-    from trainer.runtime import set_deterministic
-    from trainer.shards import generate_own, stratified_split
+    from trainer.dist.accelerator import set_deterministic
+    from trainer.stage2.generation import generate_own, stratified_split
 
     set_deterministic(args.deterministic)
     steps, n_gen = (3, 8) if args.smoke else (20, 64)
     cfg, acc, ctx = setup(args, {"stage2.generation_steps": steps, "training.batch_size": args.train_batch})
-    unet = build_unet(ctx.spec)
+    unet = build_unet(ctx.stage1.spec)
     unet.load_state_dict(ctx.stage1.blob["state_dict"])
     unet = unet.to(acc.device).eval()
-    z = [generate_own(acc, unet, ctx.new_ddim(), range(n_gen), ctx.latent_shape, seed=0, k=0, steps=steps, eta=0.0,
+    z = [generate_own(acc, unet, ctx.schedule.ddim(), range(n_gen), ctx.latent_shape, seed=0, k=0, steps=steps, eta=0.0,
                       batch_size=n_gen) for _ in range(2)]
     n = cfg.stage2.num_samples
     real = torch.randn(n, *ctx.latent_shape, generator=torch.Generator().manual_seed(0))
@@ -200,7 +196,7 @@ def part_repro(args):
         torch.manual_seed(0)
         d = build_discriminator(cfg.discriminator.config)
         init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
-        tr = FinetuneTrainer(ctx, 0, real, real_train, d, init)
+        tr = ctx.finetune_trainer(0, real, real_train, d, init)
         for s in range(3):
             tr.train_step(s)
         weights.append(torch.cat([p.detach().float().flatten().cpu() for p in tr.unet.parameters()]))

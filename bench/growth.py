@@ -2,7 +2,7 @@
 
     python bench/growth.py [--quick] [--repeats R]
 
-Runs trainer.shards.generate_own (stage 2's generation, one process, one thread) three ways:
+Runs trainer.stage2.generation.generate_own (stage 2's generation, one process, one thread) three ways:
   N:      the `tiny` UNet at 4x8x8, 10 DDIM steps, N = 128, 256, 512 (batch 32);
   steps:  the same model, N = 64, steps = 10, 20, 40;
   size:   UNet presets micro .. unet64_d4 at 4x16x16, N = 32, 4 steps, each model's forward FLOPs
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
-    from trainer.runtime import build_accelerator
-    from trainer.shards import generate_own
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.generation import generate_own
 
     print(machine_header(1), flush=True)
     repeats = a.repeats or (1 if a.quick else 3)

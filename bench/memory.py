@@ -3,7 +3,7 @@
     python bench/memory.py [--quick] [--strict] [--sizes 1024 4096 16384] [--model stub|micro]
 
 One `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` per N runs, on every
-rank, the trainer's own path: trainer.shards.produce_gathered with trainer.shards.generate_own
+rank, the trainer's own path: trainer.stage2.generation.produce_gathered with trainer.stage2.generation.generate_own
 (per-sample noise, DDIM, 1 step by default) making its shard of N fakes of 16x32x32 latents, gathered
 to the main process, written there (atomic torch.save) and handed back per rank, as stage 2 does. The model is a stub by default: a module with UNet2DModel's call
 signature, `unet(sample, timestep).sample`, returning `0.5 * sample`, so what is measured is the
@@ -50,9 +50,9 @@ def worker(a) -> int:
 
     torch.set_num_threads(1)
     from models.schedules import ddim_scheduler
-    import trainer.shards as shards
-    from trainer.distributed import barrier, shard_range
-    from trainer.runtime import build_accelerator
+    import trainer.stage2.generation as shards
+    from trainer.dist.collectives import barrier, shard_range
+    from trainer.dist.accelerator import build_accelerator
 
     acc = build_accelerator("cpu")
     rank, world = acc.process_index, acc.num_processes

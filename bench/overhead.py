@@ -67,13 +67,12 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
     from models.autoencoder import LatentScaling, build_autoencoder
     from models.discriminator import build_discriminator
     from models.unet import build_unet, preset
-    from trainer import io
-    from trainer.config import load_config
-    from trainer.finetune import FinetuneTrainer
-    from trainer.runtime import build_accelerator
-    from trainer.shards import stratified_split
-    from trainer.stage1 import export_blob
-    from trainer.stage2 import Stage2Context
+    from trainer.files import atomic
+    from trainer.config.load import load_config
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.generation import stratified_split
+    from trainer.diffusion.checkpoints import export_blob
+    from trainer.stage2.run import setup
 
     manifest = small_manifest(root / "data")
     ae = root / "autoencoder"
@@ -86,7 +85,8 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
         torch.manual_seed(0)
         spec = preset("tiny")
         weights = {k: v.clone() for k, v in build_unet(spec).state_dict().items()}
-        io.save_torch(export_blob(cfg1, spec, weights, LatentScaling(1.0, 0.0), 0, {}, raw_weights=weights), ckpt)
+        atomic.save_torch(export_blob(spec, weights, LatentScaling(1.0, 0.0), 0, {}, schedule=cfg1.scheduler.__dict__,
+                                      autoencoder=ae, config=cfg1.to_dict(), raw_weights=weights), ckpt)
     cfg = load_config(data={
         "experiment": {"name": "bench", "save_path": str(root / f"out_{generation_steps}")},
         "diffusion": {"stage1_checkpoint": str(ckpt)},
@@ -98,13 +98,13 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
         "stage2": {"generation_steps": generation_steps, "num_samples": num_samples,
                    "sample_with_replacement": True},
     })
-    ctx = Stage2Context(cfg, build_accelerator("cpu"))
+    ctx = setup(cfg, build_accelerator("cpu"))
     torch.manual_seed(1)
     real = torch.randn(num_samples, *ctx.latent_shape)
     real_train = stratified_split(num_samples, cfg.discriminator.training.train_split, cfg.training.seed, 0, "real")
     d = build_discriminator(cfg.discriminator.config)
     init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
-    trainer = FinetuneTrainer(ctx, 0, real, real_train, d, init)
+    trainer = ctx.finetune_trainer(0, real, real_train, d, init)
     return trainer, ctx, real[torch.from_numpy(real_train)], d, init
 
 
@@ -112,7 +112,7 @@ class Ours:
     """FinetuneTrainer's own step loop, `n` steps at a time, validation and checkpoints switched off."""
 
     def __init__(self, trainer):
-        from trainer.progress import _Null
+        from trainer.core.progress import _Null
 
         self.t = trainer
         trainer._checkpoint = lambda: None  # no validation/exports inside the timed blocks
@@ -134,12 +134,12 @@ class Raw:
 
         from models.schedules import ddim_scheduler, training_scheduler
         from models.unet import build_unet
-        from trainer.loop import cosine_with_warmup
+        from trainer.training.optim import cosine_with_warmup
 
         cfg = ctx.cfg
         t, s2 = cfg.training, cfg.stage2
         self.F, self.torch = F, torch
-        self.unet = build_unet(ctx.spec)
+        self.unet = build_unet(ctx.stage1.spec)
         self.unet.load_state_dict(init["raw"])
         self.unet.train()
         self.ema_shadow = [p.detach().clone() for p in self.unet.parameters()]

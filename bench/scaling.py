@@ -2,9 +2,9 @@
 
     python bench/scaling.py [--quick] [--strict] [--repeats R] [--n N] [--steps S]
 
-Phase a: sharded DDIM generation of N fakes (trainer.shards.generate_own), gathered to the main
-process, written there and handed back per rank (trainer.shards.produce_gathered). Phase b: sharded AE encoding of N real digits
-images (trainer.latents.encode_local, scaled as Stage2Context does), gathered and written the same
+Phase a: sharded DDIM generation of N fakes (trainer.stage2.generation.generate_own), gathered to the main
+process, written there and handed back per rank (trainer.stage2.generation.produce_gathered). Phase b: sharded AE encoding of N real digits
+images (trainer.data.latents.encode_local, scaled as stage 2's LatentCodec does), gathered and written the same
 way. Each launch is `ACCELERATE_USE_CPU=1 accelerate launch --num_processes P [--multi_gpu]` of this
 file in worker mode, one thread per process (OMP_NUM_THREADS=1, torch.set_num_threads(1)); timers
 inside the processes bracket each phase between barriers, so interpreter start-up, imports and
@@ -12,7 +12,7 @@ accelerate's launch are reported separately and not counted. P=1 and P=2 launche
 repeats each; medians are reported with (min-max).
 
 Efficiency = T1 / (2 x T2) per phase and for a+b; target >= 90%. The gather and the write are
-timed by wrapping trainer.shards.gather_shards and trainer.io.save_torch (the code under test is
+timed by wrapping trainer.stage2.generation.gather_shards and trainer.files.atomic.save_torch (the code under test is
 otherwise called unchanged); the gather's time is split into waiting for the slower rank (shard
 imbalance) and the transfer itself. Exit status is 0 whether the targets pass or miss, unless
 --strict.
@@ -43,11 +43,11 @@ def worker(a) -> int:
     from models.autoencoder import LatentScaling, build_autoencoder
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
-    import trainer.io as tio
-    import trainer.shards as shards
-    from trainer.distributed import barrier, shard_range
-    from trainer.latents import encode_local
-    from trainer.runtime import build_accelerator
+    import trainer.files.atomic as tio
+    import trainer.stage2.generation as shards
+    from trainer.dist.collectives import barrier, shard_range
+    from trainer.data.latents import encode_local
+    from trainer.dist.accelerator import build_accelerator
 
     t_imports = time.time()
     acc = build_accelerator("cpu")
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--control", type=int, default=None,
                    help="UNet forwards per process in the machine-ceiling control, run before and after the "
                         "phases in every launch (default 100; quick 20)")
-    p.add_argument("--digits", help="folder of the digits data set, built there by trainer.digits.build_digits "
+    p.add_argument("--digits", help="folder of the digits data set, built there by trainer.data.digits.build_digits "
                                     "unless it holds one already (default: a temp folder; building takes 5-30 s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     print(f"N={n} fakes and N reals; {a.preset} UNet, {steps} DDIM steps, generation batch {a.gen_batch}, "
           f"encode batch {a.enc_batch}; latents {SHAPE}; 1 thread per process; {repeats} launch(es) per P")
 
-    from trainer.digits import build_digits
+    from trainer.data.digits import build_digits
 
     results: dict[int, list] = {1: [], 2: []}
     launch_wall: dict[int, list] = {1: [], 2: []}

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.evaluate import read_rows
+from trainer.files.read import read_csv_rows
 
 ARMS = {"rollout": ["--generator_loss_mode", "rollout"], "x0_pred": ["--generator_loss_mode", "x0_pred"],
         "control": ["--control"]}
@@ -31,20 +31,19 @@ def real_vs_real(config: Path) -> float:
     """FD between the held-out reals the summary uses and as many training-split reals."""
     import numpy as np
 
-    from trainer.config import load_config
-    from trainer.evaluate import Evaluator
-    from trainer.metrics import Moments, features, fd_from_moments
-    from trainer.runtime import build_accelerator
-    from trainer.stage2 import Stage2Context
+    from trainer.config.load import load_config
+    from trainer.stage2.metrics import Moments, features, fd_from_moments
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.run import setup
 
-    ctx = Stage2Context(load_config(config), build_accelerator("cpu"))
-    ev = Evaluator(ctx)
+    ctx = setup(load_config(config), build_accelerator("cpu"))
+    ev = ctx.evaluator()
     held = ev._reals()
-    from trainer.data import split_indices
+    from trainer.data.manifest import split_indices
 
     train, _ = split_indices(len(ctx.rows), ctx.cfg.training.train_split, ctx.cfg.training.split_seed)
     pick = np.random.default_rng(0).choice(train, size=ev.m, replace=False)
-    other = ctx.encode_local(ctx.rows.iloc[np.sort(pick)])
+    other = ctx.codec.encode(ctx.rows.iloc[np.sort(pick)])
     a, b = features(held), features(other)
     return fd_from_moments(Moments(a.shape[1]).add(a), Moments(b.shape[1]).add(b))
 
@@ -80,7 +79,7 @@ def main() -> int:
                 flags = ["--seed", str(seed), "--set", f"experiment.save_path={folder.resolve()}",
                          "--adversarial_weight", "0"]
             run(["advdiff", "stage2", str(config), *flags, *args.extra])
-            rows = read_rows(folder / "digits_summary.csv")
+            rows = read_csv_rows(folder / "digits_summary.csv")
             finals.setdefault(arm, []).append(rows[-1])
             baselines.append(rows[0])
     ref = real_vs_real(config)

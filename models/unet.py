@@ -1,6 +1,7 @@
 """Diffusion UNet presets on diffusers' UNet2DModel.
 
-The spec's model names map to (base_channels, depth, attention). Parameter counts are always
+The preset names the experiment configs use (unet32_d3, unet48_d4, unet64_d4, ...) map to
+(base_channels, depth, attention). Parameter counts are always
 computed from the built model (`advdiff models`), never typed in.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, stage2_config
+from helpers import run_cli, stage2_config
 
 FAST = ["--device", "cpu"]
 
@@ -309,7 +309,7 @@ CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
 @pytest.mark.parametrize("case", CASES, ids=[f.__name__[2:] for f in CASES])
 def test_bad_input_fails_before_compute_with_one_exact_line(case, tmp_path, finished, digits_manifest, small_ae,
                                                             stage1_ckpt, capsys):
-    from trainer.cli import main
+    from trainer.cli.main import main
 
     c = Case(tmp_path, finished, digits_manifest, small_ae, stage1_ckpt)
     argv, cfg, expected, also_validate = case(c)

@@ -1,10 +1,52 @@
 """Smoke runs of the side-by-side benchmarks: each `--quick` run exits 0 and prints its ratio and
-target lines. Never a time: the numbers depend on the machine and its load."""
+target lines. Never a time: the numbers depend on the machine and its load. What is checked is what
+must hold whatever the timings: every ratio parses into a finite positive number, agrees with the
+figures it is computed from (within their printed rounding) and with the target line, whose PASS/MISS
+agrees with the number and the stated target; and the benches' correctness checks pass."""
 import re
 
 import pytest
 
-from conftest import run_cli
+from helpers import NUM, bench_targets, number, ratio_bounds, rounding, run_cli, within_rounding
+
+
+def check_overhead(out: str) -> None:
+    clock = re.search(r"^verdict on (process CPU time|wall time) per step$", out, re.M)
+    assert clock, out
+    clock = clock.group(1)
+    targets = bench_targets(out)
+    # --quick measures the short rollout alone, against ours/raw <= 1.03x on the verdict's clock
+    assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
+        (f"ours/raw {'cpu' if clock == 'process CPU time' else 'wall'} time per step", "<=", 1.03, "x")], out
+    assert "[short rollout (10 DDIM steps)]" in targets[0].line
+    block = re.search(rf"^  {clock} \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
+                      rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x", out, re.M)
+    assert block, out
+    ours, raw, ratio = block.groups()
+    assert ratio == targets[0].measured_text, (ratio, targets[0].line)
+    assert within_rounding(ratio, *ratio_bounds(ours, raw)), (ours, raw, ratio)
+
+
+def check_generation(out: str) -> None:
+    targets = bench_targets(out)
+    assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [("ours/plain throughput", ">=", 1.0, "x")], out
+    m = re.search(rf"^ratio ours/plain throughput \(batch (\d+)\): ({NUM})x by (cpu|wall) time", out, re.M)
+    batch, ratio, clock = m.groups()
+    assert number(ratio) and ratio == targets[0].measured_text, (ratio, targets[0].line)
+    # the verdict's table: samples/s of the plain loop and of ours at that batch, and ours' ratio to plain
+    what = "process CPU time" if clock == "cpu" else "wall time"
+    table = out.split(f"samples/s = N / {what} of one run (verdict)\n", 1)[1].split("\n\n", 1)[0]
+    plain = re.search(rf"^\| plain diffusers, no_grad, batch {batch} +\| +({NUM}) \|[^|]+\| ({NUM})x \|", table, re.M)
+    own = re.search(rf"^\| ours, batch {batch} +\| +({NUM}) \|[^|]+\| ({NUM})x \|", table, re.M)
+    assert plain and own, table
+    assert plain.group(2) == "1.000" and own.group(2) == ratio, table
+    assert within_rounding(ratio, *ratio_bounds(own.group(1), plain.group(1))), table
+    # not a time: ours and the plain loop make the same fakes from the same noise
+    same = re.search(r"^correctness \(same noise, max abs diff <= (\S+)\): (\S+): (PASS|FAIL)$", out, re.M)
+    assert same and same.group(3) == "PASS" and float(same.group(2)) <= float(same.group(1)) == 1e-5, out
+
+
+CHECKS = {"bench/overhead.py": check_overhead, "bench/generation.py": check_generation}
 
 
 @pytest.mark.parametrize("script, ratio", [
@@ -16,6 +58,7 @@ def test_bench_quick_runs(script, ratio):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(ratio, proc.stdout), proc.stdout
     assert re.search(r"^target .*: (PASS|MISS)$", proc.stdout, re.M), proc.stdout
+    CHECKS[script](proc.stdout)
 
 
 def test_growth_quick_runs():
@@ -25,3 +68,22 @@ def test_growth_quick_runs():
     assert len(re.findall(r"vs proportional to N: \d+\.\d+x", proc.stdout)) == 2, proc.stdout
     assert len(re.findall(r"vs proportional to steps: \d+\.\d+x", proc.stdout)) == 2, proc.stdout
     assert re.search(r"^  tiny +\d+\.\d+ +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout
+    out = proc.stdout
+    for sweep, per, points in (("N", "fake", 64), ("steps", "sample-step", 64)):
+        rows = re.findall(rf"^  {sweep} +(\d+): +({NUM}) s +({NUM}) ms per {per} +vs proportional to {sweep}: "
+                          rf"({NUM})x$", out, re.M)
+        assert len(rows) == 2, out
+        for x, seconds, ms, _ in rows:  # ms per fake = t / N, per sample-step = t / (64 x steps)
+            count, t, dt = (int(x) if sweep == "N" else points * int(x)), number(seconds), rounding(seconds)
+            assert within_rounding(ms, (t - dt) * 1e3 / count, (t + dt) * 1e3 / count), (sweep, x, out)
+        (_, _, ms0, r0), (_, _, ms1, r1) = rows
+        assert r0 == "1.00", (sweep, out)  # the sweep's smallest point is the reference line
+        assert within_rounding(r1, *ratio_bounds(ms1, ms0)), (sweep, out)  # the cost per unit against the first's
+    from models.unet import build_unet, count_parameters, preset
+
+    sizes = re.findall(rf"^  (\w+) +({NUM}) +({NUM}) +({NUM}) +({NUM})$", out, re.M)
+    assert [name for name, *_ in sizes] == ["micro", "tiny"], out
+    for name, params, gflop, ms, per_gflop in sizes:
+        expected = count_parameters(build_unet(preset(name, in_channels=4, out_channels=4, sample_size=16)))
+        assert params == f"{expected / 1e6:.2f}", (name, params, expected)
+        assert within_rounding(per_gflop, *ratio_bounds(ms, gflop)), (name, out)

@@ -5,10 +5,11 @@ import warnings
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
-from trainer.config import Config, load_config
-from trainer.errors import ConfigError
-from trainer.schema import ConfigWarning, walk_fields
+from helpers import REPO, run_cli
+from trainer.config.sections import Config
+from trainer.config.load import load_config
+from trainer.core.errors import ConfigError
+from trainer.config.schema import ConfigWarning, walk_fields
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
@@ -31,7 +32,7 @@ def test_experiment_yaml_validates(path):
 
 def test_spec_examples_build_their_unet():
     from models.unet import build_unet, count_parameters
-    from trainer.modelspec import unet_spec_from_config
+    from trainer.diffusion.modelspec import unet_spec_from_config
 
     cfg = load_config(REPO / "experiments" / "stage2_discriminator_unet64_d4.yaml")
     spec = unet_spec_from_config(cfg, (16, 32, 32))
@@ -129,10 +130,10 @@ def test_dry_run_prints_resolved_config(tmp_path):
     assert resolved["training"]["batch_size"] == 8 and resolved["training"]["seed"] == 7
 
 
-def test_readme_config_reference_is_current():
-    from trainer.docs import BEGIN, END, config_reference
+def test_config_reference_is_current():
+    from trainer.cli.reference import BEGIN, END, config_reference
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "CONFIG.md").read_text()
     table = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
     assert table == config_reference(), "regenerate with `advdiff config-reference`"
 

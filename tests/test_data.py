@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import load_image, read_manifest, split_indices
-from trainer.distributed import shard_range
-from trainer.errors import UserError
+from trainer.data.manifest import load_image, read_manifest, split_indices
+from trainer.dist.collectives import shard_range
+from trainer.core.errors import UserError
 
 
 @pytest.fixture

@@ -6,15 +6,15 @@ import csv
 
 import torch
 
-from conftest import stage2_config
-from trainer.config import load_config
+from helpers import stage2_config
+from trainer.config.load import load_config
 
 WALL_CLOCK = {"seconds"}  # the only columns allowed to differ between two runs
 
 
 def _run(cfg_path, seed=None):
-    from trainer.runtime import build_accelerator
-    from trainer.stage2 import run
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.run import run
 
     cfg = load_config(cfg_path, {"training.seed": seed} if seed is not None else None)
     run(cfg, build_accelerator("cpu"))

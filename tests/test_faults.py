@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, free_port, stage2_config
+from helpers import REPO, free_port, stage2_config
 
 SEED = int(os.environ.get("ADVDIFF_FAULT_SEED", "1234"))
 NUM_POINTS = max(10, int(os.environ.get("ADVDIFF_FAULT_POINTS", "10")))
@@ -334,35 +334,36 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, di
 
 
 def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
-    from trainer import io
+    from trainer.files import atomic
 
     keep = [tmp_path / "a.pt", tmp_path / ".hidden", tmp_path / "x.tmp.5", tmp_path / "sub" / ".b.csv.tmp.x"]
     stale = [tmp_path / ".a.pt.tmp.123", tmp_path / "sub" / ".b.csv.tmp.77"]
     for p in keep + stale:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
-    assert sorted(io.remove_stale_temps(tmp_path)) == sorted(stale)
+    assert sorted(atomic.remove_stale_temps(tmp_path)) == sorted(stale)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
-    assert io.remove_stale_temps(tmp_path / "missing") == []
+    assert atomic.remove_stale_temps(tmp_path / "missing") == []
 
 
 def test_point_names_are_scoped_to_the_checkpoint_that_writes_them(tmp_path):
-    from trainer import faults, io
+    from trainer.core import faults
+    from trainer.files import atomic
 
     trace = tmp_path / "trace.txt"
     faults.configure(trace=str(trace))
     try:
         faults.phase("k0")
-        io.write_text("x", tmp_path / "d" / "once.txt")
+        atomic.write_text("x", tmp_path / "d" / "once.txt")
         faults.step("stage2_d0", 3, tmp_path / "d" / "state.pt")
-        io.write_text("x", tmp_path / "d" / "history.csv")
-        io.save_torch({"a": 1}, tmp_path / "d" / "state.pt")  # the stage's state ends the step's scope
-        io.write_text("x", tmp_path / "d" / "after.png")
+        atomic.write_text("x", tmp_path / "d" / "history.csv")
+        atomic.save_torch({"a": 1}, tmp_path / "d" / "state.pt")  # the stage's state ends the step's scope
+        atomic.write_text("x", tmp_path / "d" / "after.png")
     finally:
         faults.configure()
     assert trace.read_text().splitlines() == [
         "phase:k0", "partial:d/once.txt", "write:d/once.txt", "step:stage2_d0:3",
         "partial:stage2_d0:3:d/history.csv", "write:stage2_d0:3:d/history.csv",
         "partial:stage2_d0:3:d/state.pt", "write:stage2_d0:3:d/state.pt", "partial:d/after.png", "write:d/after.png"]
-    io.write_text("x", tmp_path / "d" / "off.txt")  # off again: nothing traced
+    atomic.write_text("x", tmp_path / "d" / "off.txt")  # off again: nothing traced
     assert "off" not in trace.read_text()

@@ -1,4 +1,4 @@
-"""launch.sh and trainer.slurm without a cluster: per-node accelerate arguments from faked SLURM
+"""launch.sh and trainer.dist.slurm without a cluster: per-node accelerate arguments from faked SLURM
 environments, the dry-run output of both modes, usage errors, and the generated batch script run
 under bash with stand-ins for srun, scontrol and sbatch."""
 import os
@@ -6,16 +6,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
-from trainer.slurm import SlurmError, expand_nodelist, launch_args, main_process_port
+from helpers import REPO, launch, run_batch_script, submit_with_fake_sbatch, write_config
+from trainer.dist.slurm import SlurmError, expand_nodelist, launch_args, main_process_port
 
-LAUNCH = REPO / "launch.sh"
 HOSTS = ["gpu07", "gpu08", "gpu09"]
 
 
@@ -55,7 +51,7 @@ def test_the_cli_reads_each_tasks_own_environment():
     ranks, rendezvous = [], set()
     for i in range(3):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        proc = subprocess.run([sys.executable, "-m", "trainer.slurm", "print-args", "--gpus-per-node", "2"],
+        proc = subprocess.run([sys.executable, "-m", "trainer.dist.slurm", "print-args", "--gpus-per-node", "2"],
                               capture_output=True, text=True, cwd=REPO, env={**env, **node_env(i)})
         assert proc.returncode == 0, proc.stderr
         a = as_dict(shlex.split(proc.stdout))
@@ -127,11 +123,11 @@ def test_cli_errors_are_one_line(argv, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     if "SLURM" not in message:
         env.update(node_env(0))
-    proc = subprocess.run([sys.executable, "-m", "trainer.slurm", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "trainer.dist.slurm", *argv], capture_output=True, text=True,
                           cwd=REPO, env=env)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("trainer.slurm: error: ")
+    assert proc.stderr.startswith("trainer.dist.slurm: error: ")
 
 
 def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
@@ -139,7 +135,7 @@ def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
     data.write_text('{"b": 1}')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
            **node_env(0, nodes=1, nodelist="localhost"), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer.slurm", "exec", "--gpus-per-node", "1", "--",
+    proc = subprocess.run([sys.executable, "-m", "trainer.dist.slurm", "exec", "--gpus-per-node", "1", "--",
                            "json.tool", str(data)], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -148,19 +144,6 @@ def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
 
 
 # ---- launch.sh ----
-
-def write_config(folder: Path, save_path="out") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"experiment": {"name": "e", "save_path": save_path}}))
-    return path
-
-
-def launch(*args, env=None, cwd=REPO):
-    full = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(["bash", str(LAUNCH), *map(str, args)], capture_output=True, text=True, env=full,
-                          cwd=cwd, timeout=120)
-
 
 def test_local_dry_run(tmp_path):
     cfg = write_config(tmp_path)
@@ -198,14 +181,14 @@ def test_slurm_dry_run_gpu(tmp_path):
                      f"--output={out}/slurm/advdiff_stage2_%j.out", f"--error={out}/slurm/advdiff_stage2_%j.err"):
         assert f"#SBATCH {expected}" in header, expected
     assert not any("cpus-per-task" in line for line in header)
-    for expected in ("srun", "trainer.slurm exec", "ADVDIFF_STOP_FILE=\"$stop_file\"", "scontrol requeue",
+    for expected in ("srun", "trainer.dist.slurm exec", "ADVDIFF_STOP_FILE=\"$stop_file\"", "scontrol requeue",
                      "trap 'request_stop USR1' USR1", "trap 'request_stop TERM' TERM", "wait"):
         assert expected in script, expected
     assert "ACCELERATE_USE_CPU" not in script
     # the rank is never decided by the batch shell: no $SLURM_NODEID anywhere in what it runs
     assert "SLURM_NODEID" not in script and "SLURM_PROCID" not in script and "machine_rank" not in script
     assert command.startswith("srun --nodes=3 --ntasks-per-node=1 ")
-    assert command.endswith(f"-m trainer.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
+    assert command.endswith(f"-m trainer.dist.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
                             f"--num_iterations 2")
     assert command in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
@@ -263,62 +246,7 @@ def test_bad_usage_is_one_line_and_exit_2(tmp_path, argv, message):
     assert proc.stdout == ""
 
 
-# ---- the batch script itself, with stand-ins for the SLURM commands ----
-
-FAKE_SRUN = """#!/bin/bash
-# Stands in for srun + the trainer: honours the stop file like trainer/preempt.py does.
-printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
-[ -e "$ADVDIFF_STOP_FILE" ] && echo stale > "$FAKE_DIR/saw_stale_stop_file"
-for _ in $(seq 1 200); do
-  if [ -e "$ADVDIFF_STOP_FILE" ]; then
-    echo "preempted" > "$FAKE_OUT/.advdiff_requeue"
-    exit 1   # what accelerate makes of the trainer's 75
-  fi
-  [ -e "$FAKE_DIR/finish" ] && exit "${FAKE_EXIT:-0}"
-  sleep 0.05
-done
-exit 99
-"""
-
-
-@pytest.fixture()
-def fake_slurm(tmp_path):
-    bin_dir, fake_dir = tmp_path / "bin", tmp_path / "fake"
-    bin_dir.mkdir()
-    fake_dir.mkdir()
-    (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$FAKE_DIR/scontrol"\n')
-    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$@" > "$FAKE_DIR/sbatch"\necho "4242;cluster"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    cfg = write_config(tmp_path / "exp")
-    out = tmp_path / "exp" / "out"
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(fake_dir), "FAKE_OUT": str(out)}
-    return cfg, out, fake_dir, env
-
-
-def submit_with_fake_sbatch(cfg, env):
-    proc = launch("--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", cfg, "--", "--num_iterations", "1",
-                  env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def run_batch_script(script, env, fake_dir, signal_after=None, finish_after=None):
-    full = {**os.environ, **env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
-    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full)
-    deadline = time.monotonic() + 10
-    while not (fake_dir / "srun_args").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)
-    if signal_after is not None:
-        proc.send_signal(signal_after)  # like scancel --signal=USR1 --batch: the batch shell alone
-    if finish_after:
-        (fake_dir / "finish").touch()
-    out, err = proc.communicate(timeout=30)
-    return proc.returncode, out, err
-
+# ---- the batch script itself, with stand-ins for the SLURM commands (the fake_slurm fixture, conftest.py) ----
 
 def test_submission_writes_the_script_and_prints_the_job_id(fake_slurm):
     cfg, out, fake_dir, env = fake_slurm

@@ -32,7 +32,7 @@ def test_parameter_counts_are_computed_and_ordered():
 
 
 def test_models_command_prints_counts():
-    from conftest import run_cli
+    from helpers import run_cli
 
     proc = run_cli("-m", "trainer.cli", "models")
     assert proc.returncode == 0, proc.stderr

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import accelerate_launch, run_cli, stage2_config
-from trainer.errors import UserError
-from trainer.loop import INJECT_NAN_ENV, StepTrainer, nan_injected, parse_nan_injection
+from helpers import accelerate_launch, run_cli, stage2_config
+from trainer.core.errors import UserError
+from trainer.core.faults import INJECT_NAN_ENV, nan_injected, parse_nan_injection
+from trainer.training.loop import StepTrainer
 
 # 24 samples, batch 8: 2 diffusion steps per epoch, 4 in all, a metrics row every 2; 3 D steps
 SMALL = dict(stage2={"diffusion_max_steps": 4, "diffusion_eval_interval": 2, "metric_samples": 16,
@@ -31,15 +32,17 @@ class Toy(StepTrainer):
     """One Linear layer; `kinds[i]` says what step i+1 does: "ok", "loss" (NaN loss) or "grad" (finite loss,
     NaN gradient)."""
 
-    stage = "toy"
-
     def __init__(self, out, kinds, max_grad_norm=0.0, limit=3):
+        from pathlib import Path
+
         from accelerate import Accelerator
 
-        from trainer.ema import EMA
+        from trainer.training.ema import EMA
 
-        super().__init__(Accelerator(cpu=True), out, max_steps=len(kinds), eval_interval=2, log_interval=1, seed=0,
-                         fingerprint={}, max_nonfinite_steps=limit)
+        out = Path(out)
+        super().__init__(Accelerator(cpu=True), stage="toy", state_path=out / "state.pt",
+                         history_path=out / "history.csv", max_steps=len(kinds), eval_interval=2, log_interval=1,
+                         seed=0, fingerprint={}, max_nonfinite_steps=limit)
         torch.manual_seed(0)
         self.kinds, self.max_grad_norm = kinds, max_grad_norm
         self.model = torch.nn.Linear(3, 1)
@@ -169,9 +172,9 @@ def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, smal
 
 def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digits_manifest, small_ae,
                                                                   stage1_ckpt):
-    from trainer.config import load_config
-    from trainer.runtime import build_accelerator
-    from trainer.stage2 import run
+    from trainer.config.load import load_config
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.run import run
 
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
     # in-process: diffusion steps 1-2, a checkpoint at 2

@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_cli, stage2_config
+from helpers import REPO, run_cli, stage2_config
 
 SMALL = ["--num_samples", "24", "--discriminator_epochs", "1", "--diffusion_epochs", "2", "--device", "cpu"]
 
@@ -58,7 +58,7 @@ def test_plots_skip_with_one_warning_without_matplotlib(tmp_path):
     csv = tmp_path / "s.csv"
     csv.write_text("iteration,latent_fd,precision,recall\n0,5,0.8,0.8\n1,4,0.8,0.9\n")
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from trainer import plots\n"
+            "from trainer.files import plots\n"
             f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'a.png')!r})\n"
             f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'b.png')!r})\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -69,7 +69,7 @@ def test_plots_skip_with_one_warning_without_matplotlib(tmp_path):
 
 def test_summary_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from trainer import plots
+    from trainer.files import plots
 
     csv = tmp_path / "s.csv"
     csv.write_text("iteration,latent_fd,precision,recall\n0,5,0.8,0.8\n1,4,0.8,0.9\n")

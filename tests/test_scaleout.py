@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, free_port, run_cli, stage2_config
+from helpers import LAUNCH_PROBE, REPO, free_port, run_cli, stage2_config
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
 
@@ -41,8 +41,8 @@ def _exports_load_without_deepspeed(out):
 import sys
 sys.modules["deepspeed"] = None
 import torch
-from trainer.checkpoints import load_diffusion_checkpoint
-from trainer.gan import load_discriminator
+from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+from trainer.stage2.discriminator_trainer import load_discriminator
 ck = load_diffusion_checkpoint({str(out / "checkpoints" / "t2_iter_0_checkpoint_best.pt")!r})
 x = torch.randn(2, 4, 8, 8)
 assert ck.unet(x, torch.tensor([10, 20])).sample.shape == x.shape
@@ -86,7 +86,7 @@ def test_deepspeed_trains_both_models_and_resumes(tmp_path, digits_manifest, sma
 def _probe(tmp_path, cfg, *flags):
     out = tmp_path / "probe.json"
     env = {"ADVDIFF_PROBE_OUT": str(out)}
-    proc = run_cli("tests/probe_launch.py", "trainer.stage2", str(cfg), "--device", "cpu", *flags, env=env)
+    proc = run_cli(LAUNCH_PROBE, "trainer.stage2", str(cfg), "--device", "cpu", *flags, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc
 

@@ -1,4 +1,4 @@
-"""launch.sh --slurm on a real one-node SLURM cluster (tests/slurm_cluster.py): a tiny stage-2 run
+"""launch.sh --slurm on a real one-node SLURM cluster (tests/tools/slurm_cluster.py): a tiny stage-2 run
 on 2 CPU processes, and a preempted run that requeues itself and ends with the same weights as an
 uninterrupted one.
 
@@ -15,10 +15,9 @@ from datetime import datetime
 import pytest
 import torch
 
-import slurm_cluster
-from conftest import REPO, accelerate_launch, stage2_config
-from test_launch import fake_slurm, run_batch_script, submit_with_fake_sbatch  # noqa: F401 (a fixture)
-from test_stage2 import files_under, spec_layout
+from helpers import (REPO, accelerate_launch, files_under, run_batch_script, spec_layout, stage2_config,
+                     submit_with_fake_sbatch)
+from tools import slurm_cluster
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE"}

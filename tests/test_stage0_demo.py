@@ -2,8 +2,8 @@
 import torch
 import yaml
 
-from conftest import run_cli
-from trainer.config import load_config
+from helpers import run_cli
+from trainer.config.load import load_config
 
 
 def _ae_config(tmp_path, manifest):
@@ -19,8 +19,8 @@ def _ae_config(tmp_path, manifest):
 
 
 def _train_ae(path, stop_after=None):
-    from trainer.runtime import build_accelerator
-    from trainer.stage0 import AutoencoderTrainer
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
 
     cfg = load_config(path)
     t = AutoencoderTrainer(cfg, build_accelerator("cpu"))
@@ -81,7 +81,7 @@ def _one_line_error(proc):
 
 
 def test_missing_inputs_are_one_line_errors(tmp_path, digits_manifest, small_ae):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config(tmp_path, tmp_path / "nope.csv", small_ae)
     line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from conftest import accelerate_launch, tiny_config
-from trainer.config import load_config
+from helpers import LAUNCH_PROBE, accelerate_launch, tiny_config
+from trainer.config.load import load_config
 
 
 def _train(cfg_path, stop_after=None):
-    from trainer.runtime import build_accelerator
-    from trainer.stage1 import DiffusionTrainer
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     cfg = load_config(cfg_path)
     trainer = DiffusionTrainer(cfg, build_accelerator("cpu"))
@@ -39,7 +39,7 @@ def test_resume_gives_the_same_weights(tmp_path, digits_manifest, small_ae):
 
 
 def test_resume_refuses_a_changed_config(tmp_path, digits_manifest, small_ae):
-    from trainer.errors import UserError
+    from trainer.core.errors import UserError
 
     cfg = tiny_config(tmp_path, digits_manifest, small_ae)
     _train(cfg, stop_after=2)
@@ -51,7 +51,7 @@ def test_resume_refuses_a_changed_config(tmp_path, digits_manifest, small_ae):
 
 def test_stage1_outputs_and_sample_grid(tmp_path, digits_manifest, small_ae):
     from PIL import Image
-    from trainer.checkpoints import load_diffusion_checkpoint
+    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
 
     out = _train(tiny_config(tmp_path, digits_manifest, small_ae))
     for name in ("checkpoint_best.pt", "checkpoint_latest.pt", "state.pt", "history.csv", "samples.png"):
@@ -68,7 +68,7 @@ def _launch(tmp_path, manifest, ae, nproc):
     audit = tmp_path / "audit"
     audit.mkdir()
     out = tmp_path / "out"
-    proc = accelerate_launch(nproc, "tests/audit_launch.py", "trainer.stage1", str(cfg), "--device", "cpu",
+    proc = accelerate_launch(nproc, LAUNCH_PROBE, "trainer.stage1", str(cfg), "--device", "cpu",
                              env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(out)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "stage1" / "checkpoint_best.pt").is_file()

@@ -4,21 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import accelerate_launch, run_cli, stage2_config
-from trainer.config import load_config
+from helpers import LAUNCH_PROBE, accelerate_launch, files_under, run_cli, spec_layout, stage2_config
+from trainer.config.load import load_config
 
 SPEC_FLAGS = ["--num_samples", "20", "--num_iterations", "2", "--discriminator_epochs", "2",
               "--diffusion_epochs", "2", "--generation_batch_size", "8", "--generation_steps", "3",
               "--device", "cpu", "--seed", "42", "--start_iteration", "0"]
-
-
-def spec_layout(name: str, iterations: int) -> set:
-    paths = {f"{name}_metrics_iter_{k}.csv" for k in range(iterations)}
-    for k in range(iterations):
-        paths |= {f"discriminator_iter_{k}/{f}" for f in ("real_latents.pt", "fake_latents.pt",
-                                                            "discriminator_history.csv")}
-        paths |= {f"checkpoints/{name}_iter_{k}_checkpoint_{t}.pt" for t in ("best", "latest")}
-    return paths
 
 
 def extras(name: str, iterations: int) -> set:
@@ -33,13 +24,9 @@ def extras(name: str, iterations: int) -> set:
     return paths
 
 
-def files_under(root):
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-
-
 def _run(cfg_path, start_iteration=None, stop_after=None):
-    from trainer.runtime import build_accelerator
-    from trainer.stage2 import run
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.run import run
 
     cfg = load_config(cfg_path)
     run(cfg, build_accelerator("cpu"), start_iteration, stop_after)
@@ -98,7 +85,7 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, digits_manifest,
                             discriminator={"r1_gamma": 1.0})
         audit = root / "audit"
         audit.mkdir()
-        proc = accelerate_launch(nproc, "tests/audit_launch.py", "trainer.stage2", str(cfg), "--device", "cpu",
+        proc = accelerate_launch(nproc, LAUNCH_PROBE, "trainer.stage2", str(cfg), "--device", "cpu",
                                  env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(root / "out")})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[nproc] = (root / "out", audit, proc)
@@ -134,7 +121,7 @@ def test_x0_pred_mode_end_to_end(tmp_path, digits_manifest, small_ae, stage1_ckp
 
 
 def test_validation_split_holds_both_classes():
-    from trainer.shards import stratified_split
+    from trainer.stage2.generation import stratified_split
 
     for n in (2, 3, 37, 1000):
         for label in ("real", "fake"):
@@ -147,10 +134,9 @@ def test_validation_split_holds_both_classes():
 def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind="bce", conditioned=False):
     """A FinetuneTrainer on a few real latents with a fresh D, without running the phases."""
     from models.discriminator import build_discriminator
-    from trainer.finetune import FinetuneTrainer
-    from trainer.runtime import build_accelerator
-    from trainer.shards import stratified_split
-    from trainer.stage2 import Stage2Context
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.generation import stratified_split
+    from trainer.stage2.run import setup
 
     loss = [{"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
             {"type": "DiscriminatorLoss", "key": "latent" if mode == "rollout" else "pred_latent",
@@ -159,19 +145,19 @@ def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind=
                                                                            "rollout_grad_steps": 2},
                                     loss=loss, discriminator={"loss": loss_kind}))
     cfg.discriminator.config.noise_conditioned = conditioned
-    ctx = Stage2Context(cfg, build_accelerator("cpu"))
+    s = setup(cfg, build_accelerator("cpu"))
     torch.manual_seed(0)
     real = torch.randn(24, 4, 8, 8)
     d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
-    return FinetuneTrainer(ctx, 0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init), d
+    init = {"raw": s.stage1.blob["state_dict"], "ema": s.stage1.blob["state_dict"]}
+    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init), d
 
 
 @pytest.mark.parametrize("mode, kind, conditioned", [("rollout", "bce", False), ("x0_pred", "bce", True),
                                                      ("rollout", "hinge", True), ("x0_pred", "non_saturating", False)])
 def test_adversarial_term_has_gradient_wrt_unet(tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, kind,
                                                 conditioned):
-    from trainer.losses import CompositeLoss, DiscriminatorLoss
+    from trainer.training.losses import CompositeLoss, DiscriminatorLoss
 
     trainer, d = _finetune_trainer(tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, 1.0, kind, conditioned)
     # keep only the adversarial term: its gradient alone must reach the UNet's parameters
@@ -242,7 +228,7 @@ def test_reals_need_enough_rows(tmp_path, digits_manifest, small_ae, stage1_ckpt
 
 
 def test_real_rows_are_drawn_without_replacement():
-    from trainer.shards import choose_real_rows
+    from trainer.stage2.generation import choose_real_rows
 
     rows = choose_real_rows(100, 100, 42, 0, replace=False)
     assert sorted(rows) == list(range(100))

@@ -1,0 +1,227 @@
+"""Shared test helpers that are not fixtures: paths, subprocess runners, small config builders and the
+stand-ins for SLURM's commands. The fixtures live in conftest.py; tests import these with
+`from helpers import ...` (tests/ is on sys.path: pytest's default import mode puts it there, as the
+folder of conftest.py, and conftest.py makes sure of it under any import mode).
+
+Scripts that tests run in their own processes are in tests/tools/ (see TOOLS)."""
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+TOOLS = TESTS / "tools"
+# Runs an advdiff module and records which files each process writes (ADVDIFF_AUDIT_DIR) and/or the
+# dtypes forward passes compute in (ADVDIFF_PROBE_OUT).
+LAUNCH_PROBE = str(TOOLS / "launch_probe.py")
+LAUNCH_SH = REPO / "launch.sh"
+
+
+# -- config builders -----------------------------------------------------------------------------------
+def tiny_config(tmp_path: Path, manifest: Path, ae: Path, **training) -> Path:
+    """A stage-1 config small enough for tests: micro UNet, a few steps."""
+    data = {
+        "experiment": {"name": "t", "save_path": str(tmp_path / "out")},
+        "dataset": {"manifest": str(manifest), "filters": {"label": [0, 1, 2, 3]}},
+        "autoencoder": {"checkpoint": str(ae), "scaling": "measure"},
+        "unet": {"preset": "micro"},
+        "training": {"batch_size": 16, "learning_rate": 2e-3, "weight_decay": 0.0, "max_steps": 12,
+                     "eval_interval": 6, "log_interval": 3, "ema_decay": 0.9, "sample_steps": 3,
+                     "scheduler": {"warmup_steps": 2}, **training},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stage2_config(tmp_path: Path, manifest: Path, ae: Path, ckpt: Path, stage2=None, loss=None,
+                  discriminator=None) -> Path:
+    """A stage-2 config small enough for tests (8x8x4 latents, micro UNet)."""
+    data = {
+        "experiment": {"name": "t2", "save_path": str(tmp_path / "out")},
+        "diffusion": {"stage1_checkpoint": str(ckpt)},
+        "autoencoder": {"checkpoint": str(ae)},
+        "dataset": {"manifest": str(manifest)},
+        "discriminator": {"config": {"latent_channels": 4, "base_channels": 8, "num_layers": 2},
+                          "training": {"batch_size": 8, "epochs": 2, **(discriminator or {})}},
+        "training": {"batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.0, "ema_decay": 0.9,
+                     "loss": {"type": "CompositeLoss", "losses": loss or [
+                         {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
+                         {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.1}]}},
+        "stage2": {"num_samples": 24, "num_iterations": 1, "diffusion_epochs": 2, "generation_steps": 3,
+                   "generation_batch_size": 8, "val_samples": 6, "grid_samples": 4, **(stage2 or {})},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "stage2.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def write_config(folder: Path, save_path="out") -> Path:
+    """A minimal config for launch.sh, which reads only experiment.name and save_path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": {"name": "e", "save_path": save_path}}))
+    return path
+
+
+# -- processes -----------------------------------------------------------------------------------------
+def run_cli(*args, env=None, timeout=600):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=REPO)
+
+
+def free_port() -> int:
+    """A port nobody listens on now: each launch gets its own, so a previous run's rendezvous socket
+    (still closing) or a concurrent run can never collide with it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(nproc: int, *args, env=None, timeout=600):
+    """`accelerate launch` on CPU with `nproc` processes (gloo, DDP)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    if nproc > 1:
+        launcher += ["--multi_gpu"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+                **(env or {})}
+    return subprocess.run(launcher + list(args), capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=REPO)
+
+
+def launch(*args, env=None, cwd=REPO):
+    """launch.sh under bash, with this interpreter as its PYTHON."""
+    full = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(["bash", str(LAUNCH_SH), *map(str, args)], capture_output=True, text=True, env=full,
+                          cwd=cwd, timeout=120)
+
+
+# -- stage-2 output layout -----------------------------------------------------------------------------
+def spec_layout(name: str, iterations: int) -> set:
+    paths = {f"{name}_metrics_iter_{k}.csv" for k in range(iterations)}
+    for k in range(iterations):
+        paths |= {f"discriminator_iter_{k}/{f}" for f in ("real_latents.pt", "fake_latents.pt",
+                                                            "discriminator_history.csv")}
+        paths |= {f"checkpoints/{name}_iter_{k}_checkpoint_{t}.pt" for t in ("best", "latest")}
+    return paths
+
+
+def files_under(root):
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+# -- launch.sh's batch script with stand-ins for srun, scontrol and sbatch (the `fake_slurm` fixture) ---
+FAKE_SRUN = """#!/bin/bash
+# Stands in for srun + the trainer: honours the stop file like trainer/dist/preempt.py does.
+printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
+[ -e "$ADVDIFF_STOP_FILE" ] && echo stale > "$FAKE_DIR/saw_stale_stop_file"
+for _ in $(seq 1 200); do
+  if [ -e "$ADVDIFF_STOP_FILE" ]; then
+    echo "preempted" > "$FAKE_OUT/.advdiff_requeue"
+    exit 1   # what accelerate makes of the trainer's 75
+  fi
+  [ -e "$FAKE_DIR/finish" ] && exit "${FAKE_EXIT:-0}"
+  sleep 0.05
+done
+exit 99
+"""
+
+
+def submit_with_fake_sbatch(cfg, env):
+    proc = launch("--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", cfg, "--", "--num_iterations", "1",
+                  env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def run_batch_script(script, env, fake_dir, signal_after=None, finish_after=None):
+    full = {**os.environ, **env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
+    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full)
+    deadline = time.monotonic() + 10
+    while not (fake_dir / "srun_args").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    if signal_after is not None:
+        proc.send_signal(signal_after)  # like scancel --signal=USR1 --batch: the batch shell alone
+    if finish_after:
+        (fake_dir / "finish").touch()
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, out, err
+
+
+# -- the benches' printed results ------------------------------------------------------------------------
+NUM = r"\d+(?:\.\d+)?"
+TARGET_LINE = re.compile(rf"^target (?P<what>.+?) (?P<op><=|>=) (?P<target>{NUM})(?P<unit>x|%)(?P<rest>.*): "
+                         rf"(?P<verdict>PASS|MISS)$", re.M)
+
+
+def number(text: str) -> float:
+    """A printed number, which must be finite and positive."""
+    value = float(text)
+    assert math.isfinite(value) and value > 0, f"not a finite positive number: {text!r}"
+    return value
+
+
+def rounding(text: str) -> float:
+    """Half a unit in the last printed digit of `text`: how far the printed number may be from the true one."""
+    return 0.5 * 10.0 ** -(len(text.split(".")[1]) if "." in text else 0)
+
+
+@dataclass
+class Target:
+    """One `target WHAT <=|>= LIMIT: ...MEASURED...: PASS|MISS` line of a bench."""
+    what: str
+    op: str
+    limit: float
+    unit: str
+    measured: float
+    measured_text: str  # as printed, for comparing with the bench's other lines
+    verdict: str
+    line: str
+
+
+def bench_targets(stdout: str) -> list:
+    """Every target line of a bench's output, each checked: its measured value (`(measured V)` or a
+    trailing `: V`) parses into a finite positive number in the limit's unit, and the verdict agrees
+    with it and the stated limit (either verdict only where the printed value rounds to the limit)."""
+    targets = []
+    for m in TARGET_LINE.finditer(stdout):
+        line, rest = m.group(0), m.group("rest")
+        got = re.search(rf"\(measured ({NUM})(x|%)", rest) or re.search(rf": ({NUM})(x|%)$", rest)
+        assert got, f"no measured value in {line!r}"
+        assert got.group(2) == m.group("unit"), f"measured and limit in different units: {line!r}"
+        t = Target(m.group("what"), m.group("op"), number(m.group("target")), m.group("unit"), number(got.group(1)),
+                   got.group(1), m.group("verdict"), line)
+        met = t.measured <= t.limit if t.op == "<=" else t.measured >= t.limit
+        if abs(t.measured - t.limit) > rounding(t.measured_text):
+            assert (t.verdict == "PASS") == met, \
+                f"verdict {t.verdict} contradicts {t.measured_text} {t.op} {t.limit}: {line!r}"
+        targets.append(t)
+    return targets
+
+
+def within_rounding(value_text: str, low: float, high: float) -> bool:
+    """The printed `value_text` is consistent with a true value in [low, high]."""
+    value, slack = float(value_text), rounding(value_text)
+    return low - slack <= value <= high + slack
+
+
+def ratio_bounds(num_text: str, den_text: str) -> tuple:
+    """(low, high) of num/den for two printed, rounded positive numbers."""
+    num, den = number(num_text), number(den_text)
+    dn, dd = rounding(num_text), rounding(den_text)
+    return (num - dn) / (den + dd), (num + dn) / max(den - dd, 1e-12)

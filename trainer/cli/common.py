@@ -1,0 +1,106 @@
+"""Shared command-line plumbing: config loading with overrides, one-line errors, exit codes."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from trainer.core.errors import UserError
+from trainer.config.load import dump_config, load_config, parse_override
+from trainer.dist import preempt
+from trainer.dist.accelerator import apply_performance, build_accelerator, set_deterministic
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The arguments that shape the config (shared by the stage commands and `advdiff validate`)."""
+    p.add_argument("--mixed_precision", "--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="overrides training.mixed_precision")
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any config field, e.g. --set training.batch_size=32 (repeatable)")
+    p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"advdiff {prog}", description=description)
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="cuda, cpu, or auto (cuda when visible)")
+    add_config_args(p)
+    p.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
+                   help="stop after N steps in this call, leaving a resume state (time-boxed jobs)")
+    p.add_argument("--report_to", "--report-to", default=None, choices=("tensorboard",),
+                   help="log every CSV metric (and sample grids) through accelerate's trackers, under "
+                        "<save_path>/tracking")
+    return p
+
+
+def is_main_launch_rank() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def load_from_args(args, extra: dict | None = None):
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "seed", None) is not None:
+        overrides["training.seed"] = args.seed
+    if getattr(args, "mixed_precision", None) is not None:
+        overrides["training.mixed_precision"] = args.mixed_precision
+    overrides.update(extra or {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(args.config, overrides)
+    if is_main_launch_rank():
+        for w in caught:
+            print(f"advdiff: warning: {w.message}", file=sys.stderr)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+    return cfg
+
+
+def run_main(parser, argv, body, extra_overrides=None) -> int:
+    """Parse, load the config, run `body(cfg, args)`; user errors become one line and exit 2."""
+    args = parser.parse_args(argv)
+    cfg = None
+    try:
+        extra = extra_overrides(args) if extra_overrides else None
+        cfg = load_from_args(args, extra)
+        if args.dry_run:
+            return 0
+        preempt.install()
+        preempt.set_marker_dir(cfg.out_dir)
+        body(cfg, args)
+    except preempt.Preempted as e:
+        if is_main_launch_rank():
+            print(f"advdiff: preempted ({e}); resume state written; rerun the same command to continue "
+                  f"(exit {preempt.REQUEUE_EXIT_CODE})", file=sys.stderr)
+        return preempt.REQUEUE_EXIT_CODE
+    except UserError as e:
+        if is_main_launch_rank():
+            print(f"advdiff: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("advdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def accelerator_for(cfg, args):
+    set_deterministic(cfg.training.deterministic)
+    apply_performance(cfg.performance)
+    return build_accelerator(args.device, cfg.training.resolved_mixed_precision(), report_to=args.report_to,
+                             project_dir=cfg.out_dir / "tracking", run_name=cfg.experiment.name)
+
+
+def stage_main(trainer_cls, name: str, description: str, argv=None) -> int:
+    """The whole entry point of a stage: parse, validate, train (resuming if possible), clean up."""
+    def body(cfg, args):
+        acc = accelerator_for(cfg, args)
+        try:
+            trainer = trainer_cls(cfg, acc)
+            trainer.stop_after = args.stop_after_steps
+            trainer.fit()
+        finally:
+            acc.end_training()
+
+    return run_main(stage_parser(name, description), argv, body)

@@ -1,0 +1,43 @@
+"""`advdiff` console script: one subcommand per job."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("trainer.cli.demo", "run the embedded digits default (data, stage 0, stage 1)"),
+    "stage0": ("trainer.cli.stages", "train the autoencoder"),
+    "stage1": ("trainer.cli.stages", "train the diffusion UNet"),
+    "stage2": ("trainer.cli.stages", "adversarial fine-tuning against a latent discriminator"),
+    "validate": ("trainer.cli.validate", "check a stage-2 config, its files and flags before any compute"),
+    "compare": ("trainer.cli.compare", "two runs' quality summaries side by side"),
+    "models": ("trainer.cli.presets", "list UNet presets with computed parameter counts"),
+    "digits": ("trainer.cli.demo", "write the digits dataset and manifest to a folder"),
+    "config-reference": ("trainer.cli.reference", "print the config reference table (Markdown)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: advdiff COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`advdiff COMMAND --help` for each command's arguments."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"advdiff: error: unknown command '{name}'; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, f"{name.replace('-', '_')}_main", None) or module.main
+    return entry(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

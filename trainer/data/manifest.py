@@ -1,0 +1,94 @@
+"""Manifest CSV reading, filters, and image loading."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trainer.core.errors import UserError
+
+
+def read_manifest(manifest: Path, image_column: str, filters: dict | None = None,
+                  latent_column: str | None = None) -> pd.DataFrame:
+    """Read and filter the manifest; returns rows with absolute `image_path`/`latent_path` columns."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: manifest not found")
+    try:
+        df = pd.read_csv(manifest)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{manifest}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    has_latents = bool(latent_column) and latent_column in df.columns
+    if image_column not in df.columns and not has_latents:
+        raise UserError(f"{manifest}: no column '{image_column}' (dataset.image_column); "
+                        f"columns are: {', '.join(map(str, df.columns))}")
+    for column, allowed in (filters or {}).items():
+        if column not in df.columns:
+            raise UserError(f"{manifest}: dataset.filters.{column}: no such column in the manifest")
+        df = df[df[column].isin(allowed)]
+    df = df.reset_index(drop=True)
+    base = manifest.resolve().parent
+
+    def resolve(value):
+        if not isinstance(value, str) or not value:
+            return None
+        p = Path(value)
+        return str(p if p.is_absolute() else base / p)
+
+    out = pd.DataFrame({"row": np.arange(len(df))})
+    if image_column in df.columns:
+        out["image_path"] = pd.Series([resolve(v) for v in df[image_column]], dtype=object)
+    else:
+        out["image_path"] = pd.Series([None] * len(df), dtype=object)
+    out["latent_path"] = pd.Series([resolve(v) for v in df[latent_column]] if has_latents else [None] * len(df),
+                                   dtype=object)
+    for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"])):
+        if img is None and lat is None:
+            raise UserError(f"{manifest}: row {i}: empty '{image_column}'"
+                            + (f" and '{latent_column}'" if has_latents else ""))
+    return out
+
+
+def load_image(path: str, size: int, channels: int) -> torch.Tensor:
+    """An image as a float tensor (C, size, size) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(img, dtype=np.float32)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    if arr.shape[0] != channels:
+        raise UserError(f"{path}: expected {channels} channels, got {arr.shape[0]}")
+    return torch.from_numpy(arr / 127.5 - 1.0)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of a manifest, by row index; returns (row index, image)."""
+
+    def __init__(self, paths: list[str], size: int, channels: int):
+        self.paths, self.size, self.channels = list(paths), size, channels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return i, load_image(self.paths[i], self.size, self.channels)
+
+
+def split_indices(n: int, train_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shuffled train/val split with a fixed seed; val is empty only when train_split is 1."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = n if train_split >= 1 else min(n - 1, max(1, int(round(n * train_split))))
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])

@@ -1,0 +1,97 @@
+"""The few places where DeepSpeed differs from DDP, in one file.
+
+Design: each phase trains ONE model (stage 1: the UNet; stage 2: D in phase d, then the UNet in
+phase e with D frozen and unwrapped), so one Accelerator prepares one DeepSpeed engine at a time
+and `free_memory()` destroys it before the next phase. Batch size and clipping are set in the
+DeepSpeed config before each prepare (there are no DataLoaders for accelerate to read them from).
+Under ZeRO-3 a module's parameters are partitioned: full copies are gathered (a collective, on
+every rank) only to read or write weights, and forwards go through the engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+from trainer.dist.collectives import barrier
+from trainer.dist.collectives import shard_range
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int:
+    if not is_deepspeed(acc):
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def prepare(acc, model, optimizer, global_batch: int, max_grad_norm: float):
+    """acc.prepare(model, optimizer), with the DeepSpeed config filled in for this phase."""
+    if is_deepspeed(acc):
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        micro = max(1, len(shard_range(global_batch, 0, acc.num_processes)))
+        ds["train_micro_batch_size_per_gpu"] = micro
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = micro * acc.num_processes
+        # 0 disables clipping, as under DDP
+        ds["gradient_clipping"] = float(max_grad_norm)
+    return acc.prepare(model, optimizer)
+
+
+@contextlib.contextmanager
+def full_parameters(acc, module, modifier_rank=None):
+    """Inside, `module`'s parameters are whole on every rank (ZeRO-3 gathers them; a collective)."""
+    if zero_stage(acc) == 3 and any(hasattr(p, "ds_id") for p in module.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def state_dict(acc, module) -> dict:
+    """A CPU copy of the full weights. Call on every rank (ZeRO-3 gathers)."""
+    with full_parameters(acc, module):
+        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                for k, v in module.state_dict().items()}
+
+
+def load_state_dict(acc, module, weights: dict) -> None:
+    """Load full weights into a (possibly partitioned) module. Call on every rank."""
+    with full_parameters(acc, module, modifier_rank=0):
+        if acc.is_main_process or zero_stage(acc) != 3:
+            module.load_state_dict(weights)
+
+
+def forward_module(acc, wrapped, plain):
+    """The module to call for a forward outside the training step: under DeepSpeed the engine
+    (ZeRO-3 parameters exist only inside its forward), otherwise the plain module (no DDP hooks)."""
+    return wrapped if is_deepspeed(acc) else plain
+
+
+def save_engine_state(acc, folder: Path) -> None:
+    """DeepSpeed's own checkpoint (every rank writes its partitions), swapped in atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    acc.save_state(str(tmp))
+    barrier()
+    if acc.is_main_process:
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_engine_state(acc, folder: Path) -> None:
+    acc.load_state(str(folder))
+

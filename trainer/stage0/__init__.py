@@ -1,0 +1,1 @@
+"""Stage 0: train the small autoencoder (`python -m trainer.stage0 CONFIG`)."""

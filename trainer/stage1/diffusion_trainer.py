@@ -1,0 +1,167 @@
+"""Stage 1: train the diffusion UNet on frozen-AE latents of the manifest (MSE on the model target).
+
+Exports `checkpoint_{best,latest}.pt`: self-describing (UNet spec, EMA weights, schedule, latent
+scaling, AE path, step, metrics) and loadable with `models` alone. Best is by validation MSE of the
+EMA weights on held-out latents with fixed noise. The stage-2 `diffusion.stage1_checkpoint` points
+at `checkpoint_best.pt`.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from models.autoencoder import config_scaling, decode
+from models.unet import build_unet, count_parameters, spec_to_dict
+
+from trainer.config.sections import Config
+from trainer.core.errors import ConfigError, UserError
+from trainer.core.seeds import derive_seed
+from trainer.data.latents import encode_rows, latent_shape_of, load_frozen_ae, measure_scaling
+from trainer.data.manifest import read_manifest, split_indices
+from trainer.diffusion.checkpoints import export_blob, load_diffusion_checkpoint
+from trainer.diffusion.modelspec import unet_spec_from_config
+from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
+from trainer.diffusion.sampling import ddim_sample, image_grid
+from trainer.diffusion.schedule import Schedule
+from trainer.dist import engine
+from trainer.dist.accelerator import fast_optimizer, prepare_module
+from trainer.dist.collectives import all_reduce_sum, shard_range
+from trainer.files import atomic
+from trainer.files.layout import RunLayout
+from trainer.training.ema import EMA, sync_eval_copy
+from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
+from trainer.training.optim import build_lr_schedule, build_optimizer
+
+
+class DiffusionTrainer(StepTrainer):
+    def __init__(self, cfg: Config, accelerator):
+        self.cfg = cfg
+        t = cfg.training
+        if cfg.dataset.manifest is None:
+            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV path, got null")
+        if cfg.autoencoder.checkpoint is None:
+            raise ConfigError(f"{cfg.source}: autoencoder.checkpoint: expected an AE folder or .pt, got null")
+        self.ae = load_frozen_ae(cfg.resolve_path(cfg.autoencoder.checkpoint), accelerator.device)
+        size = cfg.dataset.resolution or self.ae.config.sample_size
+        self.latent_shape = latent_shape_of(self.ae, size)
+        self.spec = unet_spec_from_config(cfg, self.latent_shape)
+        s = cfg.scheduler
+        self.schedule = Schedule(s.type, s.num_steps, s.prediction_type)
+        self.layout = RunLayout.of(cfg)
+        fingerprint = {"unet": spec_to_dict(self.spec), "scheduler": dict(s.__dict__),
+                       "seed": t.seed, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
+                       "max_steps": t.max_steps, "autoencoder": str(cfg.resolve_path(cfg.autoencoder.checkpoint)),
+                       "manifest": str(cfg.resolve_path(cfg.dataset.manifest))}
+        super().__init__(accelerator, stage="stage1", metric="val_mse", state_path=self.layout.stage1.state,
+                         history_path=self.layout.stage1.history, max_steps=t.max_steps,
+                         eval_interval=t.eval_interval, log_interval=t.log_interval, seed=t.seed,
+                         fingerprint=fingerprint, max_nonfinite_steps=t.max_nonfinite_steps)
+        rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
+                             cfg.dataset.filters, cfg.dataset.outputs.latent)
+        if len(rows) < 2:
+            raise UserError(f"{cfg.dataset.manifest}: {len(rows)} rows after filters; stage 1 needs at least 2")
+        self.train_idx, self.val_idx = split_indices(len(rows), t.train_split, t.split_seed)
+        raw = self._dataset_latents(rows, size)
+        if cfg.autoencoder.scaling == "measure":
+            self.scaling = measure_scaling(raw[self.train_idx])
+        else:
+            self.scaling = config_scaling(self.ae)
+        self.latents = self.scaling.to_model(raw)
+        self.log(f"{len(rows)} rows, latents {tuple(self.latent_shape)}, scaled std "
+                 f"{float(self.latents[self.train_idx].std()):.3f}; UNet {count_parameters(build_unet(self.spec))/1e6:.2f}M")
+
+        torch.manual_seed(derive_seed(t.seed, "init", "unet"))  # the same initial weights on every run and rank
+        self.unet = build_unet(self.spec)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema = EMA(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+        self.unet = prepare_module(self.unet, cfg.performance, accelerator)
+        opt = build_optimizer(self.unet.parameters(), t.learning_rate, t.weight_decay, t.optimizer, t.betas,
+                              **fast_optimizer(cfg.performance, accelerator))
+        self.sched = build_lr_schedule(opt, t.scheduler.warmup_steps, t.max_steps, t.scheduler.type)
+        self.ddp_unet, self.opt = engine.prepare(accelerator, self.unet, opt, t.batch_size, t.max_grad_norm)
+        self.ema_unet.to(accelerator.device)
+
+    def _dataset_latents(self, rows, size):
+        """Encode every row once (sharded), cached under stage1/ for resumes."""
+        cache = self.layout.stage1_latent_cache
+        key = {"autoencoder": self.fingerprint["autoencoder"], "manifest": self.fingerprint["manifest"],
+               "rows": len(rows), "size": size, "filters": self.cfg.dataset.filters}
+        if cache.is_file():
+            blob = torch.load(cache, map_location="cpu", weights_only=False)
+            if blob.get("key") == key:
+                return blob["latents"]
+        z = encode_rows(self.acc, self.ae, rows, size=size, channels=self.ae.config.in_channels,
+                        latent_shape=self.latent_shape, batch_size=self.cfg.autoencoder.encode_batch_size,
+                        num_workers=self.cfg.training.num_workers)
+        if self.acc.is_main_process:
+            atomic.save_torch({"key": key, "latents": z}, cache)
+        return z
+
+    def noised(self, x0, step_or_tag, indices):
+        """Noise and timesteps for global sample indices, from (seed, stage, step, index)."""
+        noise = per_sample_noise(indices, x0.shape[1:], self.seed, self.stage, step_or_tag).to(x0.device)
+        t = per_sample_timesteps(indices, self.schedule.num_steps, self.seed, self.stage, step_or_tag, "t")
+        return noise, t.to(x0.device)
+
+    def train_step(self, step):
+        t = self.cfg.training
+        batch = batch_indices(self.train_idx, t.batch_size, step, self.seed, self.stage)
+        pos = rank_slice(list(range(len(batch))), self.rank, self.world)
+        mine = batch[pos]
+        x0 = self.latents[mine].to(self.acc.device)
+        noise, ts = self.noised(x0, step, pos)
+        x_t = self.schedule.add_noise(x0, noise, ts)
+        with self.acc.autocast():
+            pred = self.ddp_unet(x_t, ts).sample
+        mse = torch.mean((pred.float() - self.schedule.target(x0, noise, ts)) ** 2)
+        self.apply_update(mse * local_weight(len(mine), len(batch), self.world), self.ddp_unet, self.unet, self.opt,
+                          self.sched, t.max_grad_norm, self.ema)
+        return {"mse": mse.item()}
+
+    @torch.no_grad()
+    def evaluate(self):
+        sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
+        mine = shard_range(len(self.val_idx), self.rank, self.world)
+        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        for s in range(mine.start, mine.stop, 256):
+            pos = list(range(s, min(s + 256, mine.stop)))
+            x0 = self.latents[self.val_idx[pos]].to(self.acc.device)
+            noise, ts = self.noised(x0, "val", pos)  # fixed noise: comparable across evaluations
+            pred = self.ema_unet(self.schedule.add_noise(x0, noise, ts), ts).sample.float()
+            err = ((pred - self.schedule.target(x0, noise, ts)) ** 2).mean(dim=(1, 2, 3))
+            total += torch.stack([err.sum().double(), torch.tensor(float(len(pos)), dtype=torch.float64,
+                                                                   device=err.device)])
+        total = all_reduce_sum(total)
+        return {"val_mse": float(total[0] / total[1].clamp(min=1)), "lr": self.sched.get_last_lr()[0]}
+
+    def model_state(self):
+        return {"unet": engine.state_dict(self.acc, self.unet), "optimizer": self.optimizer_state(self.opt),
+                "lr_scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
+
+    def load_model_state(self, state):
+        engine.load_state_dict(self.acc, self.unet, state["unet"])
+        self.load_optimizer_state(self.opt, state["optimizer"])
+        self.sched.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def export(self, tag, metrics):
+        blob = export_blob(self.spec, engine.state_dict(self.acc, self.ema_unet), self.scaling, self.step, metrics,
+                           schedule=self.schedule.to_dict(), autoencoder=self.fingerprint["autoencoder"],
+                           config=self.cfg.to_dict(), raw_weights=engine.state_dict(self.acc, self.unet))
+        if self.acc.is_main_process:
+            atomic.save_torch(blob, self.layout.stage1_checkpoint(tag))
+
+    def finish(self):
+        """A decoded sample grid of the best checkpoint, from fixed seeds (main process)."""
+        grid_path = self.layout.stage1_grid
+        if self.acc.is_main_process and not grid_path.is_file():
+            ck = load_diffusion_checkpoint(self.layout.stage1_checkpoint("best"))
+            unet = ck.unet.to(self.acc.device)
+            noise = per_sample_noise(range(64), self.latent_shape, self.seed, "grid").to(self.acc.device)
+            z = ddim_sample(unet, self.schedule.ddim(), noise, self.cfg.training.sample_steps)
+            images = decode(self.ae, self.scaling.from_model(z))
+            atomic.save_png(image_grid(images, nrow=8), grid_path)
+            self.log(f"sample grid written to {grid_path}")
+        self.acc.wait_for_everyone()

@@ -1,0 +1,340 @@
+"""Everything that can be checked before compute, for `advdiff validate` and for every stage-2 start.
+
+    advdiff validate CONFIG [--stage 2|all] [stage-2 flags]   # a user's stage-2 config
+    advdiff validate --demo [--out DIR]                       # the embedded default, as `advdiff demo` runs it
+
+Each problem is one line naming the field or file and what was expected. `validate` prints every
+problem it finds (exit 2); a training run stops at the first one, before any compute and before
+anything is written.
+
+What is checked (stage 2): the output folder is a folder and writable; the stage-1 checkpoint and
+the AE exist and load; the manifest exists, parses and has the configured columns; the filters leave
+rows, and enough of them for --num_samples; the AE's latent channels and size match the UNet's and
+the discriminator's; the discriminator's depth fits the latent size; DDIM steps fit the schedule;
+every image or latent file the run will read exists and decodes (sharded across processes at a
+training start); latents already saved in the output folder have the right shape; and a folder that
+already holds a stage-2 run was started with the same result-defining config fields.
+
+With `--stage all` (and `--demo`), files that an earlier stage of the same pipeline writes (the AE
+of stage 0, the checkpoint of stage 1) may be missing: their facts come from the config instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config.schema import error_at
+from trainer.core.errors import ConfigError, UserError
+from trainer.data.latents import latent_shape, load_latent_file, load_latent_set
+from trainer.data.manifest import read_manifest
+from trainer.diffusion.modelspec import unet_spec_from_config
+from trainer.dist.collectives import agree
+from trainer.files.layout import RunLayout
+from trainer.files.read import torch_load
+from trainer.stage2.generation import choose_real_rows
+from trainer.stage2.run_record import check_run_fields
+
+@dataclass
+class Facts:
+    """What the checks learnt, reused by the run so nothing is loaded twice."""
+    stage1: object = None          # Stage1Facts
+    ae: dict | None = None         # the AE's config, when the run needs an AE
+    rows: object = None            # filtered manifest rows (DataFrame)
+    latent_shape: tuple | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+class _Checker:
+    """Runs checks in order, keeping every problem; a check whose inputs failed is skipped."""
+    def __init__(self, collect: bool):
+        self.collect, self.problems = collect, []
+
+    def run(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if not self.collect:
+                raise
+            self.problems.append(str(e))
+            return None
+
+
+# -- single checks ---------------------------------------------------------------------------------
+def check_out_dir(out: Path) -> None:
+    """The output folder is a folder (or can be made) and writable; nothing is created."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"experiment.save_path: {out} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"experiment.save_path: {out} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"experiment.save_path: {probe} is not writable")
+
+
+@dataclass
+class Stage1Facts:
+    """What stage 2 needs to know of a stage-1 checkpoint, read without building the model."""
+    path: Path
+    spec: dict
+    scheduler: dict
+    autoencoder: str | None
+
+
+def load_stage1(cfg) -> Stage1Facts:
+    from trainer.diffusion.checkpoints import CKPT_FORMAT
+
+    if cfg.diffusion.stage1_checkpoint is None:
+        raise ConfigError(f"{cfg.source or '<config>'}: diffusion.stage1_checkpoint: expected a stage-1 "
+                          f"checkpoint path, got null")
+    path = cfg.resolve_path(cfg.diffusion.stage1_checkpoint)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    blob = torch_load(path, "checkpoint")
+    if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path}: not an advdiff diffusion checkpoint (format {CKPT_FORMAT})")
+    missing = [k for k in ("unet_spec", "scheduler", "state_dict", "latent_scaling") if k not in blob]
+    if missing:
+        raise UserError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
+    return Stage1Facts(path=path, spec=blob["unet_spec"], scheduler=blob["scheduler"],
+                       autoencoder=blob.get("autoencoder"))
+
+
+def ae_path(cfg, stage1) -> Path | None:
+    path = cfg.autoencoder.checkpoint or (stage1.autoencoder if stage1 is not None else None)
+    return cfg.resolve_path(path) if path else None
+
+
+def load_ae_config(path: Path) -> dict:
+    """The AE's config, read from its folder (config.json + weights) or its .pt, without diffusers."""
+    from models.autoencoder import AE_FORMAT
+
+    where = "autoencoder.checkpoint"
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{where}: {path}: not a diffusers AutoencoderKL folder (no config.json)")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: {cfg_file}: not valid JSON ({type(e).__name__})") from None
+        weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
+        weights = [w for w in weights if w.is_file()]
+        if not weights:
+            raise UserError(f"{where}: {path}: no weights (diffusion_pytorch_model.safetensors or .bin)")
+        try:
+            if weights[0].suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(weights[0]), framework="pt") as f:
+                    list(f.keys())
+            else:
+                torch_load(weights[0], "AE weights")
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        except Exception as e:
+            raise UserError(f"{where}: {weights[0]}: unreadable weights ({type(e).__name__})") from None
+    elif path.is_file():
+        try:
+            blob = torch_load(path, "checkpoint")
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if not isinstance(blob, dict) or blob.get("format") != AE_FORMAT:
+            raise UserError(f"{where}: {path}: not an advdiff autoencoder checkpoint (format {AE_FORMAT})")
+        config = blob.get("config")
+    else:
+        raise UserError(f"{where}: {path}: autoencoder not found")
+    needed = ("latent_channels", "block_out_channels", "sample_size", "in_channels")
+    if not isinstance(config, dict) or any(k not in config for k in needed):
+        raise UserError(f"{where}: {path}: its config lacks {', '.join(needed)}")
+    return config
+
+
+def ae_latent_shape(cfg, ae_config: dict) -> tuple:
+    return latent_shape(ae_config["latent_channels"], ae_config["block_out_channels"],
+                        cfg.dataset.resolution or ae_config["sample_size"])
+
+
+def check_ae_fits(cfg, ae_config: dict, latent_shape: tuple) -> None:
+    if ae_config["latent_channels"] != latent_shape[0]:
+        raise UserError(f"autoencoder.checkpoint: latent channels {ae_config['latent_channels']} differ from the "
+                        f"stage-1 UNet's {latent_shape[0]}")
+    shape = ae_latent_shape(cfg, ae_config)
+    if shape != tuple(latent_shape):
+        size = cfg.dataset.resolution or ae_config["sample_size"]
+        raise UserError(f"dataset.resolution: images of side {size} give latents {shape}, the stage-1 UNet "
+                        f"expects {tuple(latent_shape)}")
+
+
+def check_discriminator(cfg, latent_shape: tuple) -> None:
+    where = cfg.source or "<config>"
+    d = cfg.discriminator.config
+    channels, side = latent_shape[0], latent_shape[1]
+    if d.latent_channels != channels:
+        raise error_at(where, "discriminator.config.latent_channels",
+                       f"{channels} (the stage-1 UNet's latent channels)", d.latent_channels)
+    if side < 2 ** d.num_layers:
+        raise error_at(where, "discriminator.config.num_layers",
+                       f"at most {int(math.log2(side))} for {side}x{side} latents", d.num_layers)
+
+
+def check_schedule(cfg, stage1) -> None:
+    n = stage1.scheduler["num_steps"] if stage1 is not None else cfg.scheduler.num_steps
+    if cfg.stage2.generation_steps > n:
+        raise error_at(cfg.source or "<config>", "stage2.generation_steps",
+                       f"at most {n} (the stage-1 schedule's steps)", cfg.stage2.generation_steps)
+
+
+def read_rows(cfg):
+    if cfg.dataset.manifest is None:
+        raise ConfigError(f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV path, got null")
+    rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column, cfg.dataset.filters,
+                         cfg.dataset.outputs.latent)
+    if len(rows) == 0:
+        raise UserError(f"{cfg.dataset.manifest}: no rows left after dataset.filters")
+    return rows
+
+
+def rows_used(cfg, n_rows: int):
+    """Manifest row positions the run will read, over all its iterations (raises if N does not fit)."""
+
+
+    s2 = cfg.stage2
+    used = [choose_real_rows(n_rows, s2.num_samples, cfg.training.seed, k, s2.sample_with_replacement)
+            for k in range(s2.num_iterations)]
+    return np.unique(np.concatenate(used))
+
+
+def check_inputs(rows, positions, latent_shape, channels: int) -> None:
+    """Every image or latent file at these manifest positions exists and decodes."""
+    for i in positions:
+        lat, img = rows["latent_path"].iloc[i], rows["image_path"].iloc[i]
+        if isinstance(lat, str):
+            load_latent_file(lat, latent_shape)
+        else:
+            check_image(img, channels)
+
+
+def check_image(path: str, channels: int) -> None:
+    """The image decodes (grey and colour are both converted to the AE's channels when loaded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes: a truncated or corrupt file fails here, not hours later
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
+
+
+def check_saved_latents(cfg, latent_shape) -> None:
+    """Latents a previous run left in the output folder have the shape this run expects."""
+    layout = RunLayout.of(cfg)
+    for k in range(cfg.stage2.num_iterations):
+        for path in (layout.fake_latents(k), layout.real_latents(k)):
+            if path.is_file():
+                load_latent_set(path, cfg.stage2.num_samples, latent_shape)
+
+
+# -- the stage-2 checks ------------------------------------------------------------------------------
+def needs_ae(cfg, rows) -> bool:
+    return cfg.stage2.grid_samples > 0 or rows is None or any(not isinstance(p, str) for p in rows["latent_path"])
+
+
+def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = False) -> Facts:
+    """All stage-2 checks. collect=True keeps going and lists every problem in Facts.problems;
+    otherwise the first one raises. shard=(rank, world) checks only this rank's share of the
+    input files. pipeline=True accepts a missing AE / stage-1 checkpoint that stages 0/1 will write."""
+    c = _Checker(collect)
+    facts = Facts()
+    c.run(check_out_dir, cfg.out_dir)
+    stage1_file = cfg.resolve_path(cfg.diffusion.stage1_checkpoint) if cfg.diffusion.stage1_checkpoint else None
+    if pipeline and stage1_file is not None and not stage1_file.exists():
+        facts.latent_shape = c.run(pipeline_latent_shape, cfg)
+        if facts.latent_shape is not None:
+            c.run(pipeline_unet, cfg, facts.latent_shape)
+        c.run(check_schedule, cfg, None)
+    else:
+        facts.stage1 = c.run(load_stage1, cfg)
+        if facts.stage1 is not None:
+            spec = facts.stage1.spec
+            facts.latent_shape = (spec["in_channels"], spec["sample_size"], spec["sample_size"])
+            c.run(check_schedule, cfg, facts.stage1)
+    if facts.latent_shape is not None:
+        c.run(check_discriminator, cfg, facts.latent_shape)
+    facts.rows = None if pipeline and not _manifest_exists(cfg) else c.run(read_rows, cfg)
+    positions = None
+    if facts.rows is not None:
+        positions = c.run(rows_used, cfg, len(facts.rows))
+    elif pipeline:
+        c.run(check_pipeline_rows, cfg)
+    path = ae_path(cfg, facts.stage1)
+    if needs_ae(cfg, facts.rows):
+        if path is None:
+            c.run(_raise, "autoencoder.checkpoint: expected an AE folder or .pt (the stage-1 checkpoint names "
+                          "none), got null")
+        elif not (pipeline and not path.exists()):
+            facts.ae = c.run(load_ae_config, path)
+            if facts.ae is not None and facts.latent_shape is not None:
+                c.run(check_ae_fits, cfg, facts.ae, facts.latent_shape)
+    if positions is not None and facts.latent_shape is not None:
+        if shard is not None:
+            rank, world = shard
+            positions = positions[rank::world]
+        channels = facts.ae["in_channels"] if facts.ae is not None else 0
+        c.run(check_inputs, facts.rows, positions, facts.latent_shape, channels)
+    c.run(check_run_fields, cfg, facts.stage1)
+    if facts.latent_shape is not None:
+        c.run(check_saved_latents, cfg, facts.latent_shape)
+    facts.problems = c.problems
+    return facts
+
+
+def _raise(message: str):
+    raise UserError(message)
+
+
+def _manifest_exists(cfg) -> bool:
+    return cfg.dataset.manifest is not None and cfg.resolve_path(cfg.dataset.manifest).is_file()
+
+
+def pipeline_latent_shape(cfg) -> tuple:
+    """The latent shape stages 0/1 will produce: from an existing AE, else the config's AE model."""
+    path = cfg.resolve_path(cfg.autoencoder.checkpoint) if cfg.autoencoder.checkpoint else None
+    if path is not None and path.exists():
+        return ae_latent_shape(cfg, load_ae_config(path))
+
+    m = cfg.autoencoder.model
+    return latent_shape(m.latent_channels, m.block_out_channels, cfg.dataset.resolution or m.sample_size)
+
+
+def pipeline_unet(cfg, shape) -> None:
+    unet_spec_from_config(cfg, shape)
+
+
+def check_pipeline_rows(cfg) -> None:
+    """The demo writes its manifest itself: the digits must be importable and enough of them."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("scikit-learn: not installed; the embedded default needs it: "
+                        "pip install -e \".[demo]\"") from None
+
+    s2 = cfg.stage2
+    choose_real_rows(len(load_digits().images), s2.num_samples, cfg.training.seed, 0, s2.sample_with_replacement)
+
+
+# -- at a training start, on every rank ----------------------------------------------------------------
+def start_checks(cfg, acc) -> Facts:
+    """The stage-2 checks at a run's start: the same as `advdiff validate`, input files sharded. Writes
+    nothing (the run records its fields with record_run_fields once every check has passed)."""
+    return agree(acc, check_stage2, cfg, shard=(acc.process_index, acc.num_processes))

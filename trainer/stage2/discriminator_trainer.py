@@ -1,0 +1,152 @@
+"""Phase d of a stage-2 iteration: train a latent discriminator, real vs fake, on per-rank shards.
+
+Balance: every rank owns the same global index range of reals and of fakes, so its shard holds
+(up to one sample) equal numbers of each, and each step takes half of its batch from each class.
+The train/val split is drawn per class over global indices (shuffled, fixed seed), so the
+validation set always holds both classes. Steps per epoch are fixed from the global counts, so
+every rank runs the same number of steps (DDP needs that).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from models.discriminator import build_discriminator
+
+from trainer.dist import engine
+from trainer.files import atomic
+from trainer.dist.collectives import Totals, shard_range
+from trainer.training.loop import StepTrainer, draw_local, local_weight
+from trainer.training.losses import d_loss, d_loss_terms, r1_term
+from trainer.core.seeds import derive_seed
+from trainer.dist.accelerator import fast_optimizer, prepare_module
+from trainer.training.optim import build_optimizer
+
+D_FORMAT = "advdiff.discriminator"
+D_HISTORY_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_real_acc",
+                    "val_fake_acc", "lr", "seconds", "nonfinite_skipped"]
+
+
+def load_discriminator(path):
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    d = build_discriminator(blob["config"])
+    d.load_state_dict(blob["state_dict"])
+    return d
+
+
+class DiscriminatorTrainer(StepTrainer):
+    history_fields = D_HISTORY_FIELDS
+
+    def __init__(self, acc, cfg, k: int, layout, real, fake, real_train, fake_train, real_t=None, fake_t=None,
+                 warm_start_from=None):
+        """real/fake: this rank's shards (own global range); *_train: global boolean train masks;
+        *_t: timesteps for a noise-conditioned D (x0_pred mode), else None (t = 0); layout: the run's
+        RunLayout; warm_start_from: a D export to start from."""
+        self.cfg, self.k = cfg, k
+        td = cfg.discriminator.training
+        own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
+        self.real, self.fake = real, fake
+        self.real_t, self.fake_t = real_t, fake_t
+        local = np.arange(own.start, own.stop)
+        self.tr_real = np.flatnonzero(real_train[local])
+        self.tr_fake = np.flatnonzero(fake_train[local])
+        self.va_real = np.flatnonzero(~real_train[local])
+        self.va_fake = np.flatnonzero(~fake_train[local])
+        self.half = td.batch_size // 2
+        self.per_epoch = max(1, int(real_train.sum()) // self.half)
+        max_steps = td.epochs * self.per_epoch
+        if td.max_steps is not None:
+            max_steps = min(max_steps, td.max_steps)
+        interval = td.eval_interval or self.per_epoch
+        arch = cfg.discriminator.config
+        fingerprint = {"arch": dict(arch.__dict__), "training": dict(td.__dict__), "seed": cfg.training.seed,
+                       "num_samples": cfg.stage2.num_samples, "mode": cfg.stage2.generator_loss_mode}
+        super().__init__(acc, stage=f"stage2_d{k}", phase_label=f"iteration {k}, discriminator phase",
+                         state_path=layout.discriminator_state(k), history_path=layout.discriminator_history(k),
+                         max_steps=max_steps, eval_interval=interval, log_interval=interval, seed=cfg.training.seed,
+                         fingerprint=fingerprint, max_nonfinite_steps=cfg.training.max_nonfinite_steps)
+        self.best_path = layout.discriminator_best(k)
+        torch.manual_seed(derive_seed(cfg.training.seed, "init", "discriminator", k))
+        self.d = build_discriminator(arch)
+        if warm_start_from is not None:
+            self.d.load_state_dict(load_discriminator(warm_start_from).state_dict())
+            self.log(f"D warm-started from {warm_start_from}")
+        self.d = prepare_module(self.d, cfg.performance, acc)
+        opt = build_optimizer(self.d.parameters(), td.learning_rate, td.weight_decay, "AdamW", td.betas,
+                              **fast_optimizer(cfg.performance, acc))
+        self.ddp_d, self.opt = engine.prepare(acc, self.d, opt, td.batch_size, td.max_grad_norm)
+        self.t0 = time.time()
+
+    def _draw(self, positions: np.ndarray, step: int, label: str) -> np.ndarray:
+        """This rank's share of the class half-batch, from its own per-epoch permutation."""
+        n_local = len(shard_range(self.half, self.rank, self.world))
+        return draw_local(positions, n_local, step, self.per_epoch, self.seed, self.stage, label, self.rank)
+
+    def _inputs(self, which: str, pos: np.ndarray):
+        z = (self.real if which == "real" else self.fake)[pos].to(self.acc.device)
+        t_all = self.real_t if which == "real" else self.fake_t
+        t = None if t_all is None else t_all[pos].to(self.acc.device)
+        return z, t
+
+    def train_step(self, step):
+        td = self.cfg.discriminator.training
+        pr, pf = self._draw(self.tr_real, step, "real"), self._draw(self.tr_fake, step, "fake")
+        zr, tr = self._inputs("real", pr)
+        zf, tf = self._inputs("fake", pf)
+        if td.r1_gamma > 0:
+            zr = zr.detach().requires_grad_(True)
+        z = torch.cat([zr, zf])
+        t = None if tr is None else torch.cat([tr, tf])
+        with self.acc.autocast():
+            logits = self.ddp_d(z, t).float()  # one DDP forward for both classes
+        lr_, lf = logits[:len(zr)], logits[len(zr):]
+        loss = d_loss(td.loss, lr_, lf)
+        if td.r1_gamma > 0:
+            loss = loss + td.r1_gamma * r1_term(lr_, zr)
+        # the shared guarded update (non-finite loss/gradient skips); D has no LR schedule and no EMA
+        self.apply_update(loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world), self.ddp_d, self.d,
+                          self.opt, None, td.max_grad_norm)
+        acc = ((lr_ > 0).float().sum() + (lf < 0).float().sum()) / (len(lr_) + len(lf))
+        return {"loss": loss.item(), "acc": acc.item()}
+
+    @torch.no_grad()
+    def evaluate(self):
+        with engine.full_parameters(self.acc, self.d):
+            return self._evaluate()
+
+    def _evaluate(self):
+        td = self.cfg.discriminator.training
+        self.d.eval()
+        sums = Totals(["loss_real", "loss_fake", "correct_real", "correct_fake", "n_real", "n_fake"], self.acc.device)
+        for which, positions in (("real", self.va_real), ("fake", self.va_fake)):
+            for s in range(0, len(positions), 256):
+                z, t = self._inputs(which, positions[s:s + 256])
+                logits = self.d(z, t).float()
+                real = which == "real"
+                sums.add(f"loss_{which}", d_loss_terms(td.loss, logits, real=real).sum())
+                sums.add(f"correct_{which}", ((logits > 0) if real else (logits < 0)).sum())
+                sums.add(f"n_{which}", len(logits))
+        self.d.train()
+        s = sums.reduced()
+        n_r, n_f = max(s["n_real"], 1), max(s["n_fake"], 1)
+        ok_r, ok_f = s["correct_real"], s["correct_fake"]
+        return {"epoch": round(self.step / self.per_epoch, 4), "val_loss": s["loss_real"] / n_r + s["loss_fake"] / n_f,
+                "val_acc": (ok_r + ok_f) / (n_r + n_f), "val_real_acc": ok_r / n_r, "val_fake_acc": ok_f / n_f,
+                "lr": self.opt.param_groups[0]["lr"], "seconds": round(time.time() - self.t0, 2)}
+
+    def model_state(self):
+        return {"d": engine.state_dict(self.acc, self.d), "optimizer": self.optimizer_state(self.opt)}
+
+    def load_model_state(self, state):
+        engine.load_state_dict(self.acc, self.d, state["d"])
+        self.load_optimizer_state(self.opt, state["optimizer"])
+
+    def export(self, tag, metrics):
+        if tag == "best":
+            weights = engine.state_dict(self.acc, self.d)
+            if self.acc.is_main_process:
+                atomic.save_torch({"format": D_FORMAT, "config": self.d.config, "state_dict": weights,
+                               "iteration": self.k, "step": self.step, "metrics": metrics}, self.best_path)
+

@@ -1,0 +1,272 @@
+"""Phase e of a stage-2 iteration: fine-tune the diffusion UNet with the composite loss, D frozen.
+
+The sample D scores comes from the distribution D was trained on:
+  rollout  DDIM from fresh noise with the current weights; gradients flow through the last K steps
+           only. D was trained on fully sampled fakes from the same DDIM settings.
+  x0_pred  one-step x0 predictions from noised real latents; D was trained on exactly those (at
+           timesteps from the same range) as its fakes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from models.unet import build_unet, spec_to_dict
+
+from trainer.diffusion.checkpoints import export_blob
+from trainer.diffusion.noise import batch_noise_and_timesteps, eta_generators, per_sample_noise, per_sample_timesteps
+from trainer.diffusion.sampling import ddim_step
+from trainer.dist import engine
+from trainer.dist.accelerator import fast_optimizer, prepare_module
+from trainer.dist.collectives import Totals, shard_range
+from trainer.files import atomic
+from trainer.training.ema import EMA, sync_eval_copy
+from trainer.training.loop import StepTrainer, draw_local, local_weight
+from trainer.training.losses import CompositeLoss, g_loss_terms
+from trainer.training.optim import build_lr_schedule, build_optimizer
+
+METRIC_FIELDS = ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse", "val_adv",
+                 "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight", "nonfinite_skipped"]
+
+
+class FinetuneTrainer(StepTrainer):
+    history_fields = METRIC_FIELDS
+
+    def __init__(self, acc, cfg, k: int, layout, base, schedule, autoencoder, real: torch.Tensor,
+                 real_train: np.ndarray, d, init: dict):
+        """base: the stage-1 model's facts (DiffusionCheckpoint: spec, latent scaling); schedule: its noise
+        schedule; autoencoder: the frozen AE's path (recorded in exports); real: this rank's real latents
+        (own global range); real_train: global train mask; d: the iteration's best D (frozen here);
+        init: {"raw": state_dict, "ema": state_dict}."""
+        self.cfg, self.k, self.schedule = cfg, k, schedule
+        self.spec, self.scaling, self.autoencoder = base.spec, base.scaling, autoencoder
+        self.latent_shape = (base.spec.in_channels, base.spec.sample_size, base.spec.sample_size)
+        s2, t = cfg.stage2, cfg.training
+        own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
+        local = np.arange(own.start, own.stop)
+        self.real = real
+        self.tr = np.flatnonzero(real_train[local])
+        self.va = np.flatnonzero(~real_train[local])
+        self.va_global = local[self.va]
+        self.batch = t.batch_size
+        self.per_epoch = max(1, int(real_train.sum()) // self.batch)
+        max_steps = s2.diffusion_epochs * self.per_epoch
+        if s2.diffusion_max_steps is not None:
+            max_steps = min(max_steps, s2.diffusion_max_steps)
+        interval = s2.diffusion_eval_interval or self.per_epoch
+        self.lr = s2.learning_rate or t.learning_rate
+        fingerprint = {"unet": spec_to_dict(self.spec), "scheduler": schedule.to_dict(), "seed": t.seed,
+                       "num_samples": s2.num_samples, "mode": s2.generator_loss_mode,
+                       "loss": [dict(x.__dict__) for x in t.loss.losses], "lr": self.lr, "batch_size": t.batch_size,
+                       "generation_steps": s2.generation_steps, "eta": s2.eta,
+                       "rollout_grad_steps": s2.rollout_grad_steps, "ema_decay": t.ema_decay}
+        # the latest export is also the resume state
+        super().__init__(acc, stage=f"stage2_g{k}", phase_label=f"iteration {k}, diffusion phase",
+                         metric=s2.best_metric, state_path=layout.diffusion_checkpoint(k, "latest"),
+                         history_path=layout.finetune_history(k), max_steps=max_steps, eval_interval=interval,
+                         log_interval=interval, seed=t.seed, fingerprint=fingerprint,
+                         max_nonfinite_steps=t.max_nonfinite_steps)
+        self.best_path = layout.diffusion_checkpoint(k, "best")
+
+        self.unet = build_unet(self.spec)
+        self.unet.load_state_dict(init["raw"])
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_unet.load_state_dict(init["ema"])
+        self.ema = EMA(self.ema_unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+        self.unet = prepare_module(self.unet, cfg.performance, acc)
+        opt = build_optimizer(self.unet.parameters(), self.lr, t.weight_decay, t.optimizer, t.betas,
+                              **fast_optimizer(cfg.performance, acc))
+        self.sched = build_lr_schedule(opt, s2.warmup_steps, max_steps, t.scheduler.type)
+        self.ddp_unet, self.opt = engine.prepare(acc, self.unet, opt, t.batch_size, t.max_grad_norm)
+        self.ema_unet.to(acc.device)
+        self.loss = CompositeLoss.from_config(t.loss)
+        self.d = d
+        if d is not None:
+            d.requires_grad_(False)  # frozen: gradients reach the UNet through D, never D itself
+            self.d = d.to(acc.device).eval()
+        self.ddim = schedule.ddim()
+        self.t0 = time.time()
+
+    # -- sampling pieces -------------------------------------------------------------------------
+    def _rollout_start(self, model, idx, parts):
+        """Noise for rollout indices, DDIM up to the last step; the last K-1 steps keep gradients."""
+        s2 = self.cfg.stage2
+        x = per_sample_noise(idx, self.latent_shape, *parts).to(self.acc.device)
+        self.ddim.set_timesteps(s2.generation_steps, device=x.device)
+        steps = list(self.ddim.timesteps)
+        k = min(s2.rollout_grad_steps, len(steps))
+        gens = eta_generators(idx, *parts) if s2.eta > 0 else None
+        with torch.no_grad(), self.acc.autocast():
+            for t in steps[:len(steps) - k]:
+                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+        with self.acc.autocast():
+            for t in steps[len(steps) - k:-1]:
+                # Earlier grad steps run on the unwrapped module; their parameter gradients are summed
+                # into the same leaves before DDP's hooks fire on the final, wrapped forward.
+                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+        return x, steps[-1], gens
+
+    def _outputs(self, model_output, x_t, t, x0, noise):
+        pred_noise, pred_latent = self.schedule.predictions(model_output, x_t, t)
+        return {"pred_noise": pred_noise, "noise": noise, "pred_latent": pred_latent, "latent": x0,
+                "model_output": model_output, "model_target": self.schedule.target(x0, noise, t)}
+
+    def _x0_pred_mask(self, t):
+        return t < int(self.cfg.stage2.x0_pred_max_timestep * self.schedule.num_steps)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def train_step(self, step):
+        loss, parts, n = self.compute_loss(step)
+        self.apply_update(loss * local_weight(n, self.batch, self.world), self.ddp_unet, self.unet, self.opt,
+                          self.sched, self.cfg.training.max_grad_norm, self.ema)
+        return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"]}
+
+    def compute_loss(self, step):
+        """The composite loss of `step` on this rank: (loss, parts, local batch size)."""
+        s2 = self.cfg.stage2
+        n_local = len(shard_range(self.batch, self.rank, self.world))
+        pos = draw_local(self.tr, n_local, step, self.per_epoch, self.seed, self.stage, "epoch", self.rank)
+        x0 = self.real[pos].to(self.acc.device)
+        noise, t = batch_noise_and_timesteps(x0.shape, self.schedule.num_steps, self.seed, self.stage, step, self.rank)
+        noise, t = noise.to(x0.device), t.to(x0.device)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        adv = self.loss.needs_discriminator
+        inputs, ts = [x_t], [t]
+        rollout = adv and s2.generator_loss_mode == "rollout"
+        if rollout:
+            total = s2.rollout_batch_size or self.batch
+            mine = shard_range(total, self.rank, self.world)
+            x_r, t_last, gens = self._rollout_start(engine.forward_module(self.acc, self.ddp_unet, self.unet), list(mine),
+                                                   (self.seed, self.stage, "rollout", step))
+            inputs.append(x_r)
+            ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))
+        with self.acc.autocast():
+            # One wrapped forward for the MSE batch and the rollouts' last step: DDP sees one graph.
+            out = self.ddp_unet(torch.cat(inputs), torch.cat(ts)).sample.float()
+        n = x0.shape[0]
+        outputs = self._outputs(out[:n], x_t, t, x0, noise)
+        if rollout:
+            outputs["generated"] = ddim_step(self.ddim, out[n:], t_last, x_r, s2.eta, gens)
+            outputs["generated_t"] = None
+        elif adv:
+            keep = self._x0_pred_mask(t)
+            outputs["generated"] = outputs["pred_latent"][keep]
+            outputs["generated_t"] = t[keep]
+        loss, parts = self.loss(outputs, {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss})
+        return loss, parts, n
+
+    # -- validation --------------------------------------------------------------------------------
+    def _eval_model(self):
+        return sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
+
+    @torch.no_grad()
+    def evaluate(self):
+        s2 = self.cfg.stage2
+        model = self._eval_model()
+        # adv/prob/fake_correct over generated samples (n_gen), real_correct over reals (n_real)
+        sums = Totals(["mse_weighted", "mse_raw", "n_val", "adv", "prob", "n_gen", "fake_correct", "real_correct",
+                       "n_real"], self.acc.device)
+        mse_terms = [term for term in self.loss.terms if not term.needs_discriminator]
+        for s in range(0, len(self.va), 256):
+            pos = self.va[s:s + 256]
+            x0 = self.real[pos].to(self.acc.device)
+            idx = self.va_global[s:s + 256]
+            noise = per_sample_noise(idx, self.latent_shape, self.seed, "gval", self.k).to(x0.device)
+            t = per_sample_timesteps(idx, self.schedule.num_steps, self.seed, "gval-t", self.k).to(x0.device)
+            x_t = self.schedule.add_noise(x0, noise, t)
+            with self.acc.autocast():
+                out = model(x_t, t).sample.float()
+            outputs = self._outputs(out, x_t, t, x0, noise)
+            for term in mse_terms:
+                per = ((outputs[term.key].float() - outputs[term.target].float()) ** 2).flatten(1).mean(1)
+                sums.add("mse_weighted", term.weight * per.sum())
+                sums.add("mse_raw", per.sum())
+            sums.add("n_val", len(pos))
+            if self.d is not None and s2.generator_loss_mode == "x0_pred":
+                keep = self._x0_pred_mask(t)
+                self._score(outputs["pred_latent"][keep], t[keep], sums)
+                self._score_real(x0[keep], t[keep], sums)
+            elif self.d is not None:
+                self._score_real(x0, None, sums)
+        if self.d is not None and s2.generator_loss_mode == "rollout":
+            mine = list(shard_range(s2.val_samples, self.rank, self.world))
+            if mine:
+                x, t_last, gens = self._rollout_start(model, mine, (self.seed, "gval-rollout", self.k))
+                with self.acc.autocast():
+                    x = ddim_step(self.ddim, model(x, t_last).sample, t_last, x, s2.eta, gens)
+                self._score(x, None, sums)
+        s = sums.reduced()
+        n_val, n_gen, n_real = max(s["n_val"], 1), s["n_gen"], s["n_real"]
+        val_adv = s["adv"] / n_gen if n_gen else float("nan")
+        adv_weight = sum(term.weight for term in self.loss.terms if term.needs_discriminator)
+        d_acc = 0.5 * (s["fake_correct"] / n_gen + s["real_correct"] / n_real) if n_gen and n_real else float("nan")
+        row = {"epoch": round(self.step / self.per_epoch, 4), "val_loss": s["mse_weighted"] / n_val + adv_weight *
+               (val_adv if n_gen else 0.0), "val_mse": s["mse_raw"] / n_val, "val_adv": val_adv,
+               "d_prob_fake": s["prob"] / n_gen if n_gen else float("nan"), "lr": self.sched.get_last_lr()[0],
+               "seconds": round(time.time() - self.t0, 2), "d_val_acc": d_acc, "adv_weight": adv_weight}
+        self._adapt(d_acc)
+        return row
+
+    def _adapt(self, d_acc: float) -> None:
+        """Keep D's accuracy in the band: push harder when D wins, ease off when it is fooled."""
+        s2 = self.cfg.stage2
+        if not s2.adaptive_weight or d_acc != d_acc:
+            return
+        low, high = s2.adaptive_band
+        factor = s2.adaptive_factor if d_acc > high else (1 / s2.adaptive_factor if d_acc < low else 1.0)
+        for term in self.loss.terms:
+            if term.needs_discriminator:
+                term.weight *= factor
+
+    def _score_real(self, z, t, sums):
+        if len(z):
+            sums.add("real_correct", (self.d(z, t) > 0).sum())
+            sums.add("n_real", len(z))
+
+    def _score(self, z, t, sums):
+        if len(z) == 0:
+            return
+        logits = self.d(z, t).float()
+        sums.add("adv", g_loss_terms(self.cfg.discriminator.training.loss, logits).sum())
+        sums.add("prob", torch.sigmoid(logits).sum())
+        sums.add("n_gen", len(z))
+        sums.add("fake_correct", (logits < 0).sum())
+
+    # -- state and exports -------------------------------------------------------------------------
+    def model_state(self):
+        return {"optimizer": self.optimizer_state(self.opt), "lr_scheduler": self.sched.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "adv_weights": [term.weight for term in self.loss.terms]}
+
+    def load_model_state(self, state):
+        self.load_optimizer_state(self.opt, state["optimizer"])
+        for term, weight in zip(self.loss.terms, state.get("adv_weights", [])):
+            term.weight = weight
+        self.sched.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def _export(self, metrics):
+        blob = export_blob(self.spec, engine.state_dict(self.acc, self._eval_model()), self.scaling, self.step,
+                           metrics, schedule=self.schedule.to_dict(), autoencoder=self.autoencoder,
+                           config=self.cfg.to_dict(), raw_weights=engine.state_dict(self.acc, self.unet))
+        blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2")
+        return blob
+
+    def wrap_state(self, state):
+        blob = self._export(self.history[-1] if self.history else {})
+        blob.update(state=state, complete=state["complete"])
+        return blob
+
+    def unwrap_state(self, blob):
+        engine.load_state_dict(self.acc, self.unet, blob["raw_state_dict"])
+        return blob["state"]
+
+    def export(self, tag, metrics):
+        if tag == "best":
+            blob = self._export(metrics)
+            if self.acc.is_main_process:
+                atomic.save_torch(blob, self.best_path)

@@ -1,0 +1,117 @@
+"""Sample-quality metrics, computed sharded across processes.
+
+- Fréchet distance between Gaussian fits of two feature sets. Each rank accumulates the sufficient
+  statistics of its own rows (count, sum, sum of outer products, in float64); those are all-reduced,
+  never gathered, so the result does not depend on how the rows are split.
+- k-NN precision and recall (Kynkäänniemi et al., 2019). A sample's k-NN ball needs the whole other
+  set, so the (small) feature matrices are shared; each rank scores only its own rows and the
+  counts are all-reduced.
+
+Features: flattened latents, average-pooled first where C*H*W exceeds `max_dim` (FD needs a
+covariance that the sample count can estimate).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from trainer.dist.collectives import all_reduce_sum, gather_shards, shard_range
+
+
+def features(z: torch.Tensor, max_dim: int = 1024) -> torch.Tensor:
+    z = z.float()
+    if z.dim() == 4:
+        c, h = z.shape[1], z.shape[2]
+        side = h
+        while c * side * side > max_dim and side > 1:
+            side //= 2
+        if side != h:
+            z = F.adaptive_avg_pool2d(z, side)
+    return z.flatten(1)
+
+
+class Moments:
+    """Running count, sum and outer-product sum of feature rows (float64)."""
+
+    def __init__(self, dim: int, device="cpu"):
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.s = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.ss = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> "Moments":
+        x = x.to(self.s.device, torch.float64)
+        self.n += x.shape[0]
+        self.s += x.sum(0)
+        self.ss += x.T @ x
+        return self
+
+    def reduced(self) -> "Moments":
+        packed = all_reduce_sum(torch.cat([self.n.reshape(1), self.s, self.ss.flatten()]))
+        d = self.s.shape[0]
+        out = Moments(d, self.s.device)
+        out.n, out.s, out.ss = packed[0], packed[1:1 + d], packed[1 + d:].reshape(d, d)
+        return out
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.n
+        mean = self.s / n
+        cov = (self.ss - n * torch.outer(mean, mean)) / (n - 1)
+        return mean, cov
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^1/2), with the trace term taken from the symmetric
+    form (C1^1/2 C2 C1^1/2)^1/2, which has the same eigenvalues and stays real."""
+    mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
+    s1 = _sqrt_psd(cov1)
+    inner = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * inner)
+
+
+def fd_from_moments(a: Moments, b: Moments) -> float:
+    return frechet_distance(*a.mean_cov(), *b.mean_cov())
+
+
+def _kth_distance(rows: torch.Tensor, ref: torch.Tensor, k: int, self_included: bool) -> torch.Tensor:
+    d = torch.cdist(rows.double(), ref.double())
+    # the k-th neighbour, skipping the zero distance to itself when rows are part of ref
+    return d.kthvalue(k + 1 if self_included else k, dim=1).values
+
+
+def _covered(rows: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    d = torch.cdist(rows.double(), centres.double())
+    return (d <= radii[None, :]).any(dim=1)
+
+
+def precision_recall(real_local: torch.Tensor, fake_local: torch.Tensor, n_real: int, n_fake: int,
+                     k: int = 3) -> tuple[float, float]:
+    """k-NN precision (fakes inside the real manifold) and recall (reals inside the fake manifold).
+
+    real_local/fake_local: this rank's `shard_range` rows of each feature set (every rank calls this).
+    """
+    real_all = gather_shards(real_local, n_real, to_all=True)
+    fake_all = gather_shards(fake_local, n_fake, to_all=True)
+    k = min(k, n_real - 1, n_fake - 1)
+    if k < 1:
+        return math.nan, math.nan
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    r_rows = shard_range(n_real, rank, world)
+    f_rows = shard_range(n_fake, rank, world)
+    # radii: each rank computes its own rows' k-NN distances, then everyone needs all of them
+    real_radii = gather_shards(_kth_distance(real_all[r_rows.start:r_rows.stop], real_all, k, True), n_real)
+    fake_radii = gather_shards(_kth_distance(fake_all[f_rows.start:f_rows.stop], fake_all, k, True), n_fake)
+    counts = torch.zeros(2, dtype=torch.float64, device=real_local.device)
+    counts[0] = _covered(fake_all[f_rows.start:f_rows.stop], real_all, real_radii).sum()
+    counts[1] = _covered(real_all[r_rows.start:r_rows.stop], fake_all, fake_radii).sum()
+    counts = all_reduce_sum(counts)
+    return float(counts[0] / n_fake), float(counts[1] / n_real)

@@ -1,0 +1,248 @@
+"""Stage 2: adversarial fine-tuning of a stage-1 diffusion model against a latent discriminator.
+
+    advdiff stage2 CONFIG [--num_samples N] [--num_iterations I] ... [--start_iteration k]
+    accelerate launch -m trainer.stage2 CONFIG [flags]          # 1..N processes
+
+Each iteration k: (a) fakes generated and (b) reals encoded, sharded by index; (c) the main process
+writes both sets; (d) a new D is trained; (e) the UNet is fine-tuned with the composite loss; then the
+iteration's grid and quality row. A rerun continues where the last run stopped; `--start_iteration k`
+requires iteration k-1's checkpoint. This module only orchestrates: each phase lives in its own module
+and receives plain values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.unet import build_unet
+
+from trainer.config.sections import Config
+from trainer.core.errors import UserError
+from trainer.core.log import Logger
+from trainer.data.latents import LatentCodec
+from trainer.diffusion.checkpoints import DiffusionCheckpoint, load_diffusion_checkpoint
+from trainer.diffusion.noise import per_sample_noise
+from trainer.diffusion.sampling import ddim_sample, image_grid
+from trainer.diffusion.schedule import Schedule
+from trainer.dist import preempt
+from trainer.dist.accelerator import prepare_module
+from trainer.files import atomic, plots, timing
+from trainer.files.layout import RunLayout, picture_of
+from trainer.stage2.checks import ae_path, start_checks
+from trainer.stage2.discriminator_trainer import DiscriminatorTrainer, load_discriminator
+from trainer.stage2.evaluation import Evaluator
+from trainer.stage2.finetune_trainer import FinetuneTrainer
+from trainer.stage2.generation import iteration_shard, stratified_split, x0_pred_fakes
+from trainer.stage2.run_record import record_run_fields, run_fields
+
+
+@dataclass
+class Stage2Setup:
+    """What every iteration shares, built once after the checks passed: plain values, no callbacks."""
+    cfg: Config
+    acc: object
+    layout: RunLayout
+    log: Logger
+    stage1: DiffusionCheckpoint   # the model stage 2 starts from (EMA weights)
+    schedule: Schedule            # the stage-1 model's noise schedule
+    latent_shape: tuple
+    rows: object                  # the filtered manifest (DataFrame)
+    codec: LatentCodec            # rows -> latents, latents -> pixels (frozen AE, loaded on first use)
+    facts: object                 # what the checks learnt (stage2.checks.Facts)
+
+    def discriminator_trainer(self, k: int, real, fake, real_train, fake_train, **kwargs) -> DiscriminatorTrainer:
+        return DiscriminatorTrainer(self.acc, self.cfg, k, self.layout, real, fake, real_train, fake_train, **kwargs)
+
+    def finetune_trainer(self, k: int, real, real_train, d, init: dict) -> FinetuneTrainer:
+        return FinetuneTrainer(self.acc, self.cfg, k, self.layout, self.stage1, self.schedule, self.codec.ae_path,
+                               real, real_train, d, init)
+
+    def evaluator(self) -> Evaluator:
+        decode = self.codec.decode if self.facts.ae is not None else None
+        return Evaluator(self.acc, self.cfg, self.layout.summary, self.rows, self.codec.encode, decode, self.schedule,
+                         self.latent_shape, self.log)
+
+
+def setup(cfg: Config, acc) -> Stage2Setup:
+    """Run every check that can fail before compute (files, columns, channels, sizes, N, saved latents, a
+    changed config; input files sharded, a failure on any rank stops all ranks), then read the stage-1
+    model once."""
+    facts = start_checks(cfg, acc)
+    stage1 = load_diffusion_checkpoint(facts.stage1.path)
+    latent_shape = tuple(facts.latent_shape)
+    codec = LatentCodec(acc, ae_path(cfg, facts.stage1), stage1.scaling, latent_shape,
+                        resolution=cfg.dataset.resolution, batch_size=cfg.autoencoder.encode_batch_size,
+                        num_workers=cfg.training.num_workers)
+    return Stage2Setup(cfg=cfg, acc=acc, layout=RunLayout.of(cfg), log=Logger(acc, "stage2"), stage1=stage1,
+                       schedule=Schedule.from_dict(stage1.scheduler), latent_shape=latent_shape, rows=facts.rows,
+                       codec=codec, facts=facts)
+
+
+def complete(layout: RunLayout, k: int) -> bool:
+    """Whether iteration k's fine-tune finished (its latest checkpoint says so)."""
+    path = layout.diffusion_checkpoint(k, "latest")
+    if not path.is_file():
+        return False
+    try:
+        return bool(torch.load(path, map_location="cpu", weights_only=False).get("complete"))
+    except Exception:
+        return False
+
+
+def _weights(path) -> dict:
+    blob = load_diffusion_checkpoint(path).blob
+    raw = blob.get("raw_state_dict") or blob["state_dict"]
+    return {"raw": raw, "ema": blob["state_dict"]}
+
+
+def _unet(s: Stage2Setup, weights: dict):
+    unet = build_unet(s.stage1.spec)
+    unet.load_state_dict(weights)
+    return unet
+
+
+def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
+    """Run (or finish) iteration k. Returns False if it stopped early as asked."""
+    cfg, acc, log, layout = s.cfg, s.acc, s.log, s.layout
+    s2, seed = cfg.stage2, cfg.training.seed
+    if k == 0:
+        init = {"raw": s.stage1.blob["state_dict"], "ema": s.stage1.blob["state_dict"]}
+        log(f"iteration 0: starting from the stage-1 checkpoint {s.stage1.path} (EMA weights, step {s.stage1.step})")
+    else:
+        source = layout.diffusion_checkpoint(k - 1, s2.continue_from)
+        init = _weights(source)
+        log(f"iteration {k}: starting from {source} ({s2.continue_from} of iteration {k - 1})")
+    gen_unet = prepare_module(_unet(s, init["ema"]).to(acc.device).eval(), cfg.performance, acc)
+    sampler = torch.compile(gen_unet) if cfg.performance.compile_generation else gen_unet
+    shard = iteration_shard(acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, log)
+    del sampler
+    real_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "real")
+    fake_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "fake")
+
+    real_t = fake_t = None
+    fake_for_d = shard.fake
+    if s2.generator_loss_mode == "x0_pred":
+        fake_for_d, real_t = x0_pred_fakes(acc, cfg, s.schedule, gen_unet, shard.real, shard.own, k, s.latent_shape)
+        fake_t = real_t
+    warm = layout.discriminator_best(k - 1) if k > 0 and cfg.discriminator.training.warm_start else None
+    d_trainer = s.discriminator_trainer(k, shard.real, fake_for_d, real_train, fake_train, real_t=real_t,
+                                        fake_t=fake_t, warm_start_from=warm)
+    with timing.phase(acc, layout.timings, "discriminator", k):
+        d_trainer.fit()
+    acc.free_memory()
+    del d_trainer
+    if acc.is_main_process:
+        history = layout.discriminator_history(k)
+        plots.plot_d_history(history, picture_of(history), k)
+    evaluator = s.evaluator()
+    if k == 0 and 0 not in evaluator.done():
+        # the stage-1 baseline row, scored by the D fit to its samples
+        with timing.phase(acc, layout.timings, "quality summary", 0):
+            evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(layout.discriminator_best(k))))
+    del gen_unet
+
+    g_trainer = s.finetune_trainer(k, shard.real, real_train, load_discriminator(layout.discriminator_best(k)), init)
+    g_trainer.stop_after = stop_after
+    with timing.phase(acc, layout.timings, "diffusion", k):
+        g_trainer.fit()
+    done = g_trainer.step >= g_trainer.max_steps
+    acc.free_memory()
+    if acc.is_main_process:
+        plots.plot_metrics(g_trainer.history_path, picture_of(g_trainer.history_path), k)
+    if done:
+        finish_iteration(s, k, evaluator)
+    return done
+
+
+def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
+    """The grid and the summary row of a finished iteration (idempotent, for resumes)."""
+    layout = s.layout
+    if s.acc.is_main_process:  # a run killed between writing a CSV and drawing it: draw it now
+        plots.redraw_stale(layout.finetune_history(k), plots.plot_metrics, k)
+    write_grid(s, k)
+    if k == 0 and 0 not in evaluator.done():  # a run interrupted before the baseline row was written
+        evaluator.record(evaluator.measure(0, _unet(s, s.stage1.blob["state_dict"]),
+                                           load_discriminator(layout.discriminator_best(0))))
+    if k + 1 not in evaluator.done():
+        unet = _unet(s, _weights(layout.diffusion_checkpoint(k, "latest"))["ema"])
+        with timing.phase(s.acc, layout.timings, "quality summary", k + 1):
+            evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(layout.discriminator_best(k))))
+    if s.acc.is_main_process:
+        plots.redraw_stale(evaluator.path, plots.plot_summary)
+
+
+def write_grid(s: Stage2Setup, k: int) -> None:
+    """Decoded samples of iteration k's final weights, from the same fixed seeds every iteration."""
+    n = s.cfg.stage2.grid_samples
+    path = s.layout.grid(k)
+    if n and s.acc.is_main_process and not path.is_file():
+        unet = _unet(s, _weights(s.layout.diffusion_checkpoint(k, "latest"))["ema"]).to(s.acc.device).eval()
+        noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
+        z = ddim_sample(unet, s.schedule.ddim(), noise, s.cfg.stage2.generation_steps)
+        grid = image_grid(s.codec.decode(z), nrow=8)
+        atomic.save_png(grid, path)
+        log_image(s.acc, "samples", grid, k)
+        s.log(f"iteration {k}: sample grid written to {path}")
+    s.acc.wait_for_everyone()
+
+
+def log_image(acc, name, grid, step) -> None:
+    """A uint8 grid (H, W) or (H, W, 3) to the trackers that take images (TensorBoard)."""
+    for tracker in acc.trackers:
+        if hasattr(tracker, "log_images"):
+            img = grid if grid.ndim == 3 else grid[:, :, None]
+            tracker.log_images({name: img[None]}, step=step, dataformats="NHWC")
+
+
+def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
+    s = setup(cfg, acc)
+    s2, layout = cfg.stage2, s.layout
+    if start_iteration is not None:
+        if start_iteration >= s2.num_iterations:
+            raise UserError(f"--start_iteration {start_iteration}: expected less than --num_iterations "
+                            f"({s2.num_iterations})")
+        if start_iteration > 0 and not complete(layout, start_iteration - 1):
+            path = layout.diffusion_checkpoint(start_iteration - 1, "latest")
+            state = "is missing" if not path.is_file() else "is not a finished iteration"
+            raise UserError(f"--start_iteration {start_iteration}: {path} {state}; finish iteration "
+                            f"{start_iteration - 1} first (or drop --start_iteration to continue where the "
+                            f"last run stopped)")
+        first = start_iteration
+    else:
+        first = 0
+    # every check passed: only now is anything written
+    if acc.is_main_process:
+        atomic.remove_stale_temps(layout.root)  # temp files of writes a kill interrupted
+        record_run_fields(cfg, run_fields(cfg, s.facts.stage1))
+    log_resume_point(s, first)
+    for k in range(first, s2.num_iterations):
+        if preempt.should_stop(acc.device):
+            preempt.stop(acc, f"before iteration {k}")
+        if complete(layout, k):
+            s.log(f"iteration {k}: already complete ({layout.diffusion_checkpoint(k, 'latest')}); skipping")
+            finish_iteration(s, k, s.evaluator())
+            continue
+        if not run_iteration(s, k, stop_after):
+            s.log(f"stopped inside iteration {k} as asked; rerun the same command to continue")
+            return
+    s.log(f"stage 2 complete: {s2.num_iterations} iteration(s) under {layout.root}")
+
+
+def log_resume_point(s: Stage2Setup, first: int) -> None:
+    """One line saying where this run picks up, when the folder already holds work."""
+    layout, n_iter = s.layout, s.cfg.stage2.num_iterations
+    done = [k for k in range(first, n_iter) if complete(layout, k)]
+    k = next((k for k in range(first, n_iter) if k not in done), None)
+    if k is None:
+        s.log(f"RESUMING {layout.root}: all {n_iter} iteration(s) finished earlier")
+        return
+    parts = [f"{path.name} saved" for path in (layout.fake_latents(k), layout.real_latents(k)) if path.is_file()]
+    for label, path in (("discriminator state", layout.discriminator_state(k)),
+                        ("diffusion state", layout.diffusion_checkpoint(k, "latest"))):
+        if path.is_file():
+            parts.append(f"{label} {path.name}")
+    if done or parts:
+        finished = ", ".join(map(str, done)) or "none"
+        s.log(f"RESUMING {layout.root}: complete iteration(s): {finished}; iteration {k}: "
+              + (", ".join(parts) if parts else "nothing saved yet") + " (phases below say the step)")

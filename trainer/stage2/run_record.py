@@ -1,0 +1,71 @@
+"""The record of a stage-2 folder's result-defining config fields (`stage2_run.json`): written when the
+folder's run starts, compared at every later start, so a resume never mixes two configs' results."""
+from __future__ import annotations
+
+import json
+
+from trainer.core.errors import UserError
+from trainer.files import atomic
+from trainer.files.layout import RunLayout
+
+RUN_FORMAT = "advdiff.stage2-run"
+
+# Config fields that may change between the runs of one stage-2 folder: they change neither the data,
+# the models nor the maths (batching of inference, logging, where things go, how many iterations).
+RESUME_FREE = ("experiment.", "stage2.num_iterations", "stage2.generation_batch_size", "stage2.grid_samples",
+               "autoencoder.encode_batch_size", "autoencoder.training.", "autoencoder.model.",
+               "training.num_workers", "training.deterministic", "training.log_interval",
+               "training.mixed_precision", "training.use_amp", "training.max_steps", "training.eval_interval",
+               "training.sample_steps", "training.train_split", "training.split_seed", "unet.", "scheduler.", "performance.",
+               "training.max_nonfinite_steps")  # a tolerance: raising it to resume a stopped run must work
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "filters":
+            yield from _flatten(v, path + ".")
+        else:
+            yield path, v
+
+
+def run_fields(cfg, stage1) -> dict:
+    """Dotted config path -> value for every field that defines a stage-2 run's results."""
+    fields = {p: v for p, v in _flatten(cfg.to_dict()) if not p.startswith(RESUME_FREE)}
+    for key in ("diffusion.stage1_checkpoint", "autoencoder.checkpoint", "dataset.manifest"):
+        if fields.get(key):
+            fields[key] = str(cfg.resolve_path(fields[key]).resolve())
+    if stage1 is not None and not cfg.autoencoder.checkpoint and stage1.autoencoder:
+        fields["autoencoder.checkpoint"] = str(cfg.resolve_path(stage1.autoencoder).resolve())
+    return json.loads(json.dumps(fields, default=str))
+
+
+def check_run_fields(cfg, stage1) -> dict:
+    """Refuse a folder whose stage-2 run was started with different result-defining fields."""
+    path = RunLayout.of(cfg).run_record
+    now = run_fields(cfg, stage1)
+    if not path.is_file():
+        return now
+    try:
+        before = json.loads(path.read_text())["fields"]
+    except Exception as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); it records the config this folder's run "
+                        f"started with") from None
+    changed = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}"
+               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"{cfg.out_dir}: this folder's stage-2 run was started with a different config "
+                        f"({'; '.join(changed)}); use a new experiment.save_path, or restore those fields")
+    return now
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def record_run_fields(cfg, fields: dict) -> None:
+    """Write the record once, when a folder's stage-2 run starts (main process; every check passed)."""
+    path = RunLayout.of(cfg).run_record
+    if not path.is_file():
+        atomic.write_text(json.dumps({"format": RUN_FORMAT, "fields": fields}, indent=1, sort_keys=True) + "\n", path)

@@ -1,0 +1,29 @@
+"""Optimizers and learning-rate schedules of the trainers."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params, lr: float, weight_decay: float, name: str = "AdamW", betas=None, **extra):
+    """AdamW (or Adam) over `params`; `extra` carries device-specific switches (e.g. fused kernels)."""
+    cls = torch.optim.AdamW if name == "AdamW" else torch.optim.Adam
+    if betas is not None:
+        extra["betas"] = tuple(betas)
+    return cls(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def build_lr_schedule(opt, warmup: int, total: int, kind: str = "cosine"):
+    """Linear warm-up then `kind`, stepped by hand once per applied optimizer step: the schedule is in
+    global steps whatever the world size."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total, kind))
