@@ -6,8 +6,8 @@ import os
 import sys
 import warnings
 
-from trainer.core.errors import UserError
 from trainer.config.load import dump_config, load_config, parse_override
+from trainer.core.errors import UserError
 from trainer.dist import preempt
 from trainer.dist.accelerator import apply_performance, build_accelerator, set_deterministic
 

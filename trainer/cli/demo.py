@@ -6,15 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.files import atomic, timing
-from trainer.files.layout import RunLayout
-from trainer.config.load import DEMO_CONFIG, load_config
+from trainer.cli.common import is_main_launch_rank
+from trainer.config.load import DEMO_CONFIG, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.data.digits import build_digits
 from trainer.dist.accelerator import build_accelerator
-from trainer.cli.common import is_main_launch_rank
-from trainer.config.load import parse_override
-
+from trainer.files import atomic, timing
+from trainer.files.layout import RunLayout
 
 
 def prepare(out: Path, is_main: bool) -> Path:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.config.sections import Config
 from trainer.config.schema import walk_fields
+from trainer.config.sections import Config
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 

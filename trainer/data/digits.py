@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.files import atomic
 from trainer.core.errors import UserError
+from trainer.files import atomic
 
 
 def build_digits(out_dir: str | Path, size: int = 32) -> Path:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data.manifest import ImageDataset
-from trainer.dist.collectives import gather_shards, shard_range
-from trainer.core.errors import UserError
 from trainer.core import faults
-from trainer.files.read import torch_load
-from trainer.dist.collectives import agree
+from trainer.core.errors import UserError
 from trainer.core.progress import bar
+from trainer.data.manifest import ImageDataset
+from trainer.dist.collectives import agree, gather_shards, shard_range
+from trainer.files.read import torch_load
 
 
 def load_latent_file(path: str, shape: tuple | None) -> torch.Tensor:

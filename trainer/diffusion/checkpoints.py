@@ -8,7 +8,6 @@ import torch
 
 from models.autoencoder import LatentScaling
 from models.unet import UNetSpec, build_unet, spec_from_dict, spec_to_dict
-
 from trainer.core.errors import UserError
 
 CKPT_FORMAT = "advdiff.diffusion"  # stage-1 and stage-2 diffusion exports

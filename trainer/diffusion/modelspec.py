@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from models.unet import PRESETS, UNetSpec, preset
-
-from trainer.config.sections import Config
 from trainer.config.schema import error_at
+from trainer.config.sections import Config
 
 
 def unet_spec_from_config(cfg: Config, latent_shape: tuple) -> UNetSpec:

@@ -1,7 +1,7 @@
 """The few places where DeepSpeed differs from DDP, in one file.
 
-Design: each phase trains ONE model (stage 1: the UNet; stage 2: D in phase d, then the UNet in
-phase e with D frozen and unwrapped), so one Accelerator prepares one DeepSpeed engine at a time
+Design: each phase trains ONE model (stage 1: the UNet; stage 2: D in the discriminator phase, then
+the UNet in the fine-tune phase with D frozen and unwrapped), so one Accelerator prepares one DeepSpeed engine at a time
 and `free_memory()` destroys it before the next phase. Batch size and clipping are set in the
 DeepSpeed config before each prepare (there are no DataLoaders for accelerate to read them from).
 Under ZeRO-3 a module's parameters are partitioned: full copies are gathered (a collective, on
@@ -13,8 +13,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from trainer.dist.collectives import barrier
-from trainer.dist.collectives import shard_range
+from trainer.dist.collectives import barrier, shard_range
 
 
 def is_deepspeed(acc) -> bool:

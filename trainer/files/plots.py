@@ -5,9 +5,9 @@ from __future__ import annotations
 import io as _io
 import math
 
+from trainer.core.log import warn
 from trainer.files import atomic
 from trainer.files.read import read_csv_rows
-from trainer.core.log import warn
 
 _warned = {"missing": False}
 

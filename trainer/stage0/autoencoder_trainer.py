@@ -12,18 +12,17 @@ import numpy as np
 import torch
 
 from models.autoencoder import AE_FORMAT, ae_export, build_autoencoder, load_autoencoder
-
-from trainer.dist import engine
-from trainer.files import atomic
 from trainer.config.sections import Config
 from trainer.core.errors import ConfigError
-from trainer.data.manifest import load_image, read_manifest, split_indices
-from trainer.dist.collectives import all_reduce_sum, barrier, shard_range
+from trainer.core.seeds import derive_seed
 from trainer.data.latents import encode_rows, latent_shape_of, measure_scaling
+from trainer.data.manifest import load_image, read_manifest, split_indices
+from trainer.dist import engine
+from trainer.dist.collectives import Totals, barrier, shard_range
+from trainer.files import atomic
+from trainer.files.layout import RunLayout
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
 from trainer.training.optim import build_lr_schedule, build_optimizer
-from trainer.files.layout import RunLayout
-from trainer.core.seeds import derive_seed
 
 
 class AutoencoderTrainer(StepTrainer):
@@ -79,16 +78,16 @@ class AutoencoderTrainer(StepTrainer):
     def _evaluate(self):
         self.model.eval()
         mine = shard_range(len(self.val_idx), self.rank, self.world)
-        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        sums = Totals(["squared_error", "n"], self.acc.device)
         ids = self.val_idx[mine.start:mine.stop]
         for s in range(0, len(ids), 128):
             x = self._images(ids[s:s + 128])
             recon = self.model.decode(self.model.encode(x).latent_dist.mean).sample
-            total[0] += ((recon.float() - x) ** 2).mean(dim=(1, 2, 3)).sum()
-            total[1] += len(x)
+            sums.add("squared_error", ((recon.float() - x) ** 2).mean(dim=(1, 2, 3)).sum())
+            sums.add("n", len(x))
         self.model.train()
-        total = all_reduce_sum(total)
-        return {"val_mse": float(total[0] / total[1].clamp(min=1))}
+        s = sums.reduced()
+        return {"val_mse": s["squared_error"] / max(s["n"], 1)}
 
     def model_state(self):
         return {"model": engine.state_dict(self.acc, self.model), "optimizer": self.optimizer_state(self.opt),

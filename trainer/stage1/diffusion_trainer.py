@@ -13,7 +13,6 @@ import torch
 
 from models.autoencoder import config_scaling, decode
 from models.unet import build_unet, count_parameters, spec_to_dict
-
 from trainer.config.sections import Config
 from trainer.core.errors import ConfigError, UserError
 from trainer.core.seeds import derive_seed
@@ -26,7 +25,7 @@ from trainer.diffusion.sampling import ddim_sample, image_grid
 from trainer.diffusion.schedule import Schedule
 from trainer.dist import engine
 from trainer.dist.accelerator import fast_optimizer, prepare_module
-from trainer.dist.collectives import all_reduce_sum, shard_range
+from trainer.dist.collectives import Totals, shard_range
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
 from trainer.training.ema import EMA, sync_eval_copy
@@ -123,17 +122,17 @@ class DiffusionTrainer(StepTrainer):
     def evaluate(self):
         sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
         mine = shard_range(len(self.val_idx), self.rank, self.world)
-        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        sums = Totals(["squared_error", "n"], self.acc.device)
         for s in range(mine.start, mine.stop, 256):
             pos = list(range(s, min(s + 256, mine.stop)))
             x0 = self.latents[self.val_idx[pos]].to(self.acc.device)
             noise, ts = self.noised(x0, "val", pos)  # fixed noise: comparable across evaluations
             pred = self.ema_unet(self.schedule.add_noise(x0, noise, ts), ts).sample.float()
             err = ((pred - self.schedule.target(x0, noise, ts)) ** 2).mean(dim=(1, 2, 3))
-            total += torch.stack([err.sum().double(), torch.tensor(float(len(pos)), dtype=torch.float64,
-                                                                   device=err.device)])
-        total = all_reduce_sum(total)
-        return {"val_mse": float(total[0] / total[1].clamp(min=1)), "lr": self.sched.get_last_lr()[0]}
+            sums.add("squared_error", err.sum().double())
+            sums.add("n", len(pos))
+        s = sums.reduced()
+        return {"val_mse": s["squared_error"] / max(s["n"], 1), "lr": self.sched.get_last_lr()[0]}
 
     def model_state(self):
         return {"unet": engine.state_dict(self.acc, self.unet), "optimizer": self.optimizer_state(self.opt),

@@ -39,6 +39,7 @@ from trainer.files.read import torch_load
 from trainer.stage2.generation import choose_real_rows
 from trainer.stage2.run_record import check_run_fields
 
+
 @dataclass
 class Facts:
     """What the checks learnt, reused by the run so nothing is loaded twice."""

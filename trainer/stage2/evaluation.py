@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from trainer.core import faults
+from trainer.core.seeds import derive_seed
+from trainer.data.manifest import split_indices
+from trainer.diffusion.noise import per_sample_noise
+from trainer.diffusion.sampling import ddim_sample
+from trainer.dist.collectives import Totals, shard_range
 from trainer.files import atomic, plots
 from trainer.files.layout import picture_of
 from trainer.files.read import read_csv_rows
-from trainer.data.manifest import split_indices
-from trainer.dist.collectives import all_reduce_sum, shard_range
-from trainer.stage2.metrics import Moments, features, fd_from_moments, precision_recall
-from trainer.core.seeds import derive_seed
-from trainer.diffusion.sampling import ddim_sample
-from trainer.diffusion.noise import per_sample_noise
-import numpy as np
+from trainer.stage2.metrics import Moments, fd_from_moments, features, precision_recall
 
 SUMMARY_FIELDS = ["iteration", "latent_fd", "precision", "recall", "pixel_fd", "pixel_precision", "pixel_recall",
                   "d_acc", "d_prob_fake", "samples", "seconds"]
@@ -77,10 +77,13 @@ class Evaluator:
         if d is not None:
             d = d.to(acc.device).eval()
             lr, lf = d(real).float(), d(fake).float()  # t = 0 where D is noise-conditioned
-            sums = all_reduce_sum(torch.stack([(lr > 0).sum().double(), (lf < 0).sum().double(),
-                                               torch.sigmoid(lf).sum().double()]))
-            row["d_acc"] = float((sums[0] + sums[1]) / (2 * self.m))
-            row["d_prob_fake"] = float(sums[2] / self.m)
+            sums = Totals(["real_correct", "fake_correct", "prob_fake"], acc.device)
+            sums.add("real_correct", (lr > 0).sum().double())
+            sums.add("fake_correct", (lf < 0).sum().double())
+            sums.add("prob_fake", torch.sigmoid(lf).sum().double())
+            s = sums.reduced()
+            row["d_acc"] = (s["real_correct"] + s["fake_correct"]) / (2 * self.m)
+            row["d_prob_fake"] = s["prob_fake"] / self.m
         row["seconds"] = round(time.time() - t0, 2)
         return row
 

@@ -1,4 +1,4 @@
-"""Phase e of a stage-2 iteration: fine-tune the diffusion UNet with the composite loss, D frozen.
+"""The fine-tune phase of a stage-2 iteration: fine-tune the diffusion UNet with the composite loss, D frozen.
 
 The sample D scores comes from the distribution D was trained on:
   rollout  DDIM from fresh noise with the current weights; gradients flow through the last K steps
@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from models.unet import build_unet, spec_to_dict
-
 from trainer.diffusion.checkpoints import export_blob
 from trainer.diffusion.noise import batch_noise_and_timesteps, eta_generators, per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_step

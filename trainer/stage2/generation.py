@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from trainer.core import faults
-from trainer.files import atomic, timing
-from trainer.dist.collectives import barrier, gather_shards, shard_range
 from trainer.core.errors import UserError
+from trainer.core.progress import bar
 from trainer.core.seeds import derive_seed
-from trainer.diffusion.sampling import ddim_sample
 from trainer.data.latents import load_latent_set
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
-from trainer.core.progress import bar
+from trainer.diffusion.sampling import ddim_sample
+from trainer.dist.collectives import barrier, gather_shards, shard_range
+from trainer.files import atomic, timing
 
 
 @dataclass

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from models.unet import build_unet
-
 from trainer.config.sections import Config
 from trainer.core.errors import UserError
 from trainer.core.log import Logger

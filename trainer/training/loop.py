@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.dist import engine, preempt
 from trainer.core import faults
-from trainer.files import atomic
-from trainer.dist.collectives import all_reduce_sum, barrier, shard_range
 from trainer.core.errors import UserError
-from trainer.core.progress import bar
 from trainer.core.log import Logger
+from trainer.core.progress import bar
 from trainer.core.seeds import derive_seed, generator
+from trainer.dist import engine, preempt
+from trainer.dist.collectives import all_reduce_sum, barrier, shard_range
+from trainer.files import atomic
 
 STATE_FORMAT = "advdiff.state"
 
