@@ -5,8 +5,8 @@
   python bench/gpu_bench.py repro
 
 Each part builds a synthetic experiment in a temporary folder (a randomly initialised `unet64_d4` at
-16x32x32 latents exported in stage 1's format, pre-embedded random "real" latents, the spec's
-`stage2_discriminator_unet64_d4.yaml` for everything else), runs the real stage-2 code on it and
+16x32x32 latents exported in stage 1's format, pre-embedded random "real" latents, the experiment config
+`experiments/stage2_discriminator_unet64_d4.yaml` for everything else), runs the real stage-2 code on it and
 prints one JSON line per measurement (also appended to --out). Random weights change nothing about
 speed or memory. `--device cpu` with `--smoke` runs the same code in seconds on a CPU.
 """

@@ -5,7 +5,7 @@
 Both sides run the same maths on the same models and batch: the `tiny` UNet preset on 4x8x8 latents
 (random-init stage-1 checkpoint, random-init frozen D), default stage-2 config values (AdamW, lr 5e-5,
 weight decay 0.1, clipping 0.5, EMA 0.999, batch 64, rollout mode with 100 DDIM steps and gradient
-through the last one), plus the spec's adversarial term (MSELoss pred_noise/noise 1.0 +
+through the last one), plus the default adversarial term (MSELoss pred_noise/noise 1.0 +
 DiscriminatorLoss 0.1, bce). "ours" is FinetuneTrainer's own step loop (StepTrainer._run_steps:
 per-step seeding, non-finite guards, logging sums; validation/checkpoints switched off); "raw" is a
 plain loop: one torch.Generator for batch, noise and timesteps, noise_sched.add_noise, one UNet

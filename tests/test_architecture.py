@@ -170,3 +170,14 @@ def test_no_discriminator_logit_wrappers():
     assert wrappers == []
     assert not any("noise_conditioned" in _code(p) for n, p in _modules().items()
                    if n.startswith("trainer.stage2")), "stage 2 branches on noise_conditioned again"
+
+
+def test_console_script_entry_point_is_callable():
+    """`advdiff` (pyproject's [project.scripts]) must name a function: with trainer.cli a package,
+    "trainer.cli:main" would name the submodule and the installed command would fail."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["advdiff"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))

@@ -306,6 +306,7 @@ def c_missing_config(c):
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[f.__name__[2:] for f in CASES])
 def test_bad_input_fails_before_compute_with_one_exact_line(case, tmp_path, finished, digits_manifest, small_ae,
                                                             stage1_ckpt, capsys):
@@ -333,6 +334,7 @@ def test_catalogue_is_large_enough():
     assert len(CASES) >= 20
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code_and_no_traceback(tmp_path, finished):
     """The same path through a real process: exit 2, the line on stderr, nothing else."""
     bad = tmp_path / "bad.yaml"
@@ -345,6 +347,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path, finished):
                                    f"8x8 latents, got 9")
 
 
+@pytest.mark.slow
 def test_validate_lists_every_problem(tmp_path, finished):
     data = yaml.safe_load(finished.read_text())
     data["discriminator"]["config"]["latent_channels"] = 2
@@ -363,6 +366,7 @@ def test_validate_lists_every_problem(tmp_path, finished):
                for ln in lines)
 
 
+@pytest.mark.slow
 def test_validate_passes_on_a_good_config_and_the_embedded_default(tmp_path, finished):
     proc = run_cli("-m", "trainer.cli", "validate", str(finished))
     assert proc.returncode == 0, proc.stderr

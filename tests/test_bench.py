@@ -50,7 +50,7 @@ CHECKS = {"bench/overhead.py": check_overhead, "bench/generation.py": check_gene
 
 
 @pytest.mark.parametrize("script, ratio", [
-    ("bench/overhead.py", r"ratio ours/raw per step: \d+\.\d+x"),
+    pytest.param("bench/overhead.py", r"ratio ours/raw per step: \d+\.\d+x", marks=pytest.mark.slow),
     ("bench/generation.py", r"ratio ours/plain throughput \(batch \d+\): \d+\.\d+x"),
 ])
 def test_bench_quick_runs(script, ratio):
@@ -61,6 +61,7 @@ def test_bench_quick_runs(script, ratio):
     CHECKS[script](proc.stdout)
 
 
+@pytest.mark.slow
 def test_growth_quick_runs():
     """bench/growth.py measures, it has no target: each sweep prints its ratio to a proportional cost."""
     proc = run_cli("bench/growth.py", "--quick", timeout=300)

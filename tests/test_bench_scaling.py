@@ -5,7 +5,11 @@ from (within their printed rounding) and with its target line, whose PASS/MISS a
 and the stated target."""
 import re
 
+import pytest
+
 from helpers import NUM, bench_targets, ratio_bounds, run_cli, within_rounding
+
+pytestmark = pytest.mark.slow  # multi-process benchmark runs
 
 
 def test_scaling_quick_prints_efficiency(digits_manifest):

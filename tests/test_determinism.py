@@ -4,10 +4,13 @@ processes is tested in test_stage2.py (test_two_processes_match_one_and_only_mai
 docs/REPRODUCIBILITY.md for what holds on GPU."""
 import csv
 
+import pytest
 import torch
 
 from helpers import stage2_config
 from trainer.config.load import load_config
+
+pytestmark = pytest.mark.slow  # three 2-iteration stage-2 runs
 
 WALL_CLOCK = {"seconds"}  # the only columns allowed to differ between two runs
 

@@ -288,6 +288,7 @@ def fault_config(root: Path, manifest, ae, ckpt) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, digits_manifest, small_ae,
                                                                     stage1_ckpt):
     t0 = time.time()

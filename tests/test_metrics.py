@@ -84,6 +84,7 @@ acc.end_training()  # leaving a live gloo group to the interpreter's exit can ab
 """
 
 
+@pytest.mark.slow
 def test_metrics_are_the_same_at_1_and_2_processes(tmp_path):
     script = tmp_path / "m.py"
     script.write_text(SCRIPT)

@@ -152,6 +152,7 @@ def test_injection_spec(monkeypatch, tmp_path):
 
 
 # -- end to end: stage 2 through the CLI -----------------------------------------------------------------
+@pytest.mark.slow
 def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
     proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu",
@@ -170,6 +171,7 @@ def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, smal
     assert (pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"] == 0).all()
 
 
+@pytest.mark.slow
 def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digits_manifest, small_ae,
                                                                   stage1_ckpt):
     from trainer.config.load import load_config
@@ -195,6 +197,7 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digi
     assert blob["state"]["step"] == 2 and not blob["complete"] and _finite(blob)
 
 
+@pytest.mark.slow
 def test_stage2_nan_on_one_rank_is_skipped_on_both(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
     # rank 1 only; a hang (ranks disagreeing about the step) would hit the timeout

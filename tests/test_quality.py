@@ -11,6 +11,7 @@ from helpers import REPO, run_cli, stage2_config
 SMALL = ["--num_samples", "24", "--discriminator_epochs", "1", "--diffusion_epochs", "2", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     """Also, on the first run: progress bars (forced on without a terminal) and TensorBoard logging."""
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
@@ -44,6 +45,7 @@ def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckp
     assert bad.returncode == 2 and bad.stderr.startswith("advdiff: error: ")
 
 
+@pytest.mark.slow
 def test_adaptive_weight_moves_with_d_accuracy(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     # a band no accuracy can sit above forces the weight up at every validation
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,

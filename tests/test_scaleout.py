@@ -54,6 +54,7 @@ print("loaded")
     assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name, nproc", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 1)])
 def test_deepspeed_trains_both_models_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt, config_name,
                                                   nproc):
@@ -91,6 +92,7 @@ def _probe(tmp_path, cfg, *flags):
     return json.loads(out.read_text()), proc
 
 
+@pytest.mark.slow
 def test_mixed_precision_switch_acts(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     small = ["--num_samples", "16", "--discriminator_epochs", "1", "--diffusion_epochs", "1"]
     fp32, _ = _probe(tmp_path / "no", stage2_config(tmp_path / "no", digits_manifest, small_ae, stage1_ckpt),
@@ -107,6 +109,7 @@ def test_mixed_precision_switch_acts(tmp_path, digits_manifest, small_ae, stage1
                       weights_only=True)["state_dict"]["conv_in.weight"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_says_it_has_no_effect(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
     proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu", "--mixed_precision", "fp16",

@@ -131,6 +131,7 @@ class Job:
             pass
 
 
+@pytest.mark.slow
 def test_slurm_job_runs_stage2_on_two_processes(slurm, tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
     out = tmp_path / "out"
@@ -147,6 +148,7 @@ def test_slurm_job_runs_stage2_on_two_processes(slurm, tmp_path, digits_manifest
     assert not (out / ".advdiff_stop").exists() and not (out / ".advdiff_requeue").exists()
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path, digits_manifest, small_ae,
                                                                  stage1_ckpt):
     import pandas as pd

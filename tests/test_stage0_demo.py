@@ -1,4 +1,5 @@
 """Stage 0 (autoencoder) resume, the embedded demo chain, and one-line errors for bad inputs."""
+import pytest
 import torch
 import yaml
 
@@ -54,6 +55,7 @@ SMALL_DEMO = ["--set", "autoencoder.training.max_steps=4", "--set", "autoencoder
               "--set", "training.batch_size=8", "--set", "stage2.val_samples=4", "--set", "stage2.grid_samples=4"]
 
 
+@pytest.mark.slow
 def test_demo_chain_small(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
@@ -80,6 +82,7 @@ def _one_line_error(proc):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_missing_inputs_are_one_line_errors(tmp_path, digits_manifest, small_ae):
     from helpers import tiny_config
 

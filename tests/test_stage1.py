@@ -22,6 +22,7 @@ def _weights(path, key="state_dict"):
     return torch.load(path, map_location="cpu", weights_only=True)[key]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights(tmp_path, digits_manifest, small_ae):
     straight = _train(tiny_config(tmp_path / "a", digits_manifest, small_ae))
     cfg_b = tiny_config(tmp_path / "b", digits_manifest, small_ae)
@@ -49,6 +50,7 @@ def test_resume_refuses_a_changed_config(tmp_path, digits_manifest, small_ae):
         _train(cfg)
 
 
+@pytest.mark.slow
 def test_stage1_outputs_and_sample_grid(tmp_path, digits_manifest, small_ae):
     from PIL import Image
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
@@ -78,6 +80,7 @@ def _launch(tmp_path, manifest, ae, nproc):
     return proc, audit, out / "stage1"
 
 
+@pytest.mark.slow
 def test_accelerate_launch_1_and_2_processes(tmp_path, digits_manifest, small_ae):
     _, _, one = _launch(tmp_path / "p1", digits_manifest, small_ae, 1)
     proc, audit, two = _launch(tmp_path / "p2", digits_manifest, small_ae, 2)

@@ -1,4 +1,4 @@
-"""Stage 2: the spec's command line and layout, sharding at 1 and 2 processes, the adversarial
+"""Stage 2: the documented command line and output layout, sharding at 1 and 2 processes, the adversarial
 gradient in both modes, loud resume, and resume equivalence of the diffusion phase."""
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ SPEC_FLAGS = ["--num_samples", "20", "--num_iterations", "2", "--discriminator_e
 
 
 def extras(name: str, iterations: int) -> set:
-    """Files beyond the spec's layout: the best D, D's resume state, the per-iteration sample grid,
+    """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid,
     the quality summary, the record of the config fields the run started with, and the time by phase."""
     paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv"}
     paths |= {f"{name}_metrics_iter_{k}.png" for k in range(iterations)}
@@ -33,7 +33,8 @@ def _run(cfg_path, start_iteration=None, stop_after=None):
     return cfg.out_dir
 
 
-def test_spec_command_line_gives_the_spec_layout(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+@pytest.mark.slow
+def test_command_line_gives_the_documented_layout(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
     proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SPEC_FLAGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,6 +66,7 @@ def test_spec_command_line_gives_the_spec_layout(tmp_path, digits_manifest, smal
     assert best["format"] == "advdiff.diffusion" and "state" not in best
 
 
+@pytest.mark.slow
 def test_fakes_do_not_depend_on_batch_size(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     a = _run(stage2_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt,
                            stage2={"generation_batch_size": 5, "diffusion_max_steps": 1}))
@@ -75,6 +77,7 @@ def test_fakes_do_not_depend_on_batch_size(tmp_path, digits_manifest, small_ae, 
     assert torch.allclose(fa, fb, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_only_main_writes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     runs = {}
     for nproc in (1, 2):
@@ -103,6 +106,7 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, digits_manifest,
     assert torch.allclose(r1, r2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_x0_pred_mode_end_to_end(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     import pandas as pd
 
@@ -195,6 +199,7 @@ def test_start_iteration_without_checkpoint_fails_loudly(tmp_path, digits_manife
     assert not (tmp_path / "out" / "discriminator_iter_2").exists()  # nothing was started from stage 1
 
 
+@pytest.mark.slow
 def test_diffusion_phase_resume_is_exact(tmp_path, digits_manifest, small_ae, stage1_ckpt, capsys):
     import pandas as pd
 

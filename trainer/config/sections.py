@@ -140,9 +140,12 @@ class Stage2Config:
                                          gt=0, le=1)
     continue_from: str = option("latest", "Iteration k+1 starts from iteration k's latest or best checkpoint.",
                                 choices=("latest", "best"))
-    best_metric: str = option("val_loss", "Validation metric that picks the best checkpoint of an iteration "
-                              "(D is fixed within an iteration, so it is comparable there).",
-                              choices=("val_loss", "val_mse", "val_adv"))
+    best_metric: str = option("val_loss", "Validation metric that picks the best checkpoint of an iteration (D is "
+                              "fixed within an iteration, so it is comparable there). val_latent_fd: the latent FD "
+                              "of metric_samples fixed-seed samples at generation_steps against held-out reals, "
+                              "measured at every validation and on the starting weights, so an iteration that only "
+                              "regresses keeps its start as best.",
+                              choices=("val_loss", "val_mse", "val_adv", "val_latent_fd"))
     learning_rate: Optional[float] = option(None, "Fine-tuning learning rate; default training.learning_rate.",
                                             gt=0)
     warmup_steps: int = option(0, "Fine-tuning LR warm-up steps per iteration.", ge=0)

@@ -1,8 +1,9 @@
 """Per-iteration quality: does stage 2 bring samples closer to the data?
 
-Row i of `{exp}_summary.csv` describes the model after i stage-2 iterations (row 0: the stage-1
-model). It is measured on M samples generated from fixed seeds (the same noise every row) against
-held-out real latents: the rows stage 1 validated on, never trained on. Columns:
+Row i of `{exp}_summary.csv` describes the model after i stage-2 iterations (row 0: the stage-1 model;
+row i: iteration i-1's `stage2.continue_from` checkpoint, the one iteration i starts from). It is
+measured on M samples generated from fixed seeds (the same noise every row) against held-out real
+latents: the rows stage 1 validated on, never trained on. Columns:
   latent_fd, precision, recall   FD and k-NN precision/recall of (pooled) latents
   pixel_fd, pixel_precision, pixel_recall   the same on decoded images (fakes and reals both go
                                  through the frozen AE decoder, so AE error cancels out)
@@ -62,13 +63,9 @@ class Evaluator:
         """Collective: every rank generates and scores its own block of the M samples."""
         t0 = time.time()
         faults.phase(f"summary{iteration}")
-        cfg, acc = self.cfg, self.acc
+        acc = self.acc
         unet = unet.to(acc.device).eval()
-        idx = list(self.own)
-        noise = per_sample_noise(idx, self.latent_shape, cfg.training.seed, "metric").to(acc.device)
-        with acc.autocast():
-            fake = ddim_sample(unet, self.schedule.ddim(), noise, cfg.stage2.generation_steps,
-                               batch_size=cfg.stage2.generation_batch_size).float()
+        fake = self._fakes(unet)
         real = self._reals()
         row = {"iteration": iteration, "samples": self.m}
         row.update(self._scores(real, fake, ""))
@@ -87,10 +84,23 @@ class Evaluator:
         row["seconds"] = round(time.time() - t0, 2)
         return row
 
+    def _fakes(self, unet) -> torch.Tensor:
+        """This rank's block of the M samples, from the same fixed seeds at every call."""
+        cfg, acc = self.cfg, self.acc
+        noise = per_sample_noise(list(self.own), self.latent_shape, cfg.training.seed, "metric").to(acc.device)
+        with acc.autocast():
+            return ddim_sample(unet, self.schedule.ddim(), noise, cfg.stage2.generation_steps,
+                               batch_size=cfg.stage2.generation_batch_size).float()
+
+    @torch.no_grad()
+    def latent_fd(self, unet) -> float:
+        """Latent FD of `unet`'s M fixed-seed samples against the held-out reals: the summary's latent_fd,
+        without the rest of the row (a collective)."""
+        return _fd(features(self._reals()), features(self._fakes(unet)))
+
     def _scores(self, real, fake, prefix):
         fr, ff = features(real), features(fake)
-        dim = fr.shape[1]
-        fd = fd_from_moments(Moments(dim, fr.device).add(fr).reduced(), Moments(dim, ff.device).add(ff).reduced())
+        fd = _fd(fr, ff)
         p, r = precision_recall(fr, ff, self.m, self.m, k=self.cfg.stage2.metric_k)
         return {f"{prefix}fd" if prefix else "latent_fd": fd, f"{prefix}precision": p, f"{prefix}recall": r}
 
@@ -104,3 +114,9 @@ class Evaluator:
         self.acc.log({f"summary/{k}": v for k, v in row.items() if k != "iteration"}, step=int(row["iteration"]))
         self.log("summary row " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in row.items()))
+
+
+def _fd(fr: torch.Tensor, ff: torch.Tensor) -> float:
+    """Fréchet distance of two sets of per-rank feature rows (moments reduced over ranks: a collective)."""
+    dim = fr.shape[1]
+    return fd_from_moments(Moments(dim, fr.device).add(fr).reduced(), Moments(dim, ff.device).add(ff).reduced())

@@ -35,11 +35,12 @@ class FinetuneTrainer(StepTrainer):
     history_fields = METRIC_FIELDS
 
     def __init__(self, acc, cfg, k: int, layout, base, schedule, autoencoder, real: torch.Tensor,
-                 real_train: np.ndarray, d, init: dict):
+                 real_train: np.ndarray, d, init: dict, quality=None):
         """base: the stage-1 model's facts (DiffusionCheckpoint: spec, latent scaling); schedule: its noise
         schedule; autoencoder: the frozen AE's path (recorded in exports); real: this rank's real latents
         (own global range); real_train: global train mask; d: the iteration's best D (frozen here);
-        init: {"raw": state_dict, "ema": state_dict}."""
+        init: {"raw": state_dict, "ema": state_dict}; quality: model -> latent FD on fixed seeds (a
+        collective), measured at each validation (column val_latent_fd) where given."""
         self.cfg, self.k, self.schedule = cfg, k, schedule
         self.spec, self.scaling, self.autoencoder = base.spec, base.scaling, autoencoder
         self.latent_shape = (base.spec.in_channels, base.spec.sample_size, base.spec.sample_size)
@@ -69,6 +70,11 @@ class FinetuneTrainer(StepTrainer):
                          log_interval=interval, seed=t.seed, fingerprint=fingerprint,
                          max_nonfinite_steps=t.max_nonfinite_steps)
         self.best_path = layout.diffusion_checkpoint(k, "best")
+        self.quality = quality
+        if quality is not None:
+            self.history_fields = METRIC_FIELDS + ["val_latent_fd"]
+        elif s2.best_metric == "val_latent_fd":
+            raise ValueError("best_metric val_latent_fd needs a quality measure")
 
         self.unet = build_unet(self.spec)
         self.unet.load_state_dict(init["raw"])
@@ -206,8 +212,17 @@ class FinetuneTrainer(StepTrainer):
                (val_adv if n_gen else 0.0), "val_mse": s["mse_raw"] / n_val, "val_adv": val_adv,
                "d_prob_fake": s["prob"] / n_gen if n_gen else float("nan"), "lr": self.sched.get_last_lr()[0],
                "seconds": round(time.time() - self.t0, 2), "d_val_acc": d_acc, "adv_weight": adv_weight}
+        if self.quality is not None:
+            row["val_latent_fd"] = self.quality(model)
         self._adapt(d_acc)
         return row
+
+    @torch.no_grad()
+    def baseline(self):
+        """The starting weights' quality, when the best checkpoint is chosen by it."""
+        if self.quality is None or self.cfg.stage2.best_metric != "val_latent_fd":
+            return None
+        return {"val_latent_fd": self.quality(self._eval_model())}
 
     def _adapt(self, d_acc: float) -> None:
         """Keep D's accuracy in the band: push harder when D wins, ease off when it is fooled."""

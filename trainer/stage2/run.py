@@ -53,9 +53,12 @@ class Stage2Setup:
     def discriminator_trainer(self, k: int, real, fake, real_train, fake_train, **kwargs) -> DiscriminatorTrainer:
         return DiscriminatorTrainer(self.acc, self.cfg, k, self.layout, real, fake, real_train, fake_train, **kwargs)
 
-    def finetune_trainer(self, k: int, real, real_train, d, init: dict) -> FinetuneTrainer:
+    def finetune_trainer(self, k: int, real, real_train, d, init: dict, evaluator: Evaluator | None = None
+                         ) -> FinetuneTrainer:
+        quality = evaluator.latent_fd if evaluator is not None and self.cfg.stage2.best_metric == "val_latent_fd" \
+            else None
         return FinetuneTrainer(self.acc, self.cfg, k, self.layout, self.stage1, self.schedule, self.codec.ae_path,
-                               real, real_train, d, init)
+                               real, real_train, d, init, quality=quality)
 
     def evaluator(self) -> Evaluator:
         decode = self.codec.decode if self.facts.ae is not None else None
@@ -89,6 +92,12 @@ def complete(layout: RunLayout, k: int) -> bool:
         return False
 
 
+def result(s: Stage2Setup, k: int):
+    """Iteration k's result, the checkpoint iteration k+1 continues from (stage2.continue_from): what its
+    grid and summary row show."""
+    return s.layout.diffusion_checkpoint(k, s.cfg.stage2.continue_from)
+
+
 def _weights(path) -> dict:
     blob = load_diffusion_checkpoint(path).blob
     raw = blob.get("raw_state_dict") or blob["state_dict"]
@@ -109,7 +118,7 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
         init = {"raw": s.stage1.blob["state_dict"], "ema": s.stage1.blob["state_dict"]}
         log(f"iteration 0: starting from the stage-1 checkpoint {s.stage1.path} (EMA weights, step {s.stage1.step})")
     else:
-        source = layout.diffusion_checkpoint(k - 1, s2.continue_from)
+        source = result(s, k - 1)
         init = _weights(source)
         log(f"iteration {k}: starting from {source} ({s2.continue_from} of iteration {k - 1})")
     gen_unet = prepare_module(_unet(s, init["ema"]).to(acc.device).eval(), cfg.performance, acc)
@@ -141,7 +150,8 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
             evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(layout.discriminator_best(k))))
     del gen_unet
 
-    g_trainer = s.finetune_trainer(k, shard.real, real_train, load_discriminator(layout.discriminator_best(k)), init)
+    g_trainer = s.finetune_trainer(k, shard.real, real_train, load_discriminator(layout.discriminator_best(k)), init,
+                                   evaluator)
     g_trainer.stop_after = stop_after
     with timing.phase(acc, layout.timings, "diffusion", k):
         g_trainer.fit()
@@ -164,7 +174,7 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
         evaluator.record(evaluator.measure(0, _unet(s, s.stage1.blob["state_dict"]),
                                            load_discriminator(layout.discriminator_best(0))))
     if k + 1 not in evaluator.done():
-        unet = _unet(s, _weights(layout.diffusion_checkpoint(k, "latest"))["ema"])
+        unet = _unet(s, _weights(result(s, k))["ema"])
         with timing.phase(s.acc, layout.timings, "quality summary", k + 1):
             evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(layout.discriminator_best(k))))
     if s.acc.is_main_process:
@@ -176,7 +186,7 @@ def write_grid(s: Stage2Setup, k: int) -> None:
     n = s.cfg.stage2.grid_samples
     path = s.layout.grid(k)
     if n and s.acc.is_main_process and not path.is_file():
-        unet = _unet(s, _weights(s.layout.diffusion_checkpoint(k, "latest"))["ema"]).to(s.acc.device).eval()
+        unet = _unet(s, _weights(result(s, k))["ema"]).to(s.acc.device).eval()
         noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
         z = ddim_sample(unet, s.schedule.ddim(), noise, s.cfg.stage2.generation_steps)
         grid = image_grid(s.codec.decode(z), nrow=8)

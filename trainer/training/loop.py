@@ -217,6 +217,11 @@ class StepTrainer:
     def finish(self) -> None:
         """After the last step, on every rank (collectives allowed)."""
 
+    def baseline(self) -> dict | None:
+        """Metrics of the starting weights, or None. Where given, a fresh run exports them as "best" at
+        step 0, so a run whose every step is worse than where it started keeps its start as its best."""
+        return None
+
     # -- machinery -----------------------------------------------------------------------------
     @property
     def rank(self):
@@ -296,7 +301,8 @@ class StepTrainer:
 
     def fit(self) -> dict:
         """Train to max_steps (resuming if a state exists); returns the best metric record."""
-        self.try_resume()
+        if not self.try_resume() and self.best["step"] < 0:
+            self._baseline()
         if self.step >= self.max_steps:
             self.log(f"already complete ({self.step} steps); nothing to do")
             self.finish()
@@ -354,6 +360,14 @@ class StepTrainer:
             if self._checkpoint_due and (self._bad_run == 0 or self.step == self.max_steps):
                 self._checkpoint_due = False
                 self._checkpoint()
+
+    def _baseline(self) -> None:
+        metrics = self.baseline()
+        if metrics is None:
+            return
+        self.best = {"value": float(metrics[self.metric]), "step": 0}
+        self.export("best", {"step": 0, **metrics})
+        self.log("start point: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + " (best so far)")
 
     def _checkpoint(self) -> None:
         metrics = self.evaluate()
