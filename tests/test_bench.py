@@ -31,6 +31,7 @@ def check_generation(out: str) -> None:
     targets = bench_targets(out)
     assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [("ours/plain throughput", ">=", 1.0, "x")], out
     m = re.search(rf"^ratio ours/plain throughput \(batch (\d+)\): ({NUM})x by (cpu|wall) time", out, re.M)
+    assert m, out
     batch, ratio, clock = m.groups()
     assert number(ratio) and ratio == targets[0].measured_text, (ratio, targets[0].line)
     # the verdict's table: samples/s of the plain loop and of ours at that batch, and ours' ratio to plain

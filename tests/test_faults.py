@@ -2,7 +2,7 @@
 workers at once) at >= 10 random named points spread over every phase, rerun after each kill, and
 finally run to completion.
 
-An uninterrupted run with ADVDIFF_FAULT_TRACE lists every point (trainer/faults.py) and gives the
+An uninterrupted run with ADVDIFF_FAULT_TRACE lists every point (trainer/core/faults.py) and gives the
 reference outputs. The points are drawn with ADVDIFF_FAULT_SEED (printed; set it to replay a failure)
 so that every category appears (generation, encoding, latent gather/write, D step, diffusion step,
 checkpoint write, CSV write, picture write, summary, a half-written temp file) in both iterations,

@@ -1,6 +1,6 @@
 """Non-finite loss/gradient handling: a step with a NaN/Inf loss (on any rank) or gradient norm is
 skipped on every rank and counted; too many in a row stop the run with one line, exit 2, leaving the
-last good checkpoint untouched. NaNs are forced with ADVDIFF_INJECT_NAN (trainer/loop.py)."""
+last good checkpoint untouched. NaNs are forced with ADVDIFF_INJECT_NAN (trainer/core/faults.py)."""
 import hashlib
 
 import pandas as pd

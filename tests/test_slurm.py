@@ -188,7 +188,7 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path
           f"weights bit-identical to the reference: {exact}")
     # Validation rows match too. The train_* averages are left out: the resume state keeps only the
     # main process's partial sums of the interrupted log window, so that one row differs after a
-    # multi-process resume (a logging matter of trainer/loop.py; the weights above are exact).
+    # multi-process resume (a logging matter of trainer/training/loop.py; the weights above are exact).
     ma = pd.read_csv(ref_out / "t2_metrics_iter_0.csv").filter(regex="^(?!train_|seconds)")
     mb = pd.read_csv(metrics).filter(regex="^(?!train_|seconds)")
     # the validation columns at least (stage 2 may log more; tests/test_stage2.py pins the full layout)
