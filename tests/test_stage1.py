@@ -22,7 +22,6 @@ def _weights(path, key="state_dict"):
     return torch.load(path, map_location="cpu", weights_only=True)[key]
 
 
-@pytest.mark.slow
 def test_resume_gives_the_same_weights(tmp_path, digits_manifest, small_ae):
     straight = _train(tiny_config(tmp_path / "a", digits_manifest, small_ae))
     cfg_b = tiny_config(tmp_path / "b", digits_manifest, small_ae)
@@ -50,7 +49,6 @@ def test_resume_refuses_a_changed_config(tmp_path, digits_manifest, small_ae):
         _train(cfg)
 
 
-@pytest.mark.slow
 def test_stage1_outputs_and_sample_grid(tmp_path, digits_manifest, small_ae):
     from PIL import Image
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint

@@ -106,7 +106,6 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, digits_manifest,
     assert torch.allclose(r1, r2, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_x0_pred_mode_end_to_end(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     import pandas as pd
 
