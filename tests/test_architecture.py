@@ -146,7 +146,7 @@ def _code(path: Path) -> str:
                                      "fake_latents.pt", "real_latents.pt", "discriminator_best.pt",
                                      "discriminator_state.pt", "discriminator_history.csv", "stage2_run.json",
                                      "timings.csv", "samples.png",
-                                     "dataset_latents.pt", "checkpoint_{tag}", "autoencoder_{tag}"])
+                                     "dataset_latents.pt", "checkpoint_{tag}", "autoencoder_{tag}", "reference_{"])
 def test_output_paths_are_spelled_in_one_module(pattern):
     where = sorted(str(p.relative_to(REPO)) for n, p in _modules().items()
                    if n.startswith("trainer") and pattern in _code(p))

@@ -299,6 +299,16 @@ def c_corrupt_saved_latents(c):
     return [], p, f"{bad}: unreadable latents (truncated, or not written by torch.save); delete it to regenerate", True
 
 
+def c_metric_features_form(c):
+    p = c.config(_set("stage2.metric_features", "inceptionv3"))
+    return [], p, f'{p}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got "inceptionv3"', True
+
+
+def c_metric_features_missing_file(c):
+    p = c.config(_set("stage2.metric_features", "classifier:no_classifier.pt"))
+    return [], p, f"stage2.metric_features: {c.tmp / 'no_classifier.pt'}: file not found", True
+
+
 def c_missing_config(c):
     return [], c.tmp / "absent.yaml", f"{c.tmp / 'absent.yaml'}: config file not found", True
 

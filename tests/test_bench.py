@@ -89,3 +89,26 @@ def test_growth_quick_runs():
         expected = count_parameters(build_unet(preset(name, in_channels=4, out_channels=4, sample_size=16)))
         assert params == f"{expected / 1e6:.2f}", (name, params, expected)
         assert within_rounding(per_gflop, *ratio_bounds(ms, gflop)), (name, out)
+
+
+@pytest.mark.slow
+def test_stage2_vs_control_quick_runs(tmp_path):
+    """The stage-2 comparison bench end to end on a tiny stage 1: every arm runs at both step counts and lands
+    in its table (a smoke run: no quality number is asserted, only that each cell is a number)."""
+    G = rf"{NUM}(?:e[+-]\d+)?"  # a number as :.3g prints it
+    proc = run_cli("bench/stage2_vs_control.py", "--quick", "--out", str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for k in (2, 3):
+        block = out.split(f"**K = {k} DDIM steps**", 1)[1].split("\n\n", 2)[1]
+        rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                for line in block.splitlines() if line.startswith("| ") and "---" not in line}
+        assert {"control: MSE only", "offline D (the spec's)", "online D", "stage 1 + discriminator guidance",
+                f"stage 1, {k} steps"} <= set(rows), block
+        header = [c.strip() for c in block.splitlines()[0].split("|")[1:-1]]
+        assert header[:3] == ["arm", "latent FD", "classifier FD"], header
+        for name, cells in rows.items():
+            for cell in cells[:2]:  # latent FD and classifier FD: a finite number, or a mean (min-max)
+                assert re.fullmatch(rf"{G}( \({G}–{G}\))?", cell), (name, cell)
+    assert re.search(rf"^Real vs real latent FD .*: {G}\.", out, re.M), out
+    assert (tmp_path / "digits_results" / "table.md").is_file()

@@ -276,14 +276,18 @@ def assert_same_outputs(ref: Path, out: Path) -> None:
 # -- the test ------------------------------------------------------------------------------------------
 def fault_config(root: Path, manifest, ae, ckpt) -> Path:
     """Two iterations, N=16, 2 generation and 2 encode batches per process, 6 D and 6 diffusion
-    steps per iteration with a checkpoint every 2: kills land before, inside and between states."""
+    steps per iteration with a checkpoint every 2: kills land before, inside and between states. The D is
+    online (it also trains during the fine-tune, on noise-conditioned inputs, with R1), so the kills inside
+    the diffusion phase land between and inside online D updates too."""
     path = stage2_config(root, manifest, ae, ckpt,
                          stage2={"num_samples": 16, "num_iterations": ITERATIONS, "diffusion_epochs": 6,
                                  "diffusion_eval_interval": 2, "generation_batch_size": 4, "val_samples": 4,
                                  "grid_samples": 4, "metric_samples": 16},
-                         discriminator={"epochs": 2, "eval_interval": 2})
+                         discriminator={"epochs": 2, "eval_interval": 2, "mode": "online", "noise_inputs": True,
+                                        "r1_gamma": 0.1, "warm_start": True})
     data = yaml.safe_load(path.read_text())
     data["autoencoder"]["encode_batch_size"] = 4
+    data["discriminator"]["config"]["noise_conditioned"] = True
     path.write_text(yaml.safe_dump(data))
     return path
 

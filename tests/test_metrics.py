@@ -1,5 +1,5 @@
 """Fréchet distance against closed forms, k-NN precision/recall on constructed cases, and the same
-numbers at 1 and 2 processes."""
+numbers (classifier-feature FD and its bootstrap interval too) at 1 and 2 processes."""
 import json
 
 import pytest
@@ -69,17 +69,28 @@ def test_precision_recall_constructed_cases():
 
 SCRIPT = """
 import json, sys, torch
+from models.classifier import ImageClassifier
 from trainer.dist.accelerator import build_accelerator
-from trainer.dist.collectives import shard_range
-from trainer.stage2.metrics import Moments, fd_from_moments, precision_recall
+from trainer.dist.collectives import gather_shards, shard_range
+from trainer.stage2.metrics import Moments, bootstrap_fd, fd_from_moments, precision_recall
 acc = build_accelerator("cpu")
 g = torch.Generator().manual_seed(3)
 real, fake = torch.randn(37, 6, generator=g), torch.randn(41, 6, generator=g) * 1.5 + 0.3
 r, f = shard_range(37, acc.process_index, acc.num_processes), shard_range(41, acc.process_index, acc.num_processes)
 fd = fd_from_moments(Moments(6).add(real[r.start:r.stop]).reduced(), Moments(6).add(fake[f.start:f.stop]).reduced())
 p, rc = precision_recall(real[r.start:r.stop], fake[f.start:f.stop], 37, 41)
+# the classifier feature space (stage2.metric_features): each rank featurizes its own images
+torch.manual_seed(0)
+clf = ImageClassifier().eval()
+images_r, images_f = torch.rand(37, 1, 32, 32, generator=g) * 2 - 1, torch.rand(41, 1, 32, 32, generator=g) * 2 - 1
+with torch.no_grad():
+    cr, cf = clf.features(images_r[r.start:r.stop]), clf.features(images_f[f.start:f.stop])
+ref = Moments(64).add(cr).reduced()
+cls_fd = fd_from_moments(ref, Moments(64).add(cf).reduced())
+fake_all = gather_shards(cf, 41, to_all=False)
 if acc.is_main_process:
-    json.dump({"fd": fd, "p": p, "r": rc}, open(sys.argv[1], "w"))
+    lo, hi = bootstrap_fd(ref, fake_all, 50, 7, point=cls_fd)
+    json.dump({"fd": fd, "p": p, "r": rc, "cls_fd": cls_fd, "lo": lo, "hi": hi}, open(sys.argv[1], "w"))
 acc.end_training()  # leaving a live gloo group to the interpreter's exit can abort (SIGABRT)
 """
 
@@ -95,4 +106,7 @@ def test_metrics_are_the_same_at_1_and_2_processes(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         results.append(json.loads(out.read_text()))
     assert results[0]["fd"] == pytest.approx(results[1]["fd"], rel=1e-9)
+    for key in ("cls_fd", "lo", "hi"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-6), key
+    assert results[0]["lo"] < results[0]["cls_fd"] < results[0]["hi"]
     assert results[0]["p"] == results[1]["p"] and results[0]["r"] == results[1]["r"]

@@ -1,4 +1,5 @@
-"""Scale-out on CPU: DeepSpeed ZeRO-2 (2 processes) and ZeRO-3 (1 process) for both models, with
+"""Scale-out on CPU: DeepSpeed ZeRO-2 (2 processes; the online D a second engine beside the UNet) and ZeRO-3
+(1 process) for both models, with
 save, resume and DeepSpeed-free exports; and the mixed-precision switch, checked by forward dtypes."""
 import json
 import os
@@ -54,14 +55,28 @@ print("loaded")
     assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
 
 
+def _config(root, manifest, ae, ckpt, online: bool):
+    """The DeepSpeed runs' config; online: D also trains during the fine-tune (a second engine behind a
+    second Accelerator), on noise-conditioned inputs."""
+    if not online:
+        return stage2_config(root, manifest, ae, ckpt)
+    path = stage2_config(root, manifest, ae, ckpt, discriminator={"mode": "online", "n_critic": 2,
+                                                                   "noise_inputs": True})
+    data = yaml.safe_load(path.read_text())
+    data["discriminator"]["config"]["noise_conditioned"] = True
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config_name, nproc", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 1)])
+@pytest.mark.parametrize("config_name, nproc, online", [("deepspeed_zero2.yaml", 2, True),
+                                                        ("deepspeed_zero3.yaml", 1, False)])
 def test_deepspeed_trains_both_models_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt, config_name,
-                                                  nproc):
-    straight = stage2_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt)
+                                                  nproc, online):
+    straight = _config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt, online)
     proc = ds_launch(config_name, nproc, str(straight), *DS_FLAGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed = stage2_config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt)
+    resumed = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt, online)
     first = ds_launch(config_name, nproc, str(resumed), *DS_FLAGS, "--stop_after_steps", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped inside iteration 0" in first.stdout
@@ -82,6 +97,13 @@ def test_deepspeed_trains_both_models_and_resumes(tmp_path, digits_manifest, sma
     _assert_same(raw_a, raw_b, atol=1e-6)
     _assert_same(ema_a, ema_b, atol=1e-6)
     _exports_load_without_deepspeed(out_b)
+    if online:  # the online D: its own engine checkpoint, trained during the fine-tune, resumed exactly
+        assert (out_b / "checkpoints" / "t2_iter_0_checkpoint_latest.discriminator.deepspeed").is_dir()
+        d = "discriminator_iter_0/discriminator_online.pt"
+        da = torch.load(out_a / d, weights_only=True)["state_dict"]
+        _assert_same(da, torch.load(out_b / d, weights_only=True)["state_dict"], atol=1e-6)
+        offline = torch.load(out_a / "discriminator_iter_0" / "discriminator_best.pt", weights_only=True)
+        assert any(not torch.equal(offline["state_dict"][k], da[k]) for k in da)
 
 
 def _probe(tmp_path, cfg, *flags):

@@ -63,8 +63,13 @@ def test_demo_chain_small(tmp_path):
     for rel in ("data/manifest.csv", "stage0/autoencoder/config.json", "stage1/checkpoint_best.pt",
                 "stage1/samples.png", "config.yaml", "samples/digits_iter_0.png", "samples/digits_iter_1.png",
                 "checkpoints/digits_iter_1_checkpoint_latest.pt", "discriminator_iter_1/fake_latents.pt",
-                "digits_metrics_iter_1.csv"):
+                "digits_metrics_iter_1.csv", "classifier.pt", "reference_cls.npz"):
         assert (out / rel).is_file(), rel
+    import pandas as pd
+
+    summary = pd.read_csv(out / "digits_summary.csv")  # the demo's classifier features: cls_* columns
+    assert summary[["cls_fd", "cls_precision", "cls_recall", "cls_fd_lo", "cls_fd_hi"]].notna().all().all()
+    assert "held-out accuracy" in proc.stdout
     cfg = load_config(out / "config.yaml")  # the config of every stage, stage 2 included
     assert cfg.resolve_path(cfg.diffusion.stage1_checkpoint).is_file()
     assert cfg.resolve_path(cfg.autoencoder.checkpoint).is_dir()

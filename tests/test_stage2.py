@@ -13,9 +13,10 @@ SPEC_FLAGS = ["--num_samples", "20", "--num_iterations", "2", "--discriminator_e
 
 
 def extras(name: str, iterations: int) -> set:
-    """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid,
-    the quality summary, the record of the config fields the run started with, and the time by phase."""
-    paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv"}
+    """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid (and
+    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, and the time by phase."""
+    paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv",
+             f"samples/{name}_stage1.png", "reference_latent.npz", "reference_pixel.npz"}  # held-out reals' statistics
     paths |= {f"{name}_metrics_iter_{k}.png" for k in range(iterations)}
     paths |= {f"discriminator_iter_{k}/discriminator_history.png" for k in range(iterations)}
     for k in range(iterations):

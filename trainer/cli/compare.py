@@ -12,7 +12,9 @@ from trainer.stage2.evaluation import SUMMARY_FIELDS
 
 # lower is better for FD; higher for precision and recall
 COLUMNS = [("latent_fd", "lower"), ("precision", "higher"), ("recall", "higher"), ("pixel_fd", "lower"),
-           ("pixel_precision", "higher"), ("pixel_recall", "higher"), ("d_acc", None), ("d_prob_fake", None)]
+           ("pixel_precision", "higher"), ("pixel_recall", "higher"), ("cls_fd", "lower"),
+           ("cls_precision", "higher"), ("cls_recall", "higher"), ("inception_fd", "lower"),
+           ("inception_precision", "higher"), ("inception_recall", "higher"), ("d_acc", None), ("d_prob_fake", None)]
 
 
 def find_summary(run: Path) -> Path:

@@ -1,5 +1,6 @@
-"""The embedded default: digits data -> stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid,
-and a ready stage-2 config, all under one output folder. Re-running resumes or skips finished work."""
+"""The embedded default: digits data (and the digit classifier behind the summary's cls_* columns) ->
+stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid -> stage 2, all under one output folder.
+Re-running resumes or skips finished work."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,22 @@ def prepare(out: Path, is_main: bool) -> Path:
     return out / "config.yaml"
 
 
+def train_metric_classifier(cfg, is_main: bool) -> None:
+    """The classifier stage2.metric_features names (the demo's: classifier.pt beside config.yaml), trained
+    on the main process unless it is there already."""
+    from trainer.stage2.classifier import train_classifier
+    from trainer.stage2.feature_spaces import parse
+
+    kind, path = parse(cfg.stage2.metric_features)
+    if kind != "classifier" or not is_main:
+        return
+    full = cfg.resolve_path(path)
+    if full.is_file():
+        print(f"classifier: {full} already there; skipping", flush=True)
+        return
+    train_classifier(cfg, full, log=lambda line: print(line, flush=True))
+
+
 def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: bool = True) -> Path:
     from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
@@ -39,6 +56,10 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
     acc.wait_for_everyone()
     cfg = load_config(cfg_path, overrides)
     timings = RunLayout.of(cfg).timings
+    if stage2:
+        with timing.phase(acc, timings, "classifier (metric features)"):
+            train_metric_classifier(cfg, acc.is_main_process)
+        acc.wait_for_everyone()
     with timing.phase(acc, timings, "stage0 (autoencoder)"):
         AutoencoderTrainer(cfg, acc).fit()
     with timing.phase(acc, timings, "stage1 (diffusion)"):

@@ -9,9 +9,12 @@ COMMANDS = {
     "stage1": ("trainer.cli.stages", "train the diffusion UNet"),
     "stage2": ("trainer.cli.stages", "adversarial fine-tuning against a latent discriminator"),
     "validate": ("trainer.cli.validate", "check a stage-2 config, its files and flags before any compute"),
+    "sample": ("trainer.cli.sample", "DDIM samples of a checkpoint (optionally discriminator-guided) to .pt/.png"),
+    "evaluate": ("trainer.cli.evaluate", "the summary's quality row for any checkpoint, optionally with guidance"),
     "compare": ("trainer.cli.compare", "two runs' quality summaries side by side"),
     "models": ("trainer.cli.presets", "list UNet presets with computed parameter counts"),
     "digits": ("trainer.cli.demo", "write the digits dataset and manifest to a folder"),
+    "classifier": ("trainer.cli.classifier", "train the image classifier behind stage2.metric_features"),
     "config-reference": ("trainer.cli.reference", "print the config reference table (Markdown)"),
 }
 

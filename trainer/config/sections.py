@@ -108,13 +108,32 @@ class DiscriminatorTraining:
     max_grad_norm: float = option(0.0, "D gradient clipping norm (0 disables).", ge=0)
     train_split: float = option(0.8, "Fraction of each class (real, fake) D trains on; the rest validates.",
                                 gt=0, lt=1)
-    warm_start: bool = option(False, "Start each iteration's D from the previous iteration's best D.")
+    warm_start: bool = option(False, "Start each iteration's D from the previous iteration's best D (online "
+                              "mode: the previous iteration's final online D).")
+    mode: str = option("offline", "offline: one D per iteration, trained on the saved fakes, then frozen during the "
+                       "fine-tune. online: that D is the warm start, and during the fine-tune D takes n_critic "
+                       "steps per generator step on fresh rollouts of the current model against the iteration's "
+                       "reals (rollout mode only); D is frozen during each generator step.",
+                       choices=("offline", "online"))
+    n_critic: int = option(1, "Online mode: D steps per generator step.", ge=1)
+    online_batch_size: Optional[int] = option(None, "Online mode: global D batch per D step, half real and half "
+                                              "fresh fakes; default batch_size.", ge=2)
+    noise_inputs: bool = option(False, "Forward-noise D's inputs (both classes, and the generated samples it scores "
+                                "in the generator loss) to a random timestep t < noise_max_timestep x num_steps "
+                                "and pass t; needs discriminator.config.noise_conditioned.")
+    noise_max_timestep: float = option(0.5, "noise_inputs: timesteps are drawn uniformly from [0, this x num_steps).",
+                                       gt=0, le=1)
 
 
 @dataclass
 class DiscriminatorConfig:
     config: DiscriminatorArch = option(doc="Discriminator architecture.", factory=DiscriminatorArch)
     training: DiscriminatorTraining = option(doc="Discriminator training in stage 2.", factory=DiscriminatorTraining)
+
+    def check(self, where, prefix):
+        if self.training.noise_inputs and not self.config.noise_conditioned:
+            raise error_at(where, f"{prefix}.config.noise_conditioned", "true when training.noise_inputs is true",
+                           self.config.noise_conditioned)
 
 
 @dataclass
@@ -134,6 +153,11 @@ class Stage2Config:
                                       "was trained on), or one-step x0 predictions from noised reals (and D is "
                                       "then trained on those).", choices=("rollout", "x0_pred"))
     rollout_grad_steps: int = option(1, "Rollout mode: back-propagate through this many final DDIM steps.", ge=1)
+    gradient_checkpointing: bool = option(False, "Fine-tune with the UNet's gradient checkpointing: activations "
+                                          "are recomputed in the backward pass instead of stored, so back-"
+                                          "propagating through many rollout steps (rollout_grad_steps = K for a "
+                                          "K-step sampler) fits in memory on big models, for about one more "
+                                          "forward per step.")
     rollout_batch_size: Optional[int] = option(None, "Rollout mode: generated samples per step (global); "
                                                "default training.batch_size.", ge=1)
     x0_pred_max_timestep: float = option(1.0, "x0_pred mode: timesteps are drawn from [0, this x num_steps).",
@@ -157,6 +181,18 @@ class Stage2Config:
     metric_samples: int = option(1000, "Generated samples (and at most as many held-out reals) for the "
                                  "per-iteration quality summary.", ge=2)
     metric_k: int = option(3, "k of the k-NN precision and recall.", ge=1)
+    metric_features: str = option("raw", "Extra feature space of the summary, beside raw latents and pixels: raw "
+                                  "(none); classifier:PATH, the penultimate layer of an advdiff classifier "
+                                  "(`advdiff classifier` trains one; cls_fd, cls_precision, cls_recall); or "
+                                  "inception:PATH, a TorchScript file (torch.jit.save) or exported program "
+                                  "(torch.export.save, dynamic batch) mapping images in [-1, 1], (N, 3, 299, 299), "
+                                  "to Inception-v3 pool features (inception_* columns; grey images are repeated to "
+                                  "3 channels). Both score decoded fakes against "
+                                  "AE-reconstructed held-out reals; PATH is relative to the config's folder; "
+                                  "nothing is downloaded.")
+    metric_bootstrap: int = option(100, "Resamples of the generated set for the 95% bootstrap intervals "
+                                   "latent_fd_lo/hi and cls_fd_lo/hi (main process; per row on a CPU about "
+                                   "0.1 s at 64 dimensions, 0.6 s at 256, 20 s at 1024); 0 disables.", ge=0)
     adaptive_weight: bool = option(False, "Scale the adversarial weight at each validation to keep D's accuracy "
                                    "on (held-out reals, generated samples) inside adaptive_band.")
     adaptive_band: list[float] = option(doc="Target band of D accuracy for adaptive_weight.",
@@ -167,6 +203,10 @@ class Stage2Config:
         lo_hi = self.adaptive_band
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
             raise error_at(where, f"{prefix}.adaptive_band", "two numbers 0 <= low < high <= 1", lo_hi)
+        kind, sep, path = self.metric_features.partition(":")
+        if self.metric_features != "raw" and not (kind in ("classifier", "inception") and sep and path.strip()):
+            raise error_at(where, f"{prefix}.metric_features", "raw, classifier:PATH or inception:PATH",
+                           self.metric_features)
 
 
 @dataclass
@@ -320,6 +360,12 @@ class Config:
         d = self.discriminator.config
         if d.use_batch_norm:
             d.norm = "group"
+        if self.discriminator.training.noise_inputs and self.stage2.generator_loss_mode != "rollout":
+            raise error_at(where, "discriminator.training.noise_inputs", "false when stage2.generator_loss_mode is "
+                           f"{self.stage2.generator_loss_mode} (x0_pred fakes carry their own timesteps)", True)
+        if self.discriminator.training.mode == "online" and self.stage2.generator_loss_mode != "rollout":
+            raise error_at(where, "discriminator.training.mode", "offline when stage2.generator_loss_mode is "
+                           f"{self.stage2.generator_loss_mode} (online D trains on fresh rollouts)", "online")
 
     def resolve_path(self, value: Optional[str]) -> Optional[Path]:
         """Resolve a path from the config: absolute as is, relative against the YAML's folder."""

@@ -11,8 +11,9 @@ from trainer.core.errors import UserError
 
 
 def read_manifest(manifest: Path, image_column: str, filters: dict | None = None,
-                  latent_column: str | None = None) -> pd.DataFrame:
-    """Read and filter the manifest; returns rows with absolute `image_path`/`latent_path` columns."""
+                  latent_column: str | None = None, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read and filter the manifest; returns rows with absolute `image_path`/`latent_path` columns, and
+    the columns named in `keep` as they are (each must exist)."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise UserError(f"{manifest}: manifest not found")
@@ -24,6 +25,9 @@ def read_manifest(manifest: Path, image_column: str, filters: dict | None = None
     if image_column not in df.columns and not has_latents:
         raise UserError(f"{manifest}: no column '{image_column}' (dataset.image_column); "
                         f"columns are: {', '.join(map(str, df.columns))}")
+    for column in keep:
+        if column not in df.columns:
+            raise UserError(f"{manifest}: no column '{column}'; columns are: {', '.join(map(str, df.columns))}")
     for column, allowed in (filters or {}).items():
         if column not in df.columns:
             raise UserError(f"{manifest}: dataset.filters.{column}: no such column in the manifest")
@@ -44,6 +48,8 @@ def read_manifest(manifest: Path, image_column: str, filters: dict | None = None
         out["image_path"] = pd.Series([None] * len(df), dtype=object)
     out["latent_path"] = pd.Series([resolve(v) for v in df[latent_column]] if has_latents else [None] * len(df),
                                    dtype=object)
+    for column in keep:
+        out[column] = df[column].to_numpy()
     for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"])):
         if img is None and lat is None:
             raise UserError(f"{manifest}: row {i}: empty '{image_column}'"

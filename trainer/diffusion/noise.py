@@ -30,3 +30,13 @@ def batch_noise_and_timesteps(shape: tuple, t_max: int, *seed_parts) -> tuple[to
 def eta_generators(indices, *seed_parts) -> list:
     """Per-sample generators of DDIM's eta > 0 step noise."""
     return [generator(*seed_parts, "eta", int(i)) for i in indices]
+
+
+def noised_inputs(schedule, z: torch.Tensor, indices, max_timestep: float, *seed_parts):
+    """(z_t, t): `z` forward-noised to a timestep in [0, max_timestep x num_steps) per sample (a noise-
+    conditioned discriminator's input); sample i's noise and timestep depend only on (seed_parts,
+    indices[i]). Differentiable in z."""
+    t_max = max(1, int(max_timestep * schedule.num_steps))
+    noise = per_sample_noise(indices, tuple(z.shape[1:]), *seed_parts, "noise").to(z.device, z.dtype)
+    t = per_sample_timesteps(indices, t_max, *seed_parts, "t").to(z.device)
+    return schedule.add_noise(z, noise, t), t

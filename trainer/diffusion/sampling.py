@@ -1,9 +1,10 @@
-"""DDIM sampling with per-sample seeds, and sample grids."""
+"""DDIM sampling with per-sample seeds (optionally with discriminator guidance), and sample grids."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from trainer.diffusion.guidance import guided_output
 from trainer.diffusion.noise import eta_generators
 
 # On CPU, DDIM sampling feeds the UNet channels-last activations: oneDNN's convolutions are faster on
@@ -23,14 +24,26 @@ def ddim_step(ddim, model_output, t, x, eta: float = 0.0, gens=None):
     return ddim.step(model_output.float(), t, x, eta=0.0).prev_sample
 
 
-@torch.inference_mode()
 def ddim_sample(unet, ddim, noise: torch.Tensor, steps: int, eta: float = 0.0, batch_size: int = 64,
-                gen_parts: tuple | None = None, indices=None) -> torch.Tensor:
+                gen_parts: tuple | None = None, indices=None, guidance=None) -> torch.Tensor:
     """Run DDIM from `noise` in batches; returns latents on noise's device.
 
     With eta > 0 the per-step noise comes from generators seeded by (gen_parts, index), so results
     stay independent of batch size and process count.
+
+    `guidance`: a trainer.diffusion.guidance.Guidance, or None. When given, each step's UNet output is
+    corrected by the discriminator's gradient before the step (guided_output); the loop then runs under
+    no_grad with inference mode off, since the gradient needs autograd. Without it the loop runs in
+    inference mode, exactly as before guidance existed.
     """
+    if guidance is None:
+        with torch.inference_mode():
+            return _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, None)
+    with torch.inference_mode(False), torch.no_grad():
+        return _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, guidance)
+
+
+def _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, guidance) -> torch.Tensor:
     out = []
     channels_last = CPU_CHANNELS_LAST and noise.device.type == "cpu" and noise.dim() == 4
     for s in range(0, noise.shape[0], batch_size):
@@ -42,7 +55,10 @@ def ddim_sample(unet, ddim, noise: torch.Tensor, steps: int, eta: float = 0.0, b
         if eta > 0 and gen_parts is not None and indices is not None:
             gens = eta_generators(indices[s:s + batch_size], *gen_parts)
         for t in ddim.timesteps:
-            x = ddim_step(ddim, unet(x, t).sample, t, x, eta, gens)
+            if guidance is None:
+                x = ddim_step(ddim, unet(x, t).sample, t, x, eta, gens)
+            else:
+                x = ddim_step(ddim, guided_output(guidance, ddim, unet, x, t), t, x, eta, gens)
         out.append(x.contiguous())
     return torch.cat(out) if out else noise[:0]
 

@@ -75,6 +75,13 @@ def build_accelerator(device: str = "auto", mixed_precision: str = "no", report_
                 raise UserError("--report_to tensorboard: tensorboard is not installed "
                                 "(pip install 'advdiff[tracking]')")
         tracking = {"log_with": report_to, "project_dir": str(project_dir)}
+    if deepspeed:
+        # Two plugins, both from the launcher's DeepSpeed config: the first is active and serves every
+        # phase's one trained model; the second backs the Accelerator of a second model trained in the
+        # same phase (the online discriminator, engine.prepare_second). One Accelerator holds one engine.
+        from accelerate.utils import DeepSpeedPlugin
+
+        tracking["deepspeed_plugins"] = {engine.MAIN_PLUGIN: DeepSpeedPlugin(), engine.SECOND_PLUGIN: DeepSpeedPlugin()}
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs, **tracking)
     if report_to:
         acc.init_trackers(run_name)

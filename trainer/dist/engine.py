@@ -1,9 +1,11 @@
 """The few places where DeepSpeed differs from DDP, in one file.
 
-Design: each phase trains ONE model (stage 1: the UNet; stage 2: D in the discriminator phase, then
-the UNet in the fine-tune phase with D frozen and unwrapped), so one Accelerator prepares one DeepSpeed engine at a time
-and `free_memory()` destroys it before the next phase. Batch size and clipping are set in the
-DeepSpeed config before each prepare (there are no DataLoaders for accelerate to read them from).
+Design: each phase trains one model (stage 1: the UNet; stage 2: D in the discriminator phase, then
+the UNet in the fine-tune phase with D frozen and unwrapped), so one Accelerator prepares one DeepSpeed
+engine at a time and `free_memory()` destroys it before the next phase. The exception is the online
+discriminator, trained beside the UNet in the fine-tune phase: it gets a second Accelerator on a second
+plugin (prepare_second). Batch size and clipping are set in the DeepSpeed config before each prepare
+(there are no DataLoaders for accelerate to read them from).
 Under ZeRO-3 a module's parameters are partitioned: full copies are gathered (a collective, on
 every rank) only to read or write weights, and forwards go through the engine.
 """
@@ -14,6 +16,9 @@ import shutil
 from pathlib import Path
 
 from trainer.dist.collectives import barrier, shard_range
+
+# the two DeepSpeed plugins of a DeepSpeed run (dist.accelerator.build_accelerator)
+MAIN_PLUGIN, SECOND_PLUGIN = "main", "second"
 
 
 def is_deepspeed(acc) -> bool:
@@ -39,6 +44,27 @@ def prepare(acc, model, optimizer, global_batch: int, max_grad_norm: float):
         # 0 disables clipping, as under DDP
         ds["gradient_clipping"] = float(max_grad_norm)
     return acc.prepare(model, optimizer)
+
+
+def prepare_second(acc, model, optimizer, global_batch: int, max_grad_norm: float):
+    """Prepare a second model trained in the same phase as `acc`'s (the online discriminator beside the
+    UNet): returns (its accelerator, wrapped model, optimizer). Under DDP that is `acc` itself (it wraps
+    any number of models). Under DeepSpeed one Accelerator holds one engine, so the second model gets a
+    second Accelerator on the state's second plugin; the first plugin is active again afterwards. Its
+    backward and optimizer step go through the returned accelerator; its parameters must be frozen
+    while the first model's loss back-propagates through it (ZeRO hooks every trainable parameter)."""
+    if not is_deepspeed(acc):
+        return (acc, *prepare(acc, model, optimizer, global_batch, max_grad_norm))
+    from accelerate import Accelerator
+
+    state = acc.state
+    state.select_deepspeed_plugin(SECOND_PLUGIN)
+    try:
+        second = Accelerator()
+        wrapped, opt = prepare(second, model, optimizer, global_batch, max_grad_norm)
+    finally:
+        state.select_deepspeed_plugin(MAIN_PLUGIN)
+    return second, wrapped, opt
 
 
 @contextlib.contextmanager

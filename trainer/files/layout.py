@@ -7,10 +7,14 @@
       stage2_run.json                               result-defining fields of the stage-2 run
       discriminator_iter_{k}/                       per iteration: the latents D trains on and D
         real_latents.pt fake_latents.pt discriminator_{best,state}.pt discriminator_history.{csv,png}
+        discriminator_online.pt                     online mode: D at the end of the fine-tune
       checkpoints/{name}_iter_{k}_checkpoint_{best,latest}.pt   fine-tuned diffusion (latest = resume state)
       {name}_metrics_iter_{k}.{csv,png}             fine-tune validation history
       {name}_summary.{csv,png}                      quality per iteration (row 0: stage 1)
+      reference_{space}.npz                         held-out reals' feature mean/covariance (mu, sigma) per space
+      classifier.pt                                 `advdiff classifier`'s default output (the demo's feature space)
       samples/{name}_iter_{k}.png                   decoded grid of iteration k
+      samples/{name}_stage1.png                     the stage-1 model, sampled the same way
       timings.csv  tracking/  slurm/
 """
 from __future__ import annotations
@@ -97,6 +101,15 @@ class RunLayout:
     def discriminator_history(self, k: int) -> Path:
         return self.iteration_folder(k) / "discriminator_history.csv"
 
+    def discriminator_online(self, k: int) -> Path:
+        """Online mode: D as it stands at the end of iteration k's fine-tune."""
+        return self.iteration_folder(k) / "discriminator_online.pt"
+
+    def online_engine_state(self, k: int) -> Path:
+        """Online mode under DeepSpeed: the online D's engine checkpoint beside the fine-tune's resume state."""
+        latest = self.diffusion_checkpoint(k, "latest")
+        return latest.with_name(latest.stem + ".discriminator.deepspeed")
+
     @property
     def checkpoint_folder(self) -> Path:
         return self.root / "checkpoints"
@@ -119,6 +132,19 @@ class RunLayout:
 
     def grid(self, k: int) -> Path:
         return self.root / "samples" / f"{self.name}_iter_{k}.png"
+
+    @property
+    def start_grid(self) -> Path:
+        """The stage-1 model sampled as stage 2 samples (generation_steps), from the grids' fixed seeds."""
+        return self.root / "samples" / f"{self.name}_stage1.png"
+
+    def reference_stats(self, space: str) -> Path:
+        return reference_stats_of(self.summary, space)
+
+    @property
+    def classifier(self) -> Path:
+        """Where `advdiff classifier` writes unless told (the demo's stage2.metric_features names it)."""
+        return self.root / "classifier.pt"
 
     # -- every stage ----------------------------------------------------------------------------------
     @property
@@ -143,8 +169,16 @@ class RunLayout:
                      (self.diffusion_checkpoint("*", "{best,latest}"), "fine-tuned diffusion checkpoints"),
                      (self.finetune_history("*"), "fine-tune validation history"),
                      (self.summary, "quality per iteration (row 0: stage 1)"),
+                     (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
+                     (self.classifier, "the digit classifier behind the summary's cls_* columns"),
                      (self.grid("*"), "decoded grid per stage-2 iteration")]
         return [(str(path.relative_to(self.root)) + ("/" if path.suffix == "" else ""), what) for path, what in rows]
+
+
+def reference_stats_of(summary_csv: Path, space: str) -> Path:
+    """Beside the quality summary: the held-out reals' statistics (npz: mu, sigma) in one feature space
+    (latent, pixel, cls, inception)."""
+    return Path(summary_csv).parent / f"reference_{space}.npz"
 
 
 def picture_of(csv_path: Path) -> Path:

@@ -80,8 +80,9 @@ def plot_metrics(csv_path, png_path, k: int):
 
 
 def plot_summary(csv_path, png_path):
-    _panels(csv_path, png_path, [("Fréchet distance", ["latent_fd", "pixel_fd"]),
+    _panels(csv_path, png_path, [("Fréchet distance", ["latent_fd", "pixel_fd", "cls_fd", "inception_fd"]),
                                  ("k-NN precision / recall", ["precision", "recall", "pixel_precision",
-                                                              "pixel_recall"]),
+                                                              "pixel_recall", "cls_precision", "cls_recall",
+                                                              "inception_precision", "inception_recall"]),
                                  ("D", ["d_acc", "d_prob_fake"])],
             "iteration (0 = stage 1)", "sample quality per stage-2 iteration")

@@ -11,6 +11,7 @@ What is checked (stage 2): the output folder is a folder and writable; the stage
 the AE exist and load; the manifest exists, parses and has the configured columns; the filters leave
 rows, and enough of them for --num_samples; the AE's latent channels and size match the UNet's and
 the discriminator's; the discriminator's depth fits the latent size; DDIM steps fit the schedule;
+the stage2.metric_features file loads and reads the AE's channels;
 every image or latent file the run will read exists and decodes (sharded across processes at a
 training start); latents already saved in the output folder have the right shape; and a folder that
 already holds a stage-2 run was started with the same result-defining config fields.
@@ -36,6 +37,7 @@ from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.dist.collectives import agree
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load
+from trainer.stage2.feature_spaces import check_metric_features
 from trainer.stage2.generation import choose_real_rows
 from trainer.stage2.run_record import check_run_fields
 
@@ -248,7 +250,8 @@ def check_saved_latents(cfg, latent_shape) -> None:
 
 # -- the stage-2 checks ------------------------------------------------------------------------------
 def needs_ae(cfg, rows) -> bool:
-    return cfg.stage2.grid_samples > 0 or rows is None or any(not isinstance(p, str) for p in rows["latent_path"])
+    return cfg.stage2.grid_samples > 0 or cfg.stage2.metric_features != "raw" or rows is None \
+        or any(not isinstance(p, str) for p in rows["latent_path"])
 
 
 def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = False) -> Facts:
@@ -287,6 +290,7 @@ def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = Fal
             facts.ae = c.run(load_ae_config, path)
             if facts.ae is not None and facts.latent_shape is not None:
                 c.run(check_ae_fits, cfg, facts.ae, facts.latent_shape)
+    c.run(check_metric_features, cfg, facts.ae, pipeline)
     if positions is not None and facts.latent_shape is not None:
         if shard is not None:
             rank, world = shard

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from models.discriminator import build_discriminator
+from trainer.core.errors import UserError
 from trainer.core.seeds import derive_seed
+from trainer.diffusion.noise import noised_inputs
 from trainer.dist import engine
 from trainer.dist.accelerator import fast_optimizer, prepare_module
 from trainer.dist.collectives import Totals, shard_range
@@ -35,17 +37,50 @@ def load_discriminator(path):
     return d
 
 
+# DiscriminatorTraining fields added later: in the resume fingerprint only when not at their defaults, so
+# states written before them still resume
+_LATER_FIELDS = {"mode": "offline", "n_critic": 1, "online_batch_size": None, "noise_inputs": False,
+                 "noise_max_timestep": 0.5}
+
+
+def _fingerprinted(td) -> dict:
+    return {k: v for k, v in td.__dict__.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+
+
+def d_inputs(cfg) -> dict:
+    """What a D file's D was trained on, recorded in it (guidance needs to know): rollout samples, x0
+    predictions, or noised rollout samples with their t below max_timestep x num_steps."""
+    td = cfg.discriminator.training
+    if cfg.stage2.generator_loss_mode == "x0_pred":
+        return {"kind": "x0_pred", "max_timestep": cfg.stage2.x0_pred_max_timestep}
+    if td.noise_inputs:
+        return {"kind": "noised", "max_timestep": td.noise_max_timestep}
+    return {"kind": "clean", "max_timestep": 0.0}
+
+
+def check_r1_supported(acc, td) -> None:
+    """R1 differentiates D's input gradient (a double backward); DeepSpeed's gradient hooks fire inside that
+    inner backward and fail, so it is refused up front."""
+    if td.r1_gamma > 0 and engine.is_deepspeed(acc):
+        raise UserError(f"discriminator.training.r1_gamma: {td.r1_gamma} needs a double backward, which DeepSpeed's "
+                        "gradient hooks do not support; set it to 0 under DeepSpeed, or train with DDP")
+
+
 class DiscriminatorTrainer(StepTrainer):
     history_fields = D_HISTORY_FIELDS
 
     def __init__(self, acc, cfg, k: int, layout, real, fake, real_train, fake_train, real_t=None, fake_t=None,
-                 warm_start_from=None):
+                 warm_start_from=None, schedule=None):
         """real/fake: this rank's shards (own global range); *_train: global boolean train masks;
         *_t: timesteps for a noise-conditioned D (x0_pred mode), else None (t = 0); layout: the run's
-        RunLayout; warm_start_from: a D export to start from."""
-        self.cfg, self.k = cfg, k
+        RunLayout; warm_start_from: a D export to start from; schedule: the diffusion model's noise
+        schedule (needed by discriminator.training.noise_inputs)."""
+        self.cfg, self.k, self.schedule = cfg, k, schedule
         td = cfg.discriminator.training
+        if td.noise_inputs and (schedule is None or real_t is not None):
+            raise ValueError("noise_inputs needs the noise schedule and rollout-mode fakes")
         own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
+        self.own_start = own.start
         self.real, self.fake = real, fake
         self.real_t, self.fake_t = real_t, fake_t
         local = np.arange(own.start, own.stop)
@@ -60,13 +95,14 @@ class DiscriminatorTrainer(StepTrainer):
             max_steps = min(max_steps, td.max_steps)
         interval = td.eval_interval or self.per_epoch
         arch = cfg.discriminator.config
-        fingerprint = {"arch": dict(arch.__dict__), "training": dict(td.__dict__), "seed": cfg.training.seed,
+        fingerprint = {"arch": dict(arch.__dict__), "training": _fingerprinted(td), "seed": cfg.training.seed,
                        "num_samples": cfg.stage2.num_samples, "mode": cfg.stage2.generator_loss_mode}
         super().__init__(acc, stage=f"stage2_d{k}", phase_label=f"iteration {k}, discriminator phase",
                          state_path=layout.discriminator_state(k), history_path=layout.discriminator_history(k),
                          max_steps=max_steps, eval_interval=interval, log_interval=interval, seed=cfg.training.seed,
                          fingerprint=fingerprint, max_nonfinite_steps=cfg.training.max_nonfinite_steps)
         self.best_path = layout.discriminator_best(k)
+        check_r1_supported(acc, td)
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "discriminator", k))
         self.d = build_discriminator(arch)
         if warm_start_from is not None:
@@ -83,8 +119,14 @@ class DiscriminatorTrainer(StepTrainer):
         n_local = len(shard_range(self.half, self.rank, self.world))
         return draw_local(positions, n_local, step, self.per_epoch, self.seed, self.stage, label, self.rank)
 
-    def _inputs(self, which: str, pos: np.ndarray):
+    def _inputs(self, which: str, pos: np.ndarray, *noise_parts):
+        """D's inputs at this rank's positions; with noise_inputs, forward-noised from (noise_parts, class,
+        global index) draws."""
         z = (self.real if which == "real" else self.fake)[pos].to(self.acc.device)
+        td = self.cfg.discriminator.training
+        if td.noise_inputs:
+            return noised_inputs(self.schedule, z.float(), self.own_start + pos, td.noise_max_timestep, self.seed,
+                                 self.stage, *noise_parts, which)
         t_all = self.real_t if which == "real" else self.fake_t
         t = None if t_all is None else t_all[pos].to(self.acc.device)
         return z, t
@@ -92,8 +134,8 @@ class DiscriminatorTrainer(StepTrainer):
     def train_step(self, step):
         td = self.cfg.discriminator.training
         pr, pf = self._draw(self.tr_real, step, "real"), self._draw(self.tr_fake, step, "fake")
-        zr, tr = self._inputs("real", pr)
-        zf, tf = self._inputs("fake", pf)
+        zr, tr = self._inputs("real", pr, step)
+        zf, tf = self._inputs("fake", pf, step)
         if td.r1_gamma > 0:
             zr = zr.detach().requires_grad_(True)
         z = torch.cat([zr, zf])
@@ -121,7 +163,7 @@ class DiscriminatorTrainer(StepTrainer):
         sums = Totals(["loss_real", "loss_fake", "correct_real", "correct_fake", "n_real", "n_fake"], self.acc.device)
         for which, positions in (("real", self.va_real), ("fake", self.va_fake)):
             for s in range(0, len(positions), 256):
-                z, t = self._inputs(which, positions[s:s + 256])
+                z, t = self._inputs(which, positions[s:s + 256], "val")
                 logits = self.d(z, t).float()
                 real = which == "real"
                 sums.add(f"loss_{which}", d_loss_terms(td.loss, logits, real=real).sum())
@@ -147,5 +189,6 @@ class DiscriminatorTrainer(StepTrainer):
             weights = engine.state_dict(self.acc, self.d)
             if self.acc.is_main_process:
                 atomic.save_torch({"format": D_FORMAT, "config": self.d.config, "state_dict": weights,
-                               "iteration": self.k, "step": self.step, "metrics": metrics}, self.best_path)
+                                   "iteration": self.k, "step": self.step, "metrics": metrics,
+                                   "inputs": d_inputs(self.cfg)}, self.best_path)
 

@@ -5,9 +5,14 @@ The sample D scores comes from the distribution D was trained on:
            only. D was trained on fully sampled fakes from the same DDIM settings.
   x0_pred  one-step x0 predictions from noised real latents; D was trained on exactly those (at
            timesteps from the same range) as its fakes.
+
+With `discriminator.training.mode: online` D is not frozen for the whole phase: before each generator
+step it takes n_critic steps on fresh rollouts of the current weights (stage2/online.py), and it is
+frozen only during the generator step itself.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -15,13 +20,16 @@ import numpy as np
 import torch
 
 from models.unet import build_unet, spec_to_dict
+from trainer.core.errors import UserError
 from trainer.diffusion.checkpoints import export_blob
-from trainer.diffusion.noise import batch_noise_and_timesteps, eta_generators, per_sample_noise, per_sample_timesteps
+from trainer.diffusion.noise import (batch_noise_and_timesteps, eta_generators, noised_inputs, per_sample_noise,
+                                     per_sample_timesteps)
 from trainer.diffusion.sampling import ddim_step
 from trainer.dist import engine
 from trainer.dist.accelerator import fast_optimizer, prepare_module
 from trainer.dist.collectives import Totals, shard_range
 from trainer.files import atomic
+from trainer.stage2.online import OnlineDiscriminator
 from trainer.training.ema import EMA, sync_eval_copy
 from trainer.training.loop import StepTrainer, draw_local, local_weight
 from trainer.training.losses import CompositeLoss, g_loss_terms
@@ -63,6 +71,12 @@ class FinetuneTrainer(StepTrainer):
                        "loss": [dict(x.__dict__) for x in t.loss.losses], "lr": self.lr, "batch_size": t.batch_size,
                        "generation_steps": s2.generation_steps, "eta": s2.eta,
                        "rollout_grad_steps": s2.rollout_grad_steps, "ema_decay": t.ema_decay}
+        td = cfg.discriminator.training
+        self.online_mode = td.mode == "online" and d is not None and s2.generator_loss_mode == "rollout"
+        if self.online_mode or td.noise_inputs:  # (older states have neither key)
+            fingerprint["discriminator"] = {k: getattr(td, k) for k in (
+                "mode", "n_critic", "online_batch_size", "noise_inputs", "noise_max_timestep", "loss", "r1_gamma",
+                "learning_rate", "betas", "weight_decay")}
         # the latest export is also the resume state
         super().__init__(acc, stage=f"stage2_g{k}", phase_label=f"iteration {k}, diffusion phase",
                          metric=s2.best_metric, state_path=layout.diffusion_checkpoint(k, "latest"),
@@ -70,6 +84,7 @@ class FinetuneTrainer(StepTrainer):
                          log_interval=interval, seed=t.seed, fingerprint=fingerprint,
                          max_nonfinite_steps=t.max_nonfinite_steps)
         self.best_path = layout.diffusion_checkpoint(k, "best")
+        self.online_path, self.online_engine_path = layout.discriminator_online(k), layout.online_engine_state(k)
         self.quality = quality
         if quality is not None:
             self.history_fields = METRIC_FIELDS + ["val_latent_fd"]
@@ -78,6 +93,8 @@ class FinetuneTrainer(StepTrainer):
 
         self.unet = build_unet(self.spec)
         self.unet.load_state_dict(init["raw"])
+        if s2.gradient_checkpointing:  # recompute activations in backward: K-step rollouts fit in memory
+            self.unet.enable_gradient_checkpointing()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.load_state_dict(init["ema"])
         self.ema = EMA(self.ema_unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
@@ -89,7 +106,12 @@ class FinetuneTrainer(StepTrainer):
         self.ema_unet.to(acc.device)
         self.loss = CompositeLoss.from_config(t.loss)
         self.d = d
-        if d is not None:
+        self.online = None
+        if self.online_mode:  # D trains beside the UNet; frozen only inside the generator step
+            self.online = OnlineDiscriminator(acc, cfg, d)
+            self.d = self.online.d
+            self.history_fields = self.history_fields + ["train_d_loss", "train_d_acc"]
+        elif d is not None:
             d.requires_grad_(False)  # frozen: gradients reach the UNet through D, never D itself
             self.d = d.to(acc.device).eval()
         self.ddim = schedule.ddim()
@@ -124,10 +146,36 @@ class FinetuneTrainer(StepTrainer):
 
     # -- the step ----------------------------------------------------------------------------------
     def train_step(self, step):
-        loss, parts, n = self.compute_loss(step)
-        self.apply_update(loss * local_weight(n, self.batch, self.world), self.ddp_unet, self.unet, self.opt,
-                          self.sched, self.cfg.training.max_grad_norm, self.ema)
-        return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"]}
+        logs = self.critic_steps(step) if self.online is not None else {}
+        with self.online.frozen() if self.online is not None else contextlib.nullcontext():
+            loss, parts, n = self.compute_loss(step)
+            self.apply_update(loss * local_weight(n, self.batch, self.world), self.ddp_unet, self.unet, self.opt,
+                              self.sched, self.cfg.training.max_grad_norm, self.ema)
+        return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"], **logs}
+
+    def critic_steps(self, step) -> dict:
+        """Online mode: n_critic D updates on fresh rollouts of the current weights against this rank's reals."""
+        td = self.cfg.discriminator.training
+        online, sums = self.online, {"d_loss": 0.0, "d_acc": 0.0}
+        mine = list(shard_range(online.half, self.rank, self.world))
+        model = engine.forward_module(self.acc, self.ddp_unet, self.unet)
+        for c in range(td.n_critic):
+            parts = (self.seed, self.stage, "critic", step, c)
+            with torch.no_grad():
+                x, t_last, gens = self._rollout_start(model, mine, (*parts, "rollout"))
+                with self.acc.autocast():
+                    fake = ddim_step(self.ddim, model(x, t_last).sample, t_last, x, self.cfg.stage2.eta, gens).float()
+            pos = draw_local(self.tr, len(mine), step * td.n_critic + c, self.per_epoch, self.seed, self.stage,
+                             "critic-real", self.rank)
+            real = self.real[pos].to(self.acc.device).float()
+            real_t = fake_t = None
+            if td.noise_inputs:
+                real, real_t = noised_inputs(self.schedule, real, mine, td.noise_max_timestep, *parts, "real")
+                fake, fake_t = noised_inputs(self.schedule, fake, mine, td.noise_max_timestep, *parts, "fake")
+            out = online.step(real, real_t, fake, fake_t, local_weight(2 * len(mine), 2 * online.half, self.world))
+            for key in sums:
+                sums[key] += out[key] / td.n_critic
+        return sums
 
     def compute_loss(self, step):
         """The composite loss of `step` on this rank: (loss, parts, local batch size)."""
@@ -156,6 +204,11 @@ class FinetuneTrainer(StepTrainer):
         if rollout:
             outputs["generated"] = ddim_step(self.ddim, out[n:], t_last, x_r, s2.eta, gens)
             outputs["generated_t"] = None
+            td = self.cfg.discriminator.training
+            if td.noise_inputs:  # D scores the sample forward-noised, as it was trained (still differentiable)
+                outputs["generated"], outputs["generated_t"] = noised_inputs(
+                    self.schedule, outputs["generated"].float(), list(mine), td.noise_max_timestep, self.seed,
+                    self.stage, "generated", step)
         elif adv:
             keep = self._x0_pred_mask(t)
             outputs["generated"] = outputs["pred_latent"][keep]
@@ -169,6 +222,15 @@ class FinetuneTrainer(StepTrainer):
 
     @torch.no_grad()
     def evaluate(self):
+        if self.online is None:
+            return self._evaluate()
+        self.d.eval()
+        try:
+            return self._evaluate()
+        finally:
+            self.d.train()
+
+    def _evaluate(self):
         s2 = self.cfg.stage2
         model = self._eval_model()
         # adv/prob/fake_correct over generated samples (n_gen), real_correct over reals (n_real)
@@ -251,11 +313,21 @@ class FinetuneTrainer(StepTrainer):
 
     # -- state and exports -------------------------------------------------------------------------
     def model_state(self):
-        return {"optimizer": self.optimizer_state(self.opt), "lr_scheduler": self.sched.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "adv_weights": [term.weight for term in self.loss.terms]}
+        state = {"optimizer": self.optimizer_state(self.opt), "lr_scheduler": self.sched.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                 "adv_weights": [term.weight for term in self.loss.terms]}
+        if self.online is not None:
+            state["online_d"] = self.online.state(self.online_engine_path)
+            if self.step >= self.max_steps:  # the final D, written before the state that marks the phase complete
+                self.online.export(self.online_path, self.k, self.step)
+        return state
 
     def load_model_state(self, state):
+        if self.online is not None:
+            if "online_d" not in state:
+                raise UserError(f"{self.state_path}: written without an online discriminator; delete it to restart "
+                                f"iteration {self.k}'s fine-tune")
+            self.online.load_state(state["online_d"], self.online_engine_path)
         self.load_optimizer_state(self.opt, state["optimizer"])
         for term, weight in zip(self.loss.terms, state.get("adv_weights", [])):
             term.weight = weight
@@ -267,7 +339,10 @@ class FinetuneTrainer(StepTrainer):
         blob = export_blob(self.spec, engine.state_dict(self.acc, self._eval_model()), self.scaling, self.step,
                            metrics, schedule=self.schedule.to_dict(), autoencoder=self.autoencoder,
                            config=self.cfg.to_dict(), raw_weights=engine.state_dict(self.acc, self.unet))
-        blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2")
+        s2 = self.cfg.stage2
+        # the sampler these weights were fine-tuned for (few-step weights are meant for exactly K steps)
+        blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2",
+                    sampling={"sampler": "ddim", "steps": s2.generation_steps, "eta": s2.eta})
         return blob
 
     def wrap_state(self, state):

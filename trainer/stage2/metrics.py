@@ -7,6 +7,12 @@
   set, so the (small) feature matrices are shared; each rank scores only its own rows and the
   counts are all-reduced.
 
+- A bootstrap interval of the FD over the generated set: the fake rows (gathered in index order, so
+  any process count draws the same) are resampled with replacement from a fixed seed; the real set's
+  moments stay fixed. The trace term reuses the reals' covariance square root, so each resample costs
+  one symmetric eigenvalue problem (100 resamples of 1,000 rows on a CPU: about 0.1 s at 64
+  dimensions, 0.6 s at 256, 20 s at 1024).
+
 Features: flattened latents, average-pooled first where C*H*W exceeds `max_dim` (FD needs a
 covariance that the sample count can estimate).
 """
@@ -115,3 +121,51 @@ def precision_recall(real_local: torch.Tensor, fake_local: torch.Tensor, n_real:
     counts[1] = _covered(real_all[r_rows.start:r_rows.stop], fake_all, fake_radii).sum()
     counts = all_reduce_sum(counts)
     return float(counts[0] / n_fake), float(counts[1] / n_real)
+
+
+def bootstrap_fd(real: Moments, fake: torch.Tensor, resamples: int, seed: int, level: float = 0.95,
+                 point: float | None = None, chunk: int = 16) -> tuple[float, float]:
+    """A `level` interval of the FD between `real` (reduced moments) and the whole fake set (n rows, in
+    index order; no collective): `resamples` draws of n rows with replacement from a fixed seed. `point`:
+    the FD of the whole set, when known."""
+    n = fake.shape[0]
+    if resamples < 1 or n < 2:
+        return math.nan, math.nan
+    fake = fake.double()
+    mu_r, cov_r = (t.to(fake.device) for t in real.mean_cov())
+    picks = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones(resamples, n, dtype=torch.float64)).to(fake.device)
+    s1 = _sqrt_psd(cov_r)
+    fds = [_resampled_fd(w, fake, mu_r, cov_r, s1) for w in counts.split(chunk)]
+    tail = (1 - level) / 2
+    lo, mid, hi = torch.quantile(torch.cat(fds).cpu(), torch.tensor([tail, 0.5, 1 - tail], dtype=torch.float64))
+    # resampled sets hold repeated rows, which inflates FD's finite-sample bias: the raw percentiles sit
+    # above the point estimate. Their spread around the median is the sampling variation; place it there.
+    if point is None:
+        point = fd_from_moments(real, Moments(fake.shape[1], fake.device).add(fake))
+    return float(point - (mid - lo)), float(point + (hi - mid))
+
+
+def _resampled_fd(w: torch.Tensor, fake: torch.Tensor, mu_r, cov_r, s1) -> torch.Tensor:
+    """FDs of b resamples given as row counts w (b, n), with the reals' covariance square root s1."""
+    n = fake.shape[0]
+    mean = w @ fake / n                                                  # (b, d)
+    second = (fake.T[None] * w[:, None, :]) @ fake                       # sum_i w_i x_i x_i^T
+    cov = (second - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+    inner = _eigvalsh_one_thread(s1 @ cov @ s1).clamp(min=0).sqrt().sum(-1)
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return ((mean - mu_r) ** 2).sum(-1) + torch.trace(cov_r) + trace - 2 * inner
+
+
+def _eigvalsh_one_thread(m: torch.Tensor) -> torch.Tensor:
+    """Batched eigenvalues; on CPU with one thread: many small eigenproblems gain nothing from threads,
+    and on a busy machine contending threads make them 10-1000x slower."""
+    if m.device.type != "cpu":
+        return torch.linalg.eigvalsh(m)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvalsh(m)
+    finally:
+        torch.set_num_threads(threads)

@@ -29,7 +29,7 @@ from trainer.dist.accelerator import prepare_module
 from trainer.files import atomic, plots, timing
 from trainer.files.layout import RunLayout, picture_of
 from trainer.stage2.checks import ae_path, start_checks
-from trainer.stage2.discriminator_trainer import DiscriminatorTrainer, load_discriminator
+from trainer.stage2.discriminator_trainer import DiscriminatorTrainer, check_r1_supported, load_discriminator
 from trainer.stage2.evaluation import Evaluator
 from trainer.stage2.finetune_trainer import FinetuneTrainer
 from trainer.stage2.generation import iteration_shard, stratified_split, x0_pred_fakes
@@ -51,7 +51,8 @@ class Stage2Setup:
     facts: object                 # what the checks learnt (stage2.checks.Facts)
 
     def discriminator_trainer(self, k: int, real, fake, real_train, fake_train, **kwargs) -> DiscriminatorTrainer:
-        return DiscriminatorTrainer(self.acc, self.cfg, k, self.layout, real, fake, real_train, fake_train, **kwargs)
+        return DiscriminatorTrainer(self.acc, self.cfg, k, self.layout, real, fake, real_train, fake_train,
+                                    schedule=self.schedule, **kwargs)
 
     def finetune_trainer(self, k: int, real, real_train, d, init: dict, evaluator: Evaluator | None = None
                          ) -> FinetuneTrainer:
@@ -98,6 +99,12 @@ def result(s: Stage2Setup, k: int):
     return s.layout.diffusion_checkpoint(k, s.cfg.stage2.continue_from)
 
 
+def iteration_discriminator(layout: RunLayout, k: int):
+    """The D iteration k's fine-tune ended with: the online D where one was trained, else the offline best."""
+    online = layout.discriminator_online(k)
+    return online if online.is_file() else layout.discriminator_best(k)
+
+
 def _weights(path) -> dict:
     blob = load_diffusion_checkpoint(path).blob
     raw = blob.get("raw_state_dict") or blob["state_dict"]
@@ -133,7 +140,7 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     if s2.generator_loss_mode == "x0_pred":
         fake_for_d, real_t = x0_pred_fakes(acc, cfg, s.schedule, gen_unet, shard.real, shard.own, k, s.latent_shape)
         fake_t = real_t
-    warm = layout.discriminator_best(k - 1) if k > 0 and cfg.discriminator.training.warm_start else None
+    warm = iteration_discriminator(layout, k - 1) if k > 0 and cfg.discriminator.training.warm_start else None
     d_trainer = s.discriminator_trainer(k, shard.real, fake_for_d, real_train, fake_train, real_t=real_t,
                                         fake_t=fake_t, warm_start_from=warm)
     with timing.phase(acc, layout.timings, "discriminator", k):
@@ -176,23 +183,26 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
     if k + 1 not in evaluator.done():
         unet = _unet(s, _weights(result(s, k))["ema"])
         with timing.phase(s.acc, layout.timings, "quality summary", k + 1):
-            evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(layout.discriminator_best(k))))
+            evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(iteration_discriminator(layout, k))))
     if s.acc.is_main_process:
         plots.redraw_stale(evaluator.path, plots.plot_summary)
 
 
-def write_grid(s: Stage2Setup, k: int) -> None:
-    """Decoded samples of iteration k's final weights, from the same fixed seeds every iteration."""
+def write_grid(s: Stage2Setup, k: int | None) -> None:
+    """Decoded samples of iteration k's final weights (k None: the stage-1 model), from the same fixed seeds
+    and with the same DDIM steps every time, so the grids compare picture by picture."""
     n = s.cfg.stage2.grid_samples
-    path = s.layout.grid(k)
+    path = s.layout.grid(k) if k is not None else s.layout.start_grid
     if n and s.acc.is_main_process and not path.is_file():
-        unet = _unet(s, _weights(result(s, k))["ema"]).to(s.acc.device).eval()
+        weights = _weights(result(s, k))["ema"] if k is not None else s.stage1.blob["state_dict"]
+        unet = _unet(s, weights).to(s.acc.device).eval()
         noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
         z = ddim_sample(unet, s.schedule.ddim(), noise, s.cfg.stage2.generation_steps)
         grid = image_grid(s.codec.decode(z), nrow=8)
         atomic.save_png(grid, path)
-        log_image(s.acc, "samples", grid, k)
-        s.log(f"iteration {k}: sample grid written to {path}")
+        if k is not None:
+            log_image(s.acc, "samples", grid, k)
+        s.log(f"{'iteration ' + str(k) if k is not None else 'stage 1'}: sample grid written to {path}")
     s.acc.wait_for_everyone()
 
 
@@ -206,6 +216,7 @@ def log_image(acc, name, grid, step) -> None:
 
 def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
     s = setup(cfg, acc)
+    check_r1_supported(acc, cfg.discriminator.training)
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:
         if start_iteration >= s2.num_iterations:
@@ -225,6 +236,7 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
         atomic.remove_stale_temps(layout.root)  # temp files of writes a kill interrupted
         record_run_fields(cfg, run_fields(cfg, s.facts.stage1))
     log_resume_point(s, first)
+    write_grid(s, None)  # the stage-1 model at stage 2's sampling steps: what the iterations' grids improve on
     for k in range(first, s2.num_iterations):
         if preempt.should_stop(acc.device):
             preempt.stop(acc, f"before iteration {k}")

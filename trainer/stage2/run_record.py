@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from trainer.config.sections import Config
 from trainer.core.errors import UserError
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
@@ -51,8 +52,10 @@ def check_run_fields(cfg, stage1) -> dict:
     except Exception as e:
         raise UserError(f"{path}: unreadable ({type(e).__name__}); it records the config this folder's run "
                         f"started with") from None
+    # a field added to advdiff after this folder's run started is unchanged while it keeps its default
+    defaults = json.loads(json.dumps(dict(_flatten(Config().to_dict())), default=str))
     changed = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}"
-               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+               for k in sorted(set(before) | set(now)) if before.get(k, defaults.get(k)) != now.get(k)]
     if changed:
         raise UserError(f"{cfg.out_dir}: this folder's stage-2 run was started with a different config "
                         f"({'; '.join(changed)}); use a new experiment.save_path, or restore those fields")

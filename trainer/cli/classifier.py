@@ -1,0 +1,45 @@
+"""`advdiff classifier CONFIG [--out PATH]`: train the image classifier whose penultimate features back
+`stage2.metric_features: classifier:PATH` (cls_fd, cls_precision, cls_recall in the quality summary).
+
+It learns the manifest's label column on the training split (training.train_split, split_seed) and
+prints its accuracy on the held-out rows, the ones the summary scores against. One CPU process, seconds
+for the embedded digits."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.cli.common import run_main
+from trainer.core.errors import UserError
+from trainer.files.layout import RunLayout
+from trainer.stage2.classifier import DEFAULT_EPOCHS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advdiff classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML (its dataset section names the manifest)")
+    p.add_argument("--out", default=None, help="weights file to write (default <experiment.save_path>/classifier.pt)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"passes over the training split "
+                   f"(default {DEFAULT_EPOCHS})")
+    p.add_argument("--label-column", "--label_column", default="label", help="manifest column of integer class "
+                   "labels (default label)")
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any config field (repeatable)")
+    p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    from trainer.stage2.classifier import train_classifier
+
+    def body(cfg, args):
+        if args.epochs < 1:
+            raise UserError(f"--epochs: expected an integer >= 1, got {args.epochs}")
+        out = Path(args.out) if args.out else RunLayout.of(cfg).classifier
+        if out.is_dir():
+            raise UserError(f"--out {out}: is a folder; name the weights file")
+        train_classifier(cfg, out, epochs=args.epochs, label_column=args.label_column)
+
+    return run_main(build_parser(), argv, body)

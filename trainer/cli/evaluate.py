@@ -1,0 +1,101 @@
+"""`advdiff evaluate CONFIG`: the quality row of the stage-2 summary for any diffusion checkpoint, optionally
+sampled with discriminator guidance, without training or writing into the run.
+
+    advdiff evaluate CONFIG [--checkpoint PATH] [--generation_steps K] [--seed S] [--set PATH=VALUE ...]
+                     [--discriminator D.pt --guidance_weight W --guidance_t_min F --guidance_t_max F]
+                     [--json OUT.json]
+
+The row is measured exactly as the summary's rows are (stage2/evaluation.py): stage2.metric_samples samples
+from the same fixed seeds, at stage2.generation_steps, against the same held-out reals, in every feature
+space the config names (latent, pixel, stage2.metric_features). Default checkpoint: the config's stage-1
+model. With --discriminator the sampler's UNet output is corrected at each DDIM step by
+w * grad log(D / (1 - D)) (trainer/diffusion/guidance.py); that is how discriminator guidance is measured
+against fine-tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from trainer.cli.common import add_config_args, load_from_args, run_main
+from trainer.cli.sample import load_guidance_discriminator
+from trainer.core.errors import UserError
+from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advdiff evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML (a stage-2 config: data, AE, metrics)")
+    p.add_argument("--checkpoint", default=None, help="diffusion checkpoint to measure (default: the config's "
+                   "stage-1 checkpoint)")
+    p.add_argument("--generation_steps", type=int, default=None, help="overrides stage2.generation_steps")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the row as JSON (atomically)")
+    add_config_args(p)
+    g = p.add_argument_group("discriminator guidance")
+    g.add_argument("--discriminator", default=None, metavar="D.pt", help="a stage-2 discriminator export")
+    g.add_argument("--guidance_weight", type=float, default=1.0, help="w (default 1)")
+    g.add_argument("--guidance_t_min", type=float, default=DEFAULT_T_MIN, help="off for t < this x T")
+    g.add_argument("--guidance_t_max", type=float, default=1.0, help="off for t > this x T")
+    g.add_argument("--guidance_input", default="x_t", choices=INPUTS, help="what D sees (see advdiff sample)")
+    return p
+
+
+def evaluate_main(argv=None) -> int:
+    def extra(args):
+        return {"stage2.generation_steps": args.generation_steps} if args.generation_steps is not None else {}
+
+    return run_main(parser(), argv, body, extra_overrides=extra)
+
+
+def body(cfg, args) -> None:
+    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.files import atomic
+    from trainer.stage2.run import setup
+
+    if not math.isfinite(args.guidance_weight):
+        raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")
+    if not 0 <= args.guidance_t_min <= args.guidance_t_max <= 1:
+        raise UserError(f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
+                        f"{args.guidance_t_min}, {args.guidance_t_max}")
+    acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
+    s = setup(cfg, acc)  # every input check of stage 2, before any compute
+    path = Path(args.checkpoint) if args.checkpoint else s.stage1.path
+    if not path.is_file():
+        raise UserError(f"--checkpoint: {path}: not found")
+    ckpt = load_diffusion_checkpoint(path)
+    if ckpt.spec != s.stage1.spec:
+        raise UserError(f"--checkpoint: {path}: its UNet differs from the config's stage-1 model "
+                        f"({s.stage1.path}); evaluate it with the config it was trained with")
+    unet = ckpt.unet.to(acc.device).eval()
+    guided = None
+    if args.discriminator is not None:
+        d = load_guidance_discriminator(Path(args.discriminator), s.latent_shape, args.guidance_input)
+        guided = Guidance(d.to(acc.device), weight=args.guidance_weight, t_min=args.guidance_t_min,
+                          t_max=args.guidance_t_max, input=args.guidance_input)
+    evaluator = s.evaluator()
+    evaluator.guidance = guided
+    row = evaluator.measure(0, unet, None)
+    row.pop("iteration", None)
+    row.update(checkpoint=str(path), generation_steps=cfg.stage2.generation_steps,
+               guidance=None if guided is None else {"discriminator": str(args.discriminator),
+                                                     "weight": guided.weight, "t_min": guided.t_min,
+                                                     "t_max": guided.t_max, "input": guided.input})
+    if acc.is_main_process:
+        text = json.dumps(row, indent=1, default=str)
+        print(text)
+        if args.json:
+            atomic.write_text(text + "\n", Path(args.json))
+
+
+def main(argv=None) -> int:
+    return evaluate_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

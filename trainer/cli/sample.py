@@ -1,0 +1,181 @@
+"""`advdiff sample CHECKPOINT --out PREFIX`: DDIM samples of a diffusion checkpoint, optionally with
+discriminator guidance; writes PREFIX.pt (model-space latents) and, with an autoencoder, PREFIX.png."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.core.errors import UserError
+from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
+
+GRID_MAX = 64  # the PNG shows the first 64 samples
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advdiff sample", description=__doc__)
+    p.add_argument("checkpoint", help="a stage-1 or stage-2 diffusion checkpoint (.pt)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pt (all samples) and PREFIX.png (a grid of the first "
+                   f"{GRID_MAX})")
+    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+    p.add_argument("--ae", default=None, help="autoencoder for the PNG grid (default: the one the checkpoint names)")
+    p.add_argument("--no_grid", "--no-grid", action="store_true", help="latents only, no decoded grid")
+    p.add_argument("--nrow", type=int, default=8, help="grid columns (default 8)")
+    g = p.add_argument_group("discriminator guidance (Kim et al., 2022)")
+    g.add_argument("--discriminator", default=None, metavar="D.pt", help="a stage-2 discriminator export; "
+                   "guidance is on when given")
+    g.add_argument("--guidance_weight", "--guidance-weight", type=float, default=None, help="w (default 1)")
+    g.add_argument("--guidance_t_min", "--guidance-t-min", type=float, default=None,
+                   help=f"off for t < this x T (default {DEFAULT_T_MIN})")
+    g.add_argument("--guidance_t_max", "--guidance-t-max", type=float, default=None,
+                   help="off for t > this x T (default 1)")
+    g.add_argument("--guidance_input", "--guidance-input", default=None, choices=INPUTS,
+                   help="what D sees: the noisy latent (x_t, the paper's) or the model's clean prediction "
+                        "(x0_pred: what stage 2's noise-conditioned D was trained on)")
+    return p
+
+
+GUIDANCE_DEFAULTS = {"guidance_weight": 1.0, "guidance_t_min": DEFAULT_T_MIN, "guidance_t_max": 1.0,
+                     "guidance_input": "x_t"}
+
+
+def check_args(args) -> None:
+    given = [f"--{k}" for k in GUIDANCE_DEFAULTS if getattr(args, k) is not None]
+    if given and args.discriminator is None:
+        raise UserError(f"{', '.join(given)}: given without --discriminator (guidance needs a discriminator)")
+    for k, v in GUIDANCE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for name in ("num", "steps", "batch_size", "nrow"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name}: expected at least 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta: expected a number >= 0, got {args.eta}")
+    if args.discriminator is not None:
+        if not math.isfinite(args.guidance_weight):
+            raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")
+        if not 0 <= args.guidance_t_min <= args.guidance_t_max <= 1:
+            raise UserError(f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
+                            f"{args.guidance_t_min}, {args.guidance_t_max}")
+
+
+def load_guidance_discriminator(path: Path, latent_shape: tuple, guidance_input: str):
+    """A stage-2 D export, checked against the latents and the guidance mode; errors are one line."""
+    from models.discriminator import build_discriminator
+    from trainer.files.read import torch_load
+    from trainer.stage2.discriminator_trainer import D_FORMAT
+
+    if not path.is_file():
+        raise UserError(f"--discriminator: {path}: not found")
+    blob = torch_load(path, "discriminator")
+    if not isinstance(blob, dict) or blob.get("format") != D_FORMAT or not isinstance(blob.get("config"), dict):
+        raise UserError(f"--discriminator: {path}: not an advdiff discriminator (format {D_FORMAT})")
+    config = blob["config"]
+    channels, side = latent_shape[0], latent_shape[1]
+    if config.get("latent_channels") != channels:
+        raise UserError(f"--discriminator: {path}: D takes {config.get('latent_channels')}-channel latents, the "
+                        f"checkpoint's UNet makes {channels}-channel ones")
+    if side < 2 ** int(config.get("num_layers", 0)):
+        raise UserError(f"--discriminator: {path}: D's {config.get('num_layers')} stride-2 levels need latents of "
+                        f"side >= {2 ** int(config['num_layers'])}, the checkpoint's are {side}x{side}")
+    if guidance_input == "x_t" and not config.get("noise_conditioned", False):
+        raise UserError(f"--discriminator: {path}: D is not noise_conditioned; guidance on x_t needs D(x_t, t) "
+                        f"(use --guidance_input x0_pred for a D trained on clean latents)")
+    try:
+        d = build_discriminator(config)
+        d.load_state_dict(blob["state_dict"])
+    except Exception as e:
+        raise UserError(f"--discriminator: {path}: weights do not match its config "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    return d.requires_grad_(False).eval()
+
+
+def resolve_ae(args, ckpt) -> Path | None:
+    """The AE to decode with: --ae (must exist), else the checkpoint's own if it is still there."""
+    if args.no_grid:
+        return None
+    if args.ae is not None:
+        return Path(args.ae)
+    recorded = ckpt.autoencoder
+    if not recorded or recorded == "None":
+        return None
+    if not Path(recorded).exists():
+        print(f"advdiff: warning: the checkpoint's autoencoder {recorded} is not there; no grid (pass --ae)",
+              file=sys.stderr)
+        return None
+    return Path(recorded)
+
+
+def sample(args) -> None:
+    from trainer.data.latents import load_frozen_ae
+    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+    from trainer.diffusion.noise import per_sample_noise
+    from trainer.diffusion.sampling import ddim_sample, image_grid
+    from trainer.diffusion.schedule import Schedule
+    from trainer.files import atomic
+
+    check_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    ckpt = load_diffusion_checkpoint(args.checkpoint, use_ema=not args.raw)
+    spec = ckpt.spec
+    shape = (spec.in_channels, spec.sample_size, spec.sample_size)
+    schedule = Schedule.from_dict(ckpt.scheduler)
+    if args.steps > schedule.num_steps:
+        raise UserError(f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}")
+    guidance = None
+    if args.discriminator is not None:
+        d = load_guidance_discriminator(Path(args.discriminator), shape, args.guidance_input)
+        guidance = Guidance(d.to(device), weight=args.guidance_weight, t_min=args.guidance_t_min,
+                            t_max=args.guidance_t_max, input=args.guidance_input)
+    ae = None
+    ae_path = resolve_ae(args, ckpt)
+    if ae_path is not None:  # loaded (and checked) before any sampling
+        ae = load_frozen_ae(ae_path, device)
+        if ae.config.latent_channels != shape[0]:
+            raise UserError(f"--ae: {ae_path}: latent channels {ae.config.latent_channels} differ from the "
+                            f"checkpoint's UNet's {shape[0]}")
+    prefix = Path(args.out)
+    unet = ckpt.unet.to(device).eval()
+    noise = per_sample_noise(range(args.num), shape, args.seed, "sample").to(device)
+    z = ddim_sample(unet, schedule.ddim(), noise, args.steps, eta=args.eta, batch_size=args.batch_size,
+                    gen_parts=(args.seed, "sample"), indices=list(range(args.num)), guidance=guidance)
+    pt = atomic.save_torch(z.cpu().contiguous(), prefix.with_name(prefix.name + ".pt"))
+    written = [str(pt)]
+    if ae is not None:
+        from models.autoencoder import decode
+
+        shown = z[:GRID_MAX]
+        images = torch.cat([decode(ae, ckpt.scaling.from_model(shown[s:s + args.batch_size]))
+                            for s in range(0, shown.shape[0], args.batch_size)])
+        png = atomic.save_png(image_grid(images, nrow=min(args.nrow, shown.shape[0])),
+                              prefix.with_name(prefix.name + ".png"))
+        written.append(str(png))
+    what = "no guidance" if guidance is None else (
+        f"discriminator guidance w={guidance.weight} on t in [{guidance.t_min}, {guidance.t_max}] x "
+        f"{schedule.num_steps}, D sees {guidance.input}")
+    print(f"advdiff sample: {args.num} samples, {args.steps} DDIM steps, eta {args.eta}, {what}: "
+          f"{', '.join(written)}")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        sample(args)
+    except UserError as e:
+        print(f"advdiff: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("advdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
