@@ -67,8 +67,8 @@ def arm_flags(arm: str, k: int, seed: int, folder: Path, quick: bool) -> list[st
     flags = ["--seed", str(seed), "--generation_steps", str(k),
              *sets([f"experiment.save_path={folder.resolve()}", "stage2.best_metric=val_latent_fd",
                     "stage2.continue_from=best"])]
-    if regime == "few":  # back-propagate through every sampling step
-        flags += sets([f"stage2.rollout_grad_steps={k}"])
+    # few steps: back-propagate through every sampling step; full steps: through the last one
+    flags += sets([f"stage2.rollout_grad_steps={k if regime == 'few' else 1}"])
     if quick:
         flags += sets(QUICK_STAGE2)
     if arm == "control":
@@ -91,6 +91,15 @@ def guidance_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> 
                     "--guidance_t_min", str(GUIDANCE["t_min"]), "--guidance_t_max", str(GUIDANCE["t_max"]),
                     "--json", str(out)))
     return json.loads(out.read_text())
+
+
+def last_iteration(config: Path, quick: bool) -> int:
+    """The summary row a finished run ends with (= stage2.num_iterations)."""
+    if quick:
+        return 1
+    import yaml
+
+    return int(yaml.safe_load(config.read_text())["stage2"]["num_iterations"])
 
 
 def stage1_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> dict:
@@ -145,7 +154,8 @@ def table(k: int, results: dict, full_stage1: list[dict], full_k: int, seeds) ->
         last = [r[-1] for r in runs]
         traj = trajectory(runs) if arm != "guidance" else "-"
         sep = "-" if arm == "control" else ", ".join(separation(last, control, c) for c in ("latent_fd", "cls_fd"))
-        lines.append(f"| {names[arm]} | " + " | ".join(fmt(r.get(c) for r in last) for c, _ in cols)
+        lines.append(f"| {names[arm]} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | "
+                     + " | ".join(fmt(r.get(c) for r in last) for c, _ in cols)
                      + f" | {traj} | {sep} |")
     return f"**K = {k} DDIM steps**, seeds {list(seeds)}: mean (min–max) of the last iteration\n\n" + "\n".join(lines)
 
@@ -189,6 +199,8 @@ def main() -> int:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--quick", action="store_true", help="a tiny stage 1, one seed, K = 2 and 3: a smoke run")
     p.add_argument("--write", action="store_true", help="write the tables into README.md and docs/RESULTS.md")
+    p.add_argument("--collect", action="store_true", help="run nothing: tabulate the finished runs under --out "
+                   "(runs done by several bench processes side by side, e.g. one per K)")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], [2, 3]
@@ -203,7 +215,8 @@ def main() -> int:
     full_k = max(args.steps)
     # the reference every regime is held against: stage 1 sampled with the most steps, on each seed's noise
     full_stage1 = [stage1_row(config, results_dir / f"stage1_k{full_k}_s{seed}", full_k, seed, args.quick)
-                   for seed in args.seeds]
+                   for seed in args.seeds
+                   if not args.collect or (results_dir / f"stage1_k{full_k}_s{seed}" / "row.json").is_file()]
     for k in args.steps:
         results: dict[str, list[list[dict]]] = {}
         for seed in args.seeds:
@@ -213,12 +226,19 @@ def main() -> int:
                 source = "online" if arm == "guidance" else arm
                 folder = results_dir / f"k{k}_{source}_s{seed}"
                 summary = folder / "digits_summary.csv"
-                if not summary.is_file() or len(read_csv_rows(summary)) < 2:
+                finished = summary.is_file() and any(int(r["iteration"]) == last_iteration(config, args.quick)
+                                                     for r in read_csv_rows(summary))
+                if args.collect:
+                    if not finished or (arm == "guidance" and not (folder / "guidance_row.json").is_file()):
+                        continue
+                elif not finished:
                     run(advdiff("stage2", str(config), *arm_flags(source, k, seed, folder, args.quick)))
                 rows = read_csv_rows(summary)
                 if arm == "guidance":
                     rows = [rows[0], guidance_row(config, folder, k, seed, args.quick)]
                 results.setdefault(arm, []).append(rows)
+        if not results:
+            continue
         tables.append((k, table(k, results, full_stage1, full_k, args.seeds)))
     floor = real_vs_real(config)
     text = "\n\n".join(t for _, t in sorted(tables)) + (

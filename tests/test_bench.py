@@ -101,7 +101,7 @@ def test_stage2_vs_control_quick_runs(tmp_path):
     out = proc.stdout
     for k in (2, 3):
         block = out.split(f"**K = {k} DDIM steps**", 1)[1].split("\n\n", 2)[1]
-        rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        rows = {re.sub(r" \(\d+ seeds?\)$", "", line.split("|")[1].strip()): [c.strip() for c in line.split("|")[2:-1]]
                 for line in block.splitlines() if line.startswith("| ") and "---" not in line}
         assert {"control: MSE only", "offline D (the spec's)", "online D", "stage 1 + discriminator guidance",
                 f"stage 1, {k} steps"} <= set(rows), block

@@ -49,7 +49,7 @@ def test_stage0_resume_and_exports(tmp_path, digits_manifest):
 
 
 SMALL_DEMO = ["--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
-              "--set", "training.max_steps=6", "--set", "training.eval_interval=3", "--set", "training.sample_steps=2",
+              "--set", "training.max_steps=6", "--set", "training.eval_interval=3", "--set", "training.sample_steps=3",
               "--set", "stage2.num_samples=24", "--set", "stage2.generation_steps=2", "--set", "stage2.diffusion_epochs=1",
               "--set", "discriminator.training.epochs=1", "--set", "discriminator.training.batch_size=8",
               "--set", "training.batch_size=8", "--set", "stage2.val_samples=4", "--set", "stage2.grid_samples=4"]
@@ -62,6 +62,7 @@ def test_demo_chain_small(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ("data/manifest.csv", "stage0/autoencoder/config.json", "stage1/checkpoint_best.pt",
                 "stage1/samples.png", "config.yaml", "samples/digits_iter_0.png", "samples/digits_iter_1.png",
+                "samples/digits_stage1.png", "samples/digits_comparison.png",
                 "checkpoints/digits_iter_1_checkpoint_latest.pt", "discriminator_iter_1/fake_latents.pt",
                 "digits_metrics_iter_1.csv", "classifier.pt", "reference_cls.npz"):
         assert (out / rel).is_file(), rel

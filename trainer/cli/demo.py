@@ -56,10 +56,9 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
     acc.wait_for_everyone()
     cfg = load_config(cfg_path, overrides)
     timings = RunLayout.of(cfg).timings
-    if stage2:
-        with timing.phase(acc, timings, "classifier (metric features)"):
-            train_metric_classifier(cfg, acc.is_main_process)
-        acc.wait_for_everyone()
+    with timing.phase(acc, timings, "classifier (metric features)"):  # also for --no-stage2: config.yaml names it
+        train_metric_classifier(cfg, acc.is_main_process)
+    acc.wait_for_everyone()
     with timing.phase(acc, timings, "stage0 (autoencoder)"):
         AutoencoderTrainer(cfg, acc).fit()
     with timing.phase(acc, timings, "stage1 (diffusion)"):
@@ -68,7 +67,12 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
     if stage2:
         from trainer.stage2.run import run as run_stage2
 
-        run_stage2(load_config(cfg_path, overrides), acc)
+        cfg2 = load_config(cfg_path, overrides)
+        run_stage2(cfg2, acc)
+        if cfg2.stage2.generation_steps < cfg2.training.sample_steps:  # few-step stage 2: show what it bought
+            from trainer.stage2.run import setup as stage2_setup, write_comparison
+
+            write_comparison(stage2_setup(cfg2, acc), cfg2.training.sample_steps)
     acc.wait_for_everyone()
     if acc.is_main_process:
         rows = RunLayout.of(cfg).guide(stage2)

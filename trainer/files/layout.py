@@ -15,6 +15,7 @@
       classifier.pt                                 `advdiff classifier`'s default output (the demo's feature space)
       samples/{name}_iter_{k}.png                   decoded grid of iteration k
       samples/{name}_stage1.png                     the stage-1 model, sampled the same way
+      samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
       timings.csv  tracking/  slurm/
 """
 from __future__ import annotations
@@ -134,6 +135,11 @@ class RunLayout:
         return self.root / "samples" / f"{self.name}_iter_{k}.png"
 
     @property
+    def comparison(self) -> Path:
+        """Three grids from the same seeds: stage 1 at stage 2's K steps, stage 2 at K, stage 1 at full steps."""
+        return self.root / "samples" / f"{self.name}_comparison.png"
+
+    @property
     def start_grid(self) -> Path:
         """The stage-1 model sampled as stage 2 samples (generation_steps), from the grids' fixed seeds."""
         return self.root / "samples" / f"{self.name}_stage1.png"
@@ -163,15 +169,17 @@ class RunLayout:
         """(path relative to the root, what it holds) for the main outputs; "*" stands for an iteration."""
         rows = [(self.autoencoder_folder, "frozen AE (diffusers folder)"),
                 (self.stage1_checkpoint("best"), "stage-1 diffusion checkpoint"),
-                (self.stage1_grid, "decoded sample grid"), (self.config, "the config of every stage")]
+                (self.stage1_grid, "decoded sample grid"), (self.config, "the config of every stage"),
+                (self.classifier, "the digit classifier behind the summary's cls_* columns")]
         if stage2:
             rows += [(self.iteration_folder("*"), "per iteration: latents, D and its history"),
                      (self.diffusion_checkpoint("*", "{best,latest}"), "fine-tuned diffusion checkpoints"),
                      (self.finetune_history("*"), "fine-tune validation history"),
                      (self.summary, "quality per iteration (row 0: stage 1)"),
                      (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
-                     (self.classifier, "the digit classifier behind the summary's cls_* columns"),
-                     (self.grid("*"), "decoded grid per stage-2 iteration")]
+                     (self.grid("*"), "decoded grid per stage-2 iteration"),
+                     (self.start_grid, "the stage-1 model sampled like the iterations' grids"),
+                     (self.comparison, "few-step demo: stage 1 at K | stage 2 at K | stage 1 at full steps")]
         return [(str(path.relative_to(self.root)) + ("/" if path.suffix == "" else ""), what) for path, what in rows]
 
 

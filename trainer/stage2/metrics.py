@@ -68,7 +68,7 @@ class Moments:
 
 
 def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
-    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    vals, vecs = _one_thread(torch.linalg.eigh, (m + m.T) / 2)
     return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
 
 
@@ -77,7 +77,7 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     form (C1^1/2 C2 C1^1/2)^1/2, which has the same eigenvalues and stays real."""
     mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
     s1 = _sqrt_psd(cov1)
-    inner = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
+    inner = _one_thread(torch.linalg.eigvalsh, s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * inner)
 
 
@@ -153,19 +153,19 @@ def _resampled_fd(w: torch.Tensor, fake: torch.Tensor, mu_r, cov_r, s1) -> torch
     mean = w @ fake / n                                                  # (b, d)
     second = (fake.T[None] * w[:, None, :]) @ fake                       # sum_i w_i x_i x_i^T
     cov = (second - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
-    inner = _eigvalsh_one_thread(s1 @ cov @ s1).clamp(min=0).sqrt().sum(-1)
+    inner = _one_thread(torch.linalg.eigvalsh, s1 @ cov @ s1).clamp(min=0).sqrt().sum(-1)
     trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
     return ((mean - mu_r) ** 2).sum(-1) + torch.trace(cov_r) + trace - 2 * inner
 
 
-def _eigvalsh_one_thread(m: torch.Tensor) -> torch.Tensor:
-    """Batched eigenvalues; on CPU with one thread: many small eigenproblems gain nothing from threads,
-    and on a busy machine contending threads make them 10-1000x slower."""
+def _one_thread(eig, m: torch.Tensor):
+    """A symmetric eigensolver, on CPU with one thread: problems of these sizes (<= a few thousand) gain
+    little from threads, and on a busy machine contending threads make them 10-1000x slower."""
     if m.device.type != "cpu":
-        return torch.linalg.eigvalsh(m)
+        return eig(m)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return torch.linalg.eigvalsh(m)
+        return eig(m)
     finally:
         torch.set_num_threads(threads)

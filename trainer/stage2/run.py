@@ -206,6 +206,30 @@ def write_grid(s: Stage2Setup, k: int | None) -> None:
     s.acc.wait_for_everyone()
 
 
+def write_comparison(s: Stage2Setup, full_steps: int):
+    """One picture of what stage 2 bought, from the grids' fixed seeds: the stage-1 model at stage 2's
+    generation_steps (K), the last iteration's result at K, and the stage-1 model at `full_steps`, side by
+    side (white gaps). Main process; returns the path, or None without grid samples."""
+    import numpy as np
+
+    n, k = s.cfg.stage2.grid_samples, s.cfg.stage2.generation_steps
+    if not n or not s.acc.is_main_process:
+        return None
+    noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
+    stage1 = s.stage1.blob["state_dict"]
+    final = _weights(result(s, s.cfg.stage2.num_iterations - 1))["ema"]
+    panels = []
+    for weights, steps in ((stage1, k), (final, k), (stage1, full_steps)):
+        unet = _unet(s, weights).to(s.acc.device).eval()
+        panels.append(image_grid(s.codec.decode(ddim_sample(unet, s.schedule.ddim(), noise, steps)), nrow=8))
+    gap = np.full((panels[0].shape[0], 12, *panels[0].shape[2:]), 255, dtype=np.uint8)
+    picture = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+    path = atomic.save_png(picture, s.layout.comparison)
+    s.log(f"comparison written to {path}: stage 1 at {k} steps | stage 2 at {k} steps | stage 1 at {full_steps} "
+          f"steps")
+    return path
+
+
 def log_image(acc, name, grid, step) -> None:
     """A uint8 grid (H, W) or (H, W, 3) to the trackers that take images (TensorBoard)."""
     for tracker in acc.trackers:
