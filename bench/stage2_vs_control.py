@@ -40,7 +40,7 @@ FULL_STEPS = 25
 ADV_WEIGHT = {"few": 0.5, "full": 0.1}
 ONLINE = ["discriminator.training.mode=online", "discriminator.training.n_critic=1",
           "discriminator.training.noise_inputs=true", "discriminator.config.noise_conditioned=true"]
-GUIDANCE = {"weight": 1.0, "t_min": 0.1, "t_max": 0.5}
+GUIDANCE = {"weight": 2.0, "t_min": 0.1, "t_max": 0.5}  # w: the upper end of the published 1-2
 QUICK_DEMO = ["autoencoder.training.max_steps=10", "autoencoder.training.eval_interval=10", "training.max_steps=10",
               "training.eval_interval=10", "training.sample_steps=2"]
 QUICK_STAGE2 = ["stage2.num_samples=48", "stage2.num_iterations=1", "stage2.diffusion_max_steps=2",
@@ -85,8 +85,9 @@ def guidance_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> 
     d = folder / "discriminator_iter_0" / "discriminator_best.pt"
     out = folder / "guidance_row.json"
     if not out.is_file():
+        # its own folder: the run's folder records the run's config, which evaluate's is not
         run(advdiff("evaluate", str(config), "--seed", str(seed), "--generation_steps", str(k),
-                    *sets([f"experiment.save_path={folder.resolve()}"] + (QUICK_STAGE2 if quick else [])),
+                    *sets([f"experiment.save_path={(folder / 'guidance').resolve()}"] + (QUICK_STAGE2 if quick else [])),
                     "--discriminator", str(d), "--guidance_weight", str(GUIDANCE["weight"]),
                     "--guidance_t_min", str(GUIDANCE["t_min"]), "--guidance_t_max", str(GUIDANCE["t_max"]),
                     "--json", str(out)))
@@ -197,13 +198,14 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--steps", type=int, nargs="+", default=[4, FULL_STEPS], help="DDIM steps K of each regime")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    p.add_argument("--quick", action="store_true", help="a tiny stage 1, one seed, K = 2 and 3: a smoke run")
+    p.add_argument("--quick", action="store_true", help="a tiny stage 1, one seed, K = 2 (against 3): a smoke run")
+    p.add_argument("--full", type=int, default=FULL_STEPS, help="DDIM steps of the stage-1 reference row")
     p.add_argument("--write", action="store_true", help="write the tables into README.md and docs/RESULTS.md")
     p.add_argument("--collect", action="store_true", help="run nothing: tabulate the finished runs under --out "
                    "(runs done by several bench processes side by side, e.g. one per K)")
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.steps = args.seeds[:1], [2, 3]
+        args.seeds, args.steps, args.full = args.seeds[:1], [2], 3
         out = Path(args.out or tempfile.mkdtemp(prefix="advdiff_bench_")) / "digits"
     else:
         out = Path(args.out or "runs/digits")
@@ -212,7 +214,7 @@ def main() -> int:
     config = out / "config.yaml"
     results_dir = Path(str(out) + "_results")
     tables = []
-    full_k = max(args.steps)
+    full_k = max(args.full, *args.steps)
     # the reference every regime is held against: stage 1 sampled with the most steps, on each seed's noise
     full_stage1 = [stage1_row(config, results_dir / f"stage1_k{full_k}_s{seed}", full_k, seed, args.quick)
                    for seed in args.seeds

@@ -152,3 +152,37 @@ def test_r1_is_refused_under_deepspeed_in_one_line():
 
 # Online D at 2 processes: under DDP, tests/test_faults.py (its run is online: SIGKILLs inside the online
 # phase, bit-identical outputs after resuming); under DeepSpeed ZeRO-2, tests/test_scaleout.py.
+
+
+def test_grad_norm_ratio_gives_the_adversarial_term_the_anchors_gradient_scale():
+    from trainer.training.losses import grad_norm_ratio
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(5, 4)
+    anchor = (x @ w.T).pow(2).mean()
+    adversarial = -(x @ w.T).mean()
+    (ga,) = torch.autograd.grad(anchor, w, retain_graph=True)
+    (gd,) = torch.autograd.grad(adversarial, w, retain_graph=True)
+    ratio = grad_norm_ratio(anchor, adversarial, w, max_ratio=1e6)
+    assert ratio == pytest.approx(float(ga.norm() / gd.norm()), rel=1e-5)
+    # a term 10x stronger gets a 10x smaller factor; the clamp caps it; the graphs survive for the backward
+    assert grad_norm_ratio(anchor, 10 * adversarial, w, 1e6) == pytest.approx(float(ratio) / 10, rel=1e-5)
+    assert float(grad_norm_ratio(anchor, 1e-9 * adversarial, w, max_ratio=3.0)) == 3.0
+    (anchor + ratio * adversarial).backward()
+    assert w.grad is not None and not ratio.requires_grad
+
+
+def test_grad_ratio_weight_runs_and_is_logged(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    from trainer.dist.accelerator import build_accelerator
+    from trainer.stage2.run import run
+
+    cfg = load_config(stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,
+                                    stage2={"num_samples": 24, "diffusion_max_steps": 4, "diffusion_eval_interval": 2,
+                                            "grid_samples": 0, "metric_samples": 12, "grad_ratio_weight": True,
+                                            "grad_ratio_max": 50.0},
+                                    discriminator={"max_steps": 2}))
+    run(cfg, build_accelerator("cpu"))
+    history = pd.read_csv(tmp_path / "out" / "t2_metrics_iter_0.csv")
+    ratio = history["train_adv_ratio"]
+    assert ratio.notna().all() and (ratio > 0).all() and (ratio <= 50.0).all()

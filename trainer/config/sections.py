@@ -198,6 +198,12 @@ class Stage2Config:
     adaptive_band: list[float] = option(doc="Target band of D accuracy for adaptive_weight.",
                                         factory=lambda: [0.5, 0.7])
     adaptive_factor: float = option(1.5, "Multiplier applied to the weight per validation outside the band.", gt=1)
+    grad_ratio_weight: bool = option(False, "Scale the adversarial term at every step by the ratio of the MSE "
+                                     "term's gradient norm to the adversarial term's, both at the UNet's last "
+                                     "layer (as in VQGAN and CTM), clamped to grad_ratio_max and averaged over "
+                                     "processes; the configured weight multiplies it. Column train_adv_ratio. "
+                                     "Not under DeepSpeed (it takes gradients outside the engine's backward).")
+    grad_ratio_max: float = option(10.0, "Upper clamp of the gradient-norm ratio.", gt=0)
 
     def check(self, where, prefix):
         lo_hi = self.adaptive_band

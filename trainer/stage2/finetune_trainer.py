@@ -27,16 +27,23 @@ from trainer.diffusion.noise import (batch_noise_and_timesteps, eta_generators, 
 from trainer.diffusion.sampling import ddim_step
 from trainer.dist import engine
 from trainer.dist.accelerator import fast_optimizer, prepare_module
-from trainer.dist.collectives import Totals, shard_range
+from trainer.dist.collectives import Totals, all_reduce_sum, shard_range
 from trainer.files import atomic
 from trainer.stage2.online import OnlineDiscriminator
 from trainer.training.ema import EMA, sync_eval_copy
 from trainer.training.loop import StepTrainer, draw_local, local_weight
-from trainer.training.losses import CompositeLoss, g_loss_terms
+from trainer.training.losses import CompositeLoss, g_loss_terms, grad_norm_ratio
 from trainer.training.optim import build_lr_schedule, build_optimizer
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse", "val_adv",
                  "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight", "nonfinite_skipped"]
+
+
+def check_grad_ratio_supported(acc, s2) -> None:
+    """The gradient-norm ratio takes gradients outside the engine's backward, which DeepSpeed's hooks refuse."""
+    if s2.grad_ratio_weight and engine.is_deepspeed(acc):
+        raise UserError("stage2.grad_ratio_weight: takes gradients outside DeepSpeed's backward, which its hooks do "
+                        "not allow; set it to false under DeepSpeed, or train with DDP")
 
 
 class FinetuneTrainer(StepTrainer):
@@ -71,6 +78,8 @@ class FinetuneTrainer(StepTrainer):
                        "loss": [dict(x.__dict__) for x in t.loss.losses], "lr": self.lr, "batch_size": t.batch_size,
                        "generation_steps": s2.generation_steps, "eta": s2.eta,
                        "rollout_grad_steps": s2.rollout_grad_steps, "ema_decay": t.ema_decay}
+        if s2.grad_ratio_weight:
+            fingerprint["grad_ratio_max"] = s2.grad_ratio_max
         td = cfg.discriminator.training
         self.online_mode = td.mode == "online" and d is not None and s2.generator_loss_mode == "rollout"
         if self.online_mode or td.noise_inputs:  # (older states have neither key)
@@ -106,6 +115,9 @@ class FinetuneTrainer(StepTrainer):
         self.ema_unet.to(acc.device)
         self.loss = CompositeLoss.from_config(t.loss)
         self.d = d
+        if s2.grad_ratio_weight:
+            check_grad_ratio_supported(acc, s2)
+            self.history_fields = self.history_fields + ["train_adv_ratio"]
         self.online = None
         if self.online_mode:  # D trains beside the UNet; frozen only inside the generator step
             self.online = OnlineDiscriminator(acc, cfg, d)
@@ -151,6 +163,8 @@ class FinetuneTrainer(StepTrainer):
             loss, parts, n = self.compute_loss(step)
             self.apply_update(loss * local_weight(n, self.batch, self.world), self.ddp_unet, self.unet, self.opt,
                               self.sched, self.cfg.training.max_grad_norm, self.ema)
+        if "adv_ratio" in parts:
+            logs["adv_ratio"] = parts["adv_ratio"]
         return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"], **logs}
 
     def critic_steps(self, step) -> dict:
@@ -213,7 +227,16 @@ class FinetuneTrainer(StepTrainer):
             keep = self._x0_pred_mask(t)
             outputs["generated"] = outputs["pred_latent"][keep]
             outputs["generated_t"] = t[keep]
-        loss, parts = self.loss(outputs, {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss})
+        ctx = {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss}
+        if s2.grad_ratio_weight and adv:
+            anchor, adversarial = self.loss.parts(outputs, ctx)
+            if anchor is not None:
+                ratio = grad_norm_ratio(anchor, adversarial, self.unet.conv_out.weight, s2.grad_ratio_max)
+                ratio = all_reduce_sum(ratio.reshape(1).float()) / self.world  # every rank weighs alike
+                loss = anchor + ratio[0] * adversarial
+                return loss, {"mse": float(anchor.detach()), "adv": float(adversarial.detach()),
+                              "adv_ratio": float(ratio[0])}, n
+        loss, parts = self.loss(outputs, ctx)
         return loss, parts, n
 
     # -- validation --------------------------------------------------------------------------------

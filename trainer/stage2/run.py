@@ -31,7 +31,7 @@ from trainer.files.layout import RunLayout, picture_of
 from trainer.stage2.checks import ae_path, start_checks
 from trainer.stage2.discriminator_trainer import DiscriminatorTrainer, check_r1_supported, load_discriminator
 from trainer.stage2.evaluation import Evaluator
-from trainer.stage2.finetune_trainer import FinetuneTrainer
+from trainer.stage2.finetune_trainer import FinetuneTrainer, check_grad_ratio_supported
 from trainer.stage2.generation import iteration_shard, stratified_split, x0_pred_fakes
 from trainer.stage2.run_record import record_run_fields, run_fields
 
@@ -241,6 +241,7 @@ def log_image(acc, name, grid, step) -> None:
 def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
     s = setup(cfg, acc)
     check_r1_supported(acc, cfg.discriminator.training)
+    check_grad_ratio_supported(acc, cfg.stage2)
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:
         if start_iteration >= s2.num_iterations:

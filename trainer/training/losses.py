@@ -54,6 +54,18 @@ def r1_term(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tenso
     return 0.5 * grad.pow(2).flatten(1).sum(1).mean()
 
 
+def grad_norm_ratio(anchor: torch.Tensor, adversarial: torch.Tensor, parameter: torch.Tensor,
+                    max_ratio: float, eps: float = 1e-8) -> torch.Tensor:
+    """||d anchor / d parameter|| / ||d adversarial / d parameter||, clamped to [0, max_ratio] and detached:
+    the factor that gives the adversarial term the anchor's gradient scale at `parameter` (usually the
+    generator's last layer). Both graphs are kept for the backward that follows."""
+    (g_anchor,) = torch.autograd.grad(anchor, parameter, retain_graph=True, allow_unused=True)
+    (g_adv,) = torch.autograd.grad(adversarial, parameter, retain_graph=True, allow_unused=True)
+    if g_anchor is None or g_adv is None:
+        return torch.zeros((), device=parameter.device)
+    return (g_anchor.norm() / (g_adv.norm() + eps)).clamp(0.0, max_ratio).detach()
+
+
 # -- generator side: the composite loss ---------------------------------------------------------
 @dataclass
 class MSELoss:
@@ -101,6 +113,15 @@ class CompositeLoss:
     @property
     def needs_discriminator(self) -> bool:
         return any(t.needs_discriminator for t in self.terms)
+
+    def parts(self, outputs: dict, ctx: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weighted sum of the MSE terms, weighted sum of the discriminator terms); None where there is none."""
+        sums = {False: None, True: None}
+        for term in self.terms:
+            value = term.weight * term(outputs, ctx)
+            key = term.needs_discriminator
+            sums[key] = value if sums[key] is None else sums[key] + value
+        return sums[False], sums[True]
 
     def __call__(self, outputs: dict, ctx: dict) -> tuple[torch.Tensor, dict]:
         total, parts = None, {"mse": 0.0, "adv": 0.0}
