@@ -234,7 +234,10 @@ class FinetuneTrainer(StepTrainer):
                 ratio = grad_norm_ratio(anchor, adversarial, self.unet.conv_out.weight, s2.grad_ratio_max)
                 ratio = all_reduce_sum(ratio.reshape(1).float()) / self.world  # every rank weighs alike
                 loss = anchor + ratio[0] * adversarial
-                return loss, {"mse": float(anchor.detach()), "adv": float(adversarial.detach()),
+                # logged like CompositeLoss's parts: the terms' unweighted values
+                w_mse = sum(x.weight for x in self.loss.terms if not x.needs_discriminator)
+                w_adv = sum(x.weight for x in self.loss.terms if x.needs_discriminator)
+                return loss, {"mse": float(anchor.detach()) / w_mse, "adv": float(adversarial.detach()) / w_adv,
                               "adv_ratio": float(ratio[0])}, n
         loss, parts = self.loss(outputs, ctx)
         return loss, parts, n
