@@ -61,20 +61,31 @@ def load_from_args(args, extra: dict | None = None):
 def run_main(parser, argv, body, extra_overrides=None) -> int:
     """Parse, load the config, run `body(cfg, args)`; user errors become one line and exit 2."""
     args = parser.parse_args(argv)
-    cfg = None
+
+    def call():
+        try:
+            extra = extra_overrides(args) if extra_overrides else None
+            cfg = load_from_args(args, extra)
+            if args.dry_run:
+                return 0
+            preempt.install()
+            preempt.set_marker_dir(cfg.out_dir)
+            body(cfg, args)
+        except preempt.Preempted as e:
+            if is_main_launch_rank():
+                print(f"advdiff: preempted ({e}); resume state written; rerun the same command to continue "
+                      f"(exit {preempt.REQUEUE_EXIT_CODE})", file=sys.stderr)
+            return preempt.REQUEUE_EXIT_CODE
+        return 0
+
+    return one_line_errors(call)
+
+
+def one_line_errors(call) -> int:
+    """Run `call()` (returning an exit code or None); a UserError becomes one line on stderr (main rank) and
+    its exit code, Ctrl-C exit 130: never a traceback."""
     try:
-        extra = extra_overrides(args) if extra_overrides else None
-        cfg = load_from_args(args, extra)
-        if args.dry_run:
-            return 0
-        preempt.install()
-        preempt.set_marker_dir(cfg.out_dir)
-        body(cfg, args)
-    except preempt.Preempted as e:
-        if is_main_launch_rank():
-            print(f"advdiff: preempted ({e}); resume state written; rerun the same command to continue "
-                  f"(exit {preempt.REQUEUE_EXIT_CODE})", file=sys.stderr)
-        return preempt.REQUEUE_EXIT_CODE
+        return call() or 0
     except UserError as e:
         if is_main_launch_rank():
             print(f"advdiff: error: {e}", file=sys.stderr)
@@ -82,7 +93,6 @@ def run_main(parser, argv, body, extra_overrides=None) -> int:
     except KeyboardInterrupt:
         print("advdiff: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 def accelerator_for(cfg, args):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.cli.common import one_line_errors
 from trainer.core.errors import UserError
 from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
 
@@ -170,12 +171,4 @@ def sample(args) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        sample(args)
-    except UserError as e:
-        print(f"advdiff: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("advdiff: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return one_line_errors(lambda: sample(args))
