@@ -30,10 +30,11 @@ import torch  # noqa: E402
 def experiment(root: Path, n_real: int, preset: str, latent: tuple, overrides: dict):
     """Write a stage-1 checkpoint and a manifest of latent files; return the loaded config."""
     from models.autoencoder import LatentScaling
-    from models.unet import build_unet, preset as unet_preset
-    from trainer.files import atomic
+    from models.unet import build_unet, preset as unet_preset, unet_config
     from trainer.config.load import load_config
-    from trainer.stage1.diffusion_trainer import export_blob
+    from trainer.diffusion.checkpoints import export_blob
+    from trainer.diffusion.schedule import Schedule
+    from trainer.files import atomic
 
     c, s = latent[0], latent[1]
     spec = unet_preset(preset, in_channels=c, out_channels=c, sample_size=s)
@@ -51,7 +52,10 @@ def experiment(root: Path, n_real: int, preset: str, latent: tuple, overrides: d
             "stage2.grid_samples": 0, "training.use_amp": False, "training.num_workers": 0, **overrides}
     cfg = load_config(REPO / "experiments" / "stage2_discriminator_unet64_d4.yaml", base)
     weights = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    atomic.save_torch(export_blob(cfg, spec, weights, LatentScaling(1.0, 0.0), 0, {}, weights), root / "stage1.pt")
+    sch = Schedule(cfg.scheduler.type, cfg.scheduler.num_steps, cfg.scheduler.prediction_type).to_dict()
+    atomic.save_torch(export_blob(unet_config(spec), weights, LatentScaling(1.0, 0.0), 0, {}, schedule=sch,
+                                  autoencoder=None, config=cfg.to_dict(), dest=root / "stage1.pt",
+                                  raw_weights=weights), root / "stage1.pt")
     return cfg
 
 
@@ -100,13 +104,11 @@ def emit(args, record: dict):
 
 
 def part_gen(args):
-    from models.unet import build_unet
     from trainer.dist.accelerator import prepare_module
     from trainer.stage2.generation import generate_own
 
     cfg, acc, ctx = setup(args)
-    unet = build_unet(ctx.stage1.spec)
-    unet.load_state_dict(ctx.stage1.blob["state_dict"])
+    unet = ctx.stage1.new_unet()
     unet = prepare_module(unet.to(acc.device).eval(), cfg.performance, acc)
     sampler = torch.compile(unet) if args.compile else unet
     shape = ctx.latent_shape
@@ -149,7 +151,7 @@ def part_train(args):
             n_steps = args.d_steps
         else:
             d = results.pop("d_model")
-            init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
+            init = {"raw": ctx.stage1.weights, "ema": ctx.stage1.weights}
             trainer = ctx.finetune_trainer(0, real, real_train, d, init)
             n_steps = args.g_steps
         for s in range(2):  # warm-up
@@ -174,15 +176,13 @@ def part_train(args):
 def part_repro(args):
     """Generation twice (bit-identical?), and 3 training steps twice with and without
     training.deterministic (the switch is applied in a fresh process by gpu.sh)."""
-    from models.unet import build_unet
     from trainer.dist.accelerator import set_deterministic
     from trainer.stage2.generation import generate_own, stratified_split
 
     set_deterministic(args.deterministic)
     steps, n_gen = (3, 8) if args.smoke else (20, 64)
     cfg, acc, ctx = setup(args, {"stage2.generation_steps": steps, "training.batch_size": args.train_batch})
-    unet = build_unet(ctx.stage1.spec)
-    unet.load_state_dict(ctx.stage1.blob["state_dict"])
+    unet = ctx.stage1.new_unet()
     unet = unet.to(acc.device).eval()
     z = [generate_own(acc, unet, ctx.schedule.ddim(), range(n_gen), ctx.latent_shape, seed=0, k=0, steps=steps, eta=0.0,
                       batch_size=n_gen) for _ in range(2)]
@@ -195,7 +195,7 @@ def part_repro(args):
     for _ in range(2):
         torch.manual_seed(0)
         d = build_discriminator(cfg.discriminator.config)
-        init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
+        init = {"raw": ctx.stage1.weights, "ema": ctx.stage1.weights}
         tr = ctx.finetune_trainer(0, real, real_train, d, init)
         for s in range(3):
             tr.train_step(s)

@@ -16,10 +16,21 @@ baseline against the size of the latents: the main process's against all N it wr
 (N x 16 x 32 x 32 x 4 bytes; target <= 1.5x at the largest N), the other rank's against its own
 shard (target <= 1.5x and flat in N/P: it never holds more than its block). Exit status 0 whether
 the targets pass or miss, unless --strict.
+
+    python bench/memory.py --switches [--quick] [--model unet64_d4] [--batch 32] [--device cpu|cuda]
+
+The memory switches (training.gradient_checkpointing, training.gradient_accumulation_steps): one training
+step of a UNet preset at 16x32x32 latents, as the trainers take it (N micro-batches of batch/N, each
+forward and backward, gradients adding up, then one AdamW step), for plain, checkpointing, accumulation
+2 and 4, and both; each in a fresh process. A warm-up step at batch 1 first allocates the gradients and
+Adam's state, so what is measured is what the step adds on top: activations and temporaries. CPU: peak
+resident set (ru_maxrss) minus the resident set after the warm-up. CUDA: torch.cuda.max_memory_allocated
+minus the allocated memory after the warm-up (written for a GPU, not yet run on one).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -108,22 +119,125 @@ def worker(a) -> int:
     return 0
 
 
+# (label, gradient checkpointing, micro-batches) of --switches
+SWITCHES = [("plain", False, 1), ("checkpointing", True, 1), ("accumulation 2", False, 2),
+            ("accumulation 4", False, 4), ("checkpointing + accumulation 4", True, 4)]
+
+
+def switch_worker(a) -> int:
+    """One measured training step in this process (see the module docstring); prints one JSON line."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from models.unet import build_unet, preset
+
+    cuda = a.device == "cuda"
+    torch.manual_seed(0)
+    unet = build_unet(preset(a.model, in_channels=SHAPE[0], out_channels=SHAPE[0], sample_size=SHAPE[1]))
+    unet = unet.to(a.device).train()
+    if a.checkpointing:
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    x = torch.randn(a.batch, *SHAPE, device=a.device)
+    t = torch.randint(0, 1000, (a.batch,), device=a.device)
+
+    def step(xs, ts, micro):
+        for xm, tm in zip(xs.chunk(micro), ts.chunk(micro)):  # each micro-batch's graph is freed by its backward
+            loss = unet(xm, tm).sample.float().pow(2).mean() * (len(xm) / len(xs))
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # keep the gradient buffers: they are not what the switches change
+
+    step(x[:1], t[:1], 1)  # warm-up: gradients and Adam's state allocated, kernels chosen
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_now()
+    step(x, t, a.micro)
+    peak = (torch.cuda.max_memory_allocated() if cuda else maxrss()) - base
+    t0 = time.perf_counter()  # timed: a second step, its shapes warm
+    step(x, t, a.micro)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() for p in unet.parameters())
+    print(json.dumps({"peak": peak, "seconds": seconds, "params": params}))
+    return 0
+
+
+def switches_main(a) -> int:
+    import json
+    import subprocess
+
+    if a.quick:
+        a.model, a.batch = "micro", 8
+    mp.header("bench/memory.py --switches: what one UNet training step adds to memory, per memory switch")
+    measure = ("peak resident set (ru_maxrss) - resident set after the warm-up" if a.device == "cpu"
+               else "torch.cuda.max_memory_allocated - memory allocated after the warm-up")
+    print(f"UNet preset {a.model} at {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} latents, fp32, global batch {a.batch}, "
+          f"device {a.device}, {a.threads} thread(s); measure: {measure}")
+    rows = []
+    for label, checkpointing, micro in SWITCHES:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--switch-worker", "--model", a.model, "--batch",
+               str(a.batch), "--micro", str(micro), "--device", a.device, "--threads", str(a.threads)]
+        if checkpointing:
+            cmd.append("--checkpointing")
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=mp.REPO, timeout=1800)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:] + proc.stderr[-2000:])
+            return 1
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append((label, micro, rec))
+        print(f"  {label}: {rec['peak'] / MB:.0f} MB, {rec['seconds']:.2f} s; load {mp.loadavg()}", flush=True)
+    print(f"parameters: {rows[0][2]['params'] / 1e6:.2f}M ({rows[0][2]['params'] * 4 / MB:.0f} MB in fp32; the "
+          "gradients and Adam's two moments, 3x that, are in the baseline)")
+    print()
+    base_peak, base_s = rows[0][2]["peak"], rows[0][2]["seconds"]
+    head = f"{'switch':<32} {'micro-batch':>11} {'step adds MB':>12} {'x plain':>8} {'2nd step s':>10} {'x plain':>8}"
+    print(head)
+    print("-" * len(head))
+    for label, micro, rec in rows:
+        print(f"{label:<32} {a.batch // micro:>11} {rec['peak'] / MB:>12.0f} {rec['peak'] / base_peak:>8.2f} "
+              f"{rec['seconds']:>10.2f} {rec['seconds'] / base_s:>8.2f}")
+    print(f"load average after: {mp.loadavg()}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a ~20 s smoke run (one launch, N = 2048)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="values of N (default 1024 4096 16384)")
-    p.add_argument("--model", default="stub", help="stub (default) or a UNet preset name, e.g. micro")
+    p.add_argument("--model", default="stub", help="stub (default) or a UNet preset name, e.g. micro "
+                   "(--switches: a preset, default unet64_d4)")
     p.add_argument("--steps", type=int, default=1, help="DDIM steps (default 1)")
-    p.add_argument("--batch", type=int, default=32, help="generation batch per process (config default 32)")
+    p.add_argument("--batch", type=int, default=32, help="generation batch per process (config default 32); "
+                   "--switches: the global training batch")
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--switches", action="store_true", help="the memory switches' table instead (see above)")
+    p.add_argument("--device", default="cpu", help="--switches: cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=2, help="--switches: torch threads per process (default 2)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--switch-worker", dest="switch_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--micro", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         return worker(a)
+    if a.switch_worker:
+        return switch_worker(a)
+    if a.switches:
+        if a.model == "stub":
+            a.model = "unet64_d4"
+        return switches_main(a)
 
     import tempfile
 

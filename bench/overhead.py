@@ -66,7 +66,7 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
 
     from models.autoencoder import LatentScaling, build_autoencoder
     from models.discriminator import build_discriminator
-    from models.unet import build_unet, preset
+    from models.unet import build_unet, preset, unet_config
     from trainer.files import atomic
     from trainer.config.load import load_config
     from trainer.dist.accelerator import build_accelerator
@@ -85,8 +85,9 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
         torch.manual_seed(0)
         spec = preset("tiny")
         weights = {k: v.clone() for k, v in build_unet(spec).state_dict().items()}
-        atomic.save_torch(export_blob(spec, weights, LatentScaling(1.0, 0.0), 0, {}, schedule=cfg1.scheduler.__dict__,
-                                      autoencoder=ae, config=cfg1.to_dict(), raw_weights=weights), ckpt)
+        atomic.save_torch(export_blob(unet_config(spec), weights, LatentScaling(1.0, 0.0), 0, {},
+                                      schedule=cfg1.scheduler.__dict__, autoencoder=ae, config=cfg1.to_dict(),
+                                      dest=ckpt, raw_weights=weights), ckpt)
     cfg = load_config(data={
         "experiment": {"name": "bench", "save_path": str(root / f"out_{generation_steps}")},
         "diffusion": {"stage1_checkpoint": str(ckpt)},
@@ -103,7 +104,7 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
     real = torch.randn(num_samples, *ctx.latent_shape)
     real_train = stratified_split(num_samples, cfg.discriminator.training.train_split, cfg.training.seed, 0, "real")
     d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": ctx.stage1.blob["state_dict"], "ema": ctx.stage1.blob["state_dict"]}
+    init = {"raw": ctx.stage1.weights, "ema": ctx.stage1.weights}
     trainer = ctx.finetune_trainer(0, real, real_train, d, init)
     return trainer, ctx, real[torch.from_numpy(real_train)], d, init
 
@@ -132,15 +133,13 @@ class Raw:
         import torch
         import torch.nn.functional as F
 
-        from models.schedules import ddim_scheduler, training_scheduler
-        from models.unet import build_unet
+        from trainer.diffusion.schedule import Schedule
         from trainer.training.optim import cosine_with_warmup
 
         cfg = ctx.cfg
         t, s2 = cfg.training, cfg.stage2
         self.F, self.torch = F, torch
-        self.unet = build_unet(ctx.stage1.spec)
-        self.unet.load_state_dict(init["raw"])
+        self.unet = ctx.stage1.new_unet(init["raw"])
         self.unet.train()
         self.ema_shadow = [p.detach().clone() for p in self.unet.parameters()]
         self.ema_decay, self.ema_updates = t.ema_decay, 0
@@ -149,11 +148,11 @@ class Raw:
         max_steps = 10 ** 6
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type))
-        sch = ctx.stage1.scheduler
-        self.noise_sched = training_scheduler(sch["type"], sch["num_steps"], sch["prediction_type"])
-        self.ddim = ddim_scheduler(sch["type"], sch["num_steps"], sch["prediction_type"])
+        sch = Schedule.from_dict(ctx.stage1.scheduler)
+        self.noise_sched = sch.train
+        self.ddim = sch.ddim()
         self.alphas_cumprod = self.noise_sched.alphas_cumprod
-        self.num_train_timesteps = sch["num_steps"]
+        self.num_train_timesteps = sch.num_steps
         self.d = d  # frozen, eval mode: the trainer already set both
         self.real = real_train
         self.batch = t.batch_size

@@ -20,3 +20,18 @@ def training_scheduler(kind: str, num_steps: int, prediction_type: str) -> DDPMS
 
 def ddim_scheduler(kind: str, num_steps: int, prediction_type: str) -> DDIMScheduler:
     return DDIMScheduler(**scheduler_kwargs(kind, num_steps, prediction_type), set_alpha_to_one=True)
+
+
+def scheduler_config(kind: str, num_steps: int, prediction_type: str) -> dict:
+    """The config of one of advdiff's named schedules (what `Schedule` stores)."""
+    return dict(training_scheduler(kind, num_steps, prediction_type).config)
+
+
+def full_scheduler_config(config: dict) -> dict:
+    """Any diffusers DDPM/DDIM-family scheduler config -> every field both the training (DDPM) and the sampling
+    (DDIM) scheduler read, defaults filled in, as plain JSON values (custom `trained_betas` included)."""
+    given = {k: v for k, v in config.items() if not k.startswith("_")}
+    if given.get("trained_betas") is not None:
+        given["trained_betas"] = [float(b) for b in given["trained_betas"]]
+    full = {**dict(DDPMScheduler.from_config(given).config), **dict(DDIMScheduler.from_config(given).config)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(full.items()) if not k.startswith("_")}

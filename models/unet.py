@@ -54,6 +54,12 @@ def preset(name: str, **overrides) -> UNetSpec:
 
 
 def build_unet(spec: UNetSpec):
+    """A preset-shaped UNet2DModel (fresh weights)."""
+    return unet_from_config(unet_config(spec))
+
+
+def unet_config(spec: UNetSpec) -> dict:
+    """The diffusers UNet2DModel config a preset spec stands for (what checkpoints store)."""
     boc = spec.block_out_channels()
     for ch in boc:
         if ch % spec.norm_groups:
@@ -61,9 +67,7 @@ def build_unet(spec: UNetSpec):
     down = tuple("AttnDownBlock2D" if spec.attention and i == spec.depth - 1 else "DownBlock2D"
                  for i in range(spec.depth))
     up = tuple("AttnUpBlock2D" if spec.attention and i == 0 else "UpBlock2D" for i in range(spec.depth))
-    from diffusers import UNet2DModel  # imported here: config checks need the presets, not diffusers
-
-    return UNet2DModel(
+    return full_unet_config(dict(
         sample_size=spec.sample_size,
         in_channels=spec.in_channels,
         out_channels=spec.out_channels,
@@ -75,7 +79,53 @@ def build_unet(spec: UNetSpec):
         dropout=spec.dropout,
         time_embedding_dim=spec.time_dim,
         attention_head_dim=min(64, boc[-1]),
-    )
+    ))
+
+
+UNET_CLASS = "UNet2DModel"
+
+
+def full_unet_config(config: dict) -> dict:
+    """Any UNet2DModel config (partial or full, from a preset or a diffusers folder) -> the full config with
+    every default filled in, as JSON-style plain values (lists, not tuples) and without diffusers' private
+    bookkeeping (its version, where it was loaded from). Raises ValueError for another model class."""
+    from diffusers import UNet2DModel  # imported here: config checks need the presets, not diffusers
+
+    cls = config.get("_class_name", UNET_CLASS)
+    if cls != UNET_CLASS:
+        raise ValueError(f"a {cls}, not an unconditional {UNET_CLASS} (conditioning is not supported)")
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise ValueError("a class-conditional UNet2DModel (class conditioning is not supported)")
+    import inspect
+
+    params = inspect.signature(UNet2DModel.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    given = {k: v for k, v in config.items() if k in params}
+    return _plain({"_class_name": UNET_CLASS, **dict(sorted({**defaults, **given}.items()))})
+
+
+def unet_from_config(config: dict):
+    """A fresh UNet2DModel from a stored config."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def unet_sample_shape(config: dict) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents a UNet2DModel config takes."""
+    size = config.get("sample_size")
+    if size is None:
+        raise ValueError("the UNet config has no sample_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config["in_channels"]), int(h), int(w)
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def count_parameters(model) -> int:

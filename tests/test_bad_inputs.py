@@ -168,7 +168,8 @@ def c_wrong_format_checkpoint(c):
     bad = c.tmp / "d.pt"
     torch.save({"format": "advdiff.discriminator", "state_dict": {}}, bad)
     p = c.config(_set("diffusion.stage1_checkpoint", str(bad)))
-    return [], p, f"{bad}: not an advdiff diffusion checkpoint (format advdiff.diffusion)", True
+    return [], p, (f"{bad}: not an advdiff diffusion checkpoint (format advdiff.diffusion), a diffusers "
+                   f"UNet2DModel folder or a diffusers pipeline folder"), True
 
 
 def c_wrong_latent_shape(c):

@@ -81,7 +81,7 @@ def test_quality_best_never_lets_the_summary_regress(tmp_path, digits_manifest, 
     for k in range(2):
         rows = pd.read_csv(out / f"t2_metrics_iter_{k}.csv")
         assert "val_latent_fd" in rows.columns and rows["val_latent_fd"].notna().all()
-        best = torch.load(out / "checkpoints" / f"t2_iter_{k}_checkpoint_best.pt", weights_only=False)
+        best = torch.load(out / "checkpoints" / f"t2_iter_{k}_checkpoint_best.pt", weights_only=True)
         chosen = best["metrics"]["val_latent_fd"]
         # the best is the minimum over the start point and every validation of the iteration
         assert chosen == pytest.approx(min([fd[k]] + rows["val_latent_fd"].tolist()), rel=1e-4)

@@ -48,8 +48,8 @@ def _compare(a, b):
         db = torch.load(b / f"discriminator_iter_{k}" / "discriminator_best.pt")["state_dict"]
         if any(not torch.equal(da[n], db[n]) for n in da):
             differ.append(f"iter {k} discriminator weights")
-        ga = torch.load(a / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=False)["state_dict"]
-        gb = torch.load(b / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=False)["state_dict"]
+        ga = torch.load(a / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=True)["state_dict"]
+        gb = torch.load(b / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=True)["state_dict"]
         if any(not torch.equal(ga[n], gb[n]) for n in ga):
             differ.append(f"iter {k} diffusion weights")
         for csv_name in (f"discriminator_iter_{k}/discriminator_history.csv", f"t2_metrics_iter_{k}.csv"):

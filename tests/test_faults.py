@@ -174,7 +174,7 @@ def check_outputs_load(out: Path, when: str) -> None:
         rel = p.relative_to(out)
         try:
             if p.suffix == ".pt":
-                torch.load(p, map_location="cpu", weights_only=False)
+                torch.load(p, map_location="cpu", weights_only=True)
             elif p.suffix == ".csv":
                 with open(p, newline="") as f:
                     rows = list(csv.reader(f))
@@ -197,9 +197,9 @@ def progress(out: Path) -> dict:
     for k in range(ITERATIONS):
         folder = out / f"discriminator_iter_{k}"
         d_state = folder / "discriminator_state.pt"
-        d = torch.load(d_state, weights_only=False) if d_state.is_file() else None
+        d = torch.load(d_state, weights_only=True) if d_state.is_file() else None
         g_state = out / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt"
-        g = torch.load(g_state, weights_only=False) if g_state.is_file() else None
+        g = torch.load(g_state, weights_only=True) if g_state.is_file() else None
         state[k] = {"fake": (folder / "fake_latents.pt").is_file(), "real": (folder / "real_latents.pt").is_file(),
                     "d_step": d["step"] if d else 0, "d_done": bool(d and d["complete"]),
                     "g_step": g["state"]["step"] if g else 0, "g_done": bool(g and g["complete"])}
@@ -254,7 +254,7 @@ def assert_same_outputs(ref: Path, out: Path) -> None:
         if rel.endswith("_latents.pt"):
             assert torch.equal(torch.load(a), torch.load(b)), rel
         elif rel.endswith(".pt"):
-            ba, bb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+            ba, bb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
             assert ba.get("step") == bb.get("step"), rel
             keys = [key for key in ("state_dict", "raw_state_dict") if key in ba]
             if "model" in ba:  # D's resume state

@@ -240,15 +240,15 @@ def test_guidance_moves_samples_to_the_tilted_distribution(pred, mode):
 # -- `advdiff sample` ---------------------------------------------------------------------------------------
 def _checkpoint(path, ae, channels=4, pred="epsilon"):
     from models.autoencoder import LatentScaling
-    from models.unet import build_unet, preset
+    from models.unet import build_unet, preset, unet_config
     from trainer.diffusion.checkpoints import export_blob
 
     spec = preset("micro", in_channels=channels, out_channels=channels, sample_size=8)
     torch.manual_seed(0)
     unet = build_unet(spec)
-    blob = export_blob(spec, unet.state_dict(), LatentScaling(scale=1.0, shift=0.0), 0, {},
+    blob = export_blob(unet_config(spec), unet.state_dict(), LatentScaling(scale=1.0, shift=0.0), 0, {},
                        schedule={"type": "linear", "num_steps": 1000, "prediction_type": pred},
-                       autoencoder=str(ae) if ae else None, config={})
+                       autoencoder=str(ae) if ae else None, config={}, dest=path)
     torch.save(blob, path)
     return path
 

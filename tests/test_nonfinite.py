@@ -99,7 +99,7 @@ def test_too_many_in_a_row_stop_without_saving(tmp_path):
         t.fit()
     assert str(e.value) == (f"toy: 3 non-finite steps in a row (steps 3-5); stopped without saving, "
                             f"last good checkpoint: {t.state_path} (step 2)")
-    state = torch.load(t.state_path, weights_only=False)
+    state = torch.load(t.state_path, weights_only=True)
     assert state["step"] == 2 and state["nonfinite_skipped"] == 0  # the checkpoint due at step 4 was not written
     # fewer than the limit in a row: tolerated, and an applied step starts the count again
     t = Toy(tmp_path / "ok", ["loss", "loss", "ok", "grad", "loss", "ok"], limit=3)
@@ -115,7 +115,7 @@ def test_counter_survives_resume_and_old_states_load(tmp_path):
     t = Toy(tmp_path / "a", ["ok", "loss", "ok", "ok"])
     t.stop_after = 2
     t.fit()
-    assert torch.load(t.state_path, weights_only=False)["nonfinite_skipped"] == 1
+    assert torch.load(t.state_path, weights_only=True)["nonfinite_skipped"] == 1
     t = Toy(tmp_path / "a", ["ok", "loss", "ok", "ok"])
     t.fit()
     assert t.nonfinite_skipped == 1 and t.history[-1]["nonfinite_skipped"] == 1
@@ -123,7 +123,7 @@ def test_counter_survives_resume_and_old_states_load(tmp_path):
     t = Toy(tmp_path / "b", ["ok"] * 4)
     t.stop_after = 2
     t.fit()
-    state = torch.load(t.state_path, weights_only=False)
+    state = torch.load(t.state_path, weights_only=True)
     for key in ("nonfinite_skipped", "nonfinite_run", "checkpoint_due"):
         del state[key]
     torch.save(state, t.state_path)
@@ -164,10 +164,10 @@ def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, smal
     # the row due at step 2 came after the next applied step; the last step was skipped and still saved
     assert m["step"].tolist() == [3, 4] and m["nonfinite_skipped"].tolist() == [1, 2]
     assert m.drop(columns="nonfinite_skipped").notna().all().all()
-    latest = torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=False)
+    latest = torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True)
     assert latest["complete"] and latest["state"]["nonfinite_skipped"] == 2
     assert _finite(latest)
-    assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_best.pt", weights_only=False))
+    assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_best.pt", weights_only=True))
     assert (pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"] == 0).all()
 
 
@@ -193,7 +193,7 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digi
     assert errors == [f"advdiff: error: stage2_g0: 2 non-finite steps in a row (steps 3-4); stopped without "
                       f"saving, last good checkpoint: {latest} (step 2)"], proc.stderr
     assert {p.name: _sha(p) for p in ckpts.iterdir()} == before  # nothing overwritten
-    blob = torch.load(latest, weights_only=False)
+    blob = torch.load(latest, weights_only=True)
     assert blob["state"]["step"] == 2 and not blob["complete"] and _finite(blob)
 
 
@@ -210,4 +210,4 @@ def test_stage2_nan_on_one_rank_is_skipped_on_both(tmp_path, digits_manifest, sm
     out = tmp_path / "out"
     assert pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"].iloc[-1] == 1
     assert pd.read_csv(out / "t2_metrics_iter_0.csv")["nonfinite_skipped"].tolist() == [0, 1]
-    assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=False))
+    assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True))

@@ -26,7 +26,7 @@ def online_config(root, manifest, ae, ckpt, r1_gamma=None, **stage2):
 
 
 def _state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_close(a: dict, b: dict, atol=0.0):

@@ -176,8 +176,8 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path
     assert log.index("preempted at step") < log.index(f"job {job.id}, start 2") < log.index("stage 2 complete")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     name = "checkpoints/t2_iter_0_checkpoint_latest.pt"
-    a = torch.load(ref_out / name, map_location="cpu", weights_only=False)
-    b = torch.load(out / name, map_location="cpu", weights_only=False)
+    a = torch.load(ref_out / name, map_location="cpu", weights_only=True)
+    b = torch.load(out / name, map_location="cpu", weights_only=True)
     assert a["complete"] and b["complete"]
     for key in ("state_dict", "raw_state_dict"):
         assert a[key].keys() == b[key].keys()

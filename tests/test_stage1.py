@@ -27,9 +27,9 @@ def test_resume_gives_the_same_weights(tmp_path, digits_manifest, small_ae):
     cfg_b = tiny_config(tmp_path / "b", digits_manifest, small_ae)
     out_b = _train(cfg_b, stop_after=4)  # stop between evaluations (eval at 6 and 12)
     assert (out_b / "state.pt").is_file() and not (out_b / "checkpoint_latest.pt").exists()
-    assert torch.load(out_b / "state.pt", weights_only=False)["step"] == 4
+    assert torch.load(out_b / "state.pt", weights_only=True)["step"] == 4
     out_b = _train(cfg_b, stop_after=5)  # resumes at 4, passes the step-6 evaluation, stops at 9
-    assert torch.load(out_b / "state.pt", weights_only=False)["step"] == 9
+    assert torch.load(out_b / "state.pt", weights_only=True)["step"] == 9
     _train(cfg_b)  # resumes at 9, finishes
     for key in ("state_dict", "raw_state_dict"):
         a, b = _weights(straight / "checkpoint_latest.pt", key), _weights(out_b / "checkpoint_latest.pt", key)
@@ -57,7 +57,7 @@ def test_stage1_outputs_and_sample_grid(tmp_path, digits_manifest, small_ae):
     for name in ("checkpoint_best.pt", "checkpoint_latest.pt", "state.pt", "history.csv", "samples.png"):
         assert (out / name).is_file(), name
     ck = load_diffusion_checkpoint(out / "checkpoint_best.pt")
-    assert ck.spec.in_channels == 4 and ck.scheduler["prediction_type"] == "v_prediction"
+    assert ck.latent_shape[0] == 4 and ck.scheduler["prediction_type"] == "v_prediction"
     assert ck.scaling.scale > 0
     with Image.open(out / "samples.png") as img:
         assert img.size == (8 * 34 + 2, 8 * 34 + 2)

@@ -14,9 +14,14 @@ SPEC_FLAGS = ["--num_samples", "20", "--num_iterations", "2", "--discriminator_e
 
 def extras(name: str, iterations: int) -> set:
     """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid (and
-    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, and the time by phase."""
+    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, the time by phase, and the result
+    as a pipeline folder."""
     paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv",
              f"samples/{name}_stage1.png", "reference_latent.npz", "reference_pixel.npz"}  # held-out reals' statistics
+    # the result as a diffusers pipeline folder
+    paths |= {f"pipeline/{f}" for f in ("model_index.json", "pipeline.py", "advdiff.json", "unet/config.json",
+                                        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                                        "vae/config.json", "vae/diffusion_pytorch_model.safetensors")}
     paths |= {f"{name}_metrics_iter_{k}.png" for k in range(iterations)}
     paths |= {f"discriminator_iter_{k}/discriminator_history.png" for k in range(iterations)}
     for k in range(iterations):
@@ -61,7 +66,7 @@ def test_command_line_gives_the_documented_layout(tmp_path, digits_manifest, sma
     summary = pd.read_csv(out / "t2_summary.csv")
     assert summary["iteration"].tolist() == [0, 1, 2]  # stage 1, then one row per iteration
     assert summary[["latent_fd", "precision", "recall", "pixel_fd", "d_acc"]].notna().all().all()
-    ck = torch.load(out / "checkpoints" / "t2_iter_1_checkpoint_latest.pt", weights_only=False)
+    ck = torch.load(out / "checkpoints" / "t2_iter_1_checkpoint_latest.pt", weights_only=True)
     assert ck["iteration"] == 1 and ck["complete"] and "optimizer" in ck["state"]["model"]
     best = torch.load(out / "checkpoints" / "t2_iter_1_checkpoint_best.pt", weights_only=True)
     assert best["format"] == "advdiff.diffusion" and "state" not in best
@@ -153,7 +158,7 @@ def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind=
     torch.manual_seed(0)
     real = torch.randn(24, 4, 8, 8)
     d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": s.stage1.blob["state_dict"], "ema": s.stage1.blob["state_dict"]}
+    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
     return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init), d
 
 
@@ -214,8 +219,8 @@ def test_diffusion_phase_resume_is_exact(tmp_path, digits_manifest, small_ae, st
     assert "RESUMED iteration 0, diffusion phase, from" in log and "at step 3/12" in log
     assert "RESUMING" in log and "fake_latents.pt saved, real_latents.pt saved" in log
     name = "checkpoints/t2_iter_0_checkpoint_latest.pt"
-    a = torch.load(straight / name, weights_only=False)
-    b = torch.load(resumed / name, weights_only=False)
+    a = torch.load(straight / name, weights_only=True)
+    b = torch.load(resumed / name, weights_only=True)
     for key in ("state_dict", "raw_state_dict"):
         for p in a[key]:
             assert torch.equal(a[key][p], b[key][p]), (key, p)

@@ -10,24 +10,22 @@ import argparse
 from pathlib import Path
 
 from trainer.cli.common import run_main
+from trainer.cli.flags import Parser
 from trainer.core.errors import UserError
 from trainer.files.layout import RunLayout
 from trainer.stage2.classifier import DEFAULT_EPOCHS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advdiff classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="advdiff classifier", description=__doc__)
     p.add_argument("config", help="experiment YAML (its dataset section names the manifest)")
     p.add_argument("--out", default=None, help="weights file to write (default <experiment.save_path>/classifier.pt)")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"passes over the training split "
-                   f"(default {DEFAULT_EPOCHS})")
-    p.add_argument("--label-column", "--label_column", default="label", help="manifest column of integer class "
-                   "labels (default label)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the training split")
+    p.add_argument("--label_column", default="label", metavar="COL", help="manifest column of integer class labels")
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override any config field (repeatable)")
-    p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return p
 
 

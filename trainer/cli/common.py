@@ -5,11 +5,13 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
+from trainer.cli.flags import Parser
 from trainer.config.load import dump_config, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.dist import preempt
-from trainer.dist.accelerator import apply_performance, build_accelerator, set_deterministic
+from trainer.dist.accelerator import apply_performance, build_accelerator, flat_config, set_deterministic
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -22,17 +24,21 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
 
 
-def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"advdiff {prog}", description=description)
-    p.add_argument("config", help="experiment YAML")
+def stage_parser(prog: str, description: str, config_nargs=None,
+                 config_help: str = "experiment YAML") -> argparse.ArgumentParser:
+    p = Parser(prog=f"advdiff {prog}", description=description)
+    p.add_argument("config", nargs=config_nargs, help=config_help)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="cuda, cpu, or auto (cuda when visible)")
     add_config_args(p)
+    p.add_argument("--output_dir", default=None, metavar="DIR",
+                   help="overrides experiment.save_path (a relative DIR is relative to the current folder)")
     p.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
                    help="stop after N steps in this call, leaving a resume state (time-boxed jobs)")
-    p.add_argument("--report_to", "--report-to", default=None, choices=("tensorboard",),
-                   help="log every CSV metric (and sample grids) through accelerate's trackers, under "
-                        "<save_path>/tracking")
+    p.add_argument("--report_to", "--report-to", default=None, metavar="TRACKERS",
+                   help="log every CSV metric (and sample grids) through accelerate's trackers: a comma list "
+                        "(tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, ...) or all (every "
+                        "installed one); local logs under <save_path>/tracking")
     return p
 
 
@@ -40,13 +46,21 @@ def is_main_launch_rank() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
-def load_from_args(args, extra: dict | None = None):
+def config_overrides(args, extra: dict | None = None) -> dict:
+    """{config path: value} of --set, the flags that shadow a config field, then `extra`."""
     overrides = dict(parse_override(o) for o in args.overrides)
     if getattr(args, "seed", None) is not None:
         overrides["training.seed"] = args.seed
     if getattr(args, "mixed_precision", None) is not None:
         overrides["training.mixed_precision"] = args.mixed_precision
+    if getattr(args, "output_dir", None) is not None:  # a flag's path is the shell's, not the YAML's
+        overrides["experiment.save_path"] = str(Path(args.output_dir).expanduser().absolute())
     overrides.update(extra or {})
+    return overrides
+
+
+def load_from_args(args, extra: dict | None = None):
+    overrides = config_overrides(args, extra)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = load_config(args.config, overrides)
@@ -99,7 +113,8 @@ def accelerator_for(cfg, args):
     set_deterministic(cfg.training.deterministic)
     apply_performance(cfg.performance)
     return build_accelerator(args.device, cfg.training.resolved_mixed_precision(), report_to=args.report_to,
-                             project_dir=cfg.out_dir / "tracking", run_name=cfg.experiment.name)
+                             project_dir=cfg.out_dir / "tracking", run_name=cfg.experiment.name,
+                             config=flat_config(cfg) if args.report_to else None)
 
 
 def stage_main(trainer_cls, name: str, description: str, argv=None) -> int:

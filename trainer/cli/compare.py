@@ -1,11 +1,11 @@
 """`advdiff compare RUN_A RUN_B`: two runs' quality summaries side by side, per iteration."""
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
+from trainer.cli.flags import Parser
 from trainer.files.layout import RunLayout
 from trainer.files.read import read_csv_rows
 from trainer.stage2.evaluation import SUMMARY_FIELDS
@@ -51,9 +51,9 @@ def table(a_rows, b_rows, a_name="A", b_name="B") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="advdiff compare", description=__doc__)
-    p.add_argument("run_a", help="experiment folder (or its summary CSV)")
-    p.add_argument("run_b")
+    p = Parser(prog="advdiff compare", description=__doc__)
+    p.add_argument("run_a", help="experiment folder (or its summary CSV): A")
+    p.add_argument("run_b", help="the same for B")
     args = p.parse_args(argv)
     try:
         a, b = find_summary(Path(args.run_a)), find_summary(Path(args.run_b))

@@ -3,11 +3,11 @@ stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid -> stage 2, all unde
 Re-running resumes or skips finished work."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from trainer.cli.common import is_main_launch_rank
+from trainer.cli.flags import Parser
 from trainer.config.load import DEMO_CONFIG, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.data.digits import build_digits
@@ -84,9 +84,8 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
 
 
 def digits_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="advdiff digits", description="Write scikit-learn's digits as 32x32 PNGs "
-                                "with manifest.csv.")
-    p.add_argument("out")
+    p = Parser(prog="advdiff digits", description="Write scikit-learn's digits as 32x32 PNGs with manifest.csv.")
+    p.add_argument("out", help="folder to write images/ and manifest.csv into")
     args = p.parse_args(argv)
     try:
         print(build_digits(args.out))
@@ -97,10 +96,12 @@ def digits_main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="advdiff demo", description=__doc__)
-    p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    p = Parser(prog="advdiff demo", description=__doc__)
+    p.add_argument("--out", default="runs/digits", metavar="DIR", help="output folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="cuda, cpu, or auto (cuda when visible)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any config field of the embedded default (repeatable)")
     p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
     args = p.parse_args(argv)
     try:

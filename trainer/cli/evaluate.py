@@ -20,25 +20,26 @@ import math
 import sys
 from pathlib import Path
 
-from trainer.cli.common import add_config_args, load_from_args, run_main
+from trainer.cli.common import add_config_args, run_main
+from trainer.cli.flags import Parser
 from trainer.cli.sample import load_guidance_discriminator
 from trainer.core.errors import UserError
 from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advdiff evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="advdiff evaluate", description=__doc__)
     p.add_argument("config", help="experiment YAML (a stage-2 config: data, AE, metrics)")
     p.add_argument("--checkpoint", default=None, help="diffusion checkpoint to measure (default: the config's "
                    "stage-1 checkpoint)")
     p.add_argument("--generation_steps", type=int, default=None, help="overrides stage2.generation_steps")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="cuda, cpu, or auto (cuda when visible)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the row as JSON (atomically)")
     add_config_args(p)
     g = p.add_argument_group("discriminator guidance")
     g.add_argument("--discriminator", default=None, metavar="D.pt", help="a stage-2 discriminator export")
-    g.add_argument("--guidance_weight", type=float, default=1.0, help="w (default 1)")
+    g.add_argument("--guidance_weight", type=float, default=1.0, help="w")
     g.add_argument("--guidance_t_min", type=float, default=DEFAULT_T_MIN, help="off for t < this x T")
     g.add_argument("--guidance_t_max", type=float, default=1.0, help="off for t > this x T")
     g.add_argument("--guidance_input", default="x_t", choices=INPUTS, help="what D sees (see advdiff sample)")
@@ -66,10 +67,10 @@ def body(cfg, args) -> None:
     acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
     s = setup(cfg, acc)  # every input check of stage 2, before any compute
     path = Path(args.checkpoint) if args.checkpoint else s.stage1.path
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--checkpoint: {path}: not found")
-    ckpt = load_diffusion_checkpoint(path)
-    if ckpt.spec != s.stage1.spec:
+    ckpt = load_diffusion_checkpoint(path, fallback_scheduler=s.stage1.scheduler, scaling=s.stage1.scaling)
+    if ckpt.unet_config != s.stage1.unet_config:
         raise UserError(f"--checkpoint: {path}: its UNet differs from the config's stage-1 model "
                         f"({s.stage1.path}); evaluate it with the config it was trained with")
     unet = ckpt.unet.to(acc.device).eval()

@@ -1,14 +1,13 @@
 """`advdiff models`: the UNet presets with parameter counts computed from the built model."""
 from __future__ import annotations
 
-import argparse
+from trainer.cli.flags import Parser
 
 
 def models_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="advdiff models", description="UNet presets, parameter counts computed "
-                                "from the built model.")
-    p.add_argument("--latent-channels", type=int, default=16)
-    p.add_argument("--latent-size", type=int, default=32)
+    p = Parser(prog="advdiff models", description="UNet presets, parameter counts computed from the built model.")
+    p.add_argument("--latent_channels", type=int, default=16, help="channels of the latents the UNet takes")
+    p.add_argument("--latent_size", type=int, default=32, help="side of the latents")
     args = p.parse_args(argv)
     from models.unet import PRESETS, build_unet, count_parameters, preset
 

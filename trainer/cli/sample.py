@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from trainer.cli.common import one_line_errors
+from trainer.cli.flags import Parser
 from trainer.core.errors import UserError
 from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
 
@@ -17,29 +18,31 @@ GRID_MAX = 64  # the PNG shows the first 64 samples
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advdiff sample", description=__doc__)
+    p = Parser(prog="advdiff sample", description=__doc__)
     p.add_argument("checkpoint", help="a stage-1 or stage-2 diffusion checkpoint (.pt)")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pt (all samples) and PREFIX.png (a grid of the first "
-                   f"{GRID_MAX})")
-    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pt (all samples) and PREFIX.png "
+                   f"(a grid of the first {GRID_MAX})")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch_size", type=int, default=64, help="samples per UNet forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="cuda, cpu, or auto (cuda when visible)")
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
-    p.add_argument("--ae", default=None, help="autoencoder for the PNG grid (default: the one the checkpoint names)")
-    p.add_argument("--no_grid", "--no-grid", action="store_true", help="latents only, no decoded grid")
-    p.add_argument("--nrow", type=int, default=8, help="grid columns (default 8)")
+    p.add_argument("--ae", default=None, metavar="PATH",
+                   help="autoencoder for the PNG grid (default: the one the checkpoint names)")
+    p.add_argument("--no_grid", action="store_true", help="latents only, no decoded grid")
+    p.add_argument("--nrow", type=int, default=8, help="grid columns")
     g = p.add_argument_group("discriminator guidance (Kim et al., 2022)")
     g.add_argument("--discriminator", default=None, metavar="D.pt", help="a stage-2 discriminator export; "
                    "guidance is on when given")
-    g.add_argument("--guidance_weight", "--guidance-weight", type=float, default=None, help="w (default 1)")
-    g.add_argument("--guidance_t_min", "--guidance-t-min", type=float, default=None,
+    g.add_argument("--guidance_weight", type=float, default=None, help="w (default 1)")
+    g.add_argument("--guidance_t_min", type=float, default=None,
                    help=f"off for t < this x T (default {DEFAULT_T_MIN})")
-    g.add_argument("--guidance_t_max", "--guidance-t-max", type=float, default=None,
+    g.add_argument("--guidance_t_max", type=float, default=None,
                    help="off for t > this x T (default 1)")
-    g.add_argument("--guidance_input", "--guidance-input", default=None, choices=INPUTS,
+    g.add_argument("--guidance_input", default=None, choices=INPUTS,
                    help="what D sees: the noisy latent (x_t, the paper's) or the model's clean prediction "
                         "(x0_pred: what stage 2's noise-conditioned D was trained on)")
     return p
@@ -129,8 +132,7 @@ def sample(args) -> None:
         raise UserError("--device cuda: no CUDA device is visible")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = load_diffusion_checkpoint(args.checkpoint, use_ema=not args.raw)
-    spec = ckpt.spec
-    shape = (spec.in_channels, spec.sample_size, spec.sample_size)
+    shape = ckpt.latent_shape
     schedule = Schedule.from_dict(ckpt.scheduler)
     if args.steps > schedule.num_steps:
         raise UserError(f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}")
@@ -143,6 +145,10 @@ def sample(args) -> None:
     ae_path = resolve_ae(args, ckpt)
     if ae_path is not None:  # loaded (and checked) before any sampling
         ae = load_frozen_ae(ae_path, device)
+        if ckpt.kind == "unet":  # a bare UNet folder: the latent scale and shift are the AE config's
+            from models.autoencoder import config_scaling
+
+            ckpt.scaling = config_scaling(ae)
         if ae.config.latent_channels != shape[0]:
             raise UserError(f"--ae: {ae_path}: latent channels {ae.config.latent_channels} differ from the "
                             f"checkpoint's UNet's {shape[0]}")

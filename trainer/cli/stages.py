@@ -38,25 +38,33 @@ def apply_arm(cfg: Config, weight: float | None, control: bool) -> None:
             t.weight = weight
 
 
-def build_stage2_parser() -> argparse.ArgumentParser:
-    p = stage_parser("stage2", "Adversarial fine-tuning against a latent discriminator (stage 2).")
+def build_stage2_parser(prog: str = "stage2",
+                        description: str = "Adversarial fine-tuning against a latent discriminator (stage 2).",
+                        **config_arg) -> argparse.ArgumentParser:
+    """The stage-2 flag set; `advdiff validate` builds its parser from this one, so they cannot drift."""
+    p = stage_parser(prog, description, **config_arg)
     add_stage2_flags(p)
     p.add_argument("--adversarial_weight", type=float, default=None,
                    help="weight of every DiscriminatorLoss term (overrides training.loss)")
     p.add_argument("--control", action="store_true",
                    help="the MSE-only control arm: adversarial weight 0, same data and steps, into "
                         "<save_path>_control")
-    p.add_argument("--start_iteration", type=int, default=None,
-                   help="start at this iteration; needs iteration k-1's checkpoint (default: continue where "
+    p.add_argument("--start_iteration", type=int, default=None, metavar="K",
+                   help="start at iteration K; needs iteration K-1's checkpoint (default: continue where "
                         "the last run stopped, from iteration 0)")
     return p
 
 
+def apply_stage2_args(cfg: Config, args) -> None:
+    """The stage-2 flags that act on the loaded config rather than override a field (stage2 and validate)."""
+    if args.start_iteration is not None and args.start_iteration < 0:
+        raise UserError(f"--start_iteration: expected an integer >= 0, got {args.start_iteration}")
+    apply_arm(cfg, args.adversarial_weight, args.control)
+
+
 def stage2_main(argv=None) -> int:
     def body(cfg, args):
-        if args.start_iteration is not None and args.start_iteration < 0:
-            raise UserError(f"--start_iteration: expected an integer >= 0, got {args.start_iteration}")
-        apply_arm(cfg, args.adversarial_weight, args.control)
+        apply_stage2_args(cfg, args)
         acc = accelerator_for(cfg, args)
         try:
             from trainer.stage2.run import run

@@ -6,24 +6,25 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.cli.common import add_config_args, load_from_args
-from trainer.cli.flags import add_stage2_flags, flag_overrides
-from trainer.config.load import DEMO_CONFIG, load_config, parse_override
+from trainer.cli.common import config_overrides, load_from_args
+from trainer.cli.flags import flag_overrides
+from trainer.cli.stages import apply_stage2_args, build_stage2_parser
+from trainer.config.load import DEMO_CONFIG, load_config
 from trainer.core.errors import UserError
 from trainer.stage2.checks import check_stage2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advdiff validate",
-                                description="Check a stage-2 config, its files and flags before any compute.")
-    p.add_argument("config", nargs="?", help="experiment YAML (omit with --demo)")
-    add_config_args(p)
+    """`advdiff stage2`'s parser (every stage-2 flag, so a stage-2 command line validates as it is) plus
+    validate's own --stage, --demo and --out. --device, --report_to and --stop_after_steps are accepted and
+    not checked: they concern the machine and the call that run stage 2 (often not this login node)."""
+    p = build_stage2_parser("validate", "Check a stage-2 config, its files and flags before any compute.",
+                            config_nargs="?", config_help="experiment YAML (omit with --demo)")
     p.add_argument("--stage", default="2", choices=("2", "all"),
                    help="2: every stage-2 input must exist (default); all: stages 0 and 1 of the same "
                         "pipeline may still have to write the AE and the stage-1 checkpoint")
     p.add_argument("--demo", action="store_true", help="validate the embedded default as `advdiff demo` runs it")
-    p.add_argument("--out", default="runs/digits", help="with --demo: the demo's output folder")
-    add_stage2_flags(p)
+    p.add_argument("--out", default="runs/digits", metavar="DIR", help="with --demo: the demo's output folder")
     return p
 
 
@@ -35,8 +36,9 @@ def main(argv=None) -> int:
             out = Path(args.out)
             if out.exists() and not out.is_dir():
                 raise UserError(f"--out {out}: exists and is not a folder")
-            overrides = dict(parse_override(o) for o in args.overrides)
-            overrides.update(flag_overrides(args))
+            if args.output_dir is not None:
+                raise UserError("--output_dir: not with --demo (the demo's folder is --out)")
+            overrides = config_overrides(args, flag_overrides(args))
             existing = out / "config.yaml"
             cfg = load_config(existing if existing.is_file() else DEMO_CONFIG, overrides)
             cfg.source = str(existing.resolve())  # relative paths resolve inside the demo's folder
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
             if args.dry_run:
                 return 0
             pipeline, name = args.stage == "all", args.config
+        apply_stage2_args(cfg, args)
         facts = check_stage2(cfg, collect=True, pipeline=pipeline)
     except UserError as e:
         print(f"advdiff: error: {e}", file=sys.stderr)

@@ -3,16 +3,34 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from trainer.config.schema import from_dict
+from trainer.config.schema import ConfigWarning, from_dict
 from trainer.config.sections import Config
 from trainer.core.errors import ConfigError, UserError
 
 DEMO_CONFIG = Path(__file__).parent / "defaults" / "digits.yaml"
+
+# The seed system's words for what advdiff spells otherwise (listed in docs/CONFIG.md below the field table).
+# Each is read with one warning that names advdiff's spelling; what advdiff cannot honour is refused.
+SEED_VALUES = {  # path -> {seed value: advdiff value}
+    "scheduler.type": {"CosineScheduler": "cosine", "LinearScheduler": "linear"},
+    "training.scheduler.type": {"CosineScheduler": "cosine"},
+}
+SEED_ONLY_VALUE = {  # path -> (values that ask for what advdiff does anyway, how it reads in YAML, why)
+    "unet.cond_channels": ((0, None), "0", "conditioning is not supported"),
+    "unet.fusion_mode": (("none", None), "none", "conditioning is not supported"),
+    "training.use_weighted_sampling": ((False, None), "false", "weighted sampling is not supported; rows are drawn "
+                                       "uniformly"),
+}
+SEED_DROPPED = {  # path -> what advdiff does instead (the key is ignored)
+    "training.save_interval": "checkpoints are written at every validation: training.eval_interval (stage 0: "
+                              "autoencoder.training.eval_interval; stage 2: stage2.diffusion_eval_interval), in steps",
+}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -64,9 +82,48 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
     data.pop("source", None)
+    read_seed_words(data, where)
     cfg = from_dict(Config, data, where)
     cfg.source = str(Path(path).resolve()) if path is not None else None
     return cfg
+
+
+def _parent(data: dict, path: str) -> tuple[dict | None, str]:
+    """(the mapping that holds `path`'s last key, that key); None when the path is not there."""
+    *parents, leaf = path.split(".")
+    node = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) and leaf in node else None), leaf
+
+
+def _yaml(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def read_seed_words(data: dict, where: str) -> None:
+    """Rewrite the seed system's spellings in `data` (in place) into advdiff's, one warning each; refuse
+    the values advdiff cannot honour with one ConfigError line."""
+    for path, names in SEED_VALUES.items():
+        node, key = _parent(data, path)
+        if node is not None and isinstance(node[key], str) and node[key] in names:
+            warnings.warn(f"{where}: {path}: {node[key]} read as {names[node[key]]} (write {path}: "
+                          f"{names[node[key]]})", ConfigWarning, stacklevel=3)
+            node[key] = names[node[key]]
+    for path, (accepted, shown, why) in SEED_ONLY_VALUE.items():
+        node, key = _parent(data, path)
+        if node is None:
+            continue
+        value = node.pop(key)
+        if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
+            raise ConfigError(f"{where}: {path}: expected {shown} ({why}), got {_yaml(value)}")
+        warnings.warn(f"{where}: {path}: {shown} is what advdiff always does; key ignored", ConfigWarning,
+                      stacklevel=3)
+    for path, instead in SEED_DROPPED.items():
+        node, key = _parent(data, path)
+        if node is not None:
+            node.pop(key)
+            warnings.warn(f"{where}: {path}: ignored; {instead}", ConfigWarning, stacklevel=3)
 
 
 def dump_config(cfg: Config) -> str:

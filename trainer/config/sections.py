@@ -153,11 +153,11 @@ class Stage2Config:
                                       "was trained on), or one-step x0 predictions from noised reals (and D is "
                                       "then trained on those).", choices=("rollout", "x0_pred"))
     rollout_grad_steps: int = option(1, "Rollout mode: back-propagate through this many final DDIM steps.", ge=1)
-    gradient_checkpointing: bool = option(False, "Fine-tune with the UNet's gradient checkpointing: activations "
-                                          "are recomputed in the backward pass instead of stored, so back-"
-                                          "propagating through many rollout steps (rollout_grad_steps = K for a "
-                                          "K-step sampler) fits in memory on big models, for about one more "
-                                          "forward per step.")
+    gradient_checkpointing: bool = option(False, "Gradient checkpointing for the fine-tune only (training."
+                                          "gradient_checkpointing: stages 1 and 2): activations are recomputed in "
+                                          "backward instead of stored, so back-propagating through many rollout "
+                                          "steps (rollout_grad_steps = K for a K-step sampler) fits in memory on "
+                                          "big models, for about one more forward per step.")
     rollout_batch_size: Optional[int] = option(None, "Rollout mode: generated samples per step (global); "
                                                "default training.batch_size.", ge=1)
     x0_pred_max_timestep: float = option(1.0, "x0_pred mode: timesteps are drawn from [0, this x num_steps).",
@@ -222,7 +222,11 @@ class DatasetOutputs:
 
 @dataclass
 class DatasetConfig:
-    manifest: Optional[str] = option(None, "Manifest CSV; relative paths in it resolve against its folder.")
+    manifest: Optional[str] = option(None, "Manifest CSV (relative paths in it resolve against its folder), or a "
+                                     "folder of images: every .png/.jpg/.jpeg/.bmp/.webp/.gif/.tif/.tiff under it "
+                                     "(any case; hidden files and folders skipped), sorted by relative path, as "
+                                     "the CSV `advdiff manifest DIR` writes; filters may then only name "
+                                     "image_column.")
     image_column: str = option("image_path", "Manifest column holding image paths.")
     outputs: DatasetOutputs = option(doc="Output columns of the manifest.", factory=DatasetOutputs)
     filters: dict[str, list[Any]] = option(doc="Keep rows whose column value is in the list.", factory=dict)
@@ -307,6 +311,10 @@ class TrainingConfig:
     mixed_precision: Optional[str] = option(None, "no, fp16 or bf16 (accelerate); the AE always runs in fp32.",
                                             choices=("no", "fp16", "bf16"))
     max_grad_norm: float = option(0.5, "Gradient clipping norm (0 disables).", ge=0)
+    gradient_checkpointing: bool = option(False, "Recompute the UNet's activations in backward instead of storing "
+                                          "them, stage 1 and 2: less memory, about one more forward per step.")
+    gradient_accumulation_steps: int = option(1, "UNet steps in N micro-batches of the same samples and draws: ~N x "
+                                              "less activation memory, same update; not under DeepSpeed.", ge=1)
     max_nonfinite_steps: int = option(5, "Every stage (0, 1, 2's D and diffusion phases) skips a step whose loss "
                                       "(on any process) or gradient norm is NaN/Inf; after this many skipped "
                                       "steps in a row the run stops (exit 2), keeping the last checkpoint.", ge=1)

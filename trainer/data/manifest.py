@@ -1,6 +1,8 @@
-"""Manifest CSV reading, filters, and image loading."""
+"""Manifest reading (a CSV, or a folder of images read as one), filters, and image loading."""
 from __future__ import annotations
 
+import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -10,30 +12,81 @@ import torch
 from trainer.core.errors import UserError
 
 
+# The suffixes of an image folder's files (any case). A fixed list, not Pillow's registry, so that the
+# rows of a folder do not depend on the Pillow build of the machine reading it.
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def _walk_error(e: OSError):
+    raise UserError(f"{e.filename}: cannot list this folder ({e.strerror})")
+
+
+def list_images(folder: Path) -> list[str]:
+    """The images under `folder` (recursive; hidden files and folders, '.'-prefixed, skipped) as POSIX
+    paths relative to it, sorted by that path (compared in Unicode NFC form), so that the order is the
+    same on every machine and filesystem. A folder reached twice through symbolic links is read once."""
+    folder = Path(folder)
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, onerror=_walk_error, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(root).relative_to(folder)
+        found += [(rel / f).as_posix() for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: (unicodedata.normalize("NFC", p), p))
+
+
+def image_folder_rows(folder: Path) -> list[str]:
+    """`list_images`, refusing a folder without images in one line that names the suffixes."""
+    paths = list_images(folder)
+    if not paths:
+        hint = ("; it looks like a Hugging Face `datasets` folder, which advdiff does not read: save its "
+                "images as files" if any((Path(folder) / f).is_file() for f in ("dataset_info.json", "state.json"))
+                else "")
+        raise UserError(f"{folder}: no image files in this folder or its subfolders (expected "
+                        f"{', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]}, any case; hidden files and "
+                        f"folders are skipped){hint}")
+    return paths
+
+
 def read_manifest(manifest: Path, image_column: str, filters: dict | None = None,
                   latent_column: str | None = None, keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read and filter the manifest; returns rows with absolute `image_path`/`latent_path` columns, and
-    the columns named in `keep` as they are (each must exist)."""
+    the columns named in `keep` as they are (each must exist). `manifest` is a CSV (relative paths in it
+    resolve against its folder) or a folder of images, read as the CSV `advdiff manifest` writes into it
+    would be: one column, `image_column`, of its `list_images` (so filters may name only that column)."""
     manifest = Path(manifest)
-    if not manifest.is_file():
+    folder = manifest.is_dir()
+    if folder:
+        df = pd.DataFrame({image_column: pd.Series(image_folder_rows(manifest), dtype=object)})
+    elif not manifest.is_file():
         raise UserError(f"{manifest}: manifest not found")
-    try:
-        df = pd.read_csv(manifest)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{manifest}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            df = pd.read_csv(manifest)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise UserError(f"{manifest}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    only = (f"an image folder has only the column '{image_column}'; write a CSV with `advdiff manifest "
+            f"{manifest}` and add the column to it")
     has_latents = bool(latent_column) and latent_column in df.columns
     if image_column not in df.columns and not has_latents:
         raise UserError(f"{manifest}: no column '{image_column}' (dataset.image_column); "
                         f"columns are: {', '.join(map(str, df.columns))}")
     for column in keep:
         if column not in df.columns:
-            raise UserError(f"{manifest}: no column '{column}'; columns are: {', '.join(map(str, df.columns))}")
+            raise UserError(f"{manifest}: no column '{column}'; "
+                            + (only if folder else f"columns are: {', '.join(map(str, df.columns))}"))
     for column, allowed in (filters or {}).items():
         if column not in df.columns:
-            raise UserError(f"{manifest}: dataset.filters.{column}: no such column in the manifest")
+            raise UserError(f"{manifest}: dataset.filters.{column}: "
+                            + (only if folder else "no such column in the manifest"))
         df = df[df[column].isin(allowed)]
     df = df.reset_index(drop=True)
-    base = manifest.resolve().parent
+    base = manifest.resolve() if folder else manifest.resolve().parent
 
     def resolve(value):
         if not isinstance(value, str) or not value:

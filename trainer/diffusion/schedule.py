@@ -2,11 +2,11 @@
 samplers, the (noise, clean latent) predictions read off the UNet's output, and its training target."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from models.schedules import ddim_scheduler, training_scheduler
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from models.schedules import BETA_SCHEDULES, full_scheduler_config, scheduler_config
 
 
 def predictions(noise_sched, model_output, x_t, t):
@@ -25,27 +25,47 @@ def model_target(noise_sched, latents, noise, t):
     return noise
 
 
-@dataclass
 class Schedule:
-    """A stored schedule ({type, num_steps, prediction_type}) with its training scheduler built once."""
-    type: str
-    num_steps: int
-    prediction_type: str
-    train: object = field(init=False, repr=False)  # diffusers DDPMScheduler: add_noise, alphas_cumprod
+    """A diffusion model's noise schedule, stored as a full diffusers scheduler config (custom betas
+    included), with its training scheduler (DDPM: add_noise, alphas_cumprod) built once and fresh DDIM
+    samplers on demand. `Schedule(kind, num_steps, prediction_type)` builds one of advdiff's named schedules."""
 
-    def __post_init__(self):
-        self.train = training_scheduler(self.type, self.num_steps, self.prediction_type)
+    def __init__(self, kind: str = "linear", num_steps: int = 1000, prediction_type: str = "epsilon",
+                 config: dict | None = None):
+        self.config = full_scheduler_config(config if config is not None
+                                            else scheduler_config(kind, num_steps, prediction_type))
+        self.train = DDPMScheduler.from_config(self.config)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.config["num_train_timesteps"])
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config["prediction_type"]
+
+    @property
+    def type(self) -> str:
+        """advdiff's name of the beta schedule ("custom" for trained betas)."""
+        if self.config.get("trained_betas") is not None:
+            return "custom"
+        names = {v: k for k, v in BETA_SCHEDULES.items()}
+        return names.get(self.config["beta_schedule"], self.config["beta_schedule"])
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        return cls(d["type"], int(d["num_steps"]), d["prediction_type"])
+        """A stored schedule: a diffusers scheduler config, or the {type, num_steps, prediction_type} of
+        checkpoints written before configs were stored whole."""
+        if "num_train_timesteps" not in d and "type" in d:
+            return cls(d["type"], int(d["num_steps"]), d["prediction_type"])
+        return cls(config=d)
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "num_steps": self.num_steps, "prediction_type": self.prediction_type}
+        return dict(self.config)
 
     def ddim(self):
         """A new DDIM sampler (its timesteps are state: each user sets its own)."""
-        return ddim_scheduler(self.type, self.num_steps, self.prediction_type)
+        return DDIMScheduler.from_config(self.config)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.train.add_noise(x0, noise, t)

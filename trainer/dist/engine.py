@@ -8,6 +8,9 @@ plugin (prepare_second). Batch size and clipping are set in the DeepSpeed config
 (there are no DataLoaders for accelerate to read them from).
 Under ZeRO-3 a module's parameters are partitioned: full copies are gathered (a collective, on
 every rank) only to read or write weights, and forwards go through the engine.
+Gradient accumulation (`training.gradient_accumulation_steps`) is the trainers' own: N micro-batches'
+backwards add up, DDP all-reducing on the last only (grad_sync). It is refused under DeepSpeed, which
+keeps `gradient_accumulation_steps: 1` in its config (check_accumulation, before any compute).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
+from trainer.core.errors import UserError
 from trainer.dist.collectives import barrier, shard_range
 
 # the two DeepSpeed plugins of a DeepSpeed run (dist.accelerator.build_accelerator)
@@ -39,11 +43,33 @@ def prepare(acc, model, optimizer, global_batch: int, max_grad_norm: float):
         ds = acc.state.deepspeed_plugin.deepspeed_config
         micro = max(1, len(shard_range(global_batch, 0, acc.num_processes)))
         ds["train_micro_batch_size_per_gpu"] = micro
-        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_accumulation_steps"] = 1  # micro-batches are refused under DeepSpeed (check_accumulation)
         ds["train_batch_size"] = micro * acc.num_processes
         # 0 disables clipping, as under DDP
         ds["gradient_clipping"] = float(max_grad_norm)
     return acc.prepare(model, optimizer)
+
+
+def check_accumulation(acc, steps: int, global_batch: int, batch_field: str = "training.batch_size") -> None:
+    """Refuse, with one line and before any compute, gradient accumulation where it cannot be exact: under
+    DeepSpeed (its engine would own the micro-steps, the loss scaling and the clipping), or with a global
+    batch that does not split into `steps` equal micro-batches on every process."""
+    field = "training.gradient_accumulation_steps"
+    if steps <= 1:
+        return
+    if is_deepspeed(acc):
+        raise UserError(f"{field}: {steps} is not supported under DeepSpeed; set it to 1 (ZeRO already "
+                        "partitions the optimizer state and gradients), or train with DDP")
+    unit = steps * acc.num_processes
+    if global_batch % unit:
+        raise UserError(f"{batch_field}: {global_batch} does not split into {field} ({steps}) equal micro-batches "
+                        f"on each of {acc.num_processes} process(es); expected a multiple of {unit}")
+
+
+def grad_sync(acc, wrapped, sync: bool):
+    """Around one micro-batch's forward and backward: DDP all-reduces the gradients only when `sync` (the
+    last micro-batch of an optimizer step); before it they add up locally (accelerate's no_sync)."""
+    return contextlib.nullcontext() if sync else acc.no_sync(wrapped)
 
 
 def prepare_second(acc, model, optimizer, global_batch: int, max_grad_norm: float):

@@ -47,8 +47,69 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     return path
 
 
+def write_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Write a whole folder through `fill(tmp_folder)`, then swap it in: a reader sees the old folder or the
+    new one, never a half-written one (a crash leaves at worst a hidden temporary folder beside it)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+    return path
+
+
 def save_torch(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def plain(obj, where: str = "state"):
+    """`obj` in the types a weights-only torch.load reads back (tensors, dicts, lists, tuples, str, int,
+    float, bool, None), for files read with weights_only=True: numpy scalars, enums and subclasses of the
+    plain types (np.float64, IntEnum) become the plain value, numpy arrays tensors, paths str, sets
+    sorted lists. Anything else is a TypeError naming where it sits (a bug: the file could not be read)."""
+    import enum
+    from collections import OrderedDict
+
+    import numpy as np
+
+    if type(obj) in _PLAIN or isinstance(obj, (torch.Tensor, torch.Size)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, enum.Enum):
+        return plain(obj.value, where)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    for base in (int, float, str):
+        if isinstance(obj, base):
+            return base(obj)
+    if isinstance(obj, Mapping):
+        items = {plain(k, where): plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return OrderedDict(items) if isinstance(obj, OrderedDict) else items
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    if isinstance(obj, (set, frozenset)):
+        return sorted(plain(v, where) for v in obj)
+    raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be kept in a file read "
+                    "with weights_only=True; store it as tensors, dicts, lists, str, int, float, bool or None")
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

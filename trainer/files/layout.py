@@ -4,6 +4,7 @@
       config.yaml                                   the demo's config (stages 0-2)
       stage0/ autoencoder/ autoencoder_{best,latest}.pt state.pt history.csv
       stage1/ checkpoint_{best,latest}.pt samples.png dataset_latents.pt state.pt history.csv
+              pipeline/                             checkpoint_best.pt as a diffusers pipeline folder
       stage2_run.json                               result-defining fields of the stage-2 run
       discriminator_iter_{k}/                       per iteration: the latents D trains on and D
         real_latents.pt fake_latents.pt discriminator_{best,state}.pt discriminator_history.{csv,png}
@@ -16,6 +17,8 @@
       samples/{name}_iter_{k}.png                   decoded grid of iteration k
       samples/{name}_stage1.png                     the stage-1 model, sampled the same way
       samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
+      pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
+                                                    vae/ model_index.json pipeline.py; see trainer/diffusion/export)
       timings.csv  tracking/  slurm/
 """
 from __future__ import annotations
@@ -72,6 +75,11 @@ class RunLayout:
         return self.root / "stage1" / f"checkpoint_{tag}.pt"
 
     @property
+    def stage1_pipeline(self) -> Path:
+        """The best stage-1 checkpoint as a diffusers pipeline folder."""
+        return self.root / "stage1" / "pipeline"
+
+    @property
     def stage1_grid(self) -> Path:
         return self.root / "stage1" / "samples.png"
 
@@ -112,8 +120,24 @@ class RunLayout:
         return latest.with_name(latest.stem + ".discriminator.deepspeed")
 
     @property
+    def pipeline(self) -> Path:
+        """The run's result (the last iteration's continue_from checkpoint) as a diffusers pipeline folder."""
+        return self.root / "pipeline"
+
+    @property
     def checkpoint_folder(self) -> Path:
         return self.root / "checkpoints"
+
+    def found_diffusion_checkpoints(self, tag: str) -> dict[int, Path]:
+        """iteration -> its `tag` checkpoint, for every one in the folder, whatever the experiment's name."""
+        import re
+
+        found = {}
+        for path in self.checkpoint_folder.glob(f"*_iter_*_checkpoint_{tag}.pt"):
+            m = re.fullmatch(rf".+_iter_(\d+)_checkpoint_{tag}\.pt", path.name)
+            if m:
+                found[int(m.group(1))] = path
+        return found
 
     def diffusion_checkpoint(self, k: int, tag: str) -> Path:
         """Iteration k's fine-tuned diffusion export; "latest" also carries the resume state."""

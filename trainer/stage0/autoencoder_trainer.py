@@ -31,7 +31,7 @@ class AutoencoderTrainer(StepTrainer):
         m = cfg.autoencoder.model
         self.cfg = cfg
         if cfg.dataset.manifest is None:
-            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV path, got null")
+            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null")
         self.layout = RunLayout.of(cfg)
         folder = self.layout.stage0
         fingerprint = {"model": dict(m.__dict__), "training": dict(t.__dict__), "seed": cfg.training.seed,

@@ -1,6 +1,6 @@
 """Stage 1: train the diffusion UNet on frozen-AE latents of the manifest (MSE on the model target).
 
-Exports `checkpoint_{best,latest}.pt`: self-describing (UNet spec, EMA weights, schedule, latent
+Exports `checkpoint_{best,latest}.pt`: self-describing (UNet config, EMA weights, schedule, latent
 scaling, AE path, step, metrics) and loadable with `models` alone. Best is by validation MSE of the
 EMA weights on held-out latents with fixed noise. The stage-2 `diffusion.stage1_checkpoint` points
 at `checkpoint_best.pt`.
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from models.autoencoder import config_scaling, decode
-from models.unet import build_unet, count_parameters, spec_to_dict
+from models.unet import count_parameters, spec_to_dict, unet_config, unet_from_config
 from trainer.config.sections import Config
 from trainer.core.errors import ConfigError, UserError
 from trainer.core.seeds import derive_seed
@@ -28,6 +29,7 @@ from trainer.dist.accelerator import fast_optimizer, prepare_module
 from trainer.dist.collectives import Totals, shard_range
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
+from trainer.files.read import torch_load
 from trainer.training.ema import EMA, sync_eval_copy
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
 from trainer.training.optim import build_lr_schedule, build_optimizer
@@ -38,13 +40,15 @@ class DiffusionTrainer(StepTrainer):
         self.cfg = cfg
         t = cfg.training
         if cfg.dataset.manifest is None:
-            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV path, got null")
+            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null")
         if cfg.autoencoder.checkpoint is None:
             raise ConfigError(f"{cfg.source}: autoencoder.checkpoint: expected an AE folder or .pt, got null")
+        engine.check_accumulation(accelerator, t.gradient_accumulation_steps, t.batch_size)  # before any compute
         self.ae = load_frozen_ae(cfg.resolve_path(cfg.autoencoder.checkpoint), accelerator.device)
         size = cfg.dataset.resolution or self.ae.config.sample_size
         self.latent_shape = latent_shape_of(self.ae, size)
         self.spec = unet_spec_from_config(cfg, self.latent_shape)
+        self.unet_config = unet_config(self.spec)  # the full diffusers config the exports store
         s = cfg.scheduler
         self.schedule = Schedule(s.type, s.num_steps, s.prediction_type)
         self.layout = RunLayout.of(cfg)
@@ -68,10 +72,12 @@ class DiffusionTrainer(StepTrainer):
             self.scaling = config_scaling(self.ae)
         self.latents = self.scaling.to_model(raw)
         self.log(f"{len(rows)} rows, latents {tuple(self.latent_shape)}, scaled std "
-                 f"{float(self.latents[self.train_idx].std()):.3f}; UNet {count_parameters(build_unet(self.spec))/1e6:.2f}M")
+                 f"{float(self.latents[self.train_idx].std()):.3f}; UNet {count_parameters(unet_from_config(self.unet_config))/1e6:.2f}M")
 
         torch.manual_seed(derive_seed(t.seed, "init", "unet"))  # the same initial weights on every run and rank
-        self.unet = build_unet(self.spec)
+        self.unet = unet_from_config(self.unet_config)
+        if t.gradient_checkpointing:  # recompute activations in backward: less memory, the same gradients
+            self.unet.enable_gradient_checkpointing()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema = EMA(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         self.unet = prepare_module(self.unet, cfg.performance, accelerator)
@@ -82,19 +88,24 @@ class DiffusionTrainer(StepTrainer):
         self.ema_unet.to(accelerator.device)
 
     def _dataset_latents(self, rows, size):
-        """Encode every row once (sharded), cached under stage1/ for resumes."""
+        """Encode every row once (sharded), cached under stage1/ for resumes. The cache is read weights only; one
+        that is unreadable or refused (it could run code) is encoded again and replaced."""
         cache = self.layout.stage1_latent_cache
-        key = {"autoencoder": self.fingerprint["autoencoder"], "manifest": self.fingerprint["manifest"],
-               "rows": len(rows), "size": size, "filters": self.cfg.dataset.filters}
+        key = atomic.plain({"autoencoder": self.fingerprint["autoencoder"], "manifest": self.fingerprint["manifest"],
+                            "rows": len(rows), "size": size, "filters": self.cfg.dataset.filters})
         if cache.is_file():
-            blob = torch.load(cache, map_location="cpu", weights_only=False)
-            if blob.get("key") == key:
+            try:
+                blob = torch_load(cache, "latent cache", mmap=False)
+            except UserError as e:
+                self.log(f"{e}; encoding the rows again")
+                blob = None
+            if isinstance(blob, dict) and blob.get("key") == key and torch.is_tensor(blob.get("latents")):
                 return blob["latents"]
         z = encode_rows(self.acc, self.ae, rows, size=size, channels=self.ae.config.in_channels,
                         latent_shape=self.latent_shape, batch_size=self.cfg.autoencoder.encode_batch_size,
                         num_workers=self.cfg.training.num_workers)
         if self.acc.is_main_process:
-            atomic.save_torch({"key": key, "latents": z}, cache)
+            atomic.save_torch(atomic.plain({"key": key, "latents": z}), cache)
         return z
 
     def noised(self, x0, step_or_tag, indices):
@@ -107,16 +118,21 @@ class DiffusionTrainer(StepTrainer):
         t = self.cfg.training
         batch = batch_indices(self.train_idx, t.batch_size, step, self.seed, self.stage)
         pos = rank_slice(list(range(len(batch))), self.rank, self.world)
-        mine = batch[pos]
-        x0 = self.latents[mine].to(self.acc.device)
-        noise, ts = self.noised(x0, step, pos)
-        x_t = self.schedule.add_noise(x0, noise, ts)
-        with self.acc.autocast():
-            pred = self.ddp_unet(x_t, ts).sample
-        mse = torch.mean((pred.float() - self.schedule.target(x0, noise, ts)) ** 2)
-        self.apply_update(mse * local_weight(len(mine), len(batch), self.world), self.ddp_unet, self.unet, self.opt,
-                          self.sched, t.max_grad_norm, self.ema)
-        return {"mse": mse.item()}
+        logged = []
+
+        def micro(chunk):  # the loss of a micro-batch of this rank's positions (all of them without accumulation)
+            x0 = self.latents[batch[chunk]].to(self.acc.device)
+            noise, ts = self.noised(x0, step, chunk)
+            x_t = self.schedule.add_noise(x0, noise, ts)
+            with self.acc.autocast():
+                pred = self.ddp_unet(x_t, ts).sample
+            mse = torch.mean((pred.float() - self.schedule.target(x0, noise, ts)) ** 2)
+            logged.append(mse.item() * len(chunk) / len(pos))
+            return mse * local_weight(len(chunk), len(batch), self.world)
+        chunks = np.array_split(np.asarray(pos, dtype=np.int64), t.gradient_accumulation_steps)
+        self.apply_update([lambda c=c: micro(c) for c in chunks], self.ddp_unet, self.unet, self.opt, self.sched,
+                          t.max_grad_norm, self.ema)
+        return {"mse": sum(logged)}
 
     @torch.no_grad()
     def evaluate(self):
@@ -146,11 +162,13 @@ class DiffusionTrainer(StepTrainer):
             self.ema.load_state_dict(state["ema"])
 
     def export(self, tag, metrics):
-        blob = export_blob(self.spec, engine.state_dict(self.acc, self.ema_unet), self.scaling, self.step, metrics,
-                           schedule=self.schedule.to_dict(), autoencoder=self.fingerprint["autoencoder"],
-                           config=self.cfg.to_dict(), raw_weights=engine.state_dict(self.acc, self.unet))
+        dest = self.layout.stage1_checkpoint(tag)
+        blob = export_blob(self.unet_config, engine.state_dict(self.acc, self.ema_unet), self.scaling, self.step,
+                           metrics, schedule=self.schedule.to_dict(), autoencoder=self.fingerprint["autoencoder"],
+                           config=self.cfg.to_dict(), dest=dest, raw_weights=engine.state_dict(self.acc, self.unet),
+                           sampling={"sampler": "ddim", "steps": self.cfg.training.sample_steps, "eta": 0.0})
         if self.acc.is_main_process:
-            atomic.save_torch(blob, self.layout.stage1_checkpoint(tag))
+            atomic.save_torch(blob, dest)
 
     def finish(self):
         """A decoded sample grid of the best checkpoint, from fixed seeds (main process)."""
@@ -163,4 +181,11 @@ class DiffusionTrainer(StepTrainer):
             images = decode(self.ae, self.scaling.from_model(z))
             atomic.save_png(image_grid(images, nrow=8), grid_path)
             self.log(f"sample grid written to {grid_path}")
+        if self.acc.is_main_process:
+            from trainer.diffusion.export import export_pipeline, is_current
+
+            ck = load_diffusion_checkpoint(self.layout.stage1_checkpoint("best"))
+            if not is_current(self.layout.stage1_pipeline, ck):
+                export_pipeline(ck, self.layout.stage1_pipeline, autoencoder=self.fingerprint["autoencoder"])
+                self.log(f"pipeline folder written to {self.layout.stage1_pipeline}")
         self.acc.wait_for_everyone()

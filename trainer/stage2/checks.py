@@ -8,7 +8,7 @@ problem it finds (exit 2); a training run stops at the first one, before any com
 anything is written.
 
 What is checked (stage 2): the output folder is a folder and writable; the stage-1 checkpoint and
-the AE exist and load; the manifest exists, parses and has the configured columns; the filters leave
+the AE exist and load; the manifest (a CSV or a folder of images) exists, parses and has the configured columns; the filters leave
 rows, and enough of them for --num_samples; the AE's latent channels and size match the UNet's and
 the discriminator's; the discriminator's depth fits the latent size; DDIM steps fit the schedule;
 the stage2.metric_features file loads and reads the AE's channels;
@@ -33,7 +33,9 @@ from trainer.config.schema import error_at
 from trainer.core.errors import ConfigError, UserError
 from trainer.data.latents import latent_shape, load_latent_file, load_latent_set
 from trainer.data.manifest import read_manifest
+from trainer.diffusion.checkpoints import Source, read_source
 from trainer.diffusion.modelspec import unet_spec_from_config
+from trainer.diffusion.schedule import Schedule
 from trainer.dist.collectives import agree
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load
@@ -83,32 +85,16 @@ def check_out_dir(out: Path) -> None:
         raise UserError(f"experiment.save_path: {probe} is not writable")
 
 
-@dataclass
-class Stage1Facts:
-    """What stage 2 needs to know of a stage-1 checkpoint, read without building the model."""
-    path: Path
-    spec: dict
-    scheduler: dict
-    autoencoder: str | None
-
-
-def load_stage1(cfg) -> Stage1Facts:
-    from trainer.diffusion.checkpoints import CKPT_FORMAT
-
+def load_stage1(cfg) -> Source:
+    """What stage 2 needs to know of its starting model (an advdiff export, a diffusers UNet2DModel folder or
+    a diffusers pipeline folder), read without building it. A UNet folder without a scheduler beside it takes
+    the config's `scheduler:` section."""
     if cfg.diffusion.stage1_checkpoint is None:
         raise ConfigError(f"{cfg.source or '<config>'}: diffusion.stage1_checkpoint: expected a stage-1 "
-                          f"checkpoint path, got null")
-    path = cfg.resolve_path(cfg.diffusion.stage1_checkpoint)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    blob = torch_load(path, "checkpoint")
-    if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path}: not an advdiff diffusion checkpoint (format {CKPT_FORMAT})")
-    missing = [k for k in ("unet_spec", "scheduler", "state_dict", "latent_scaling") if k not in blob]
-    if missing:
-        raise UserError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
-    return Stage1Facts(path=path, spec=blob["unet_spec"], scheduler=blob["scheduler"],
-                       autoencoder=blob.get("autoencoder"))
+                          f"checkpoint, a diffusers UNet2DModel folder or a pipeline folder, got null")
+    s = cfg.scheduler
+    fallback = Schedule(s.type, s.num_steps, s.prediction_type).to_dict()
+    return read_source(cfg.resolve_path(cfg.diffusion.stage1_checkpoint), fallback_scheduler=fallback)
 
 
 def ae_path(cfg, stage1) -> Path | None:
@@ -190,7 +176,7 @@ def check_discriminator(cfg, latent_shape: tuple) -> None:
 
 
 def check_schedule(cfg, stage1) -> None:
-    n = stage1.scheduler["num_steps"] if stage1 is not None else cfg.scheduler.num_steps
+    n = stage1.scheduler["num_train_timesteps"] if stage1 is not None else cfg.scheduler.num_steps
     if cfg.stage2.generation_steps > n:
         raise error_at(cfg.source or "<config>", "stage2.generation_steps",
                        f"at most {n} (the stage-1 schedule's steps)", cfg.stage2.generation_steps)
@@ -198,7 +184,7 @@ def check_schedule(cfg, stage1) -> None:
 
 def read_rows(cfg):
     if cfg.dataset.manifest is None:
-        raise ConfigError(f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV path, got null")
+        raise ConfigError(f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV or a folder of images, got null")
     rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column, cfg.dataset.filters,
                          cfg.dataset.outputs.latent)
     if len(rows) == 0:
@@ -270,8 +256,7 @@ def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = Fal
     else:
         facts.stage1 = c.run(load_stage1, cfg)
         if facts.stage1 is not None:
-            spec = facts.stage1.spec
-            facts.latent_shape = (spec["in_channels"], spec["sample_size"], spec["sample_size"])
+            facts.latent_shape = facts.stage1.latent_shape
             c.run(check_schedule, cfg, facts.stage1)
     if facts.latent_shape is not None:
         c.run(check_discriminator, cfg, facts.latent_shape)
@@ -309,7 +294,7 @@ def _raise(message: str):
 
 
 def _manifest_exists(cfg) -> bool:
-    return cfg.dataset.manifest is not None and cfg.resolve_path(cfg.dataset.manifest).is_file()
+    return cfg.dataset.manifest is not None and cfg.resolve_path(cfg.dataset.manifest).exists()  # CSV or folder
 
 
 def pipeline_latent_shape(cfg) -> tuple:

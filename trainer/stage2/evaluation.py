@@ -33,6 +33,7 @@ from trainer.core.seeds import derive_seed
 from trainer.data.manifest import split_indices
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample
+from trainer.dist.accelerator import tracker_step
 from trainer.dist.collectives import Totals, gather_shards, shard_range
 from trainer.files import atomic, plots
 from trainer.files.layout import picture_of, reference_stats_of
@@ -189,7 +190,8 @@ class Evaluator:
         if self.acc.is_main_process:
             atomic.write_csv(rows, self.path, SUMMARY_FIELDS)
             plots.plot_summary(self.path, picture_of(self.path))
-        self.acc.log({f"summary/{k}": v for k, v in row.items() if k != "iteration"}, step=int(row["iteration"]))
+        self.acc.log({f"summary/{k}": v for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))},
+                     step=tracker_step(self.cfg, "summary", int(row["iteration"])))
         self.log("summary row " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in row.items()))
 

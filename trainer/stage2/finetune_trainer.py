@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from models.unet import build_unet, spec_to_dict
+from models.unet import unet_from_config, unet_sample_shape
 from trainer.core.errors import UserError
 from trainer.diffusion.checkpoints import export_blob
 from trainer.diffusion.noise import (batch_noise_and_timesteps, eta_generators, noised_inputs, per_sample_noise,
@@ -39,11 +39,11 @@ METRIC_FIELDS = ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_l
                  "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight", "nonfinite_skipped"]
 
 
-def check_grad_ratio_supported(acc, s2) -> None:
-    """The gradient-norm ratio takes gradients outside the engine's backward, which DeepSpeed's hooks refuse."""
-    if s2.grad_ratio_weight and engine.is_deepspeed(acc):
-        raise UserError("stage2.grad_ratio_weight: takes gradients outside DeepSpeed's backward, which its hooks do "
-                        "not allow; set it to false under DeepSpeed, or train with DDP")
+def check_grad_ratio_supported(acc, s2, micro_batches: int = 1) -> None:
+    """The gradient-norm ratio takes whole-batch gradients outside the backward: not in DeepSpeed or micro-batches."""
+    if s2.grad_ratio_weight and (engine.is_deepspeed(acc) or micro_batches > 1):
+        raise UserError("stage2.grad_ratio_weight: takes the whole batch's gradients outside the backward, which "
+                        "DeepSpeed and training.gradient_accumulation_steps > 1 do not allow; set it to false there")
 
 
 class FinetuneTrainer(StepTrainer):
@@ -57,9 +57,10 @@ class FinetuneTrainer(StepTrainer):
         init: {"raw": state_dict, "ema": state_dict}; quality: model -> latent FD on fixed seeds (a
         collective), measured at each validation (column val_latent_fd) where given."""
         self.cfg, self.k, self.schedule = cfg, k, schedule
-        self.spec, self.scaling, self.autoencoder = base.spec, base.scaling, autoencoder
-        self.latent_shape = (base.spec.in_channels, base.spec.sample_size, base.spec.sample_size)
+        self.unet_config, self.scaling, self.autoencoder = base.unet_config, base.scaling, autoencoder
+        self.latent_shape = unet_sample_shape(base.unet_config)
         s2, t = cfg.stage2, cfg.training
+        engine.check_accumulation(acc, t.gradient_accumulation_steps, t.batch_size)  # before any compute of this phase
         own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
         local = np.arange(own.start, own.stop)
         self.real = real
@@ -73,7 +74,7 @@ class FinetuneTrainer(StepTrainer):
             max_steps = min(max_steps, s2.diffusion_max_steps)
         interval = s2.diffusion_eval_interval or self.per_epoch
         self.lr = s2.learning_rate or t.learning_rate
-        fingerprint = {"unet": spec_to_dict(self.spec), "scheduler": schedule.to_dict(), "seed": t.seed,
+        fingerprint = {"unet": self.unet_config, "scheduler": schedule.to_dict(), "seed": t.seed,
                        "num_samples": s2.num_samples, "mode": s2.generator_loss_mode,
                        "loss": [dict(x.__dict__) for x in t.loss.losses], "lr": self.lr, "batch_size": t.batch_size,
                        "generation_steps": s2.generation_steps, "eta": s2.eta,
@@ -100,9 +101,9 @@ class FinetuneTrainer(StepTrainer):
         elif s2.best_metric == "val_latent_fd":
             raise ValueError("best_metric val_latent_fd needs a quality measure")
 
-        self.unet = build_unet(self.spec)
+        self.unet = unet_from_config(self.unet_config)
         self.unet.load_state_dict(init["raw"])
-        if s2.gradient_checkpointing:  # recompute activations in backward: K-step rollouts fit in memory
+        if s2.gradient_checkpointing or t.gradient_checkpointing:  # recompute activations in backward (K-step rollouts)
             self.unet.enable_gradient_checkpointing()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.load_state_dict(init["ema"])
@@ -116,7 +117,7 @@ class FinetuneTrainer(StepTrainer):
         self.loss = CompositeLoss.from_config(t.loss)
         self.d = d
         if s2.grad_ratio_weight:
-            check_grad_ratio_supported(acc, s2)
+            check_grad_ratio_supported(acc, s2, t.gradient_accumulation_steps)
             self.history_fields = self.history_fields + ["train_adv_ratio"]
         self.online = None
         if self.online_mode:  # D trains beside the UNet; frozen only inside the generator step
@@ -159,13 +160,16 @@ class FinetuneTrainer(StepTrainer):
     # -- the step ----------------------------------------------------------------------------------
     def train_step(self, step):
         logs = self.critic_steps(step) if self.online is not None else {}
+        of, done = self.cfg.training.gradient_accumulation_steps, []
+        def micro(i):  # micro-batch i's loss (the whole batch's without accumulation), run inside apply_update
+            loss, parts, n = self.compute_loss(step, i, of)
+            done.append((float(loss.detach()), parts))
+            return loss * local_weight(n, self.batch, self.world)
         with self.online.frozen() if self.online is not None else contextlib.nullcontext():
-            loss, parts, n = self.compute_loss(step)
-            self.apply_update(loss * local_weight(n, self.batch, self.world), self.ddp_unet, self.unet, self.opt,
+            self.apply_update([lambda i=i: micro(i) for i in range(of)], self.ddp_unet, self.unet, self.opt,
                               self.sched, self.cfg.training.max_grad_norm, self.ema)
-        if "adv_ratio" in parts:
-            logs["adv_ratio"] = parts["adv_ratio"]
-        return {"loss": float(loss.detach()), "mse": parts["mse"], "adv": parts["adv"], **logs}
+        parts = {key: sum(p[key] for _, p in done) for key in done[0][1]}  # mse, adv (and adv_ratio)
+        return {"loss": sum(x for x, _ in done), **parts, **logs}
 
     def critic_steps(self, step) -> dict:
         """Online mode: n_critic D updates on fresh rollouts of the current weights against this rank's reals."""
@@ -191,22 +195,25 @@ class FinetuneTrainer(StepTrainer):
                 sums[key] += out[key] / td.n_critic
         return sums
 
-    def compute_loss(self, step):
-        """The composite loss of `step` on this rank: (loss, parts, local batch size)."""
+    def compute_loss(self, step, i=0, of=1):
+        """The composite loss of `step` on this rank: (loss, parts, local batch size); with of > 1, that of micro-batch
+        i of the same samples and draws, each term scaled by its share of the term's samples: they add up."""
         s2 = self.cfg.stage2
         n_local = len(shard_range(self.batch, self.rank, self.world))
         pos = draw_local(self.tr, n_local, step, self.per_epoch, self.seed, self.stage, "epoch", self.rank)
-        x0 = self.real[pos].to(self.acc.device)
+        x0 = self.real[pos]
         noise, t = batch_noise_and_timesteps(x0.shape, self.schedule.num_steps, self.seed, self.stage, step, self.rank)
-        noise, t = noise.to(x0.device), t.to(x0.device)
+        mb, kept = np.array_split(np.arange(len(pos)), of)[i], int(self._x0_pred_mask(t).sum())  # mb: all if of == 1
+        x0, noise, t = (v[mb].to(self.acc.device) for v in (x0, noise, t))
         x_t = self.schedule.add_noise(x0, noise, t)
         adv = self.loss.needs_discriminator
         inputs, ts = [x_t], [t]
         rollout = adv and s2.generator_loss_mode == "rollout"
         if rollout:
-            total = s2.rollout_batch_size or self.batch
-            mine = shard_range(total, self.rank, self.world)
-            x_r, t_last, gens = self._rollout_start(engine.forward_module(self.acc, self.ddp_unet, self.unet), list(mine),
+            every = list(shard_range(s2.rollout_batch_size or self.batch, self.rank, self.world))
+            mine = np.array_split(np.asarray(every, dtype=np.int64), of)[i].tolist()
+            adv_share = len(mine) / max(len(every), 1)
+            x_r, t_last, gens = self._rollout_start(engine.forward_module(self.acc, self.ddp_unet, self.unet), mine,
                                                    (self.seed, self.stage, "rollout", step))
             inputs.append(x_r)
             ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))
@@ -221,12 +228,13 @@ class FinetuneTrainer(StepTrainer):
             td = self.cfg.discriminator.training
             if td.noise_inputs:  # D scores the sample forward-noised, as it was trained (still differentiable)
                 outputs["generated"], outputs["generated_t"] = noised_inputs(
-                    self.schedule, outputs["generated"].float(), list(mine), td.noise_max_timestep, self.seed,
+                    self.schedule, outputs["generated"].float(), mine, td.noise_max_timestep, self.seed,
                     self.stage, "generated", step)
         elif adv:
             keep = self._x0_pred_mask(t)
             outputs["generated"] = outputs["pred_latent"][keep]
             outputs["generated_t"] = t[keep]
+            adv_share = int(keep.sum()) / max(kept, 1)  # of the batch's samples in the x0_pred range
         ctx = {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss}
         if s2.grad_ratio_weight and adv:
             anchor, adversarial = self.loss.parts(outputs, ctx)
@@ -239,8 +247,12 @@ class FinetuneTrainer(StepTrainer):
                 w_adv = sum(x.weight for x in self.loss.terms if x.needs_discriminator)
                 return loss, {"mse": float(anchor.detach()) / w_mse, "adv": float(adversarial.detach()) / w_adv,
                               "adv_ratio": float(ratio[0])}, n
-        loss, parts = self.loss(outputs, ctx)
-        return loss, parts, n
+        loss, parts = 0.0, {"mse": 0.0, "adv": 0.0}
+        for term in self.loss.terms:  # CompositeLoss's sum, each term scaled by its share (1 without accumulation)
+            value = term(outputs, ctx) * (adv_share if term.needs_discriminator else n / len(pos))
+            loss = loss + term.weight * value
+            parts["adv" if term.needs_discriminator else "mse"] += float(value.detach())
+        return loss, parts, len(pos)
 
     # -- validation --------------------------------------------------------------------------------
     def _eval_model(self):
@@ -362,13 +374,13 @@ class FinetuneTrainer(StepTrainer):
             self.ema.load_state_dict(state["ema"])
 
     def _export(self, metrics):
-        blob = export_blob(self.spec, engine.state_dict(self.acc, self._eval_model()), self.scaling, self.step,
-                           metrics, schedule=self.schedule.to_dict(), autoencoder=self.autoencoder,
-                           config=self.cfg.to_dict(), raw_weights=engine.state_dict(self.acc, self.unet))
         s2 = self.cfg.stage2
         # the sampler these weights were fine-tuned for (few-step weights are meant for exactly K steps)
-        blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2",
-                    sampling={"sampler": "ddim", "steps": s2.generation_steps, "eta": s2.eta})
+        blob = export_blob(self.unet_config, engine.state_dict(self.acc, self._eval_model()), self.scaling, self.step,
+                           metrics, schedule=self.schedule.to_dict(), autoencoder=self.autoencoder,
+                           config=self.cfg.to_dict(), dest=self.best_path, raw_weights=engine.state_dict(self.acc, self.unet),
+                           sampling={"sampler": "ddim", "steps": s2.generation_steps, "eta": s2.eta})
+        blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2")
         return blob
 
     def wrap_state(self, state):

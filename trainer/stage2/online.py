@@ -16,13 +16,16 @@ engine behind a second Accelerator (dist.engine.prepare_second).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
+from trainer.core.errors import UserError
 from trainer.dist import engine
 from trainer.dist.accelerator import fast_optimizer, prepare_module
 from trainer.dist.collectives import all_reduce_sum
 from trainer.files import atomic
+from trainer.files.read import check_torch_files
 from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, d_inputs
 from trainer.training.losses import d_loss, r1_term
 from trainer.training.optim import build_optimizer
@@ -95,6 +98,11 @@ class OnlineDiscriminator:
     def load_state(self, state: dict, engine_folder) -> None:
         engine.load_state_dict(self.acc, self.d, state["d"])
         if engine.is_deepspeed(self.acc):
+            # DeepSpeed unpickles its files unrestricted: each must pass a weights-only load first
+            then = "; delete it and the fine-tune's latest checkpoint beside it to restart the diffusion phase"
+            if not Path(engine_folder).is_dir():
+                raise UserError(f"{engine_folder}: the online discriminator's DeepSpeed state is missing{then}")
+            check_torch_files(engine_folder, "DeepSpeed state", then)
             engine.load_engine_state(self.acc, engine_folder)
         elif state.get("optimizer") is not None:
             self.opt.load_state_dict(state["optimizer"])

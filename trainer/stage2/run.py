@@ -12,10 +12,11 @@ and receives plain values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from models.unet import build_unet
+from models.autoencoder import LatentScaling
 from trainer.config.sections import Config
 from trainer.core.errors import UserError
 from trainer.core.log import Logger
@@ -24,8 +25,8 @@ from trainer.diffusion.checkpoints import DiffusionCheckpoint, load_diffusion_ch
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample, image_grid
 from trainer.diffusion.schedule import Schedule
-from trainer.dist import preempt
-from trainer.dist.accelerator import prepare_module
+from trainer.dist import engine, preempt
+from trainer.dist.accelerator import log_images, prepare_module, tracker_step
 from trainer.files import atomic, plots, timing
 from trainer.files.layout import RunLayout, picture_of
 from trainer.stage2.checks import ae_path, start_checks
@@ -72,7 +73,8 @@ def setup(cfg: Config, acc) -> Stage2Setup:
     changed config; input files sharded, a failure on any rank stops all ranks), then read the stage-1
     model once."""
     facts = start_checks(cfg, acc)
-    stage1 = load_diffusion_checkpoint(facts.stage1.path)
+    stage1 = load_diffusion_checkpoint(facts.stage1.path, fallback_scheduler=facts.stage1.scheduler,
+                                       scaling=stage1_scaling(facts))
     latent_shape = tuple(facts.latent_shape)
     codec = LatentCodec(acc, ae_path(cfg, facts.stage1), stage1.scaling, latent_shape,
                         resolution=cfg.dataset.resolution, batch_size=cfg.autoencoder.encode_batch_size,
@@ -82,13 +84,27 @@ def setup(cfg: Config, acc) -> Stage2Setup:
                        codec=codec, facts=facts)
 
 
+def stage1_scaling(facts) -> LatentScaling:
+    """The latent scale and shift: the starting model's own, else (a bare UNet folder) the AE config's."""
+    if facts.stage1.scaling is not None:
+        return facts.stage1.scaling
+    ae = facts.ae or {}
+    scale = ae.get("scaling_factor")
+    return LatentScaling(scale=float(scale if scale is not None else 1.0), shift=float(ae.get("shift_factor") or 0.0))
+
+
 def complete(layout: RunLayout, k: int) -> bool:
-    """Whether iteration k's fine-tune finished (its latest checkpoint says so)."""
+    """Whether iteration k's fine-tune finished (its latest checkpoint says so). Read weights only (memory-
+    mapped: its tensors are not read); one the weights-only loader refuses (it could run code) stops the run."""
+    from trainer.files.read import UnsafeFileError, torch_load
+
     path = layout.diffusion_checkpoint(k, "latest")
     if not path.is_file():
         return False
     try:
-        return bool(torch.load(path, map_location="cpu", weights_only=False).get("complete"))
+        return bool(torch_load(path, "checkpoint").get("complete"))
+    except UnsafeFileError as e:
+        raise UserError(f"{e}; delete it to restart iteration {k}'s diffusion phase") from None
     except Exception:
         return False
 
@@ -106,15 +122,12 @@ def iteration_discriminator(layout: RunLayout, k: int):
 
 
 def _weights(path) -> dict:
-    blob = load_diffusion_checkpoint(path).blob
-    raw = blob.get("raw_state_dict") or blob["state_dict"]
-    return {"raw": raw, "ema": blob["state_dict"]}
+    ck = load_diffusion_checkpoint(path)
+    return {"raw": ck.raw_weights if ck.raw_weights is not None else ck.weights, "ema": ck.weights}
 
 
 def _unet(s: Stage2Setup, weights: dict):
-    unet = build_unet(s.stage1.spec)
-    unet.load_state_dict(weights)
-    return unet
+    return s.stage1.new_unet(weights)
 
 
 def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
@@ -122,7 +135,7 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     cfg, acc, log, layout = s.cfg, s.acc, s.log, s.layout
     s2, seed = cfg.stage2, cfg.training.seed
     if k == 0:
-        init = {"raw": s.stage1.blob["state_dict"], "ema": s.stage1.blob["state_dict"]}
+        init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
         log(f"iteration 0: starting from the stage-1 checkpoint {s.stage1.path} (EMA weights, step {s.stage1.step})")
     else:
         source = result(s, k - 1)
@@ -178,7 +191,7 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
         plots.redraw_stale(layout.finetune_history(k), plots.plot_metrics, k)
     write_grid(s, k)
     if k == 0 and 0 not in evaluator.done():  # a run interrupted before the baseline row was written
-        evaluator.record(evaluator.measure(0, _unet(s, s.stage1.blob["state_dict"]),
+        evaluator.record(evaluator.measure(0, _unet(s, s.stage1.weights),
                                            load_discriminator(layout.discriminator_best(0))))
     if k + 1 not in evaluator.done():
         unet = _unet(s, _weights(result(s, k))["ema"])
@@ -194,14 +207,14 @@ def write_grid(s: Stage2Setup, k: int | None) -> None:
     n = s.cfg.stage2.grid_samples
     path = s.layout.grid(k) if k is not None else s.layout.start_grid
     if n and s.acc.is_main_process and not path.is_file():
-        weights = _weights(result(s, k))["ema"] if k is not None else s.stage1.blob["state_dict"]
+        weights = _weights(result(s, k))["ema"] if k is not None else s.stage1.weights
         unet = _unet(s, weights).to(s.acc.device).eval()
         noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
         z = ddim_sample(unet, s.schedule.ddim(), noise, s.cfg.stage2.generation_steps)
         grid = image_grid(s.codec.decode(z), nrow=8)
         atomic.save_png(grid, path)
         if k is not None:
-            log_image(s.acc, "samples", grid, k)
+            log_images(s.acc, "samples", grid, tracker_step(s.cfg, "samples", k))
         s.log(f"{'iteration ' + str(k) if k is not None else 'stage 1'}: sample grid written to {path}")
     s.acc.wait_for_everyone()
 
@@ -216,7 +229,7 @@ def write_comparison(s: Stage2Setup, full_steps: int):
     if not n or not s.acc.is_main_process:
         return None
     noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
-    stage1 = s.stage1.blob["state_dict"]
+    stage1 = s.stage1.weights
     final = _weights(result(s, s.cfg.stage2.num_iterations - 1))["ema"]
     panels = []
     for weights, steps in ((stage1, k), (final, k), (stage1, full_steps)):
@@ -230,18 +243,11 @@ def write_comparison(s: Stage2Setup, full_steps: int):
     return path
 
 
-def log_image(acc, name, grid, step) -> None:
-    """A uint8 grid (H, W) or (H, W, 3) to the trackers that take images (TensorBoard)."""
-    for tracker in acc.trackers:
-        if hasattr(tracker, "log_images"):
-            img = grid if grid.ndim == 3 else grid[:, :, None]
-            tracker.log_images({name: img[None]}, step=step, dataformats="NHWC")
-
-
 def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
     s = setup(cfg, acc)
     check_r1_supported(acc, cfg.discriminator.training)
-    check_grad_ratio_supported(acc, cfg.stage2)
+    check_grad_ratio_supported(acc, cfg.stage2, cfg.training.gradient_accumulation_steps)
+    engine.check_accumulation(acc, cfg.training.gradient_accumulation_steps, cfg.training.batch_size)
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:
         if start_iteration >= s2.num_iterations:
@@ -272,7 +278,24 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
         if not run_iteration(s, k, stop_after):
             s.log(f"stopped inside iteration {k} as asked; rerun the same command to continue")
             return
+    export_result(s)
     s.log(f"stage 2 complete: {s2.num_iterations} iteration(s) under {layout.root}")
+
+
+def export_result(s: Stage2Setup) -> None:
+    """The run's result (the last iteration's continue_from checkpoint) as a diffusers pipeline folder, written
+    by the main process once per result (a rerun of a finished run finds it current)."""
+    if s.acc.is_main_process:
+        from trainer.diffusion.export import export_pipeline, is_current
+
+        source = result(s, s.cfg.stage2.num_iterations - 1)
+        ckpt = load_diffusion_checkpoint(source)
+        if not is_current(s.layout.pipeline, ckpt):
+            ae = s.codec.ae_path if s.codec.ae_path is not None and Path(s.codec.ae_path).exists() else None
+            export_pipeline(ckpt, s.layout.pipeline, autoencoder=ae)
+            s.log(f"pipeline folder written to {s.layout.pipeline} ({source.name}; "
+                  f"DiffusionPipeline.from_pretrained(..., trust_remote_code=True))")
+    s.acc.wait_for_everyone()
 
 
 def log_resume_point(s: Stage2Setup, first: int) -> None:

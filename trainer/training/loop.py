@@ -26,8 +26,9 @@ from trainer.core.log import Logger
 from trainer.core.progress import bar
 from trainer.core.seeds import derive_seed, generator
 from trainer.dist import engine, preempt
+from trainer.dist.accelerator import tracker_step
 from trainer.dist.collectives import all_reduce_sum, barrier, shard_range
-from trainer.files import atomic
+from trainer.files import atomic, read
 
 STATE_FORMAT = "advdiff.state"
 
@@ -145,15 +146,20 @@ class StepTrainer:
         A skipped step leaves weights, optimizer, LR schedule and EMA exactly as they were (the
         schedule counts applied updates, as accelerate and DeepSpeed do for fp16 overflow skips);
         the step counter still advances, so the data drawn later is that of an uninterrupted run.
+        `loss`: a tensor, or micro-batches (gradient accumulation): callables, each returning its loss share.
         """
-        if faults.nan_injected(self.stage, self.step + 1, self.rank):
-            loss = loss * float("nan")
-        bad = self._nonfinite_ranks(loss)
-        if bad:
-            opt.zero_grad(set_to_none=True)
-            self._skip_step(f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}")
-            return False
-        self.acc.backward(loss)
+        micro = [loss] if torch.is_tensor(loss) else list(loss)
+        for i, part in enumerate(micro):  # gradients add up; DDP all-reduces them on the last micro-batch only
+            with engine.grad_sync(self.acc, wrapped, i == len(micro) - 1):
+                part = part if torch.is_tensor(part) else part()
+                if faults.nan_injected(self.stage, self.step + 1, self.rank):
+                    part = part * float("nan")
+                bad = self._nonfinite_ranks(part)
+                if bad:
+                    opt.zero_grad(set_to_none=True)
+                    self._skip_step(f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}")
+                    return False
+                self.acc.backward(part)
         deepspeed = engine.is_deepspeed(self.acc)
         norm = None
         if max_grad_norm > 0 and not deepspeed:
@@ -237,15 +243,15 @@ class StepTrainer:
     def try_resume(self) -> bool:
         if not self.state_path.is_file():
             return False
-        try:
-            state = self.unwrap_state(torch.load(self.state_path, map_location="cpu", weights_only=False))
+        try:  # weights only: a state from a folder someone else shared or changed can run no code
+            state = self.unwrap_state(read.torch_load(self.state_path, "resume state", mmap=False))
         except Exception as e:
-            raise UserError(f"{self.state_path}: resume state unreadable ({type(e).__name__}); "
-                            f"delete it to restart {self.stage}") from None
-        if state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
+            why = e if isinstance(e, UserError) else f"{self.state_path}: resume state unreadable ({type(e).__name__})"
+            raise UserError(f"{why}; delete it to restart {self.stage}") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
             raise UserError(f"{self.state_path}: not a {self.stage} resume state")
-        changed = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
-                         if state["fingerprint"].get(k) != self.fingerprint.get(k))
+        old, mine = state["fingerprint"], atomic.plain(self.fingerprint)  # mine as saved: paths as str, ...
+        changed = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
         if changed:
             raise UserError(f"{self.state_path}: the config changed since this state was written "
                             f"({', '.join(changed)}); use a new experiment.save_path or restore the config")
@@ -254,6 +260,7 @@ class StepTrainer:
             folder = self.engine_state_path
             if not folder.is_dir():
                 raise UserError(f"{folder}: DeepSpeed state missing beside {self.state_path}; delete both to restart")
+            read.check_torch_files(folder, "DeepSpeed state", f"; delete it and {self.state_path.name} to restart")
             engine.load_engine_state(self.acc, folder)
         self.step, self.best, self.history = state["step"], state["best"], state["history"]
         # the saved sums are totals over ranks: rank 0 carries them, the others restart from zero
@@ -288,7 +295,7 @@ class StepTrainer:
             # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state that names it
             engine.save_engine_state(self.acc, self.engine_state_path)
         if self.acc.is_main_process:
-            atomic.save_torch(blob, self.state_path)
+            atomic.save_torch(atomic.plain(blob), self.state_path)  # read back with weights_only=True
         barrier()
         self._saved_step = self.step
 
@@ -385,7 +392,7 @@ class StepTrainer:
         if self.acc.is_main_process:
             atomic.write_csv(self.history, self.history_path, self.history_fields)
         self.acc.log({f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                     step=self.step)
+                     step=tracker_step(getattr(self, "cfg", None), self.stage, self.step))  # one step for the run
         self.log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                  + (" (best)" if improved else ""))
         self.save_state()
