@@ -70,15 +70,20 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
         cfg2 = load_config(cfg_path, overrides)
         run_stage2(cfg2, acc)
         if cfg2.stage2.generation_steps < cfg2.training.sample_steps:  # few-step stage 2: show what it bought
-            from trainer.stage2.run import setup as stage2_setup, write_comparison
+            from trainer.stage2.run import refresh_report, setup as stage2_setup, write_comparison
 
-            write_comparison(stage2_setup(cfg2, acc), cfg2.training.sample_steps)
+            s = stage2_setup(cfg2, acc)
+            write_comparison(s, cfg2.training.sample_steps)
+            refresh_report(s)  # with the comparison
     acc.wait_for_everyone()
     if acc.is_main_process:
         rows = RunLayout.of(cfg).guide(stage2)
         width = max(len(path) for path, _ in rows) + 2
         print(f"\ndemo complete. Under {out}:\n" + "\n".join(f"  {path:<{width}}{what}" for path, what in rows),
               flush=True)
+        if stage2:
+            print(f"\nOne page with the grids, quality per iteration, histories, time and config:\n"
+                  f"  {RunLayout.of(cfg).report}", flush=True)
     acc.end_training()
     return cfg_path
 

@@ -12,6 +12,7 @@ COMMANDS = {
     "sample": ("trainer.cli.sample", "DDIM samples of a checkpoint (optionally discriminator-guided) to .pt/.png"),
     "evaluate": ("trainer.cli.evaluate", "the summary's quality row for any checkpoint, optionally with guidance"),
     "export": ("trainer.cli.export", "a checkpoint or run as a diffusers pipeline folder (safetensors)"),
+    "report": ("trainer.cli.report", "one self-contained HTML page of a run (grids, quality, histories, config)"),
     "compare": ("trainer.cli.compare", "two runs' quality summaries side by side"),
     "models": ("trainer.cli.presets", "list UNet presets with computed parameter counts"),
     "digits": ("trainer.cli.demo", "write the digits dataset and manifest to a folder"),

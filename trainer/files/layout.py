@@ -19,6 +19,7 @@
       samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
       pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
                                                     vae/ model_index.json pipeline.py; see trainer/diffusion/export)
+      report.html                                   one self-contained page: grids, quality, histories, time, config
       timings.csv  tracking/  slurm/
 """
 from __future__ import annotations
@@ -151,6 +152,36 @@ class RunLayout:
         return self.root / f"{self.name}_summary.csv"
 
     @staticmethod
+    def name_in(folder: Path) -> str | None:
+        """The experiment name of a run folder, read off the files stage 2 writes (None before it wrote any)."""
+        import re
+
+        folder = Path(folder)
+        for pattern, regex in ((RunLayout.SUMMARY_GLOB, r"(.+)_summary\.csv"),
+                               ("samples/*_stage1.png", r"(.+)_stage1\.png"),
+                               ("*_metrics_iter_*.csv", r"(.+)_metrics_iter_\d+\.csv"),
+                               ("checkpoints/*_iter_*_checkpoint_*.pt", r"(.+)_iter_\d+_checkpoint_\w+\.pt")):
+            for path in sorted(folder.glob(pattern)):
+                m = re.fullmatch(regex, path.name)
+                if m:
+                    return m.group(1)
+        return None
+
+    def iterations_in(self) -> list[int]:
+        """The stage-2 iterations that left anything in the folder (an iteration folder, history or grid)."""
+        import re
+
+        ks = set()
+        for pattern, regex in (("discriminator_iter_*", r"discriminator_iter_(\d+)"),
+                               (f"{self.name}_metrics_iter_*.csv", r".+_metrics_iter_(\d+)\.csv"),
+                               (f"samples/{self.name}_iter_*.png", r".+_iter_(\d+)\.png")):
+            for path in self.root.glob(pattern):
+                m = re.fullmatch(regex, path.name)
+                if m:
+                    ks.add(int(m.group(1)))
+        return sorted(ks)
+
+    @staticmethod
     def summaries_in(folder: Path) -> list[Path]:
         """The quality summaries in a run folder whose experiment name is not known."""
         return sorted(Path(folder).glob(RunLayout.SUMMARY_GLOB))
@@ -189,6 +220,11 @@ class RunLayout:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
+    @property
+    def report(self) -> Path:
+        """The run's one self-contained page (trainer/stage2/report.py)."""
+        return self.root / "report.html"
+
     def guide(self, stage2: bool = True) -> list[tuple[str, str]]:
         """(path relative to the root, what it holds) for the main outputs; "*" stands for an iteration."""
         rows = [(self.autoencoder_folder, "frozen AE (diffusers folder)"),
@@ -203,7 +239,8 @@ class RunLayout:
                      (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
                      (self.grid("*"), "decoded grid per stage-2 iteration"),
                      (self.start_grid, "the stage-1 model sampled like the iterations' grids"),
-                     (self.comparison, "few-step demo: stage 1 at K | stage 2 at K | stage 1 at full steps")]
+                     (self.comparison, "few-step demo: stage 1 at K | stage 2 at K | stage 1 at full steps"),
+                     (self.report, "one page with all of it (open in a browser)")]
         return [(str(path.relative_to(self.root)) + ("/" if path.suffix == "" else ""), what) for path, what in rows]
 
 

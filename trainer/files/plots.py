@@ -39,21 +39,36 @@ def _save(fig, plt, path):
     atomic.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def _panels(csv_path, png_path, panels, xlabel, title):
+LOG_SPAN = 10.0  # a panel of positive values whose largest is at least this many times its smallest: log y
+
+
+def _panels(csv_path, png_path, panels, xlabel, title, log_panels=()):
+    """One row of panels; x is a whole number (epoch, iteration), so only whole ticks are shown. Panels
+    named in `log_panels` switch to a log y axis when their values span LOG_SPAN or more."""
     plt = _pyplot()
     rows = read_csv_rows(csv_path)
     if plt is None or not rows:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    from matplotlib.ticker import MaxNLocator
+
+    # constrained layout keeps the figure title above the panels' titles (tight bbox alone lets them overlap)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), layout="constrained")
     for ax, (name, keys) in zip(axes, panels):
+        values = []
         for key in keys:
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=3, label=key)
-        ax.set_title(name)
+                values += ys
+        log = name in log_panels and values and min(values) > 0 and max(values) >= LOG_SPAN * min(values)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(name + (" (log scale)" if log else ""))
         ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both" if log else "major")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     _save(fig, plt, png_path)
 
@@ -85,4 +100,4 @@ def plot_summary(csv_path, png_path):
                                                               "pixel_recall", "cls_precision", "cls_recall",
                                                               "inception_precision", "inception_recall"]),
                                  ("D", ["d_acc", "d_prob_fake"])],
-            "iteration (0 = stage 1)", "sample quality per stage-2 iteration")
+            "iteration (0 = stage 1)", "sample quality per stage-2 iteration", log_panels=("Fréchet distance",))

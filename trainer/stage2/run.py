@@ -19,7 +19,7 @@ import torch
 from models.autoencoder import LatentScaling
 from trainer.config.sections import Config
 from trainer.core.errors import UserError
-from trainer.core.log import Logger
+from trainer.core.log import Logger, warn
 from trainer.data.latents import LatentCodec
 from trainer.diffusion.checkpoints import DiffusionCheckpoint, load_diffusion_checkpoint
 from trainer.diffusion.noise import per_sample_noise
@@ -199,6 +199,19 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
             evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(iteration_discriminator(layout, k))))
     if s.acc.is_main_process:
         plots.redraw_stale(evaluator.path, plots.plot_summary)
+    refresh_report(s)
+
+
+def refresh_report(s: Stage2Setup) -> None:
+    """Write (or refresh) the run's report.html from what the folder holds now (main process). A failure
+    to draw the page is one warning: it never stops the run."""
+    if s.acc.is_main_process:
+        from trainer.stage2.report import write_report
+
+        try:
+            write_report(s.layout.root, config=s.cfg.to_dict(), name=s.layout.name)
+        except Exception as e:  # the page is a view of the run, never a reason to lose it
+            warn(f"report.html not written ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
 def write_grid(s: Stage2Setup, k: int | None) -> None:
@@ -268,6 +281,7 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
         record_run_fields(cfg, run_fields(cfg, s.facts.stage1))
     log_resume_point(s, first)
     write_grid(s, None)  # the stage-1 model at stage 2's sampling steps: what the iterations' grids improve on
+    refresh_report(s)
     for k in range(first, s2.num_iterations):
         if preempt.should_stop(acc.device):
             preempt.stop(acc, f"before iteration {k}")
