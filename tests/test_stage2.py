@@ -14,10 +14,11 @@ SPEC_FLAGS = ["--num_samples", "20", "--num_iterations", "2", "--discriminator_e
 
 def extras(name: str, iterations: int) -> set:
     """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid (and
-    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, the time by phase, and the result
-    as a pipeline folder."""
+    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, the time by phase, the result
+    as a pipeline folder, and the run's report page."""
     paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv",
              f"samples/{name}_stage1.png", "reference_latent.npz", "reference_pixel.npz"}  # held-out reals' statistics
+    paths |= {"report.html"}  # the run's one page
     # the result as a diffusers pipeline folder
     paths |= {f"pipeline/{f}" for f in ("model_index.json", "pipeline.py", "advdiff.json", "unet/config.json",
                                         "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
