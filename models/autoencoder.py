@@ -91,8 +91,13 @@ def ae_export(ae: AutoencoderKL) -> dict:
 
 
 def config_scaling(ae: AutoencoderKL) -> LatentScaling:
-    shift = ae.config.get("shift_factor", None) or 0.0
-    return LatentScaling(scale=float(ae.config.get("scaling_factor", 1.0) or 1.0), shift=float(shift))
+    return scaling_from_config(ae.config)
+
+
+def scaling_from_config(config) -> LatentScaling:
+    """The latent scale and shift an AutoencoderKL config (dict or FrozenDict) stores (1 and 0 where unset)."""
+    return LatentScaling(scale=float(config.get("scaling_factor", 1.0) or 1.0),
+                         shift=float(config.get("shift_factor", None) or 0.0))
 
 
 def downsample_factor(ae: AutoencoderKL) -> int:

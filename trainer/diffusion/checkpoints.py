@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models.autoencoder import LatentScaling
+from models.autoencoder import LatentScaling, scaling_from_config
 from models.unet import full_unet_config, spec_from_dict, unet_config, unet_from_config, unet_sample_shape
 from trainer.core.errors import UserError
 from trainer.diffusion.schedule import Schedule
@@ -94,12 +94,6 @@ def _unet_config(path: Path, config: dict) -> dict:
         raise _bad(path, f"{e}") from None
 
 
-def _scaling_of(vae_config: dict) -> LatentScaling:
-    scale = vae_config.get("scaling_factor")
-    return LatentScaling(scale=float(scale if scale is not None else 1.0),
-                         shift=float(vae_config.get("shift_factor") or 0.0))
-
-
 def _has_weights(folder: Path) -> bool:
     return any((folder / n).is_file() for n in WEIGHT_FILES)
 
@@ -159,7 +153,7 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
                    f"not a DDPM/DDIM-compatible scheduler config ({str(e).splitlines()[0][:80]})") from None
     scaling = ae = None
     if vae_dir is not None and (vae_dir / "config.json").is_file():
-        scaling, ae = _scaling_of(_read_json(vae_dir / "config.json")), str(vae_dir.resolve())
+        scaling, ae = scaling_from_config(_read_json(vae_dir / "config.json")), str(vae_dir.resolve())
     sampling = None
     if kind == "pipeline" and "sampling_steps" in index:
         sampling = {"sampler": "ddim", "steps": int(index["sampling_steps"]),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from models.autoencoder import LatentScaling
+from models.autoencoder import LatentScaling, scaling_from_config
 from trainer.config.sections import Config
 from trainer.core.errors import UserError
 from trainer.core.log import Logger, warn
@@ -88,9 +88,7 @@ def stage1_scaling(facts) -> LatentScaling:
     """The latent scale and shift: the starting model's own, else (a bare UNet folder) the AE config's."""
     if facts.stage1.scaling is not None:
         return facts.stage1.scaling
-    ae = facts.ae or {}
-    scale = ae.get("scaling_factor")
-    return LatentScaling(scale=float(scale if scale is not None else 1.0), shift=float(ae.get("shift_factor") or 0.0))
+    return scaling_from_config(facts.ae or {})
 
 
 def complete(layout: RunLayout, k: int) -> bool:
