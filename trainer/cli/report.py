@@ -23,14 +23,15 @@ def build_parser() -> Parser:
 
 def report(args) -> None:
     from trainer.files import atomic
-    from trainer.stage2.report import build_report, run_name
+    from trainer.files.layout import RunLayout
+    from trainer.stage2.report import build_report
 
     run = Path(args.run)
     if not run.is_dir():
         raise UserError(f"{run}: not a folder (advdiff report takes a run folder, experiment.save_path)")
     if args.compare is not None and not Path(args.compare).is_dir():
         raise UserError(f"--compare {args.compare}: not a folder (expected another run folder)")
-    if run_name(run) is None and not any(run.iterdir()):
+    if RunLayout.name_in(run) is None and not any(run.iterdir()):
         raise UserError(f"{run}: empty folder; nothing to report")
     out = Path(args.out) if args.out else run / "report.html"
     if out.is_dir():

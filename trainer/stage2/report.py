@@ -63,16 +63,7 @@ def fmt(v) -> str:
     return "-" if _missing(v) else f"{v:.4g}"
 
 
-# -- reading a run folder --------------------------------------------------------------------------------------
-def run_name(root: Path) -> str | None:
-    """The experiment name (None before stage 2 wrote anything)."""
-    return RunLayout.name_in(root)
-
-
-def iterations_present(layout: RunLayout) -> list[int]:
-    return layout.iterations_in()
-
-
+# -- reading a run folder (names and iterations: RunLayout.name_in, RunLayout.iterations_in) -------------------
 def read_config(layout: RunLayout) -> dict | None:
     """The resolved config: the demo's config.yaml, else the one the newest checkpoint carries."""
     if layout.config.is_file():
@@ -204,7 +195,7 @@ def _fd_caption(summary_rows: list[dict], row: int) -> str:
 
 
 def _compare_section(layout: RunLayout, other: Path) -> str:
-    other_name = run_name(other) or ""
+    other_name = RunLayout.name_in(other) or ""
     b_layout = RunLayout(other, other_name)
     a_rows, b_rows = read_csv_rows(layout.summary), read_csv_rows(b_layout.summary)
     out = [f'<h2 id="compare">Compared with {html.escape(str(other))}</h2>',
@@ -221,7 +212,7 @@ def _compare_section(layout: RunLayout, other: Path) -> str:
                         f"<td>{fmt(vb)}</td><td>{fmt(diff)}</td><td>{better}</td></tr>")
         out.append('<div class="scroll"><table><tr><th>iteration</th><th class="l">metric</th><th>A (this run)'
                    '</th><th>B</th><th>B - A</th><th>better</th></tr>' + "".join(rows) + "</table></div>")
-    ks_b = iterations_present(b_layout)
+    ks_b = b_layout.iterations_in()
     figs = [_figure(b_layout.start_grid, "B: stage 1")] + [_figure(b_layout.grid(k), f"B: iteration {k}")
                                                           for k in ks_b]
     if any(figs):
@@ -233,10 +224,10 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
     """The page's HTML for the run folder `root` (what exists so far). `config`: the resolved config (read
     from the folder when not given); `compare`: another run folder shown beside it."""
     root = Path(root)
-    name = name or run_name(root) or "advdiff"
+    name = name or RunLayout.name_in(root) or "advdiff"
     layout = RunLayout(root, name)
     config = config if config is not None else read_config(layout)
-    ks = iterations_present(layout)
+    ks = layout.iterations_in()
     summary_rows = read_csv_rows(layout.summary)
     finished = sorted({int(r["iteration"]) - 1 for r in summary_rows if r.get("iteration", 0) >= 1})
     sections = [("samples", "Samples"), ("quality", "Quality per iteration")]
