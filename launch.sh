@@ -82,7 +82,7 @@ abspath() { (cd "$(dirname "$1")" && printf '%s/%s' "$(pwd -P)" "$(basename "$1"
 config=$(abspath "$config")
 [ -z "$acc_config" ] || acc_config=$(abspath "$acc_config")
 python_bin=$("$PYTHON" -c 'import sys; print(sys.executable)') || die "$PYTHON does not run"
-out_dir=$("$PYTHON" -m trainer.dist.slurm out-dir "$config" -- "$@") || exit 2
+out_dir=$("$PYTHON" -m trainer.parallel.slurm out-dir "$config" -- "$@") || exit 2
 # #SBATCH lines are not shell: sbatch would split them at blanks and expand % patterns in file names.
 [[ "$out_dir" =~ ^[^[:space:]%\"\'\\]+$ ]] || die "experiment folder '$out_dir': SLURM output paths cannot hold blanks, quotes, backslashes or %"
 slurm_dir="$out_dir/slurm"
@@ -94,7 +94,7 @@ exec_flags=(--gpus-per-node "$gpus_per_node")
 srun_flags=(--nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
 # Without it a step's task may be confined to one CPU, shared by all G trainer processes.
 [ -z "$cpus_per_task" ] || srun_flags+=(--cpus-per-task="$cpus_per_task")
-run_cmd=(srun "${srun_flags[@]}" "$python_bin" -m trainer.dist.slurm exec "${exec_flags[@]}" --
+run_cmd=(srun "${srun_flags[@]}" "$python_bin" -m trainer.parallel.slurm exec "${exec_flags[@]}" --
          "trainer.$stage" "$config" "${stage_flags[@]}" "$@")
 
 sbatch_script() {
@@ -146,7 +146,7 @@ EOF
 echo "advdiff: job \$SLURM_JOB_ID, start \$(( \${SLURM_RESTART_COUNT:-0} + 1 )), on \$SLURM_JOB_NODELIST at \$(date -Is)"
 
 # In the background, because bash runs a trap only once the foreground command has returned.
-# Each node's rank is computed by trainer.dist.slurm inside its own task, never here.
+# Each node's rank is computed by trainer.parallel.slurm inside its own task, never here.
 $(quoted "${run_cmd[@]}") &
 srun_pid=\$!
 # A trap interrupts wait while srun runs on; wait again until srun is gone, then collect its status.

@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
     from trainer.diffusion import sampling
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.diffusion.noise import per_sample_noise
-    from trainer.stage2.generation import generate_own
+    from trainer.stage2 import generate_own
 
     torch.set_num_threads(args.threads)
     print(machine_header(args.threads), flush=True)

@@ -74,7 +74,7 @@ def reset_peak(device):
 
 
 def setup(args, overrides=None):
-    from trainer.dist.accelerator import apply_performance, build_accelerator
+    from trainer.parallel.accelerator import apply_performance, build_accelerator
 
     root = Path(tempfile.mkdtemp(prefix="advdiff_gpu_"))
     n_real = 64 if args.smoke else 512
@@ -89,7 +89,7 @@ def setup(args, overrides=None):
     cfg = experiment(root, n_real, preset, latent, ov)
     apply_performance(cfg.performance)
     acc = build_accelerator(args.device, args.precision)
-    from trainer.stage2.run import setup as stage2_setup
+    from trainer.stage2 import setup as stage2_setup
 
     return cfg, acc, stage2_setup(cfg, acc)
 
@@ -104,8 +104,8 @@ def emit(args, record: dict):
 
 
 def part_gen(args):
-    from trainer.dist.accelerator import prepare_module
-    from trainer.stage2.generation import generate_own
+    from trainer.parallel.accelerator import prepare_module
+    from trainer.stage2 import generate_own
 
     cfg, acc, ctx = setup(args)
     unet = ctx.stage1.new_unet()
@@ -134,7 +134,7 @@ def part_gen(args):
 
 
 def part_train(args):
-    from trainer.stage2.generation import stratified_split
+    from trainer.stage2 import stratified_split
 
     cfg, acc, ctx = setup(args, {"stage2.generation_steps": args.steps, "training.batch_size": args.train_batch,
                                  "discriminator.training.batch_size": 2 * args.train_batch})
@@ -176,8 +176,8 @@ def part_train(args):
 def part_repro(args):
     """Generation twice (bit-identical?), and 3 training steps twice with and without
     training.deterministic (the switch is applied in a fresh process by gpu.sh)."""
-    from trainer.dist.accelerator import set_deterministic
-    from trainer.stage2.generation import generate_own, stratified_split
+    from trainer.parallel.accelerator import set_deterministic
+    from trainer.stage2 import generate_own, stratified_split
 
     set_deterministic(args.deterministic)
     steps, n_gen = (3, 8) if args.smoke else (20, 64)

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
-    from trainer.dist.accelerator import build_accelerator
-    from trainer.stage2.generation import generate_own
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2 import generate_own
 
     print(machine_header(1), flush=True)
     repeats = a.repeats or (1 if a.quick else 3)

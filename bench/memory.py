@@ -61,9 +61,9 @@ def worker(a) -> int:
 
     torch.set_num_threads(1)
     from models.schedules import ddim_scheduler
-    import trainer.stage2.generation as shards
-    from trainer.dist.collectives import barrier, shard_range
-    from trainer.dist.accelerator import build_accelerator
+    import trainer.stage2 as shards
+    from trainer.parallel.collectives import barrier, shard_range
+    from trainer.parallel.accelerator import build_accelerator
 
     acc = build_accelerator("cpu")
     rank, world = acc.process_index, acc.num_processes

@@ -69,10 +69,10 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
     from models.unet import build_unet, preset, unet_config
     from trainer.files import atomic
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2 import stratified_split
     from trainer.diffusion.checkpoints import export_blob
-    from trainer.stage2.run import setup
+    from trainer.stage2 import setup
 
     manifest = small_manifest(root / "data")
     ae = root / "autoencoder"

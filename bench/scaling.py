@@ -12,7 +12,7 @@ accelerate's launch are reported separately and not counted. P=1 and P=2 launche
 repeats each; medians are reported with (min-max).
 
 Efficiency = T1 / (2 x T2) per phase and for a+b; target >= 90%. The gather and the write are
-timed by wrapping trainer.stage2.generation.gather_shards and trainer.files.atomic.save_torch (the code under test is
+timed by wrapping trainer.parallel.collectives.gather_shards and trainer.files.atomic.save_torch (the code under test is
 otherwise called unchanged); the gather's time is split into waiting for the slower rank (shard
 imbalance) and the transfer itself. Exit status is 0 whether the targets pass or miss, unless
 --strict.
@@ -44,10 +44,11 @@ def worker(a) -> int:
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
     import trainer.files.atomic as tio
-    import trainer.stage2.generation as shards
-    from trainer.dist.collectives import barrier, shard_range
+    import trainer.parallel.collectives as collectives
+    import trainer.stage2 as shards
+    from trainer.parallel.collectives import barrier, shard_range
     from trainer.data.latents import encode_local
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
 
     t_imports = time.time()
     acc = build_accelerator("cpu")
@@ -66,7 +67,7 @@ def worker(a) -> int:
 
     # instrument the gather and the write; everything else is called as the trainer calls it
     events: dict[str, list] = {}
-    real_gather, real_save = shards.gather_shards, tio.save_torch
+    real_gather, real_save = collectives.gather_shards, tio.save_torch
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -77,7 +78,7 @@ def worker(a) -> int:
                 events.setdefault(name, []).append((t0, pc()))
         return wrapper
 
-    shards.gather_shards = timed("gather", real_gather)
+    collectives.gather_shards = timed("gather", real_gather)
     tio.save_torch = timed("write", real_save)
     t_setup = time.time()
 

@@ -178,9 +178,9 @@ def real_vs_real(config: Path) -> float:
 
     from trainer.config.load import load_config
     from trainer.data.manifest import split_indices
-    from trainer.dist.accelerator import build_accelerator
-    from trainer.stage2.metrics import Moments, fd_from_moments, features
-    from trainer.stage2.run import setup
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.quality import Moments, fd_from_moments, features
+    from trainer.stage2 import setup
 
     ctx = setup(load_config(config), build_accelerator("cpu"))
     ev = ctx.evaluator()

@@ -2,7 +2,7 @@
 
 Three 3x3 conv levels (ReLU; max-pooled twice, then average-pooled to 2x2), a `feature_dim`-wide
 hidden layer (the features) and a linear output layer (the logits). Trained by
-`trainer.stage2.classifier` on a manifest's training split; it backs `stage2.metric_features:
+`trainer.quality.classifier` on a manifest's training split; it backs `stage2.metric_features:
 classifier:PATH` (cls_fd, cls_precision, cls_recall).
 
 On disk: a self-describing `.pt` {"format": "advdiff.classifier", "config", "state_dict", "val_acc",

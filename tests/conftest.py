@@ -36,7 +36,7 @@ def small_ae(tmp_path_factory):
 def stage1_ckpt(tmp_path_factory, digits_manifest, small_ae):
     """A tiny stage-1 checkpoint (micro UNet, a few steps) on a subset of the digits."""
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     root = tmp_path_factory.mktemp("stage1")

@@ -125,7 +125,7 @@ def files_under(root):
 
 # -- launch.sh's batch script with stand-ins for srun, scontrol and sbatch (the `fake_slurm` fixture) ---
 FAKE_SRUN = """#!/bin/bash
-# Stands in for srun + the trainer: honours the stop file like trainer/dist/preempt.py does.
+# Stands in for srun + the trainer: honours the stop file like trainer/parallel/preempt.py does.
 printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
 [ -e "$ADVDIFF_STOP_FILE" ] && echo stale > "$FAKE_DIR/saw_stale_stop_file"
 for _ in $(seq 1 200); do

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "trainer"
 
 # Lowest layer first: a package may import only from itself and the packages before it.
-LAYERS = ["core", "config", "files", "dist", "data", "diffusion", "training", "stage0", "stage1", "stage2", "cli"]
+LAYERS = ["core", "config", "files", "parallel", "data", "diffusion", "training", "quality", "stage0", "stage1", "stage2", "cli"]
 
 
 def _modules() -> dict[str, Path]:
@@ -115,6 +115,55 @@ def test_trainer_listing_is_the_map():
         assert doc and len(doc.splitlines()) <= 4, f"trainer/{pkg}/__init__.py: a one- or two-line docstring"
     top = ast.get_docstring(ast.parse((TRAINER / "__init__.py").read_text()))
     assert all(f"{pkg}/" in top for pkg in LAYERS), "trainer/__init__.py's map names every package"
+
+
+def _public_names(package: str) -> set[str]:
+    """A package's public names: its __init__'s __all__, read from the source."""
+    tree = ast.parse((REPO / package.replace(".", "/") / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def _reaches_into(path: Path, package: str) -> list[str]:
+    """The imports in `path` that go past `package`'s public names: a submodule, or a name not in __all__."""
+    public, bad, where = _public_names(package), [], path.relative_to(path.parents[1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
+            names = [a.name for a in node.names]
+            if node.module != package or any(n not in public for n in names):
+                bad.append(f"{where}: from {node.module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            bad += [f"{where}: import {a.name}" for a in node.names
+                    if a.name.startswith(package + ".")]
+    return bad
+
+
+def test_quality_is_its_own_layer_below_the_stages():
+    assert (TRAINER / "quality" / "__init__.py").is_file()
+    assert LAYERS.index("training") < LAYERS.index("quality") < LAYERS.index("stage0")
+    _, graph = _graph()
+    assert not [d for m, deps in graph.items() if m.startswith("trainer.quality") for d in deps
+                if d.startswith("trainer.stage")]
+    # the `python -m trainer.stage2` launcher (__main__) is the one module that calls the CLI's stage2 command
+    assert not [d for m, deps in graph.items() if m.startswith("trainer.stage2") and not m.endswith("__main__")
+                for d in deps if d.startswith("trainer.cli")]
+
+
+@pytest.mark.parametrize("package", ["trainer.stage2", "trainer.quality"])
+def test_cli_and_bench_use_public_names_only(package):
+    files = sorted((REPO / "bench").glob("*.py")) + sorted((TRAINER / "cli").glob("*.py"))
+    assert _public_names(package), f"{package} declares no __all__"
+    assert [b for f in files for b in _reaches_into(f, package)] == []
+
+
+def test_public_name_check_can_fail(tmp_path):
+    probe = tmp_path / "bench" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text("from trainer.stage2.run import setup\nimport trainer.stage2.generation as g\n"
+                     "from trainer.stage2 import _weights\nfrom trainer.stage2 import setup\n")
+    assert len(_reaches_into(probe, "trainer.stage2")) == 3
 
 
 def test_no_module_over_400_lines():

@@ -64,7 +64,7 @@ def test_without_a_baseline_the_first_validation_is_best(tmp_path):
 
 @pytest.mark.slow
 def test_quality_best_never_lets_the_summary_regress(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
     cfg_path = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from trainer.data.manifest import load_image, read_manifest, split_indices
-from trainer.dist.collectives import shard_range
+from trainer.parallel.collectives import shard_range
 from trainer.core.errors import UserError
 
 

@@ -16,7 +16,7 @@ WALL_CLOCK = {"seconds"}  # the only columns allowed to differ between two runs
 
 
 def _run(cfg_path, seed=None):
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
     cfg = load_config(cfg_path, {"training.seed": seed} if seed is not None else None)

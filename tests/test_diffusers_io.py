@@ -283,7 +283,7 @@ def test_round_trip_stage1_pipeline_stage2_pipeline(tmp_path, digits_manifest, s
     """stage-1 export -> pipeline folder -> stage 2 -> pipeline folder, with the model's config intact."""
     from trainer.config.load import load_config
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
     stage1_pipeline = stage1_ckpt.parent / "pipeline"

@@ -115,7 +115,7 @@ def test_manifest_command_writes_the_folder_rows_relative_to_the_csv(folder, tmp
 
 
 def test_folder_and_its_csv_train_the_same_stage0(folder, tmp_path):
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.config.load import load_config
     from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
 
@@ -140,7 +140,7 @@ def test_folder_and_its_csv_train_the_same_stage0(folder, tmp_path):
 
 def test_folder_and_its_csv_give_stage1_the_same_latents(folder, tmp_path, small_ae):
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     assert _manifest(folder) == 0
@@ -161,7 +161,7 @@ def test_stage2_validate_and_real_latents_from_a_folder_equal_its_csv(folder, tm
     from trainer.cli.main import main
     from trainer.config.load import load_config
     from trainer.data.latents import LatentCodec
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.checks import check_stage2
     from trainer.stage2.generation import choose_real_rows
 

@@ -1,4 +1,4 @@
-"""launch.sh and trainer.dist.slurm without a cluster: per-node accelerate arguments from faked SLURM
+"""launch.sh and trainer.parallel.slurm without a cluster: per-node accelerate arguments from faked SLURM
 environments, the dry-run output of both modes, usage errors, and the generated batch script run
 under bash with stand-ins for srun, scontrol and sbatch."""
 import os
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from helpers import REPO, launch, run_batch_script, submit_with_fake_sbatch, write_config
-from trainer.dist.slurm import SlurmError, expand_nodelist, launch_args, main_process_port
+from trainer.parallel.slurm import SlurmError, expand_nodelist, launch_args, main_process_port
 
 HOSTS = ["gpu07", "gpu08", "gpu09"]
 
@@ -51,7 +51,7 @@ def test_the_cli_reads_each_tasks_own_environment():
     ranks, rendezvous = [], set()
     for i in range(3):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        proc = subprocess.run([sys.executable, "-m", "trainer.dist.slurm", "print-args", "--gpus-per-node", "2"],
+        proc = subprocess.run([sys.executable, "-m", "trainer.parallel.slurm", "print-args", "--gpus-per-node", "2"],
                               capture_output=True, text=True, cwd=REPO, env={**env, **node_env(i)})
         assert proc.returncode == 0, proc.stderr
         a = as_dict(shlex.split(proc.stdout))
@@ -123,11 +123,11 @@ def test_cli_errors_are_one_line(argv, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     if "SLURM" not in message:
         env.update(node_env(0))
-    proc = subprocess.run([sys.executable, "-m", "trainer.dist.slurm", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "trainer.parallel.slurm", *argv], capture_output=True, text=True,
                           cwd=REPO, env=env)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("trainer.dist.slurm: error: ")
+    assert proc.stderr.startswith("trainer.parallel.slurm: error: ")
 
 
 def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
@@ -135,7 +135,7 @@ def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
     data.write_text('{"b": 1}')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
            **node_env(0, nodes=1, nodelist="localhost"), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer.dist.slurm", "exec", "--gpus-per-node", "1", "--",
+    proc = subprocess.run([sys.executable, "-m", "trainer.parallel.slurm", "exec", "--gpus-per-node", "1", "--",
                            "json.tool", str(data)], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -181,14 +181,14 @@ def test_slurm_dry_run_gpu(tmp_path):
                      f"--output={out}/slurm/advdiff_stage2_%j.out", f"--error={out}/slurm/advdiff_stage2_%j.err"):
         assert f"#SBATCH {expected}" in header, expected
     assert not any("cpus-per-task" in line for line in header)
-    for expected in ("srun", "trainer.dist.slurm exec", "ADVDIFF_STOP_FILE=\"$stop_file\"", "scontrol requeue",
+    for expected in ("srun", "trainer.parallel.slurm exec", "ADVDIFF_STOP_FILE=\"$stop_file\"", "scontrol requeue",
                      "trap 'request_stop USR1' USR1", "trap 'request_stop TERM' TERM", "wait"):
         assert expected in script, expected
     assert "ACCELERATE_USE_CPU" not in script
     # the rank is never decided by the batch shell: no $SLURM_NODEID anywhere in what it runs
     assert "SLURM_NODEID" not in script and "SLURM_PROCID" not in script and "machine_rank" not in script
     assert command.startswith("srun --nodes=3 --ntasks-per-node=1 ")
-    assert command.endswith(f"-m trainer.dist.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
+    assert command.endswith(f"-m trainer.parallel.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
                             f"--num_iterations 2")
     assert command in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

@@ -60,7 +60,7 @@ def _start(trainer) -> dict:
 
 # -- stage 1 ------------------------------------------------------------------------------------------
 def _stage1(root, manifest, ae, before_fit=None, **training) -> dict:
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     cfg = load_config(tiny_config(root, manifest, ae, **{**FAST, **training}))
@@ -82,7 +82,7 @@ def plain_stage1(tmp_path_factory, digits_manifest, small_ae):
 
 
 def test_stage1_accumulation_gives_the_same_update(tmp_path, digits_manifest, small_ae, plain_stage1, monkeypatch):
-    from trainer.dist import engine
+    from trainer.parallel import engine
 
     seen = {"batches": [], "sync": []}
     grad_sync = engine.grad_sync
@@ -146,7 +146,7 @@ def test_resume_across_accumulation_settings(tmp_path, digits_manifest, small_ae
 def _finetune(root, manifest, ae, ckpt, mode, micro, wrap_terms=None, steps=2, **training) -> dict:
     """`steps` fine-tune steps of a FinetuneTrainer on fixed real latents and a fixed noise-conditioned D."""
     from models.discriminator import build_discriminator
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.generation import stratified_split
     from trainer.stage2.run import setup
 
@@ -221,7 +221,7 @@ def test_finetune_gradient_checkpointing_from_either_field(tmp_path, digits_mani
 def test_refusals_name_the_field():
     from accelerate.utils import DistributedType
     from trainer.core.errors import UserError
-    from trainer.dist.engine import check_accumulation
+    from trainer.parallel.engine import check_accumulation
     from trainer.stage2.finetune_trainer import check_grad_ratio_supported
 
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)

@@ -29,7 +29,7 @@ def trained(tmp_path_factory, digits_manifest):
     """A classifier trained on the digits' training split at a reduced budget: (cfg, path, facts, seconds)."""
     import time
 
-    from trainer.stage2.classifier import train_classifier
+    from trainer.quality.classifier import train_classifier
 
     folder = tmp_path_factory.mktemp("cls")
     cfg = _config(folder, digits_manifest)
@@ -41,7 +41,7 @@ def trained(tmp_path_factory, digits_manifest):
 def test_classifier_learns_the_digits_and_describes_itself(trained):
     from models.classifier import load_classifier
     from trainer.data.manifest import load_image, split_indices
-    from trainer.stage2.classifier import accuracy, read_labels
+    from trainer.quality.classifier import accuracy, read_labels
 
     cfg, path, facts, seconds = trained
     print(f"classifier: 5 epochs, {seconds:.1f}s, held-out accuracy {facts['val_acc']:.4f}")
@@ -70,8 +70,8 @@ def _evaluator(cfg, digits_manifest, summary):
     to 16x16 (256 dims; the classifier resizes to its 32): the measurement path of stage 2 without a
     diffusion model."""
     from trainer.data.manifest import load_image, read_manifest
-    from trainer.dist.accelerator import build_accelerator
-    from trainer.stage2.evaluation import Evaluator
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.quality.evaluation import Evaluator
 
     rows = read_manifest(digits_manifest, "image_path")
 
@@ -91,7 +91,7 @@ def _measure(ev, fakes):
 
 
 def test_cls_fd_is_zero_for_the_same_reals_and_large_for_noise(trained, digits_manifest, tmp_path):
-    from trainer.stage2.evaluation import SUMMARY_FIELDS
+    from trainer.quality.evaluation import SUMMARY_FIELDS
 
     _, path, _, _ = trained
     cfg = _config(tmp_path, digits_manifest, metric_features=f"classifier:{path}", metric_bootstrap=50)
@@ -114,7 +114,7 @@ def test_cls_fd_is_zero_for_the_same_reals_and_large_for_noise(trained, digits_m
 def test_summary_columns_keep_old_csvs_and_references_match_numpy(trained, digits_manifest, tmp_path):
     from trainer.cli.compare import table
     from trainer.files.read import read_csv_rows
-    from trainer.stage2.feature_spaces import load_space
+    from trainer.quality.feature_spaces import load_space
 
     _, path, _, _ = trained
     (tmp_path / "cls.pt").write_bytes(path.read_bytes())
@@ -167,7 +167,7 @@ class _TinyInception(torch.nn.Module):
 
 
 def test_inception_option_runs_a_local_torchscript_file(digits_manifest, tmp_path):
-    from trainer.stage2.feature_spaces import TorchScriptInception, load_space
+    from trainer.quality.feature_spaces import TorchScriptInception, load_space
 
     torch.manual_seed(0)
     tiny = _TinyInception()
@@ -208,7 +208,7 @@ def test_bad_metric_features_is_a_config_error(tmp_path, value):
 
 
 def test_metric_features_files_are_checked_before_compute(trained, digits_manifest, tmp_path):
-    from trainer.stage2.feature_spaces import check_metric_features, parse
+    from trainer.quality.feature_spaces import check_metric_features, parse
 
     _, path, _, _ = trained
     assert parse("raw") == ("raw", None) and parse(f"classifier:{path}") == ("classifier", str(path))
@@ -260,7 +260,7 @@ def test_classifier_command_bad_manifests_are_one_line(tmp_path, digits_manifest
 
 
 def test_bootstrap_interval_is_seeded_and_shrinks_with_more_samples():
-    from trainer.stage2.metrics import Moments, bootstrap_fd, fd_from_moments
+    from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments
 
     g = torch.Generator().manual_seed(0)
     real = torch.randn(4000, 8, generator=g)

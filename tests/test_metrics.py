@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import accelerate_launch
-from trainer.stage2.metrics import Moments, features, fd_from_moments, frechet_distance, precision_recall
+from trainer.quality.metrics import Moments, features, fd_from_moments, frechet_distance, precision_recall
 
 
 def test_fd_matches_closed_form_for_diagonal_gaussians():
@@ -70,9 +70,9 @@ def test_precision_recall_constructed_cases():
 SCRIPT = """
 import json, sys, torch
 from models.classifier import ImageClassifier
-from trainer.dist.accelerator import build_accelerator
-from trainer.dist.collectives import gather_shards, shard_range
-from trainer.stage2.metrics import Moments, bootstrap_fd, fd_from_moments, precision_recall
+from trainer.parallel.accelerator import build_accelerator
+from trainer.parallel.collectives import gather_shards, shard_range
+from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, precision_recall
 acc = build_accelerator("cpu")
 g = torch.Generator().manual_seed(3)
 real, fake = torch.randn(37, 6, generator=g), torch.randn(41, 6, generator=g) * 1.5 + 0.3

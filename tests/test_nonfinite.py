@@ -175,7 +175,7 @@ def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, smal
 def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digits_manifest, small_ae,
                                                                   stage1_ckpt):
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)

@@ -41,7 +41,7 @@ def _assert_close(a: dict, b: dict, atol=0.0):
 def test_online_d_trains_during_the_fine_tune_and_always_gets_t(tmp_path, digits_manifest, small_ae, stage1_ckpt,
                                                                  monkeypatch):
     from models.discriminator import LatentDiscriminator
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import finetune_trainer
     from trainer.stage2.run import run
 

@@ -85,7 +85,7 @@ def small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, iterations=1, ep
 
 def _run(cfg_path, stop_after=None):
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
     cfg = load_config(cfg_path)
@@ -168,7 +168,7 @@ def test_report_stays_readable_for_ten_iterations(tmp_path):
     import numpy as np
 
     from trainer.files import atomic
-    from trainer.stage2.report import build_report
+    from trainer.quality.report import build_report
 
     root = tmp_path / "long"
     (root / "samples").mkdir(parents=True)

@@ -82,7 +82,7 @@ def test_tampered_stage2_discriminator_state_is_one_line_and_runs_nothing(tmp_pa
 # -- (b) the stage-1 latent cache ------------------------------------------------------------------------
 def test_tampered_latent_cache_is_encoded_again(tmp_path, digits_manifest, small_ae, capsys):
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     cfg = load_config(tiny_config(tmp_path, digits_manifest, small_ae, max_steps=1))
@@ -197,7 +197,7 @@ def test_resume_state_with_numpy_history_still_resumes(tmp_path, digits_manifest
     """A numpy number in the history (a metric computed with numpy) is written as a plain number, so the state
     still loads weights only and the run resumes."""
     from trainer.config.load import load_config
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     cfg = load_config(tiny_config(tmp_path, digits_manifest, small_ae, max_steps=4, eval_interval=2))

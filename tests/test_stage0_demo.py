@@ -20,7 +20,7 @@ def _ae_config(tmp_path, manifest):
 
 
 def _train_ae(path, stop_after=None):
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
 
     cfg = load_config(path)

@@ -8,7 +8,7 @@ from trainer.config.load import load_config
 
 
 def _train(cfg_path, stop_after=None):
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     cfg = load_config(cfg_path)

@@ -32,7 +32,7 @@ def extras(name: str, iterations: int) -> set:
 
 
 def _run(cfg_path, start_iteration=None, stop_after=None):
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
     cfg = load_config(cfg_path)
@@ -144,7 +144,7 @@ def test_validation_split_holds_both_classes():
 def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind="bce", conditioned=False):
     """A FinetuneTrainer on a few real latents with a fresh D, without running the phases."""
     from models.discriminator import build_discriminator
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.generation import stratified_split
     from trainer.stage2.run import setup
 

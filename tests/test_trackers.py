@@ -16,7 +16,7 @@ import pytest
 from helpers import run_cli, stage2_config, write_config
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
-from trainer.dist.accelerator import (flat_config, installed_trackers, log_images, resolve_report_to,
+from trainer.parallel.accelerator import (flat_config, installed_trackers, log_images, resolve_report_to,
                                       stage2_phase_steps, tracker_names, tracker_step)
 
 
@@ -140,7 +140,7 @@ def test_phase_steps_are_what_the_trainers_run(tmp_path, digits_manifest, small_
 
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
     from trainer.diffusion.schedule import Schedule
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.files.layout import RunLayout
     from trainer.stage2.discriminator_trainer import DiscriminatorTrainer
     from trainer.stage2.finetune_trainer import FinetuneTrainer

@@ -13,7 +13,7 @@ from trainer.cli.common import run_main
 from trainer.cli.flags import Parser
 from trainer.core.errors import UserError
 from trainer.files.layout import RunLayout
-from trainer.stage2.classifier import DEFAULT_EPOCHS
+from trainer.quality import DEFAULT_EPOCHS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from trainer.stage2.classifier import train_classifier
+    from trainer.quality import train_classifier
 
     def body(cfg, args):
         if args.epochs < 1:

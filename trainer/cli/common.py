@@ -10,8 +10,8 @@ from pathlib import Path
 from trainer.cli.flags import Parser
 from trainer.config.load import dump_config, load_config, parse_override
 from trainer.core.errors import UserError
-from trainer.dist import preempt
-from trainer.dist.accelerator import apply_performance, build_accelerator, flat_config, set_deterministic
+from trainer.parallel import preempt
+from trainer.parallel.accelerator import apply_performance, build_accelerator, flat_config, set_deterministic
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ sampled with discriminator guidance, without training or writing into the run.
                      [--discriminator D.pt --guidance_weight W --guidance_t_min F --guidance_t_max F]
                      [--json OUT.json]
 
-The row is measured exactly as the summary's rows are (stage2/evaluation.py): stage2.metric_samples samples
+The row is measured exactly as the summary's rows are (quality/evaluation.py): stage2.metric_samples samples
 from the same fixed seeds, at stage2.generation_steps, against the same held-out reals, in every feature
 space the config names (latent, pixel, stage2.metric_features). Default checkpoint: the config's stage-1
 model. With --discriminator the sampler's UNet output is corrected at each DDIM step by
@@ -55,9 +55,9 @@ def evaluate_main(argv=None) -> int:
 
 def body(cfg, args) -> None:
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
-    from trainer.dist.accelerator import build_accelerator
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.files import atomic
-    from trainer.stage2.run import setup
+    from trainer.stage2 import setup
 
     if not math.isfinite(args.guidance_weight):
         raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")

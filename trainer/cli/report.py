@@ -24,7 +24,7 @@ def build_parser() -> Parser:
 def report(args) -> None:
     from trainer.files import atomic
     from trainer.files.layout import RunLayout
-    from trainer.stage2.report import build_report
+    from trainer.quality import build_report
 
     run = Path(args.run)
     if not run.is_dir():

@@ -76,7 +76,7 @@ def load_guidance_discriminator(path: Path, latent_shape: tuple, guidance_input:
     """A stage-2 D export, checked against the latents and the guidance mode; errors are one line."""
     from models.discriminator import build_discriminator
     from trainer.files.read import torch_load
-    from trainer.stage2.discriminator_trainer import D_FORMAT
+    from trainer.stage2 import D_FORMAT
 
     if not path.is_file():
         raise UserError(f"--discriminator: {path}: not found")

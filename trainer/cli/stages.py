@@ -67,7 +67,7 @@ def stage2_main(argv=None) -> int:
         apply_stage2_args(cfg, args)
         acc = accelerator_for(cfg, args)
         try:
-            from trainer.stage2.run import run
+            from trainer.stage2 import run
 
             run(cfg, acc, args.start_iteration, args.stop_after_steps)
         finally:

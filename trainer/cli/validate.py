@@ -11,7 +11,7 @@ from trainer.cli.flags import flag_overrides
 from trainer.cli.stages import apply_stage2_args, build_stage2_parser
 from trainer.config.load import DEMO_CONFIG, load_config
 from trainer.core.errors import UserError
-from trainer.stage2.checks import check_stage2
+from trainer.stage2 import check_stage2
 
 
 def build_parser() -> argparse.ArgumentParser:

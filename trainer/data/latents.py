@@ -2,13 +2,16 @@
 sharded across processes by row index."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from trainer.core import faults
 from trainer.core.errors import UserError
 from trainer.core.progress import bar
 from trainer.data.manifest import ImageDataset
-from trainer.dist.collectives import agree, gather_shards, shard_range
+from trainer.parallel.collectives import agree, gather_shards, shard_range
 from trainer.files.read import torch_load
 
 
@@ -166,3 +169,48 @@ class LatentCodec:
         from models.autoencoder import decode
 
         return decode(self.ae, self.scaling.from_model(z))
+
+
+def load_ae_config(path: Path) -> dict:
+    """The AE's config, read from its folder (config.json + weights) or its .pt, without diffusers."""
+    from models.autoencoder import AE_FORMAT
+
+    where = "autoencoder.checkpoint"
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{where}: {path}: not a diffusers AutoencoderKL folder (no config.json)")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: {cfg_file}: not valid JSON ({type(e).__name__})") from None
+        weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
+        weights = [w for w in weights if w.is_file()]
+        if not weights:
+            raise UserError(f"{where}: {path}: no weights (diffusion_pytorch_model.safetensors or .bin)")
+        try:
+            if weights[0].suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(weights[0]), framework="pt") as f:
+                    list(f.keys())
+            else:
+                torch_load(weights[0], "AE weights")
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        except Exception as e:
+            raise UserError(f"{where}: {weights[0]}: unreadable weights ({type(e).__name__})") from None
+    elif path.is_file():
+        try:
+            blob = torch_load(path, "checkpoint")
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if not isinstance(blob, dict) or blob.get("format") != AE_FORMAT:
+            raise UserError(f"{where}: {path}: not an advdiff autoencoder checkpoint (format {AE_FORMAT})")
+        config = blob.get("config")
+    else:
+        raise UserError(f"{where}: {path}: autoencoder not found")
+    needed = ("latent_channels", "block_out_channels", "sample_size", "in_channels")
+    if not isinstance(config, dict) or any(k not in config for k in needed):
+        raise UserError(f"{where}: {path}: its config lacks {', '.join(needed)}")
+    return config

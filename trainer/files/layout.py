@@ -222,7 +222,7 @@ class RunLayout:
 
     @property
     def report(self) -> Path:
-        """The run's one self-contained page (trainer/stage2/report.py)."""
+        """The run's one self-contained page (trainer/quality/report.py)."""
         return self.root / "report.html"
 
     def guide(self, stage2: bool = True) -> list[tuple[str, str]]:

@@ -24,9 +24,9 @@ from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample, image_grid
 from trainer.diffusion.schedule import Schedule
-from trainer.dist import engine
-from trainer.dist.accelerator import fast_optimizer, prepare_module
-from trainer.dist.collectives import Totals, shard_range
+from trainer.parallel import engine
+from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.collectives import Totals, shard_range
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load

@@ -1,3 +1,27 @@
 """Stage 2: adversarial fine-tuning (`accelerate launch -m trainer.stage2 CONFIG`). `run` orchestrates
-the iterations; each phase has its module: generation (fakes and reals, sharded), the
-discriminator trainer, the fine-tune trainer and the quality evaluation; `checks` runs before compute."""
+the iterations; each phase has its module: generation (fakes and reals, sharded), the discriminator
+trainer and the fine-tune trainer; `checks` runs before compute. Quality lives in trainer/quality/."""
+
+from trainer.stage2.checks import check_stage2
+from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, load_discriminator
+from trainer.stage2.finetune_trainer import check_grad_ratio_supported
+from trainer.stage2.generation import choose_real_rows, generate_own, produce_gathered, stratified_split
+from trainer.stage2.run import Stage2Setup, complete, refresh_report, run, setup, write_comparison
+
+__all__ = [
+    "D_FORMAT",
+    "Stage2Setup",
+    "check_grad_ratio_supported",
+    "check_r1_supported",
+    "check_stage2",
+    "choose_real_rows",
+    "complete",
+    "generate_own",
+    "load_discriminator",
+    "produce_gathered",
+    "refresh_report",
+    "run",
+    "setup",
+    "stratified_split",
+    "write_comparison",
+]

@@ -21,7 +21,6 @@ of stage 0, the checkpoint of stage 1) may be missing: their facts come from the
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,15 +30,15 @@ import numpy as np
 
 from trainer.config.schema import error_at
 from trainer.core.errors import ConfigError, UserError
-from trainer.data.latents import latent_shape, load_latent_file, load_latent_set
+from trainer.data.latents import latent_shape, load_ae_config, load_latent_file, load_latent_set
 from trainer.data.manifest import read_manifest
 from trainer.diffusion.checkpoints import Source, read_source
 from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.diffusion.schedule import Schedule
-from trainer.dist.collectives import agree
+from trainer.parallel.collectives import agree
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load
-from trainer.stage2.feature_spaces import check_metric_features
+from trainer.quality.feature_spaces import check_metric_features
 from trainer.stage2.generation import choose_real_rows
 from trainer.stage2.run_record import check_run_fields
 
@@ -100,51 +99,6 @@ def load_stage1(cfg) -> Source:
 def ae_path(cfg, stage1) -> Path | None:
     path = cfg.autoencoder.checkpoint or (stage1.autoencoder if stage1 is not None else None)
     return cfg.resolve_path(path) if path else None
-
-
-def load_ae_config(path: Path) -> dict:
-    """The AE's config, read from its folder (config.json + weights) or its .pt, without diffusers."""
-    from models.autoencoder import AE_FORMAT
-
-    where = "autoencoder.checkpoint"
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise UserError(f"{where}: {path}: not a diffusers AutoencoderKL folder (no config.json)")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{where}: {cfg_file}: not valid JSON ({type(e).__name__})") from None
-        weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
-        weights = [w for w in weights if w.is_file()]
-        if not weights:
-            raise UserError(f"{where}: {path}: no weights (diffusion_pytorch_model.safetensors or .bin)")
-        try:
-            if weights[0].suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(weights[0]), framework="pt") as f:
-                    list(f.keys())
-            else:
-                torch_load(weights[0], "AE weights")
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        except Exception as e:
-            raise UserError(f"{where}: {weights[0]}: unreadable weights ({type(e).__name__})") from None
-    elif path.is_file():
-        try:
-            blob = torch_load(path, "checkpoint")
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        if not isinstance(blob, dict) or blob.get("format") != AE_FORMAT:
-            raise UserError(f"{where}: {path}: not an advdiff autoencoder checkpoint (format {AE_FORMAT})")
-        config = blob.get("config")
-    else:
-        raise UserError(f"{where}: {path}: autoencoder not found")
-    needed = ("latent_channels", "block_out_channels", "sample_size", "in_channels")
-    if not isinstance(config, dict) or any(k not in config for k in needed):
-        raise UserError(f"{where}: {path}: its config lacks {', '.join(needed)}")
-    return config
 
 
 def ae_latent_shape(cfg, ae_config: dict) -> tuple:

@@ -17,9 +17,9 @@ from models.discriminator import build_discriminator
 from trainer.core.errors import UserError
 from trainer.core.seeds import derive_seed
 from trainer.diffusion.noise import noised_inputs
-from trainer.dist import engine
-from trainer.dist.accelerator import fast_optimizer, prepare_module
-from trainer.dist.collectives import Totals, shard_range
+from trainer.parallel import engine
+from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.collectives import Totals, shard_range
 from trainer.files import atomic
 from trainer.training.loop import StepTrainer, draw_local, local_weight
 from trainer.training.losses import d_loss, d_loss_terms, r1_term

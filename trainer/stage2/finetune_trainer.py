@@ -25,9 +25,9 @@ from trainer.diffusion.checkpoints import export_blob
 from trainer.diffusion.noise import (batch_noise_and_timesteps, eta_generators, noised_inputs, per_sample_noise,
                                      per_sample_timesteps)
 from trainer.diffusion.sampling import ddim_step
-from trainer.dist import engine
-from trainer.dist.accelerator import fast_optimizer, prepare_module
-from trainer.dist.collectives import Totals, all_reduce_sum, shard_range
+from trainer.parallel import engine
+from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.collectives import Totals, all_reduce_sum, shard_range
 from trainer.files import atomic
 from trainer.stage2.online import OnlineDiscriminator
 from trainer.training.ema import EMA, sync_eval_copy

@@ -20,7 +20,8 @@ from trainer.core.seeds import derive_seed
 from trainer.data.latents import load_latent_set
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample
-from trainer.dist.collectives import barrier, gather_shards, shard_range
+from trainer.parallel import collectives
+from trainer.parallel.collectives import barrier, shard_range
 from trainer.files import atomic, timing
 
 
@@ -135,7 +136,7 @@ def produce_gathered(acc, n: int, own: range, shape: tuple, path: Path, fill) ->
         full = torch.empty((n, *shape), device=dev)
         fill(full[: len(own)])
         faults.point(point)
-        full = gather_shards(full[: len(own)], n, to_all=False, out=full)
+        full = collectives.gather_shards(full[: len(own)], n, to_all=False, out=full)
         atomic.save_torch(full.cpu().contiguous(), path)
         del full
         barrier()
@@ -145,7 +146,7 @@ def produce_gathered(acc, n: int, own: range, shape: tuple, path: Path, fill) ->
     faults.point(point)
     # on CPU, acc.device is cpu:0 and .to() it would copy the whole shard (a CPU tensor's device is "cpu")
     dev = acc.device
-    full = gather_shards(local if dev.type == "cpu" else local.to(dev), n, to_all=False)
+    full = collectives.gather_shards(local if dev.type == "cpu" else local.to(dev), n, to_all=False)
     if acc.is_main_process:  # one process: `full` is `local`
         atomic.save_torch(full.cpu().contiguous(), path)
     barrier()

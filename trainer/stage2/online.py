@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from trainer.core.errors import UserError
-from trainer.dist import engine
-from trainer.dist.accelerator import fast_optimizer, prepare_module
-from trainer.dist.collectives import all_reduce_sum
+from trainer.parallel import engine
+from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.collectives import all_reduce_sum
 from trainer.files import atomic
 from trainer.files.read import check_torch_files
 from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, d_inputs

@@ -25,13 +25,13 @@ from trainer.diffusion.checkpoints import DiffusionCheckpoint, load_diffusion_ch
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample, image_grid
 from trainer.diffusion.schedule import Schedule
-from trainer.dist import engine, preempt
-from trainer.dist.accelerator import log_images, prepare_module, tracker_step
+from trainer.parallel import engine, preempt
+from trainer.parallel.accelerator import log_images, prepare_module, tracker_step
 from trainer.files import atomic, plots, timing
 from trainer.files.layout import RunLayout, picture_of
 from trainer.stage2.checks import ae_path, start_checks
 from trainer.stage2.discriminator_trainer import DiscriminatorTrainer, check_r1_supported, load_discriminator
-from trainer.stage2.evaluation import Evaluator
+from trainer.quality.evaluation import Evaluator
 from trainer.stage2.finetune_trainer import FinetuneTrainer, check_grad_ratio_supported
 from trainer.stage2.generation import iteration_shard, stratified_split, x0_pred_fakes
 from trainer.stage2.run_record import record_run_fields, run_fields
@@ -204,7 +204,7 @@ def refresh_report(s: Stage2Setup) -> None:
     """Write (or refresh) the run's report.html from what the folder holds now (main process). A failure
     to draw the page is one warning: it never stops the run."""
     if s.acc.is_main_process:
-        from trainer.stage2.report import write_report
+        from trainer.quality.report import write_report
 
         try:
             write_report(s.layout.root, config=s.cfg.to_dict(), name=s.layout.name)

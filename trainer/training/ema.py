@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.dist import engine
+from trainer.parallel import engine
 
 
 class EMA:

@@ -25,9 +25,9 @@ from trainer.core.errors import UserError
 from trainer.core.log import Logger
 from trainer.core.progress import bar
 from trainer.core.seeds import derive_seed, generator
-from trainer.dist import engine, preempt
-from trainer.dist.accelerator import tracker_step
-from trainer.dist.collectives import all_reduce_sum, barrier, shard_range
+from trainer.parallel import engine, preempt
+from trainer.parallel.accelerator import tracker_step
+from trainer.parallel.collectives import all_reduce_sum, barrier, shard_range
 from trainer.files import atomic, read
 
 STATE_FORMAT = "advdiff.state"

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from trainer.core.errors import UserError
-from trainer.dist.collectives import barrier, shard_range
+from trainer.parallel.collectives import barrier, shard_range
 
 # the two DeepSpeed plugins of a DeepSpeed run (dist.accelerator.build_accelerator)
 MAIN_PLUGIN, SECOND_PLUGIN = "main", "second"

@@ -14,7 +14,7 @@ import threading
 
 import torch
 from trainer.files import atomic
-from trainer.dist.collectives import barrier
+from trainer.parallel.collectives import barrier
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL
 MARKER_NAME = ".advdiff_requeue"

@@ -1,13 +1,13 @@
 """SLURM glue: turn one node's SLURM environment into `accelerate launch` arguments.
 
-`srun` starts one task per node; each task runs `python3 -m trainer.dist.slurm exec -- MODULE ARGS...`,
+`srun` starts one task per node; each task runs `python3 -m trainer.parallel.slurm exec -- MODULE ARGS...`,
 which reads *its own* SLURM_NODEID and replaces itself with `accelerate launch`. Computing the
 rank here, inside the task, is the point: a batch script that writes `$SLURM_NODEID` into the
 srun command line expands it once, on the first node, and every node then claims rank 0.
 
-    python3 -m trainer.dist.slurm exec [--gpus-per-node G] [--config-file F] -- MODULE ARGS...
-    python3 -m trainer.dist.slurm print-args [--gpus-per-node G] [--config-file F]
-    python3 -m trainer.dist.slurm out-dir CONFIG [STAGE FLAGS...]
+    python3 -m trainer.parallel.slurm exec [--gpus-per-node G] [--config-file F] -- MODULE ARGS...
+    python3 -m trainer.parallel.slurm print-args [--gpus-per-node G] [--config-file F]
+    python3 -m trainer.parallel.slurm out-dir CONFIG [STAGE FLAGS...]
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def _out_dir(argv: list[str]) -> str:
 
     from trainer.config.load import load_config, parse_override
 
-    p = argparse.ArgumentParser(prog="python3 -m trainer.dist.slurm out-dir", add_help=False)
+    p = argparse.ArgumentParser(prog="python3 -m trainer.parallel.slurm out-dir", add_help=False)
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     opts, _ = p.parse_known_args(argv)
@@ -173,7 +173,7 @@ def _out_dir(argv: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m trainer.dist.slurm",
+    p = argparse.ArgumentParser(prog="python3 -m trainer.parallel.slurm",
                                 description="Run an advdiff stage under accelerate from inside a SLURM job step.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, doc in (("exec", "replace this process with accelerate launch -m MODULE ARGS..."),
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os.execvp(cmd[0], cmd)
     except UserError as e:
-        print(f"trainer.dist.slurm: error: {e}", file=sys.stderr)
+        print(f"trainer.parallel.slurm: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -12,8 +12,8 @@ import torch
 
 from trainer.core.errors import UserError
 from trainer.core.log import warn
-from trainer.dist import engine
-from trainer.dist.collectives import agree
+from trainer.parallel import engine
+from trainer.parallel.collectives import agree
 
 
 def set_deterministic(on: bool) -> None:

@@ -57,7 +57,7 @@ def read_labels(cfg, label_column: str = "label"):
 
 def image_geometry(cfg) -> tuple[int, int]:
     """(channels, side) of the images stage 2 decodes: the AE checkpoint's where it exists."""
-    from trainer.stage2.checks import load_ae_config
+    from trainer.data.latents import load_ae_config
 
     ae = cfg.resolve_path(cfg.autoencoder.checkpoint) if cfg.autoencoder.checkpoint else None
     if ae is not None and ae.exists():

@@ -33,13 +33,13 @@ from trainer.core.seeds import derive_seed
 from trainer.data.manifest import split_indices
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample
-from trainer.dist.accelerator import tracker_step
-from trainer.dist.collectives import Totals, gather_shards, shard_range
+from trainer.parallel.accelerator import tracker_step
+from trainer.parallel.collectives import Totals, gather_shards, shard_range
 from trainer.files import atomic, plots
 from trainer.files.layout import picture_of, reference_stats_of
 from trainer.files.read import read_csv_rows
-from trainer.stage2.feature_spaces import load_space
-from trainer.stage2.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
+from trainer.quality.feature_spaces import load_space
+from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
 
 SUMMARY_FIELDS = ["iteration", "latent_fd", "latent_fd_lo", "latent_fd_hi", "precision", "recall",
                   "pixel_fd", "pixel_precision", "pixel_recall",

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.dist.collectives import all_reduce_sum, gather_shards, shard_range
+from trainer.parallel.collectives import all_reduce_sum, gather_shards, shard_range
 
 
 def features(z: torch.Tensor, max_dim: int = 1024) -> torch.Tensor:
