@@ -1,5 +1,6 @@
 """Shared by bench/scaling.py and bench/memory.py: the machine header, accelerate launches on CPU,
 and small statistics. Not a benchmark itself."""
+
 from __future__ import annotations
 
 import datetime
@@ -39,17 +40,21 @@ def machine_header(threads: int) -> str:
 
     import torch
 
-    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; cpu {cpu_model()}, {os.cpu_count()} "
-            f"cores; torch {torch.__version__}, threads {threads}; load average {loadavg()}")
+    return (
+        f"date {datetime.datetime.now().isoformat(timespec='seconds')}; cpu {cpu_model()}, {os.cpu_count()} "
+        f"cores; torch {torch.__version__}, threads {threads}; load average {loadavg()}"
+    )
 
 
 def header(title: str) -> None:
     import torch
 
     print(f"# {title}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores "
-          f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}); "
-          f"python {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} logical cores "
+        f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}); "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"load average (1/5/15 min) before: {loadavg()}", flush=True)
 
@@ -66,22 +71,45 @@ def launch(nproc: int, script: str, *args: str, timeout: float = 900) -> tuple[d
     wall seconds of the whole launch, seen from here)."""
     import tempfile
 
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+    ]
     if nproc > 1:
         launcher += ["--multi_gpu"]
     fd, result = tempfile.mkstemp(prefix="bench_", suffix=".json")
     os.close(fd)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "BENCH_T0": repr(time.time())}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "BENCH_T0": repr(time.time()),
+    }
     t0 = time.perf_counter()
-    proc = subprocess.run(launcher + [script, *args, "--result", result], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        launcher + [script, *args, "--result", result],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
     wall = time.perf_counter() - t0
     try:
         if proc.returncode != 0:
-            raise RuntimeError(f"launch of {script} on {nproc} process(es) failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"launch of {script} on {nproc} process(es) failed (exit {proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         data = json.loads(Path(result).read_text())
     finally:
         Path(result).unlink(missing_ok=True)

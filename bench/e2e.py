@@ -7,6 +7,7 @@ the trainer itself: one row per finished phase) with each phase's share of the w
 phases do not cover is start-up (interpreter, imports, data preparation) and the plots and grids
 between phases. --quick shrinks every stage (about a minute) to check the script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,32 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["autoencoder.training.max_steps=40", "training.max_steps=60", "training.eval_interval=30",
-         "stage2.num_samples=128", "stage2.num_iterations=1", "stage2.diffusion_epochs=1",
-         "discriminator.training.epochs=1", "stage2.metric_samples=64", "stage2.grid_samples=16"]
+QUICK = [
+    "autoencoder.training.max_steps=40",
+    "training.max_steps=60",
+    "training.eval_interval=30",
+    "stage2.num_samples=128",
+    "stage2.num_iterations=1",
+    "stage2.diffusion_epochs=1",
+    "discriminator.training.epochs=1",
+    "stage2.metric_samples=64",
+    "stage2.grid_samples=16",
+]
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
     import torch
 
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
@@ -50,8 +69,10 @@ def main() -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     rows = list(csv.DictReader(open(out / "timings.csv", newline="")))
-    print(f"machine: {machine()}; load average before/after: "
-          f"{load_before:.2f}/{os.getloadavg()[0]:.2f} (above 0.5 the numbers are shared with other work)")
+    print(
+        f"machine: {machine()}; load average before/after: "
+        f"{load_before:.2f}/{os.getloadavg()[0]:.2f} (above 0.5 the numbers are shared with other work)"
+    )
     print(f"command: {' '.join(cmd[1:])}{'  (--quick sizes)' if args.quick else ''}\n")
     print("| phase | iteration | seconds | share of wall |")
     print("| --- | --- | --- | --- |")
@@ -60,7 +81,9 @@ def main() -> int:
         s = float(r["seconds"])
         covered += s
         print(f"| {r['phase']} | {r['iteration']} | {s:.1f} | {100 * s / wall:.0f}% |")
-    print(f"| start-up, data, plots and grids (the rest) | | {wall - covered:.1f} | {100 * (wall - covered) / wall:.0f}% |")
+    print(
+        f"| start-up, data, plots and grids (the rest) | | {wall - covered:.1f} | {100 * (wall - covered) / wall:.0f}% |"
+    )
     print(f"| **total wall** | | **{wall:.1f}** | 100% |")
     return 0
 

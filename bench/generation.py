@@ -19,6 +19,7 @@ time with several.
 Correctness: the fakes of ours and of the plain loop fed the same noise must agree within 1e-5.
 Exit code 0 whatever the result unless --strict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,27 @@ def plain_scheduler():
     """The DDIM a diffusers user configures for this model: the stage-1 defaults, spelled out."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True)
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
 
 
-def plain_generate(unet, scheduler, n: int, shape: tuple, steps: int, batch_size: int, *, noise=None,
-                   grad_mode=None, memory_format=None):
+def plain_generate(
+    unet,
+    scheduler,
+    n: int,
+    shape: tuple,
+    steps: int,
+    batch_size: int,
+    *,
+    noise=None,
+    grad_mode=None,
+    memory_format=None,
+):
     """The plain diffusers loop, batch for batch; noise from one generator unless given."""
     import torch
 
@@ -55,7 +71,7 @@ def plain_generate(unet, scheduler, n: int, shape: tuple, steps: int, batch_size
     with (grad_mode or torch.no_grad)():
         for s in range(0, n, batch_size):
             b = min(batch_size, n - s)
-            x = noise[s:s + b] if noise is not None else torch.randn((b, *shape), generator=gen)
+            x = noise[s : s + b] if noise is not None else torch.randn((b, *shape), generator=gen)
             if memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
             scheduler.set_timesteps(steps)
@@ -67,19 +83,31 @@ def plain_generate(unet, scheduler, n: int, shape: tuple, steps: int, batch_size
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (~30 s): fewer samples, rounds and variants")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared machine, more threads than idle cores make "
-                        "OpenMP barriers stall and the timings erratic)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run (~30 s): fewer samples, rounds and variants"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, more threads than idle cores make "
+        "OpenMP barriers stall and the timings erratic)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
     p.add_argument("--preset", default="tiny", help="UNet preset (default tiny)")
     p.add_argument("--shape", default="4,8,8", help="latent shape C,H,W (default 4,8,8)")
-    p.add_argument("-n", "--num_samples", type=int, default=None, help="fakes per run (default 256, quick 64)")
+    p.add_argument(
+        "-n", "--num_samples", type=int, default=None, help="fakes per run (default 256, quick 64)"
+    )
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 10)")
     p.add_argument("--batch_size", type=int, default=32, help="the compared batch size (stage-2 default 32)")
     p.add_argument("--batches", default=None, help="other batch sizes for ours (default 64,128; quick 128)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (compile time reported apart)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the target or the correctness check fails")
+    p.add_argument(
+        "--compile", action="store_true", help="also time torch.compile (compile time reported apart)"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 when the target or the correctness check fails"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -107,12 +135,16 @@ def main(argv=None) -> int:
     ours_ddim = ddim_scheduler("cosine", 1000, "v_prediction")  # what Schedule.ddim() builds for stage 2
     sched = plain_scheduler()
     params = sum(p.numel() for p in unet.parameters())
-    print(f"UNet {args.preset} ({params / 1e6:.2f}M params), latents {shape}, N {n}, {steps} DDIM steps, "
-          f"batch {base}, v_prediction, eta 0", flush=True)
+    print(
+        f"UNet {args.preset} ({params / 1e6:.2f}M params), latents {shape}, N {n}, {steps} DDIM steps, "
+        f"batch {base}, v_prediction, eta 0",
+        flush=True,
+    )
 
     def ours(model, batch):
-        return lambda: generate_own(acc, model, ours_ddim, range(n), shape, seed=42, k=0, steps=steps, eta=0.0,
-                                    batch_size=batch)
+        return lambda: generate_own(
+            acc, model, ours_ddim, range(n), shape, seed=42, k=0, steps=steps, eta=0.0, batch_size=batch
+        )
 
     # correctness: the same noise through both loops
     noise = per_sample_noise(range(n), shape, 42, "fake", 0)
@@ -120,14 +152,18 @@ def main(argv=None) -> int:
     b = plain_generate(unet, sched, n, shape, steps, base, noise=noise)
     diff = float((a - b).abs().max())
     same = diff <= TOLERANCE
-    print(f"correctness: max |ours - plain| on the same noise = {diff:.3g} (tolerance {TOLERANCE:g}): "
-          f"{'OK' if same else 'FAIL'}", flush=True)
+    print(
+        f"correctness: max |ours - plain| on the same noise = {diff:.3g} (tolerance {TOLERANCE:g}): "
+        f"{'OK' if same else 'FAIL'}",
+        flush=True,
+    )
 
     variants = {
         f"plain diffusers, no_grad, batch {base}": lambda: plain_generate(unet, sched, n, shape, steps, base),
         f"ours, batch {base}": ours(unet, base),
     }
     if not args.quick:
+
         def ours_contiguous():  # ours as it was before CPU sampling went channels-last
             sampling.CPU_CHANNELS_LAST = False
             try:
@@ -136,10 +172,12 @@ def main(argv=None) -> int:
                 sampling.CPU_CHANNELS_LAST = True
 
         variants[f"ours, contiguous input, batch {base}"] = ours_contiguous
-        variants[f"plain diffusers, inference_mode, batch {base}"] = (
-            lambda: plain_generate(unet, sched, n, shape, steps, base, grad_mode=torch.inference_mode))
-        variants[f"plain diffusers, channels_last input, batch {base}"] = (
-            lambda: plain_generate(unet, sched, n, shape, steps, base, memory_format=torch.channels_last))
+        variants[f"plain diffusers, inference_mode, batch {base}"] = lambda: plain_generate(
+            unet, sched, n, shape, steps, base, grad_mode=torch.inference_mode
+        )
+        variants[f"plain diffusers, channels_last input, batch {base}"] = lambda: plain_generate(
+            unet, sched, n, shape, steps, base, memory_format=torch.channels_last
+        )
         cl = build_unet(spec).eval()
         cl.load_state_dict(unet.state_dict())
         cl = cl.to(memory_format=torch.channels_last)
@@ -166,7 +204,7 @@ def main(argv=None) -> int:
     clock = "cpu" if args.threads == 1 else "wall"
     times = {(name, c): [] for name in names for c in ("cpu", "wall")}
     for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no variant always first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always first
         for name in order:
             w0, c0 = time.perf_counter(), time.process_time()
             variants[name]()
@@ -178,8 +216,10 @@ def main(argv=None) -> int:
     for c in ("cpu", "wall"):
         what = "process CPU time" if c == "cpu" else "wall time"
         plain_med = statistics.median(times[plain_name, c])
-        print(f"\n{repeats} interleaved rounds, samples/s = N / {what} of one run"
-              + (" (verdict)" if c == clock else ""))
+        print(
+            f"\n{repeats} interleaved rounds, samples/s = N / {what} of one run"
+            + (" (verdict)" if c == clock else "")
+        )
         print(f"| {'variant':{width}} | samples/s (median) | spread (min-max) | vs plain | per-round ratio |")
         print(f"| {'-' * width} | ---: | ---: | ---: | ---: |")
         for name in names:
@@ -187,14 +227,20 @@ def main(argv=None) -> int:
             rate = [n / t for t in times[name, c]]
             per_round = statistics.median(tp / t for t, tp in zip(times[name, c], times[plain_name, c]))
             ratios[name, c] = plain_med / med
-            print(f"| {name:{width}} | {n / med:10.1f} | {min(rate):.1f}-{max(rate):.1f} | "
-                  f"{ratios[name, c]:.3f}x | {per_round:.3f}x |")
+            print(
+                f"| {name:{width}} | {n / med:10.1f} | {min(rate):.1f}-{max(rate):.1f} | "
+                f"{ratios[name, c]:.3f}x | {per_round:.3f}x |"
+            )
     ratio = ratios[ours_name, clock]
     ok = ratio >= TARGET
-    print(f"\nratio ours/plain throughput (batch {base}): {ratio:.3f}x by {clock} time "
-          f"({ratios[ours_name, 'wall' if clock == 'cpu' else 'cpu']:.3f}x by {'wall' if clock == 'cpu' else 'cpu'} time)")
+    print(
+        f"\nratio ours/plain throughput (batch {base}): {ratio:.3f}x by {clock} time "
+        f"({ratios[ours_name, 'wall' if clock == 'cpu' else 'cpu']:.3f}x by {'wall' if clock == 'cpu' else 'cpu'} time)"
+    )
     print(f"target ours/plain throughput >= {TARGET:.2f}x: {ratio:.3f}x: {'PASS' if ok else 'MISS'}")
-    print(f"correctness (same noise, max abs diff <= {TOLERANCE:g}): {diff:.3g}: {'PASS' if same else 'FAIL'}")
+    print(
+        f"correctness (same noise, max abs diff <= {TOLERANCE:g}): {diff:.3g}: {'PASS' if same else 'FAIL'}"
+    )
     return 1 if args.strict and not (ok and same) else 0
 
 

@@ -10,6 +10,7 @@ Each part builds a synthetic experiment in a temporary folder (a randomly initia
 prints one JSON line per measurement (also appended to --out). Random weights change nothing about
 speed or memory. `--device cpu` with `--smoke` runs the same code in seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,15 +48,34 @@ def experiment(root: Path, n_real: int, preset: str, latent: tuple, overrides: d
         torch.save(torch.randn(latent), lat_dir / f"{i}.pt")
         rows.append(f",latents/{i}.pt,False,False")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    base = {"diffusion.stage1_checkpoint": str(root / "stage1.pt"), "dataset.manifest": str(root / "manifest.csv"),
-            "autoencoder.checkpoint": None, "experiment.save_path": str(root / "out"),
-            "stage2.grid_samples": 0, "training.use_amp": False, "training.num_workers": 0, **overrides}
+    base = {
+        "diffusion.stage1_checkpoint": str(root / "stage1.pt"),
+        "dataset.manifest": str(root / "manifest.csv"),
+        "autoencoder.checkpoint": None,
+        "experiment.save_path": str(root / "out"),
+        "stage2.grid_samples": 0,
+        "training.use_amp": False,
+        "training.num_workers": 0,
+        **overrides,
+    }
     cfg = load_config(REPO / "experiments" / "stage2_discriminator_unet64_d4.yaml", base)
     weights = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     sch = Schedule(cfg.scheduler.type, cfg.scheduler.num_steps, cfg.scheduler.prediction_type).to_dict()
-    atomic.save_torch(export_blob(unet_config(spec), weights, LatentScaling(1.0, 0.0), 0, {}, schedule=sch,
-                                  autoencoder=None, config=cfg.to_dict(), dest=root / "stage1.pt",
-                                  raw_weights=weights), root / "stage1.pt")
+    atomic.save_torch(
+        export_blob(
+            unet_config(spec),
+            weights,
+            LatentScaling(1.0, 0.0),
+            0,
+            {},
+            schedule=sch,
+            autoencoder=None,
+            config=cfg.to_dict(),
+            dest=root / "stage1.pt",
+            raw_weights=weights,
+        ),
+        root / "stage1.pt",
+    )
     return cfg
 
 
@@ -65,7 +85,7 @@ def sync(device):
 
 
 def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def reset_peak(device):
@@ -80,12 +100,21 @@ def setup(args, overrides=None):
     n_real = 64 if args.smoke else 512
     preset = "tiny" if args.smoke else "unet64_d4"
     latent = (4, 8, 8) if args.smoke else (16, 32, 32)
-    ov = {"training.mixed_precision": args.precision, "performance.tf32": not args.no_tf32,
-          "performance.channels_last": bool(getattr(args, "channels_last", False)),
-          "stage2.num_samples": n_real, **(overrides or {})}
+    ov = {
+        "training.mixed_precision": args.precision,
+        "performance.tf32": not args.no_tf32,
+        "performance.channels_last": bool(getattr(args, "channels_last", False)),
+        "stage2.num_samples": n_real,
+        **(overrides or {}),
+    }
     if args.smoke:
-        ov.update({"discriminator.config.latent_channels": 4, "discriminator.config.num_layers": 2,
-                   "discriminator.config.base_channels": 16})
+        ov.update(
+            {
+                "discriminator.config.latent_channels": 4,
+                "discriminator.config.num_layers": 2,
+                "discriminator.config.base_channels": 16,
+            }
+        )
     cfg = experiment(root, n_real, preset, latent, ov)
     apply_performance(cfg.performance)
     acc = build_accelerator(args.device, args.precision)
@@ -114,30 +143,70 @@ def part_gen(args):
     shape = ctx.latent_shape
     t0 = time.perf_counter()
     warm = min(args.batch, args.n)
-    generate_own(acc, sampler, ctx.schedule.ddim(), range(warm), shape, seed=1, k=0, steps=args.steps, eta=0.0,
-                 batch_size=args.batch)  # warm-up (and the compile, if any)
+    generate_own(
+        acc,
+        sampler,
+        ctx.schedule.ddim(),
+        range(warm),
+        shape,
+        seed=1,
+        k=0,
+        steps=args.steps,
+        eta=0.0,
+        batch_size=args.batch,
+    )  # warm-up (and the compile, if any)
     sync(acc.device)
     warm_s = time.perf_counter() - t0
     reset_peak(acc.device)
     t0 = time.perf_counter()
-    z = generate_own(acc, sampler, ctx.schedule.ddim(), range(args.n), shape, seed=0, k=0, steps=args.steps, eta=0.0,
-                     batch_size=args.batch)
+    z = generate_own(
+        acc,
+        sampler,
+        ctx.schedule.ddim(),
+        range(args.n),
+        shape,
+        seed=0,
+        k=0,
+        steps=args.steps,
+        eta=0.0,
+        batch_size=args.batch,
+    )
     sync(acc.device)
     dt = time.perf_counter() - t0
-    emit(args, {"part": "gen", "precision": args.precision, "tf32": not args.no_tf32,
-                "channels_last": args.channels_last, "compile": args.compile, "n": args.n, "steps": args.steps,
-                "batch": args.batch, "seconds": round(dt, 2), "samples_per_s": round(args.n / dt, 1),
-                "seconds_for_5000": round(dt * 5000 / args.n, 1), "warmup_s": round(warm_s, 1),
-                "peak_gib": peak_gib(acc.device), "finite": bool(torch.isfinite(z).all()),
-                "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu"})
+    emit(
+        args,
+        {
+            "part": "gen",
+            "precision": args.precision,
+            "tf32": not args.no_tf32,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "n": args.n,
+            "steps": args.steps,
+            "batch": args.batch,
+            "seconds": round(dt, 2),
+            "samples_per_s": round(args.n / dt, 1),
+            "seconds_for_5000": round(dt * 5000 / args.n, 1),
+            "warmup_s": round(warm_s, 1),
+            "peak_gib": peak_gib(acc.device),
+            "finite": bool(torch.isfinite(z).all()),
+            "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu",
+        },
+    )
     acc.end_training()
 
 
 def part_train(args):
     from trainer.stage2 import stratified_split
 
-    cfg, acc, ctx = setup(args, {"stage2.generation_steps": args.steps, "training.batch_size": args.train_batch,
-                                 "discriminator.training.batch_size": 2 * args.train_batch})
+    cfg, acc, ctx = setup(
+        args,
+        {
+            "stage2.generation_steps": args.steps,
+            "training.batch_size": args.train_batch,
+            "discriminator.training.batch_size": 2 * args.train_batch,
+        },
+    )
     n = cfg.stage2.num_samples
     real = torch.randn(n, *ctx.latent_shape)
     fake = torch.randn(n, *ctx.latent_shape)
@@ -162,11 +231,21 @@ def part_train(args):
             trainer.train_step(s)
         sync(acc.device)
         dt = time.perf_counter() - t0
-        emit(args, {"part": f"train_{'discriminator' if phase == 'd' else 'diffusion'}", "precision": args.precision,
-                    "tf32": not args.no_tf32, "channels_last": args.channels_last,
-                    "batch": cfg.discriminator.training.batch_size if phase == "d" else cfg.training.batch_size, "generation_steps": args.steps,
-                    "steps": n_steps, "steps_per_s": round(n_steps / dt, 3), "peak_gib": peak_gib(acc.device),
-                    "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu"})
+        emit(
+            args,
+            {
+                "part": f"train_{'discriminator' if phase == 'd' else 'diffusion'}",
+                "precision": args.precision,
+                "tf32": not args.no_tf32,
+                "channels_last": args.channels_last,
+                "batch": cfg.discriminator.training.batch_size if phase == "d" else cfg.training.batch_size,
+                "generation_steps": args.steps,
+                "steps": n_steps,
+                "steps_per_s": round(n_steps / dt, 3),
+                "peak_gib": peak_gib(acc.device),
+                "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu",
+            },
+        )
         if phase == "d":
             results["d_model"] = trainer.d
         acc.free_memory()
@@ -184,8 +263,21 @@ def part_repro(args):
     cfg, acc, ctx = setup(args, {"stage2.generation_steps": steps, "training.batch_size": args.train_batch})
     unet = ctx.stage1.new_unet()
     unet = unet.to(acc.device).eval()
-    z = [generate_own(acc, unet, ctx.schedule.ddim(), range(n_gen), ctx.latent_shape, seed=0, k=0, steps=steps, eta=0.0,
-                      batch_size=n_gen) for _ in range(2)]
+    z = [
+        generate_own(
+            acc,
+            unet,
+            ctx.schedule.ddim(),
+            range(n_gen),
+            ctx.latent_shape,
+            seed=0,
+            k=0,
+            steps=steps,
+            eta=0.0,
+            batch_size=n_gen,
+        )
+        for _ in range(2)
+    ]
     n = cfg.stage2.num_samples
     real = torch.randn(n, *ctx.latent_shape, generator=torch.Generator().manual_seed(0))
     real_train = stratified_split(n, 0.8, 0, 0, "real")
@@ -201,12 +293,19 @@ def part_repro(args):
             tr.train_step(s)
         weights.append(torch.cat([p.detach().float().flatten().cpu() for p in tr.unet.parameters()]))
         acc.free_memory()
-    emit(args, {"part": "repro", "precision": args.precision, "deterministic": args.deterministic,
-                "generation_bitwise_equal": bool(torch.equal(z[0], z[1])),
-                "generation_max_abs_diff": float((z[0] - z[1]).abs().max()),
-                "training_bitwise_equal": bool(torch.equal(weights[0], weights[1])),
-                "training_max_abs_diff": float((weights[0] - weights[1]).abs().max()),
-                "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu"})
+    emit(
+        args,
+        {
+            "part": "repro",
+            "precision": args.precision,
+            "deterministic": args.deterministic,
+            "generation_bitwise_equal": bool(torch.equal(z[0], z[1])),
+            "generation_max_abs_diff": float((z[0] - z[1]).abs().max()),
+            "training_bitwise_equal": bool(torch.equal(weights[0], weights[1])),
+            "training_max_abs_diff": float((weights[0] - weights[1]).abs().max()),
+            "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu",
+        },
+    )
     acc.end_training()
 
 
@@ -221,12 +320,16 @@ def main():
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--train_batch", type=int, default=32, help="diffusion batch (D batch: twice this, half real)")
+    p.add_argument(
+        "--train_batch", type=int, default=32, help="diffusion batch (D batch: twice this, half real)"
+    )
     p.add_argument("--d_steps", type=int, default=50)
     p.add_argument("--g_steps", type=int, default=10)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU check of the script itself)")
-    p.add_argument("--out", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_results.jsonl"))
+    p.add_argument(
+        "--out", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_results.jsonl")
+    )
     args = p.parse_args()
     if args.smoke:  # the same code paths at toy sizes
         args.n, args.steps, args.batch = min(args.n, 16), min(args.steps, 3), min(args.batch, 8)

@@ -12,6 +12,7 @@ against a straight line through the smallest point (a ratio of 1.00 = cost exact
 for size it prints the time per sample-step against the model's GFLOP per sample-step, so a user can
 scale from one preset to another. No pass/fail: this is a measurement for docs/PERFORMANCE.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ def main(argv=None) -> int:
         return build_unet(preset(name, in_channels=channels, out_channels=channels, sample_size=size)).eval()
 
     def run(unet, n: int, steps: int, shape: tuple):
-        return lambda: generate_own(acc, unet, ddim, range(n), shape, seed=0, k=0, steps=steps, eta=0.0,
-                                    batch_size=32)
+        return lambda: generate_own(
+            acc, unet, ddim, range(n), shape, seed=0, k=0, steps=steps, eta=0.0, batch_size=32
+        )
 
     shape = (4, 8, 8)
     tiny = model("tiny", 4, 8)
@@ -72,7 +74,9 @@ def main(argv=None) -> int:
     for n in ns:
         t = timed(run(tiny, n, 10, shape), repeats)
         base = base or t / ns[0]
-        print(f"  N {n:>5}: {t:7.3f} s   {t / n * 1e3:6.2f} ms per fake   vs proportional to N: {t / (base * n):.2f}x")
+        print(
+            f"  N {n:>5}: {t:7.3f} s   {t / n * 1e3:6.2f} ms per fake   vs proportional to N: {t / (base * n):.2f}x"
+        )
 
     print(f"\n[steps] tiny UNet, latents {shape}, N 64, batch 32")
     steps_list = [5, 10] if a.quick else [10, 20, 40]
@@ -80,15 +84,19 @@ def main(argv=None) -> int:
     for s in steps_list:
         t = timed(run(tiny, 64, s, shape), repeats)
         base = base or t / steps_list[0]
-        print(f"  steps {s:>3}: {t:7.3f} s   {t / (64 * s) * 1e3:6.3f} ms per sample-step   "
-              f"vs proportional to steps: {t / (base * s):.2f}x")
+        print(
+            f"  steps {s:>3}: {t:7.3f} s   {t / (64 * s) * 1e3:6.3f} ms per sample-step   "
+            f"vs proportional to steps: {t / (base * s):.2f}x"
+        )
 
     from torch.utils.flop_counter import FlopCounterMode
 
     shape = (4, 16, 16)
     names = ["micro", "tiny"] if a.quick else ["micro", "tiny", "unet32_d3", "unet48_d3", "unet64_d4"]
     print(f"\n[size] latents {shape}, N 32, 4 DDIM steps, batch 32")
-    print(f"  {'preset':<10} {'params M':>8} {'GFLOP/sample-step':>17} {'ms/sample-step':>14} {'ms per GFLOP':>12}")
+    print(
+        f"  {'preset':<10} {'params M':>8} {'GFLOP/sample-step':>17} {'ms/sample-step':>14} {'ms per GFLOP':>12}"
+    )
     for name in names:
         unet = model(name, shape[0], shape[1])
         with FlopCounterMode(display=False) as fc, torch.no_grad():

@@ -27,6 +27,7 @@ Adam's state, so what is measured is what the step adds on top: activations and 
 resident set (ru_maxrss) minus the resident set after the warm-up. CUDA: torch.cuda.max_memory_allocated
 minus the allocated memory after the warm-up (written for a GPU, not yet run on one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,26 +82,48 @@ def worker(a) -> int:
         from models.unet import build_unet, preset
 
         torch.manual_seed(0)
-        unet = build_unet(preset(a.model, in_channels=SHAPE[0], out_channels=SHAPE[0],
-                                 sample_size=SHAPE[1])).eval()
+        unet = build_unet(
+            preset(a.model, in_channels=SHAPE[0], out_channels=SHAPE[0], sample_size=SHAPE[1])
+        ).eval()
     ddim = ddim_scheduler("cosine", 1000, "v_prediction")
     n = a.n
     own = shard_range(n, rank, world)
     out = Path(a.out)
     # warm the path on a few full batches per rank, so what does not grow with N (one batch's noise, model
     # output and DDIM temporaries, allocator pools, gloo buffers) is in the baseline
-    warm_n = 3 * a.batch * world  # 3 batches: glibc moves same-size blocks from mmap to the heap after the first free
+    warm_n = (
+        3 * a.batch * world
+    )  # 3 batches: glibc moves same-size blocks from mmap to the heap after the first free
     warm_own = shard_range(warm_n, rank, world)
-    warm = shards.produce_gathered(acc, warm_n, warm_own, SHAPE, out / "warm.pt", lambda dest: shards.generate_own(
-        acc, unet, ddim, warm_own, SHAPE, seed=1, k=0, steps=a.steps, eta=0.0, batch_size=a.batch, out=dest))
+    warm = shards.produce_gathered(
+        acc,
+        warm_n,
+        warm_own,
+        SHAPE,
+        out / "warm.pt",
+        lambda dest: shards.generate_own(
+            acc,
+            unet,
+            ddim,
+            warm_own,
+            SHAPE,
+            seed=1,
+            k=0,
+            steps=a.steps,
+            eta=0.0,
+            batch_size=a.batch,
+            out=dest,
+        ),
+    )
     del warm
     barrier()
     base_rss, base_max = rss_now(), maxrss()
     marks = {}
 
     def fill(dest):
-        shards.generate_own(acc, unet, ddim, own, SHAPE, seed=42, k=0, steps=a.steps, eta=0.0,
-                            batch_size=a.batch, out=dest)
+        shards.generate_own(
+            acc, unet, ddim, own, SHAPE, seed=42, k=0, steps=a.steps, eta=0.0, batch_size=a.batch, out=dest
+        )
         marks["gen_max"], marks["t1"] = maxrss(), time.perf_counter()
 
     t0 = time.perf_counter()
@@ -108,8 +131,17 @@ def worker(a) -> int:
     t2 = time.perf_counter()
     gen_max, t1 = marks["gen_max"], marks["t1"]
     assert fake.shape[0] == len(own)
-    rec = {"rank": rank, "world": world, "own": len(own), "base_rss": base_rss, "base_max": base_max,
-           "gen_max": gen_max, "end_max": maxrss(), "gen_s": t1 - t0, "write_s": t2 - t1}
+    rec = {
+        "rank": rank,
+        "world": world,
+        "own": len(own),
+        "base_rss": base_rss,
+        "base_max": base_max,
+        "gen_max": gen_max,
+        "end_max": maxrss(),
+        "gen_s": t1 - t0,
+        "write_s": t2 - t1,
+    }
     records = mp.gather_records(rec)
     if acc.is_main_process:
         f = out / "fake_latents.pt"
@@ -120,8 +152,13 @@ def worker(a) -> int:
 
 
 # (label, gradient checkpointing, micro-batches) of --switches
-SWITCHES = [("plain", False, 1), ("checkpointing", True, 1), ("accumulation 2", False, 2),
-            ("accumulation 4", False, 4), ("checkpointing + accumulation 4", True, 4)]
+SWITCHES = [
+    ("plain", False, 1),
+    ("checkpointing", True, 1),
+    ("accumulation 2", False, 2),
+    ("accumulation 4", False, 4),
+    ("checkpointing + accumulation 4", True, 4),
+]
 
 
 def switch_worker(a) -> int:
@@ -144,7 +181,9 @@ def switch_worker(a) -> int:
     t = torch.randint(0, 1000, (a.batch,), device=a.device)
 
     def step(xs, ts, micro):
-        for xm, tm in zip(xs.chunk(micro), ts.chunk(micro)):  # each micro-batch's graph is freed by its backward
+        for xm, tm in zip(
+            xs.chunk(micro), ts.chunk(micro)
+        ):  # each micro-batch's graph is freed by its backward
             loss = unet(xm, tm).sample.float().pow(2).mean() * (len(xm) / len(xs))
             loss.backward()
         opt.step()
@@ -176,14 +215,32 @@ def switches_main(a) -> int:
     if a.quick:
         a.model, a.batch = "micro", 8
     mp.header("bench/memory.py --switches: what one UNet training step adds to memory, per memory switch")
-    measure = ("peak resident set (ru_maxrss) - resident set after the warm-up" if a.device == "cpu"
-               else "torch.cuda.max_memory_allocated - memory allocated after the warm-up")
-    print(f"UNet preset {a.model} at {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} latents, fp32, global batch {a.batch}, "
-          f"device {a.device}, {a.threads} thread(s); measure: {measure}")
+    measure = (
+        "peak resident set (ru_maxrss) - resident set after the warm-up"
+        if a.device == "cpu"
+        else "torch.cuda.max_memory_allocated - memory allocated after the warm-up"
+    )
+    print(
+        f"UNet preset {a.model} at {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} latents, fp32, global batch {a.batch}, "
+        f"device {a.device}, {a.threads} thread(s); measure: {measure}"
+    )
     rows = []
     for label, checkpointing, micro in SWITCHES:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--switch-worker", "--model", a.model, "--batch",
-               str(a.batch), "--micro", str(micro), "--device", a.device, "--threads", str(a.threads)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--switch-worker",
+            "--model",
+            a.model,
+            "--batch",
+            str(a.batch),
+            "--micro",
+            str(micro),
+            "--device",
+            a.device,
+            "--threads",
+            str(a.threads),
+        ]
         if checkpointing:
             cmd.append("--checkpointing")
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -193,17 +250,23 @@ def switches_main(a) -> int:
             return 1
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append((label, micro, rec))
-        print(f"  {label}: {rec['peak'] / MB:.0f} MB, {rec['seconds']:.2f} s; load {mp.loadavg()}", flush=True)
-    print(f"parameters: {rows[0][2]['params'] / 1e6:.2f}M ({rows[0][2]['params'] * 4 / MB:.0f} MB in fp32; the "
-          "gradients and Adam's two moments, 3x that, are in the baseline)")
+        print(
+            f"  {label}: {rec['peak'] / MB:.0f} MB, {rec['seconds']:.2f} s; load {mp.loadavg()}", flush=True
+        )
+    print(
+        f"parameters: {rows[0][2]['params'] / 1e6:.2f}M ({rows[0][2]['params'] * 4 / MB:.0f} MB in fp32; the "
+        "gradients and Adam's two moments, 3x that, are in the baseline)"
+    )
     print()
     base_peak, base_s = rows[0][2]["peak"], rows[0][2]["seconds"]
     head = f"{'switch':<32} {'micro-batch':>11} {'step adds MB':>12} {'x plain':>8} {'2nd step s':>10} {'x plain':>8}"
     print(head)
     print("-" * len(head))
     for label, micro, rec in rows:
-        print(f"{label:<32} {a.batch // micro:>11} {rec['peak'] / MB:>12.0f} {rec['peak'] / base_peak:>8.2f} "
-              f"{rec['seconds']:>10.2f} {rec['seconds'] / base_s:>8.2f}")
+        print(
+            f"{label:<32} {a.batch // micro:>11} {rec['peak'] / MB:>12.0f} {rec['peak'] / base_peak:>8.2f} "
+            f"{rec['seconds']:>10.2f} {rec['seconds'] / base_s:>8.2f}"
+        )
     print(f"load average after: {mp.loadavg()}")
     return 0
 
@@ -213,11 +276,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a ~20 s smoke run (one launch, N = 2048)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="values of N (default 1024 4096 16384)")
-    p.add_argument("--model", default="stub", help="stub (default) or a UNet preset name, e.g. micro "
-                   "(--switches: a preset, default unet64_d4)")
+    p.add_argument(
+        "--model",
+        default="stub",
+        help="stub (default) or a UNet preset name, e.g. micro (--switches: a preset, default unet64_d4)",
+    )
     p.add_argument("--steps", type=int, default=1, help="DDIM steps (default 1)")
-    p.add_argument("--batch", type=int, default=32, help="generation batch per process (config default 32); "
-                   "--switches: the global training batch")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=32,
+        help="generation batch per process (config default 32); --switches: the global training batch",
+    )
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--switches", action="store_true", help="the memory switches' table instead (see above)")
     p.add_argument("--device", default="cpu", help="--switches: cpu (default) or cuda")
@@ -243,27 +313,51 @@ def main(argv=None) -> int:
 
     sizes = a.sizes or ([2048] if a.quick else [1024, 4096, 16384])
     mp.header("bench/memory.py: peak RSS of fake generation + gather + write against N")
-    model = ("stub module (UNet2DModel call signature, returns 0.5 * sample)" if a.model == "stub"
-             else f"{a.model} UNet preset at {SHAPE[0]} channels")
-    print(f"latents {SHAPE} fp32 ({BYTES_PER // 1024} KiB each); {a.processes} processes, 1 thread each; model: "
-          f"{model}; {a.steps} DDIM step(s), generation batch {a.batch}")
+    model = (
+        "stub module (UNet2DModel call signature, returns 0.5 * sample)"
+        if a.model == "stub"
+        else f"{a.model} UNet preset at {SHAPE[0]} channels"
+    )
+    print(
+        f"latents {SHAPE} fp32 ({BYTES_PER // 1024} KiB each); {a.processes} processes, 1 thread each; model: "
+        f"{model}; {a.steps} DDIM step(s), generation batch {a.batch}"
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         for n in sizes:
-            data, wall = mp.launch(a.processes, str(Path(__file__).resolve()), "--worker", "--n", str(n),
-                                   "--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
-                                   "--out", tmp)
+            data, wall = mp.launch(
+                a.processes,
+                str(Path(__file__).resolve()),
+                "--worker",
+                "--n",
+                str(n),
+                "--model",
+                a.model,
+                "--steps",
+                str(a.steps),
+                "--batch",
+                str(a.batch),
+                "--out",
+                tmp,
+            )
             recs = data["records"]
             assert data["file_bytes"] >= n * BYTES_PER
             rows.append((n, recs, wall))
-            print(f"  N={n}: launch {wall:.1f} s (generation {recs[0]['gen_s']:.1f} s, gather+write "
-                  f"{recs[0]['write_s']:.1f} s); load {mp.loadavg()}", flush=True)
+            print(
+                f"  N={n}: launch {wall:.1f} s (generation {recs[0]['gen_s']:.1f} s, gather+write "
+                f"{recs[0]['write_s']:.1f} s); load {mp.loadavg()}",
+                flush=True,
+            )
     print(f"load average after: {mp.loadavg()}")
     print()
-    print("MB = 2^20 bytes; 'peak - base' = ru_maxrss at the end - VmRSS before generating; "
-          "'gen' = the same, after generation alone")
-    head = (f"{'N':>6} {'latents MB':>10} | {'main peak-base':>14} {'x latents':>9} {'(gen)':>6} | "
-            f"{'other peak-base':>15} {'x shard':>7} {'(gen)':>6} | {'main base':>9} {'other base':>10}")
+    print(
+        "MB = 2^20 bytes; 'peak - base' = ru_maxrss at the end - VmRSS before generating; "
+        "'gen' = the same, after generation alone"
+    )
+    head = (
+        f"{'N':>6} {'latents MB':>10} | {'main peak-base':>14} {'x latents':>9} {'(gen)':>6} | "
+        f"{'other peak-base':>15} {'x shard':>7} {'(gen)':>6} | {'main base':>9} {'other base':>10}"
+    )
     print(head)
     print("-" * len(head))
     main_ratios, other_ratios, fit_main, fit_other = [], [], [], []
@@ -273,7 +367,7 @@ def main(argv=None) -> int:
         m_d, m_g = m["end_max"] - m["base_rss"], m["gen_max"] - m["base_rss"]
         main_ratios.append(m_d / lat)
         fit_main.append((lat, m_d))
-        line = (f"{n:>6} {lat / MB:>10.1f} | {m_d / MB:>14.1f} {m_d / lat:>9.2f} {m_g / lat:>6.2f} | ")
+        line = f"{n:>6} {lat / MB:>10.1f} | {m_d / MB:>14.1f} {m_d / lat:>9.2f} {m_g / lat:>6.2f} | "
         if others:
             o = max(others, key=lambda r: r["end_max"] - r["base_rss"])
             shard = o["own"] * BYTES_PER
@@ -286,31 +380,46 @@ def main(argv=None) -> int:
         line += f"{m['base_rss'] / MB:>9.0f} {(others[0]['base_rss'] / MB if others else 0):>10.0f}"
         print(line)
     if len(rows) > 1:
+
         def slope(pts):
             (x0, y0), (x1, y1) = pts[0], pts[-1]
             return (y1 - y0) / (x1 - x0), (y0 - (y1 - y0) / (x1 - x0) * x0) / MB
 
         sm, cm = slope(fit_main)
-        line = (f"growth between the smallest and largest N: main {sm:.2f} x the latents written "
-                f"(+ {cm:.0f} MB that does not grow with N)")
+        line = (
+            f"growth between the smallest and largest N: main {sm:.2f} x the latents written "
+            f"(+ {cm:.0f} MB that does not grow with N)"
+        )
         if fit_other:
             so, co = slope(fit_other)
             line += f"; other rank {so:.2f} x its own shard (+ {co:.0f} MB)"
         print(line)
     world = rows[0][1][0]["world"]
     if world > 1:
-        print("(the design's floor for the main process: the gathered result, 1x; it generates its own block "
-              "inside it)")
+        print(
+            "(the design's floor for the main process: the gathered result, 1x; it generates its own block "
+            "inside it)"
+        )
     print()
     ok_main = main_ratios[-1] <= 1.5
-    print(mp.verdict(f"main process peak - baseline <= 1.5x the latents it writes at N={rows[-1][0]} "
-                     f"(measured {main_ratios[-1]:.2f}x)", ok_main))
+    print(
+        mp.verdict(
+            f"main process peak - baseline <= 1.5x the latents it writes at N={rows[-1][0]} "
+            f"(measured {main_ratios[-1]:.2f}x)",
+            ok_main,
+        )
+    )
     ok = ok_main
     if other_ratios:
         ok_other = other_ratios[-1] <= 1.5
-        print(mp.verdict(f"non-main peak - baseline <= 1.5x its own shard at N={rows[-1][0]} "
-                         f"(measured {other_ratios[-1]:.2f}x; all N: "
-                         f"{', '.join(f'{r:.2f}' for r in other_ratios)})", ok_other))
+        print(
+            mp.verdict(
+                f"non-main peak - baseline <= 1.5x its own shard at N={rows[-1][0]} "
+                f"(measured {other_ratios[-1]:.2f}x; all N: "
+                f"{', '.join(f'{r:.2f}' for r in other_ratios)})",
+                ok_other,
+            )
+        )
         ok = ok and ok_other
     if a.strict and not ok:
         return 1

@@ -19,6 +19,7 @@ the target (<= 1.03x). The verdict uses process CPU time when torch runs one thr
 a shared machine it is what other processes disturb least), wall time otherwise. Exit code 0
 whatever the result unless --strict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,24 +86,50 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
         torch.manual_seed(0)
         spec = preset("tiny")
         weights = {k: v.clone() for k, v in build_unet(spec).state_dict().items()}
-        atomic.save_torch(export_blob(unet_config(spec), weights, LatentScaling(1.0, 0.0), 0, {},
-                                      schedule=cfg1.scheduler.__dict__, autoencoder=ae, config=cfg1.to_dict(),
-                                      dest=ckpt, raw_weights=weights), ckpt)
-    cfg = load_config(data={
-        "experiment": {"name": "bench", "save_path": str(root / f"out_{generation_steps}")},
-        "diffusion": {"stage1_checkpoint": str(ckpt)},
-        "autoencoder": {"checkpoint": str(ae)},
-        "dataset": {"manifest": str(manifest)},
-        "training": {"batch_size": batch_size, "loss": {"type": "CompositeLoss", "losses": [
-            {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
-            {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.1}]}},
-        "stage2": {"generation_steps": generation_steps, "num_samples": num_samples,
-                   "sample_with_replacement": True},
-    })
+        atomic.save_torch(
+            export_blob(
+                unet_config(spec),
+                weights,
+                LatentScaling(1.0, 0.0),
+                0,
+                {},
+                schedule=cfg1.scheduler.__dict__,
+                autoencoder=ae,
+                config=cfg1.to_dict(),
+                dest=ckpt,
+                raw_weights=weights,
+            ),
+            ckpt,
+        )
+    cfg = load_config(
+        data={
+            "experiment": {"name": "bench", "save_path": str(root / f"out_{generation_steps}")},
+            "diffusion": {"stage1_checkpoint": str(ckpt)},
+            "autoencoder": {"checkpoint": str(ae)},
+            "dataset": {"manifest": str(manifest)},
+            "training": {
+                "batch_size": batch_size,
+                "loss": {
+                    "type": "CompositeLoss",
+                    "losses": [
+                        {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
+                        {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.1},
+                    ],
+                },
+            },
+            "stage2": {
+                "generation_steps": generation_steps,
+                "num_samples": num_samples,
+                "sample_with_replacement": True,
+            },
+        }
+    )
     ctx = setup(cfg, build_accelerator("cpu"))
     torch.manual_seed(1)
     real = torch.randn(num_samples, *ctx.latent_shape)
-    real_train = stratified_split(num_samples, cfg.discriminator.training.train_split, cfg.training.seed, 0, "real")
+    real_train = stratified_split(
+        num_samples, cfg.discriminator.training.train_split, cfg.training.seed, 0, "real"
+    )
     d = build_discriminator(cfg.discriminator.config)
     init = {"raw": ctx.stage1.weights, "ema": ctx.stage1.weights}
     trainer = ctx.finetune_trainer(0, real, real_train, d, init)
@@ -143,11 +170,16 @@ class Raw:
         self.unet.train()
         self.ema_shadow = [p.detach().clone() for p in self.unet.parameters()]
         self.ema_decay, self.ema_updates = t.ema_decay, 0
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=s2.learning_rate or t.learning_rate,
-                                     weight_decay=t.weight_decay, betas=tuple(t.betas))
-        max_steps = 10 ** 6
+        self.opt = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=s2.learning_rate or t.learning_rate,
+            weight_decay=t.weight_decay,
+            betas=tuple(t.betas),
+        )
+        max_steps = 10**6
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type))
+            self.opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type)
+        )
         sch = Schedule.from_dict(ctx.stage1.scheduler)
         self.noise_sched = sch.train
         self.ddim = sch.ddim()
@@ -183,9 +215,9 @@ class Raw:
         t_last = timesteps[-1]
         out = unet(torch.cat([x_t, x]), torch.cat([t, t_last.reshape(1).expand(self.rollout)])).sample
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        pred_noise = (1 - ab).sqrt() * x_t + ab.sqrt() * out[:self.batch]  # v-prediction -> noise
+        pred_noise = (1 - ab).sqrt() * x_t + ab.sqrt() * out[: self.batch]  # v-prediction -> noise
         mse = F.mse_loss(pred_noise, noise)
-        generated = ddim.step(out[self.batch:], t_last, x, eta=0.0).prev_sample
+        generated = ddim.step(out[self.batch :], t_last, x, eta=0.0).prev_sample
         adv = F.softplus(-self.d(generated)).mean()
         loss = self.w_mse * mse + self.w_adv * adv
         self.opt.zero_grad(set_to_none=True)
@@ -231,8 +263,10 @@ def measure(label: str, ours: Ours, raw: Raw, block: int, repeats: int, warmup: 
         print(f"  {what}{' (verdict)' if c == clock else ''}:")
         print(f"    ours  median {m_ours * 1e3:8.1f} ms/step ({1 / m_ours:6.2f} steps/s)  {spread(a)}")
         print(f"    raw   median {m_raw * 1e3:8.1f} ms/step ({1 / m_raw:6.2f} steps/s)  {spread(b)}")
-        print(f"    ratio ours/raw per step: {m_ours / m_raw:.3f}x (median of per-pair ratios {pair:.3f}x; "
-              f"pairs range {pairs[0]:.3f}-{pairs[-1]:.3f}x: the noise a single pair carries)")
+        print(
+            f"    ratio ours/raw per step: {m_ours / m_raw:.3f}x (median of per-pair ratios {pair:.3f}x; "
+            f"pairs range {pairs[0]:.3f}-{pairs[-1]:.3f}x: the noise a single pair carries)"
+        )
         out[c] = m_ours / m_raw
     out["ratio"] = out[clock]
     return out
@@ -241,10 +275,16 @@ def measure(label: str, ours: Ours, raw: Raw, block: int, repeats: int, warmup: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (~30 s): short rollout only, 3 repeats")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared machine, more threads than idle cores make "
-                        "OpenMP barriers stall and the timings erratic)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved blocks per side (default 10, quick 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, more threads than idle cores make "
+        "OpenMP barriers stall and the timings erratic)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="interleaved blocks per side (default 10, quick 3)"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
 
@@ -267,17 +307,24 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="advdiff-bench-") as tmp:
         for label, steps, block, warmup in configs:
-            trainer, ctx, real_train, d, init = build_trainer(Path(tmp), steps, batch_size=64, num_samples=5000)
+            trainer, ctx, real_train, d, init = build_trainer(
+                Path(tmp), steps, batch_size=64, num_samples=5000
+            )
             raw = Raw(ctx, real_train, d, init)
-            print(f"[{label}] tiny UNet, latents {tuple(ctx.latent_shape)}, batch 64, rollout 64, "
-                  f"D {sum(p.numel() for p in d.parameters()) / 1e6:.2f}M params", flush=True)
+            print(
+                f"[{label}] tiny UNet, latents {tuple(ctx.latent_shape)}, batch 64, rollout 64, "
+                f"D {sum(p.numel() for p in d.parameters()) / 1e6:.2f}M params",
+                flush=True,
+            )
             results.append(measure(label, Ours(trainer), raw, block, repeats, warmup, clock))
     missed = False
     for r in results:
         ok = r["ratio"] <= TARGET
         missed |= not ok
-        print(f"target ours/raw {clock} time per step <= {TARGET:.2f}x [{r['label']}]: {r['ratio']:.3f}x: "
-              f"{'PASS' if ok else 'MISS'}")
+        print(
+            f"target ours/raw {clock} time per step <= {TARGET:.2f}x [{r['label']}]: {r['ratio']:.3f}x: "
+            f"{'PASS' if ok else 'MISS'}"
+        )
     return 1 if (missed and args.strict) else 0
 
 

@@ -15,6 +15,7 @@ continue_from best), so an iteration never undoes the one before. "Separated" be
 arm's worst seed beats the control's best. --write puts the tables into README.md and docs/RESULTS.md between
 their `stage2-bench` markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,21 +33,42 @@ sys.path.insert(0, str(REPO))
 from trainer.files.read import read_csv_rows  # noqa: E402
 
 ARMS = ("control", "offline", "online", "guidance")
-COLS = [("latent_fd", "latent FD"), ("cls_fd", "classifier FD"), ("cls_precision", "cls precision"),
-        ("cls_recall", "cls recall")]
+COLS = [
+    ("latent_fd", "latent FD"),
+    ("cls_fd", "classifier FD"),
+    ("cls_precision", "cls precision"),
+    ("cls_recall", "cls recall"),
+]
 FULL_STEPS = 25
 # Adversarial weight per regime: few-step sampling is far from the data and takes a strong term; at 25 steps
 # the demo's own weight.
 ADV_WEIGHT = {"few": 0.5, "full": 0.1}
-ONLINE = ["discriminator.training.mode=online", "discriminator.training.n_critic=1",
-          "discriminator.training.noise_inputs=true", "discriminator.config.noise_conditioned=true"]
+ONLINE = [
+    "discriminator.training.mode=online",
+    "discriminator.training.n_critic=1",
+    "discriminator.training.noise_inputs=true",
+    "discriminator.config.noise_conditioned=true",
+]
 GUIDANCE = {"weight": 2.0, "t_min": 0.1, "t_max": 0.5}  # w: the upper end of the published 1-2
-QUICK_DEMO = ["autoencoder.training.max_steps=10", "autoencoder.training.eval_interval=10", "training.max_steps=10",
-              "training.eval_interval=10", "training.sample_steps=2"]
-QUICK_STAGE2 = ["stage2.num_samples=48", "stage2.num_iterations=1", "stage2.diffusion_max_steps=2",
-                "stage2.diffusion_eval_interval=2", "stage2.metric_samples=32", "stage2.grid_samples=0",
-                "stage2.val_samples=8", "stage2.rollout_batch_size=8", "discriminator.training.max_steps=2",
-                "discriminator.training.batch_size=16"]
+QUICK_DEMO = [
+    "autoencoder.training.max_steps=10",
+    "autoencoder.training.eval_interval=10",
+    "training.max_steps=10",
+    "training.eval_interval=10",
+    "training.sample_steps=2",
+]
+QUICK_STAGE2 = [
+    "stage2.num_samples=48",
+    "stage2.num_iterations=1",
+    "stage2.diffusion_max_steps=2",
+    "stage2.diffusion_eval_interval=2",
+    "stage2.metric_samples=32",
+    "stage2.grid_samples=0",
+    "stage2.val_samples=8",
+    "stage2.rollout_batch_size=8",
+    "discriminator.training.max_steps=2",
+    "discriminator.training.batch_size=16",
+]
 
 
 def run(cmd):
@@ -64,9 +86,19 @@ def sets(items) -> list[str]:
 
 def arm_flags(arm: str, k: int, seed: int, folder: Path, quick: bool) -> list[str]:
     regime = "few" if k < FULL_STEPS else "full"
-    flags = ["--seed", str(seed), "--generation_steps", str(k),
-             *sets([f"experiment.save_path={folder.resolve()}", "stage2.best_metric=val_latent_fd",
-                    "stage2.continue_from=best"])]
+    flags = [
+        "--seed",
+        str(seed),
+        "--generation_steps",
+        str(k),
+        *sets(
+            [
+                f"experiment.save_path={folder.resolve()}",
+                "stage2.best_metric=val_latent_fd",
+                "stage2.continue_from=best",
+            ]
+        ),
+    ]
     # few steps: back-propagate through every sampling step; full steps: through the last one
     flags += sets([f"stage2.rollout_grad_steps={k if regime == 'few' else 1}"])
     if quick:
@@ -86,11 +118,30 @@ def guidance_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> 
     out = folder / "guidance_row.json"
     if not out.is_file():
         # its own folder: the run's folder records the run's config, which evaluate's is not
-        run(advdiff("evaluate", str(config), "--seed", str(seed), "--generation_steps", str(k),
-                    *sets([f"experiment.save_path={(folder / 'guidance').resolve()}"] + (QUICK_STAGE2 if quick else [])),
-                    "--discriminator", str(d), "--guidance_weight", str(GUIDANCE["weight"]),
-                    "--guidance_t_min", str(GUIDANCE["t_min"]), "--guidance_t_max", str(GUIDANCE["t_max"]),
-                    "--json", str(out)))
+        run(
+            advdiff(
+                "evaluate",
+                str(config),
+                "--seed",
+                str(seed),
+                "--generation_steps",
+                str(k),
+                *sets(
+                    [f"experiment.save_path={(folder / 'guidance').resolve()}"]
+                    + (QUICK_STAGE2 if quick else [])
+                ),
+                "--discriminator",
+                str(d),
+                "--guidance_weight",
+                str(GUIDANCE["weight"]),
+                "--guidance_t_min",
+                str(GUIDANCE["t_min"]),
+                "--guidance_t_max",
+                str(GUIDANCE["t_max"]),
+                "--json",
+                str(out),
+            )
+        )
     return json.loads(out.read_text())
 
 
@@ -107,9 +158,19 @@ def stage1_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> di
     """The stage-1 model's quality row at K steps on this seed's metric noise (advdiff evaluate)."""
     out = folder / "row.json"
     if not out.is_file():
-        run(advdiff("evaluate", str(config), "--seed", str(seed), "--generation_steps", str(k),
-                    *sets([f"experiment.save_path={folder.resolve()}"] + (QUICK_STAGE2 if quick else [])),
-                    "--json", str(out)))
+        run(
+            advdiff(
+                "evaluate",
+                str(config),
+                "--seed",
+                str(seed),
+                "--generation_steps",
+                str(k),
+                *sets([f"experiment.save_path={folder.resolve()}"] + (QUICK_STAGE2 if quick else [])),
+                "--json",
+                str(out),
+            )
+        )
     return json.loads(out.read_text())
 
 
@@ -138,27 +199,56 @@ def separation(arm_rows: list[dict], control_rows: list[dict], col: str) -> str:
 
 
 def table(k: int, results: dict, full_stage1: list[dict], full_k: int, seeds) -> str:
-    cols = [(c, name) for c, name in COLS if any(r.get(c) not in (None, "") for rs in results.values()
-                                                 for run_rows in rs for r in run_rows[-1:])]
-    head = ["arm", *[name for _, name in cols], "latent FD per iteration", "separated from control (latent, cls)"]
+    cols = [
+        (c, name)
+        for c, name in COLS
+        if any(
+            r.get(c) not in (None, "") for rs in results.values() for run_rows in rs for r in run_rows[-1:]
+        )
+    ]
+    head = [
+        "arm",
+        *[name for _, name in cols],
+        "latent FD per iteration",
+        "separated from control (latent, cls)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     first = next(iter(results.values()))
-    lines.append(f"| stage 1, {k} steps | " + " | ".join(fmt(r[0].get(c) for r in first) for c, _ in cols)
-                 + " | - | - |")
+    lines.append(
+        f"| stage 1, {k} steps | "
+        + " | ".join(fmt(r[0].get(c) for r in first) for c, _ in cols)
+        + " | - | - |"
+    )
     if full_stage1 and k != full_k:
-        lines.append(f"| stage 1, {full_k} steps | " + " | ".join(fmt(r.get(c) for r in full_stage1)
-                                                                    for c, _ in cols) + " | - | - |")
-    names = {"control": "control: MSE only", "offline": "offline D (the spec's)", "online": "online D",
-             "guidance": "stage 1 + discriminator guidance"}
+        lines.append(
+            f"| stage 1, {full_k} steps | "
+            + " | ".join(fmt(r.get(c) for r in full_stage1) for c, _ in cols)
+            + " | - | - |"
+        )
+    names = {
+        "control": "control: MSE only",
+        "offline": "offline D (the spec's)",
+        "online": "online D",
+        "guidance": "stage 1 + discriminator guidance",
+    }
     control = [r[-1] for r in results.get("control", [])]
     for arm, runs in results.items():
         last = [r[-1] for r in runs]
         traj = trajectory(runs) if arm != "guidance" else "-"
-        sep = "-" if arm == "control" else ", ".join(separation(last, control, c) for c in ("latent_fd", "cls_fd"))
-        lines.append(f"| {names[arm]} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | "
-                     + " | ".join(fmt(r.get(c) for r in last) for c, _ in cols)
-                     + f" | {traj} | {sep} |")
-    return f"**K = {k} DDIM steps**, seeds {list(seeds)}: mean (min–max) of the last iteration\n\n" + "\n".join(lines)
+        sep = (
+            "-"
+            if arm == "control"
+            else ", ".join(separation(last, control, c) for c in ("latent_fd", "cls_fd"))
+        )
+        lines.append(
+            f"| {names[arm]} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | "
+            + " | ".join(fmt(r.get(c) for r in last) for c, _ in cols)
+            + f" | {traj} | {sep} |"
+        )
+    return (
+        f"**K = {k} DDIM steps**, seeds {list(seeds)}: mean (min–max) of the last iteration\n\n"
+        + "\n".join(lines)
+    )
 
 
 def write_between_markers(path: Path, text: str) -> None:
@@ -194,15 +284,25 @@ def real_vs_real(config: Path) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="demo folder (default runs/digits; --quick: a temporary folder)")
+    p.add_argument(
+        "--out", default=None, help="demo folder (default runs/digits; --quick: a temporary folder)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, nargs="+", default=[4, FULL_STEPS], help="DDIM steps K of each regime")
+    p.add_argument(
+        "--steps", type=int, nargs="+", default=[4, FULL_STEPS], help="DDIM steps K of each regime"
+    )
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    p.add_argument("--quick", action="store_true", help="a tiny stage 1, one seed, K = 2 (against 3): a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny stage 1, one seed, K = 2 (against 3): a smoke run"
+    )
     p.add_argument("--full", type=int, default=FULL_STEPS, help="DDIM steps of the stage-1 reference row")
     p.add_argument("--write", action="store_true", help="write the tables into README.md and docs/RESULTS.md")
-    p.add_argument("--collect", action="store_true", help="run nothing: tabulate the finished runs under --out "
-                   "(runs done by several bench processes side by side, e.g. one per K)")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: tabulate the finished runs under --out "
+        "(runs done by several bench processes side by side, e.g. one per K)",
+    )
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.full = args.seeds[:1], [2], 3
@@ -216,9 +316,11 @@ def main() -> int:
     tables = []
     full_k = max(args.full, *args.steps)
     # the reference every regime is held against: stage 1 sampled with the most steps, on each seed's noise
-    full_stage1 = [stage1_row(config, results_dir / f"stage1_k{full_k}_s{seed}", full_k, seed, args.quick)
-                   for seed in args.seeds
-                   if not args.collect or (results_dir / f"stage1_k{full_k}_s{seed}" / "row.json").is_file()]
+    full_stage1 = [
+        stage1_row(config, results_dir / f"stage1_k{full_k}_s{seed}", full_k, seed, args.quick)
+        for seed in args.seeds
+        if not args.collect or (results_dir / f"stage1_k{full_k}_s{seed}" / "row.json").is_file()
+    ]
     for k in args.steps:
         results: dict[str, list[list[dict]]] = {}
         for seed in args.seeds:
@@ -228,8 +330,9 @@ def main() -> int:
                 source = "online" if arm == "guidance" else arm
                 folder = results_dir / f"k{k}_{source}_s{seed}"
                 summary = folder / "digits_summary.csv"
-                finished = summary.is_file() and any(int(r["iteration"]) == last_iteration(config, args.quick)
-                                                     for r in read_csv_rows(summary))
+                finished = summary.is_file() and any(
+                    int(r["iteration"]) == last_iteration(config, args.quick) for r in read_csv_rows(summary)
+                )
                 if args.collect:
                     if not finished or (arm == "guidance" and not (folder / "guidance_row.json").is_file()):
                         continue
@@ -246,7 +349,8 @@ def main() -> int:
     text = "\n\n".join(t for _, t in sorted(tables)) + (
         f"\n\nReal vs real latent FD (held-out reals vs as many training reals): {floor:.3g}. "
         f"Command: `python bench/stage2_vs_control.py --seeds {' '.join(map(str, args.seeds))} --steps "
-        f"{' '.join(map(str, args.steps))}`.")
+        f"{' '.join(map(str, args.steps))}`."
+    )
     (results_dir / "table.md").write_text(text + "\n")
     print("\n" + text)
     if args.write and not args.quick:

@@ -5,6 +5,7 @@ advdiff's own self-describing `.pt` ({"format": "advdiff.autoencoder", "config",
 Latents used by the diffusion model are `(mean - shift) * scale`; the pair travels with the
 stage-1 checkpoint so every stage agrees on it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,17 +39,29 @@ class LatentScaling:
         return {"scale": float(self.scale), "shift": float(self.shift)}
 
 
-def build_autoencoder(in_channels=1, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-                      norm_num_groups=8, sample_size=32) -> AutoencoderKL:
+def build_autoencoder(
+    in_channels=1,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
     return AutoencoderKL(
-        in_channels=in_channels, out_channels=in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        latent_channels=latent_channels, norm_num_groups=norm_num_groups, sample_size=sample_size,
-        scaling_factor=1.0, shift_factor=0.0,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=1.0,
+        shift_factor=0.0,
     )
 
 
@@ -66,7 +79,9 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
         try:
             ae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # diffusers raises many types for broken folders
-            raise AutoencoderLoadError(f"{path}: cannot load AutoencoderKL: {str(e).splitlines()[0]}") from None
+            raise AutoencoderLoadError(
+                f"{path}: cannot load AutoencoderKL: {str(e).splitlines()[0]}"
+            ) from None
     elif path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,7 +93,9 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
             ae = AutoencoderKL.from_config(blob["config"])
             ae.load_state_dict(blob["state_dict"])
         except Exception as e:
-            raise AutoencoderLoadError(f"{path}: weights do not match its config: {str(e).splitlines()[0]}") from None
+            raise AutoencoderLoadError(
+                f"{path}: weights do not match its config: {str(e).splitlines()[0]}"
+            ) from None
     else:
         raise AutoencoderLoadError(f"{path}: autoencoder not found")
     ae.requires_grad_(False)
@@ -86,8 +103,11 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
 
 
 def ae_export(ae: AutoencoderKL) -> dict:
-    return {"format": AE_FORMAT, "config": dict(ae.config),
-            "state_dict": {k: v.detach().cpu() for k, v in ae.state_dict().items()}}
+    return {
+        "format": AE_FORMAT,
+        "config": dict(ae.config),
+        "state_dict": {k: v.detach().cpu() for k, v in ae.state_dict().items()},
+    }
 
 
 def config_scaling(ae: AutoencoderKL) -> LatentScaling:
@@ -96,8 +116,10 @@ def config_scaling(ae: AutoencoderKL) -> LatentScaling:
 
 def scaling_from_config(config) -> LatentScaling:
     """The latent scale and shift an AutoencoderKL config (dict or FrozenDict) stores (1 and 0 where unset)."""
-    return LatentScaling(scale=float(config.get("scaling_factor", 1.0) or 1.0),
-                         shift=float(config.get("shift_factor", None) or 0.0))
+    return LatentScaling(
+        scale=float(config.get("scaling_factor", 1.0) or 1.0),
+        shift=float(config.get("shift_factor", None) or 0.0),
+    )
 
 
 def downsample_factor(ae: AutoencoderKL) -> int:

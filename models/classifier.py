@@ -8,6 +8,7 @@ classifier:PATH` (cls_fd, cls_precision, cls_recall).
 On disk: a self-describing `.pt` {"format": "advdiff.classifier", "config", "state_dict", "val_acc",
 "resolution", "channels"}; inputs are images in [-1, 1] of `channels` x `resolution` x `resolution`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,11 +21,22 @@ CLASSIFIER_FORMAT = "advdiff.classifier"
 
 
 class ImageClassifier(nn.Module):
-    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 16, feature_dim: int = 64,
-                 resolution: int = 32):
+    def __init__(
+        self,
+        channels: int = 1,
+        num_classes: int = 10,
+        width: int = 16,
+        feature_dim: int = 64,
+        resolution: int = 32,
+    ):
         super().__init__()
-        self.config = {"channels": channels, "num_classes": num_classes, "width": width,
-                       "feature_dim": feature_dim, "resolution": resolution}
+        self.config = {
+            "channels": channels,
+            "num_classes": num_classes,
+            "width": width,
+            "feature_dim": feature_dim,
+            "resolution": resolution,
+        }
         w = width
         self.conv1 = nn.Conv2d(channels, w, 3, padding=1)
         self.conv2 = nn.Conv2d(w, 2 * w, 3, padding=1)
@@ -49,9 +61,14 @@ class ClassifierLoadError(Exception):
 
 def classifier_export(model: ImageClassifier, **facts) -> dict:
     """The on-disk form; `facts` adds val_acc and anything else worth keeping (plain values)."""
-    return {"format": CLASSIFIER_FORMAT, "config": dict(model.config),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "resolution": model.config["resolution"], "channels": model.config["channels"], **facts}
+    return {
+        "format": CLASSIFIER_FORMAT,
+        "config": dict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "resolution": model.config["resolution"],
+        "channels": model.config["channels"],
+        **facts,
+    }
 
 
 def load_classifier(path: str | Path) -> tuple[ImageClassifier, dict]:
@@ -64,12 +81,16 @@ def load_classifier(path: str | Path) -> tuple[ImageClassifier, dict]:
     except Exception as e:
         raise ClassifierLoadError(f"{path}: unreadable classifier ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != CLASSIFIER_FORMAT:
-        raise ClassifierLoadError(f"{path}: not an advdiff classifier (format {CLASSIFIER_FORMAT}; "
-                                  f"`advdiff classifier CONFIG --out {path.name}` writes one)")
+        raise ClassifierLoadError(
+            f"{path}: not an advdiff classifier (format {CLASSIFIER_FORMAT}; "
+            f"`advdiff classifier CONFIG --out {path.name}` writes one)"
+        )
     try:
         model = ImageClassifier(**blob["config"])
         model.load_state_dict(blob["state_dict"])
     except Exception as e:
-        raise ClassifierLoadError(f"{path}: weights do not match its config: {str(e).splitlines()[0]}") from None
+        raise ClassifierLoadError(
+            f"{path}: weights do not match its config: {str(e).splitlines()[0]}"
+        ) from None
     model.requires_grad_(False)
     return model.eval(), blob

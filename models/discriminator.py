@@ -1,4 +1,5 @@
 """A latent-space discriminator that returns logits, optionally conditioned on the noise level."""
+
 from __future__ import annotations
 
 import math
@@ -25,26 +26,48 @@ def _norm(kind: str, ch: int) -> nn.Module:
 class LatentDiscriminator(nn.Module):
     """Stride-2 conv levels, global average pool, linear head. Output: one logit per sample."""
 
-    def __init__(self, latent_channels: int = 4, base_channels: int = 64, num_layers: int = 3,
-                 max_channels: int = 512, norm: str = "group", noise_conditioned: bool = False,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        base_channels: int = 64,
+        num_layers: int = 3,
+        max_channels: int = 512,
+        norm: str = "group",
+        noise_conditioned: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        self.config = dict(latent_channels=latent_channels, base_channels=base_channels, num_layers=num_layers,
-                           max_channels=max_channels, norm=norm, noise_conditioned=noise_conditioned,
-                           dropout=dropout)
+        self.config = dict(
+            latent_channels=latent_channels,
+            base_channels=base_channels,
+            num_layers=num_layers,
+            max_channels=max_channels,
+            norm=norm,
+            noise_conditioned=noise_conditioned,
+            dropout=dropout,
+        )
         self.stem = nn.Conv2d(latent_channels, base_channels, 3, padding=1)
         self.noise_conditioned = noise_conditioned
         if noise_conditioned:
-            self.t_embed = nn.Sequential(nn.Linear(base_channels, base_channels * 2), nn.SiLU(),
-                                         nn.Linear(base_channels * 2, base_channels))
+            self.t_embed = nn.Sequential(
+                nn.Linear(base_channels, base_channels * 2),
+                nn.SiLU(),
+                nn.Linear(base_channels * 2, base_channels),
+            )
         levels = []
         ch = base_channels
         for _ in range(num_layers):
             out = min(ch * 2, max_channels)
-            levels.append(nn.Sequential(
-                _norm(norm, ch), nn.SiLU(), nn.Conv2d(ch, out, 4, stride=2, padding=1),
-                _norm(norm, out), nn.SiLU(), nn.Conv2d(out, out, 3, padding=1),
-            ))
+            levels.append(
+                nn.Sequential(
+                    _norm(norm, ch),
+                    nn.SiLU(),
+                    nn.Conv2d(ch, out, 4, stride=2, padding=1),
+                    _norm(norm, out),
+                    nn.SiLU(),
+                    nn.Conv2d(out, out, 3, padding=1),
+                )
+            )
             ch = out
         self.levels = nn.Sequential(*levels)
         self.head = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(ch, 1))
@@ -63,6 +86,11 @@ def build_discriminator(cfg) -> LatentDiscriminator:
     """Build from a `DiscriminatorArch`-like object or a dict of its fields."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     return LatentDiscriminator(
-        latent_channels=get("latent_channels"), base_channels=get("base_channels"), num_layers=get("num_layers"),
-        max_channels=get("max_channels", 512), norm=get("norm", "group"),
-        noise_conditioned=get("noise_conditioned", False), dropout=get("dropout", 0.0))
+        latent_channels=get("latent_channels"),
+        base_channels=get("base_channels"),
+        num_layers=get("num_layers"),
+        max_channels=get("max_channels", 512),
+        norm=get("norm", "group"),
+        noise_conditioned=get("noise_conditioned", False),
+        dropout=get("dropout", 0.0),
+    )

@@ -15,6 +15,7 @@ fine-tuned to sample with (config `sampling_steps`, `sampling_eta`).
 
 This file imports only torch and diffusers: it must work where advdiff is not installed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +44,16 @@ class AdvdiffLatentPipeline(DiffusionPipeline):
         return x / scale + shift
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, eta: float | None = None,
-                 generator=None, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        eta: float | None = None,
+        generator=None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
         """Sample `batch_size` images (or use the starting noise `latents`, in the UNet's latent space).
 
         output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]) or "latent" (the UNet's latents).
@@ -55,7 +63,9 @@ class AdvdiffLatentPipeline(DiffusionPipeline):
         device = self._execution_device
         dtype = self.unet.dtype
         if latents is None:
-            latents = randn_tensor(self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor(
+                self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype
+            )
         x = latents.to(device=device, dtype=dtype)
         self.scheduler.set_timesteps(steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):

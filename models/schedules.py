@@ -1,4 +1,5 @@
 """Noise schedules (diffusers) for training, and DDIM for sampling."""
+
 from __future__ import annotations
 
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -10,8 +11,12 @@ def scheduler_kwargs(kind: str, num_steps: int, prediction_type: str) -> dict:
     if kind not in BETA_SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; known: {', '.join(BETA_SCHEDULES)}")
     # clip_sample=False: latents are not bounded to [-1, 1], and clipping them distorts samples.
-    return dict(num_train_timesteps=num_steps, beta_schedule=BETA_SCHEDULES[kind],
-                prediction_type=prediction_type, clip_sample=False)
+    return dict(
+        num_train_timesteps=num_steps,
+        beta_schedule=BETA_SCHEDULES[kind],
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
 
 
 def training_scheduler(kind: str, num_steps: int, prediction_type: str) -> DDPMScheduler:
@@ -34,4 +39,6 @@ def full_scheduler_config(config: dict) -> dict:
     if given.get("trained_betas") is not None:
         given["trained_betas"] = [float(b) for b in given["trained_betas"]]
     full = {**dict(DDPMScheduler.from_config(given).config), **dict(DDIMScheduler.from_config(given).config)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(full.items()) if not k.startswith("_")}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in sorted(full.items()) if not k.startswith("_")
+    }

@@ -4,10 +4,10 @@ The preset names the experiment configs use (unet32_d3, unet48_d4, unet64_d4, ..
 (base_channels, depth, attention). Parameter counts are always
 computed from the built model (`advdiff models`), never typed in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class UNetSpec:
     dropout: float = 0.0
 
     def block_out_channels(self) -> tuple[int, ...]:
-        mult = self.channel_mult or tuple(2 ** i for i in range(self.depth))
+        mult = self.channel_mult or tuple(2**i for i in range(self.depth))
         if len(mult) != self.depth:
             raise ValueError(f"channel_mult has {len(mult)} entries for depth {self.depth}")
         return tuple(self.base_channels * m for m in mult)
@@ -64,22 +64,26 @@ def unet_config(spec: UNetSpec) -> dict:
     for ch in boc:
         if ch % spec.norm_groups:
             raise ValueError(f"norm_groups {spec.norm_groups} does not divide channel count {ch}")
-    down = tuple("AttnDownBlock2D" if spec.attention and i == spec.depth - 1 else "DownBlock2D"
-                 for i in range(spec.depth))
+    down = tuple(
+        "AttnDownBlock2D" if spec.attention and i == spec.depth - 1 else "DownBlock2D"
+        for i in range(spec.depth)
+    )
     up = tuple("AttnUpBlock2D" if spec.attention and i == 0 else "UpBlock2D" for i in range(spec.depth))
-    return full_unet_config(dict(
-        sample_size=spec.sample_size,
-        in_channels=spec.in_channels,
-        out_channels=spec.out_channels,
-        block_out_channels=boc,
-        layers_per_block=spec.num_res_blocks,
-        down_block_types=down,
-        up_block_types=up,
-        norm_num_groups=spec.norm_groups,
-        dropout=spec.dropout,
-        time_embedding_dim=spec.time_dim,
-        attention_head_dim=min(64, boc[-1]),
-    ))
+    return full_unet_config(
+        dict(
+            sample_size=spec.sample_size,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            block_out_channels=boc,
+            layers_per_block=spec.num_res_blocks,
+            down_block_types=down,
+            up_block_types=up,
+            norm_num_groups=spec.norm_groups,
+            dropout=spec.dropout,
+            time_embedding_dim=spec.time_dim,
+            attention_head_dim=min(64, boc[-1]),
+        )
+    )
 
 
 UNET_CLASS = "UNet2DModel"
@@ -99,7 +103,9 @@ def full_unet_config(config: dict) -> dict:
     import inspect
 
     params = inspect.signature(UNet2DModel.__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty
+    }
     given = {k: v for k, v in config.items() if k in params}
     return _plain({"_class_name": UNET_CLASS, **dict(sorted({**defaults, **given}.items()))})
 

@@ -1,4 +1,5 @@
 """Fixtures only; the shared helpers they use (and tests import) are in helpers.py."""
+
 import os
 import sys
 from pathlib import Path

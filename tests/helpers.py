@@ -4,6 +4,7 @@ stand-ins for SLURM's commands. The fixtures live in conftest.py; tests import t
 folder of conftest.py, and conftest.py makes sure of it under any import mode).
 
 Scripts that tests run in their own processes are in tests/tools/ (see TOOLS)."""
+
 import math
 import os
 import re
@@ -32,9 +33,18 @@ def tiny_config(tmp_path: Path, manifest: Path, ae: Path, **training) -> Path:
         "dataset": {"manifest": str(manifest), "filters": {"label": [0, 1, 2, 3]}},
         "autoencoder": {"checkpoint": str(ae), "scaling": "measure"},
         "unet": {"preset": "micro"},
-        "training": {"batch_size": 16, "learning_rate": 2e-3, "weight_decay": 0.0, "max_steps": 12,
-                     "eval_interval": 6, "log_interval": 3, "ema_decay": 0.9, "sample_steps": 3,
-                     "scheduler": {"warmup_steps": 2}, **training},
+        "training": {
+            "batch_size": 16,
+            "learning_rate": 2e-3,
+            "weight_decay": 0.0,
+            "max_steps": 12,
+            "eval_interval": 6,
+            "log_interval": 3,
+            "ema_decay": 0.9,
+            "sample_steps": 3,
+            "scheduler": {"warmup_steps": 2},
+            **training,
+        },
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.yaml"
@@ -42,22 +52,43 @@ def tiny_config(tmp_path: Path, manifest: Path, ae: Path, **training) -> Path:
     return path
 
 
-def stage2_config(tmp_path: Path, manifest: Path, ae: Path, ckpt: Path, stage2=None, loss=None,
-                  discriminator=None) -> Path:
+def stage2_config(
+    tmp_path: Path, manifest: Path, ae: Path, ckpt: Path, stage2=None, loss=None, discriminator=None
+) -> Path:
     """A stage-2 config small enough for tests (8x8x4 latents, micro UNet)."""
     data = {
         "experiment": {"name": "t2", "save_path": str(tmp_path / "out")},
         "diffusion": {"stage1_checkpoint": str(ckpt)},
         "autoencoder": {"checkpoint": str(ae)},
         "dataset": {"manifest": str(manifest)},
-        "discriminator": {"config": {"latent_channels": 4, "base_channels": 8, "num_layers": 2},
-                          "training": {"batch_size": 8, "epochs": 2, **(discriminator or {})}},
-        "training": {"batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.0, "ema_decay": 0.9,
-                     "loss": {"type": "CompositeLoss", "losses": loss or [
-                         {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
-                         {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.1}]}},
-        "stage2": {"num_samples": 24, "num_iterations": 1, "diffusion_epochs": 2, "generation_steps": 3,
-                   "generation_batch_size": 8, "val_samples": 6, "grid_samples": 4, **(stage2 or {})},
+        "discriminator": {
+            "config": {"latent_channels": 4, "base_channels": 8, "num_layers": 2},
+            "training": {"batch_size": 8, "epochs": 2, **(discriminator or {})},
+        },
+        "training": {
+            "batch_size": 8,
+            "learning_rate": 1e-3,
+            "weight_decay": 0.0,
+            "ema_decay": 0.9,
+            "loss": {
+                "type": "CompositeLoss",
+                "losses": loss
+                or [
+                    {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
+                    {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.1},
+                ],
+            },
+        },
+        "stage2": {
+            "num_samples": 24,
+            "num_iterations": 1,
+            "diffusion_epochs": 2,
+            "generation_steps": 3,
+            "generation_batch_size": 8,
+            "val_samples": 6,
+            "grid_samples": 4,
+            **(stage2 or {}),
+        },
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "stage2.yaml"
@@ -76,8 +107,9 @@ def write_config(folder: Path, save_path="out") -> Path:
 # -- processes -----------------------------------------------------------------------------------------
 def run_cli(*args, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )
 
 
 def free_port() -> int:
@@ -92,29 +124,52 @@ def free_port() -> int:
 
 def accelerate_launch(nproc: int, *args, env=None, timeout=600):
     """`accelerate launch` on CPU with `nproc` processes (gloo, DDP)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+    ]
     if nproc > 1:
         launcher += ["--multi_gpu"]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-                **(env or {})}
-    return subprocess.run(launcher + list(args), capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=REPO)
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        launcher + list(args), capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )
 
 
 def launch(*args, env=None, cwd=REPO):
     """launch.sh under bash, with this interpreter as its PYTHON."""
     full = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(["bash", str(LAUNCH_SH), *map(str, args)], capture_output=True, text=True, env=full,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        ["bash", str(LAUNCH_SH), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 # -- stage-2 output layout -----------------------------------------------------------------------------
 def spec_layout(name: str, iterations: int) -> set:
     paths = {f"{name}_metrics_iter_{k}.csv" for k in range(iterations)}
     for k in range(iterations):
-        paths |= {f"discriminator_iter_{k}/{f}" for f in ("real_latents.pt", "fake_latents.pt",
-                                                            "discriminator_history.csv")}
+        paths |= {
+            f"discriminator_iter_{k}/{f}"
+            for f in ("real_latents.pt", "fake_latents.pt", "discriminator_history.csv")
+        }
         paths |= {f"checkpoints/{name}_iter_{k}_checkpoint_{t}.pt" for t in ("best", "latest")}
     return paths
 
@@ -141,16 +196,18 @@ exit 99
 
 
 def submit_with_fake_sbatch(cfg, env):
-    proc = launch("--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", cfg, "--", "--num_iterations", "1",
-                  env=env)
+    proc = launch(
+        "--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", cfg, "--", "--num_iterations", "1", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
 
 def run_batch_script(script, env, fake_dir, signal_after=None, finish_after=None):
     full = {**os.environ, **env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
-    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full)
+    proc = subprocess.Popen(
+        ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full
+    )
     deadline = time.monotonic() + 10
     while not (fake_dir / "srun_args").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -165,8 +222,11 @@ def run_batch_script(script, env, fake_dir, signal_after=None, finish_after=None
 
 # -- the benches' printed results ------------------------------------------------------------------------
 NUM = r"\d+(?:\.\d+)?"
-TARGET_LINE = re.compile(rf"^target (?P<what>.+?) (?P<op><=|>=) (?P<target>{NUM})(?P<unit>x|%)(?P<rest>.*): "
-                         rf"(?P<verdict>PASS|MISS)$", re.M)
+TARGET_LINE = re.compile(
+    rf"^target (?P<what>.+?) (?P<op><=|>=) (?P<target>{NUM})(?P<unit>x|%)(?P<rest>.*): "
+    rf"(?P<verdict>PASS|MISS)$",
+    re.M,
+)
 
 
 def number(text: str) -> float:
@@ -184,6 +244,7 @@ def rounding(text: str) -> float:
 @dataclass
 class Target:
     """One `target WHAT <=|>= LIMIT: ...MEASURED...: PASS|MISS` line of a bench."""
+
     what: str
     op: str
     limit: float
@@ -204,12 +265,21 @@ def bench_targets(stdout: str) -> list:
         got = re.search(rf"\(measured ({NUM})(x|%)", rest) or re.search(rf": ({NUM})(x|%)$", rest)
         assert got, f"no measured value in {line!r}"
         assert got.group(2) == m.group("unit"), f"measured and limit in different units: {line!r}"
-        t = Target(m.group("what"), m.group("op"), number(m.group("target")), m.group("unit"), number(got.group(1)),
-                   got.group(1), m.group("verdict"), line)
+        t = Target(
+            m.group("what"),
+            m.group("op"),
+            number(m.group("target")),
+            m.group("unit"),
+            number(got.group(1)),
+            got.group(1),
+            m.group("verdict"),
+            line,
+        )
         met = t.measured <= t.limit if t.op == "<=" else t.measured >= t.limit
         if abs(t.measured - t.limit) > rounding(t.measured_text):
-            assert (t.verdict == "PASS") == met, \
+            assert (t.verdict == "PASS") == met, (
                 f"verdict {t.verdict} contradicts {t.measured_text} {t.op} {t.limit}: {line!r}"
+            )
         targets.append(t)
     return targets
 

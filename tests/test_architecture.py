@@ -1,5 +1,6 @@
 """The package layout is the architecture: these tests keep it honest (layers, cycles, sizes, one home
 per fact). They read the source only; nothing is imported or run."""
+
 import ast
 import re
 from pathlib import Path
@@ -10,7 +11,20 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "trainer"
 
 # Lowest layer first: a package may import only from itself and the packages before it.
-LAYERS = ["core", "config", "files", "parallel", "data", "diffusion", "training", "quality", "stage0", "stage1", "stage2", "cli"]
+LAYERS = [
+    "core",
+    "config",
+    "files",
+    "parallel",
+    "data",
+    "diffusion",
+    "training",
+    "quality",
+    "stage0",
+    "stage1",
+    "stage2",
+    "cli",
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -135,8 +149,7 @@ def _reaches_into(path: Path, package: str) -> list[str]:
             if node.module != package or any(n not in public for n in names):
                 bad.append(f"{where}: from {node.module} import {', '.join(names)}")
         elif isinstance(node, ast.Import):
-            bad += [f"{where}: import {a.name}" for a in node.names
-                    if a.name.startswith(package + ".")]
+            bad += [f"{where}: import {a.name}" for a in node.names if a.name.startswith(package + ".")]
     return bad
 
 
@@ -144,11 +157,21 @@ def test_quality_is_its_own_layer_below_the_stages():
     assert (TRAINER / "quality" / "__init__.py").is_file()
     assert LAYERS.index("training") < LAYERS.index("quality") < LAYERS.index("stage0")
     _, graph = _graph()
-    assert not [d for m, deps in graph.items() if m.startswith("trainer.quality") for d in deps
-                if d.startswith("trainer.stage")]
+    assert not [
+        d
+        for m, deps in graph.items()
+        if m.startswith("trainer.quality")
+        for d in deps
+        if d.startswith("trainer.stage")
+    ]
     # the `python -m trainer.stage2` launcher (__main__) is the one module that calls the CLI's stage2 command
-    assert not [d for m, deps in graph.items() if m.startswith("trainer.stage2") and not m.endswith("__main__")
-                for d in deps if d.startswith("trainer.cli")]
+    assert not [
+        d
+        for m, deps in graph.items()
+        if m.startswith("trainer.stage2") and not m.endswith("__main__")
+        for d in deps
+        if d.startswith("trainer.cli")
+    ]
 
 
 @pytest.mark.parametrize("package", ["trainer.stage2", "trainer.quality"])
@@ -161,14 +184,19 @@ def test_cli_and_bench_use_public_names_only(package):
 def test_public_name_check_can_fail(tmp_path):
     probe = tmp_path / "bench" / "probe.py"
     probe.parent.mkdir()
-    probe.write_text("from trainer.stage2.run import setup\nimport trainer.stage2.generation as g\n"
-                     "from trainer.stage2 import _weights\nfrom trainer.stage2 import setup\n")
+    probe.write_text(
+        "from trainer.stage2.run import setup\nimport trainer.stage2.generation as g\n"
+        "from trainer.stage2 import _weights\nfrom trainer.stage2 import setup\n"
+    )
     assert len(_reaches_into(probe, "trainer.stage2")) == 3
 
 
 def test_no_module_over_400_lines():
-    long = {str(p.relative_to(REPO)): n for p in _modules().values()
-            if (n := len(p.read_text().splitlines())) > 400}
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in _modules().values()
+        if (n := len(p.read_text().splitlines())) > 400
+    }
     assert long == {}
 
 
@@ -185,20 +213,44 @@ def _code(path: Path) -> str:
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             body[0] = ast.Pass()
     return ast.unparse(tree)
 
 
-@pytest.mark.parametrize("pattern", ["discriminator_iter_", "_checkpoint_{", "_metrics_iter_", "_summary.csv",
-                                     "fake_latents.pt", "real_latents.pt", "discriminator_best.pt",
-                                     "discriminator_state.pt", "discriminator_history.csv", "stage2_run.json",
-                                     "timings.csv", "samples.png",
-                                     "dataset_latents.pt", "checkpoint_{tag}", "autoencoder_{tag}", "reference_{"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "discriminator_iter_",
+        "_checkpoint_{",
+        "_metrics_iter_",
+        "_summary.csv",
+        "fake_latents.pt",
+        "real_latents.pt",
+        "discriminator_best.pt",
+        "discriminator_state.pt",
+        "discriminator_history.csv",
+        "stage2_run.json",
+        "timings.csv",
+        "samples.png",
+        "dataset_latents.pt",
+        "checkpoint_{tag}",
+        "autoencoder_{tag}",
+        "reference_{",
+    ],
+)
 def test_output_paths_are_spelled_in_one_module(pattern):
-    where = sorted(str(p.relative_to(REPO)) for n, p in _modules().items()
-                   if n.startswith("trainer") and pattern in _code(p))
+    where = sorted(
+        str(p.relative_to(REPO))
+        for n, p in _modules().items()
+        if n.startswith("trainer") and pattern in _code(p)
+    )
     assert where == ["trainer/files/layout.py"], f"{pattern!r} spelled in {where}"
 
 
@@ -208,20 +260,29 @@ def test_one_ddim_step():
     samples exactly what ddim_sample samples is tested in test_diffusers_io."""
     where = sorted(str(p.relative_to(REPO)) for n, p in _modules().items() if ".prev_sample" in _code(p))
     assert where == ["models/pipeline.py", "trainer/diffusion/sampling.py"]
-    defs = [n for n, p in _modules().items() for node in ast.walk(ast.parse(p.read_text()))
-            if isinstance(node, ast.FunctionDef) and node.name == "ddim_step"]
+    defs = [
+        n
+        for n, p in _modules().items()
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.name == "ddim_step"
+    ]
     assert defs == ["trainer.diffusion.sampling"]
 
 
 def test_no_discriminator_logit_wrappers():
     """D's forward already takes an optional timestep (zeros when it is noise-conditioned and none is
     given): nothing wraps it again."""
-    wrappers = [f"{n}.{node.name}" for n, p in _modules().items() if n.startswith("trainer")
-                for node in ast.walk(ast.parse(p.read_text()))
-                if isinstance(node, ast.FunctionDef) and "logits" in node.name]
+    wrappers = [
+        f"{n}.{node.name}"
+        for n, p in _modules().items()
+        if n.startswith("trainer")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.FunctionDef) and "logits" in node.name
+    ]
     assert wrappers == []
-    assert not any("noise_conditioned" in _code(p) for n, p in _modules().items()
-                   if n.startswith("trainer.stage2")), "stage 2 branches on noise_conditioned again"
+    assert not any(
+        "noise_conditioned" in _code(p) for n, p in _modules().items() if n.startswith("trainer.stage2")
+    ), "stage 2 branches on noise_conditioned again"
 
 
 def test_console_script_entry_point_is_callable():

@@ -2,6 +2,7 @@
 file, exit code 2, no traceback, and leave every existing output byte-identical. The same line must
 come from `advdiff validate` (which shares the checks) where the problem is in the config or files.
 """
+
 import hashlib
 import shutil
 
@@ -28,9 +29,14 @@ def snapshot(*roots):
 def finished(tmp_path_factory, digits_manifest, small_ae, stage1_ckpt):
     """A finished 1-iteration stage-2 run: the outputs every case must leave untouched."""
     root = tmp_path_factory.mktemp("finished")
-    cfg = stage2_config(root, digits_manifest, small_ae, stage1_ckpt,
-                        stage2={"num_samples": 16, "diffusion_max_steps": 2, "metric_samples": 8, "grid_samples": 0},
-                        discriminator={"max_steps": 2})
+    cfg = stage2_config(
+        root,
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        stage2={"num_samples": 16, "diffusion_max_steps": 2, "metric_samples": 8, "grid_samples": 0},
+        discriminator={"max_steps": 2},
+    )
     proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cfg
@@ -71,6 +77,7 @@ def _set(path, value):
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
+
     return edit
 
 
@@ -81,7 +88,12 @@ def _small(df):
 # Each builder returns (argv after the config, config path, expected line, also_validate).
 def c_malformed_yaml(c):
     p = c.config(text="experiment:\n  name: [unclosed\n")
-    return [], p, f"{p}: malformed YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'", True
+    return (
+        [],
+        p,
+        f"{p}: malformed YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'",
+        True,
+    )
 
 
 def c_wrong_type(c):
@@ -92,8 +104,14 @@ def c_wrong_type(c):
 def c_unknown_loss(c):
     def edit(d):
         d["training"]["loss"]["losses"][0]["type"] = "L3Loss"
+
     p = c.config(edit)
-    return [], p, (f'{p}: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L3Loss"'), True
+    return (
+        [],
+        p,
+        (f'{p}: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L3Loss"'),
+        True,
+    )
 
 
 def c_missing_checkpoint(c):
@@ -113,14 +131,22 @@ def c_missing_manifest(c):
 
 def c_missing_column(c):
     p = c.config(_set("dataset.image_column", "img"))
-    return [], p, (f"{c.manifest}: no column 'img' (dataset.image_column); columns are: "
-                   f"image_path,label,is_empty,is_augmented".replace(",", ", ")), True
+    return (
+        [],
+        p,
+        (
+            f"{c.manifest}: no column 'img' (dataset.image_column); columns are: "
+            f"image_path,label,is_empty,is_augmented".replace(",", ", ")
+        ),
+        True,
+    )
 
 
 def c_empty_column(c):
     def edit(df):
         df.loc[3, "image_path"] = None
         return df
+
     m = c.manifest_with(edit)
     p = c.config(_set("dataset.manifest", str(m)))
     return [], p, f"{m}: row 3: empty 'image_path'", True
@@ -134,6 +160,7 @@ def c_corrupt_image(c):
         df = _small(df)
         df.loc[5, "image_path"] = str(bad)
         return df
+
     m = c.manifest_with(edit)
     p = c.config(_set("dataset.manifest", str(m)))
     return ["--num_samples", "20"], p, f"{bad}: cannot read image (OSError)", True
@@ -144,6 +171,7 @@ def c_missing_image(c):
         df = _small(df)
         df.loc[7, "image_path"] = str(c.tmp / "gone.png")
         return df
+
     m = c.manifest_with(edit)
     p = c.config(_set("dataset.manifest", str(m)))
     return ["--num_samples", "20"], p, f"{c.tmp / 'gone.png'}: image not found", True
@@ -159,7 +187,7 @@ def c_corrupt_checkpoint(c):
 def c_truncated_checkpoint(c):
     bad = c.tmp / "truncated.pt"
     data = c.ckpt.read_bytes()
-    bad.write_bytes(data[:len(data) // 2])
+    bad.write_bytes(data[: len(data) // 2])
     p = c.config(_set("diffusion.stage1_checkpoint", str(bad)))
     return [], p, f"{bad}: unreadable checkpoint (truncated, or not written by torch.save)", True
 
@@ -168,8 +196,15 @@ def c_wrong_format_checkpoint(c):
     bad = c.tmp / "d.pt"
     torch.save({"format": "advdiff.discriminator", "state_dict": {}}, bad)
     p = c.config(_set("diffusion.stage1_checkpoint", str(bad)))
-    return [], p, (f"{bad}: not an advdiff diffusion checkpoint (format advdiff.diffusion), a diffusers "
-                   f"UNet2DModel folder or a diffusers pipeline folder"), True
+    return (
+        [],
+        p,
+        (
+            f"{bad}: not an advdiff diffusion checkpoint (format advdiff.diffusion), a diffusers "
+            f"UNet2DModel folder or a diffusers pipeline folder"
+        ),
+        True,
+    )
 
 
 def c_wrong_latent_shape(c):
@@ -181,6 +216,7 @@ def c_wrong_latent_shape(c):
         df["latent_path"] = None
         df.loc[2, "latent_path"] = str(lat)
         return df
+
     m = c.manifest_with(edit)
     p = c.config(_set("dataset.manifest", str(m)))
     return ["--num_samples", "20"], p, f"{lat}: latent of shape (3, 8, 8), expected (4, 8, 8)", True
@@ -188,8 +224,15 @@ def c_wrong_latent_shape(c):
 
 def c_d_channels(c):
     p = c.config(_set("discriminator.config.latent_channels", 3))
-    return [], p, (f"{p}: discriminator.config.latent_channels: expected 4 (the stage-1 UNet's latent channels), "
-                   f"got 3"), True
+    return (
+        [],
+        p,
+        (
+            f"{p}: discriminator.config.latent_channels: expected 4 (the stage-1 UNet's latent channels), "
+            f"got 3"
+        ),
+        True,
+    )
 
 
 def c_ae_channels(c):
@@ -206,7 +249,12 @@ def c_ae_without_weights(c):
     folder.mkdir()
     shutil.copy(c.ae / "config.json", folder / "config.json")
     p = c.config(_set("autoencoder.checkpoint", str(folder)))
-    return [], p, (f"autoencoder.checkpoint: {folder}: no weights (diffusion_pytorch_model.safetensors or .bin)"), True
+    return (
+        [],
+        p,
+        (f"autoencoder.checkpoint: {folder}: no weights (diffusion_pytorch_model.safetensors or .bin)"),
+        True,
+    )
 
 
 def c_d_too_deep(c):
@@ -221,14 +269,25 @@ def c_n_zero(c):
 
 def c_n_too_large(c):
     p = c.config()
-    return ["--num_samples", "5000"], p, ("--num_samples 5000 exceeds the 1797 manifest rows left after filters; "
-                                          "lower it, or set stage2.sample_with_replacement: true"), True
+    return (
+        ["--num_samples", "5000"],
+        p,
+        (
+            "--num_samples 5000 exceeds the 1797 manifest rows left after filters; "
+            "lower it, or set stage2.sample_with_replacement: true"
+        ),
+        True,
+    )
 
 
 def c_negative_epochs(c):
     p = c.config()
-    return (["--discriminator_epochs", "-1"], p,
-            f"{p}: discriminator.training.epochs: expected an integer >= 1, got -1", True)
+    return (
+        ["--discriminator_epochs", "-1"],
+        p,
+        f"{p}: discriminator.training.epochs: expected an integer >= 1, got -1",
+        True,
+    )
 
 
 def c_filters_leave_nothing(c):
@@ -245,7 +304,12 @@ def c_manifest_not_csv(c):
     bad = c.tmp / "binary.csv"
     bad.write_bytes(bytes(range(256)) * 4)
     p = c.config(_set("dataset.manifest", str(bad)))
-    return [], p, f"{bad}: not a readable CSV (Error tokenizing data. C error: Expected 1 fields in line 3, saw 2)", True
+    return (
+        [],
+        p,
+        f"{bad}: not a readable CSV (Error tokenizing data. C error: Expected 1 fields in line 3, saw 2)",
+        True,
+    )
 
 
 def c_output_is_a_file(c):
@@ -264,29 +328,48 @@ def c_output_under_a_file(c):
 
 def c_generation_steps(c):
     p = c.config()
-    return (["--generation_steps", "5000"], p,
-            f"{p}: stage2.generation_steps: expected at most 1000 (the stage-1 schedule's steps), got 5000", True)
+    return (
+        ["--generation_steps", "5000"],
+        p,
+        f"{p}: stage2.generation_steps: expected at most 1000 (the stage-1 schedule's steps), got 5000",
+        True,
+    )
 
 
 def c_bad_precision(c):
     p = c.config()
-    return (["--set", "training.mixed_precision=fp8"], p,
-            f'{p}: training.mixed_precision: expected one of no, fp16, bf16, got "fp8"', True)
+    return (
+        ["--set", "training.mixed_precision=fp8"],
+        p,
+        f'{p}: training.mixed_precision: expected one of no, fp16, bf16, got "fp8"',
+        True,
+    )
 
 
 def c_start_iteration_beyond(c):
     p = c.config(_set("stage2.num_iterations", 4))
     last = c.out / "checkpoints" / "t2_iter_1_checkpoint_latest.pt"
-    return (["--start_iteration", "2"], p,
-            f"--start_iteration 2: {last} is missing; finish iteration 1 first (or drop --start_iteration to "
-            f"continue where the last run stopped)", False)
+    return (
+        ["--start_iteration", "2"],
+        p,
+        f"--start_iteration 2: {last} is missing; finish iteration 1 first (or drop --start_iteration to "
+        f"continue where the last run stopped)",
+        False,
+    )
 
 
 def c_changed_model_field(c):
     p = c.config(_set("discriminator.config.base_channels", 16))
-    return [], p, (f"{c.out}: this folder's stage-2 run was started with a different config "
-                   f"(discriminator.config.base_channels: 8 -> 16); use a new experiment.save_path, or restore "
-                   f"those fields"), True
+    return (
+        [],
+        p,
+        (
+            f"{c.out}: this folder's stage-2 run was started with a different config "
+            f"(discriminator.config.base_channels: 8 -> 16); use a new experiment.save_path, or restore "
+            f"those fields"
+        ),
+        True,
+    )
 
 
 def c_corrupt_saved_latents(c):
@@ -294,15 +377,25 @@ def c_corrupt_saved_latents(c):
     shutil.copytree(c.out, run)
     bad = run / "discriminator_iter_0" / "real_latents.pt"
     data = bad.read_bytes()
-    bad.write_bytes(data[:len(data) // 3])
+    bad.write_bytes(data[: len(data) // 3])
     (run / "stage2_run.json").unlink()  # a different folder: its recorded save-path-free fields still match
     p = c.config(_set("experiment.save_path", str(run)))
-    return [], p, f"{bad}: unreadable latents (truncated, or not written by torch.save); delete it to regenerate", True
+    return (
+        [],
+        p,
+        f"{bad}: unreadable latents (truncated, or not written by torch.save); delete it to regenerate",
+        True,
+    )
 
 
 def c_metric_features_form(c):
     p = c.config(_set("stage2.metric_features", "inceptionv3"))
-    return [], p, f'{p}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got "inceptionv3"', True
+    return (
+        [],
+        p,
+        f'{p}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got "inceptionv3"',
+        True,
+    )
 
 
 def c_metric_features_missing_file(c):
@@ -319,8 +412,9 @@ CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[f.__name__[2:] for f in CASES])
-def test_bad_input_fails_before_compute_with_one_exact_line(case, tmp_path, finished, digits_manifest, small_ae,
-                                                            stage1_ckpt, capsys):
+def test_bad_input_fails_before_compute_with_one_exact_line(
+    case, tmp_path, finished, digits_manifest, small_ae, stage1_ckpt, capsys
+):
     from trainer.cli.main import main
 
     c = Case(tmp_path, finished, digits_manifest, small_ae, stage1_ckpt)
@@ -354,15 +448,18 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path, finished):
     bad.write_text(yaml.safe_dump(data))
     proc = run_cli("-m", "trainer.cli", "stage2", str(bad), *FAST)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"advdiff: error: {bad}: discriminator.config.num_layers: expected at most 3 for "
-                                   f"8x8 latents, got 9")
+    assert proc.stderr.strip() == (
+        f"advdiff: error: {bad}: discriminator.config.num_layers: expected at most 3 for 8x8 latents, got 9"
+    )
 
 
 @pytest.mark.slow
 def test_validate_lists_every_problem(tmp_path, finished):
     data = yaml.safe_load(finished.read_text())
     data["discriminator"]["config"]["latent_channels"] = 2
-    data["diffusion"]["stage1_checkpoint"] = str(finished.parent / "out" / "checkpoints" / "t2_iter_0_checkpoint_best.pt")
+    data["diffusion"]["stage1_checkpoint"] = str(
+        finished.parent / "out" / "checkpoints" / "t2_iter_0_checkpoint_best.pt"
+    )
     data["dataset"]["filters"] = {"label": [0]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
@@ -373,8 +470,10 @@ def test_validate_lists_every_problem(tmp_path, finished):
     assert any("discriminator.config.latent_channels" in ln for ln in lines)
     assert any(ln.startswith("advdiff: error: --num_samples 900 exceeds the") for ln in lines)
     assert any("this folder's stage-2 run was started with a different config" in ln for ln in lines)
-    assert any(ln.endswith("latents of shape (16, 4, 8, 8), expected (900, 4, 8, 8); delete it to regenerate")
-               for ln in lines)
+    assert any(
+        ln.endswith("latents of shape (16, 4, 8, 8), expected (900, 4, 8, 8); delete it to regenerate")
+        for ln in lines
+    )
 
 
 @pytest.mark.slow

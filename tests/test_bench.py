@@ -3,6 +3,7 @@ target lines. Never a time: the numbers depend on the machine and its load. What
 must hold whatever the timings: every ratio parses into a finite positive number, agrees with the
 figures it is computed from (within their printed rounding) and with the target line, whose PASS/MISS
 agrees with the number and the stated target; and the benches' correctness checks pass."""
+
 import re
 
 import pytest
@@ -17,10 +18,15 @@ def check_overhead(out: str) -> None:
     targets = bench_targets(out)
     # --quick measures the short rollout alone, against ours/raw <= 1.03x on the verdict's clock
     assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
-        (f"ours/raw {'cpu' if clock == 'process CPU time' else 'wall'} time per step", "<=", 1.03, "x")], out
+        (f"ours/raw {'cpu' if clock == 'process CPU time' else 'wall'} time per step", "<=", 1.03, "x")
+    ], out
     assert "[short rollout (10 DDIM steps)]" in targets[0].line
-    block = re.search(rf"^  {clock} \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
-                      rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x", out, re.M)
+    block = re.search(
+        rf"^  {clock} \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
+        rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x",
+        out,
+        re.M,
+    )
     assert block, out
     ours, raw, ratio = block.groups()
     assert ratio == targets[0].measured_text, (ratio, targets[0].line)
@@ -29,7 +35,9 @@ def check_overhead(out: str) -> None:
 
 def check_generation(out: str) -> None:
     targets = bench_targets(out)
-    assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [("ours/plain throughput", ">=", 1.0, "x")], out
+    assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
+        ("ours/plain throughput", ">=", 1.0, "x")
+    ], out
     m = re.search(rf"^ratio ours/plain throughput \(batch (\d+)\): ({NUM})x by (cpu|wall) time", out, re.M)
     assert m, out
     batch, ratio, clock = m.groups()
@@ -37,7 +45,9 @@ def check_generation(out: str) -> None:
     # the verdict's table: samples/s of the plain loop and of ours at that batch, and ours' ratio to plain
     what = "process CPU time" if clock == "cpu" else "wall time"
     table = out.split(f"samples/s = N / {what} of one run (verdict)\n", 1)[1].split("\n\n", 1)[0]
-    plain = re.search(rf"^\| plain diffusers, no_grad, batch {batch} +\| +({NUM}) \|[^|]+\| ({NUM})x \|", table, re.M)
+    plain = re.search(
+        rf"^\| plain diffusers, no_grad, batch {batch} +\| +({NUM}) \|[^|]+\| ({NUM})x \|", table, re.M
+    )
     own = re.search(rf"^\| ours, batch {batch} +\| +({NUM}) \|[^|]+\| ({NUM})x \|", table, re.M)
     assert plain and own, table
     assert plain.group(2) == "1.000" and own.group(2) == ratio, table
@@ -50,10 +60,13 @@ def check_generation(out: str) -> None:
 CHECKS = {"bench/overhead.py": check_overhead, "bench/generation.py": check_generation}
 
 
-@pytest.mark.parametrize("script, ratio", [
-    pytest.param("bench/overhead.py", r"ratio ours/raw per step: \d+\.\d+x", marks=pytest.mark.slow),
-    ("bench/generation.py", r"ratio ours/plain throughput \(batch \d+\): \d+\.\d+x"),
-])
+@pytest.mark.parametrize(
+    "script, ratio",
+    [
+        pytest.param("bench/overhead.py", r"ratio ours/raw per step: \d+\.\d+x", marks=pytest.mark.slow),
+        ("bench/generation.py", r"ratio ours/plain throughput \(batch \d+\): \d+\.\d+x"),
+    ],
+)
 def test_bench_quick_runs(script, ratio):
     proc = run_cli(script, "--quick", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -72,15 +85,22 @@ def test_growth_quick_runs():
     assert re.search(r"^  tiny +\d+\.\d+ +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout
     out = proc.stdout
     for sweep, per, points in (("N", "fake", 64), ("steps", "sample-step", 64)):
-        rows = re.findall(rf"^  {sweep} +(\d+): +({NUM}) s +({NUM}) ms per {per} +vs proportional to {sweep}: "
-                          rf"({NUM})x$", out, re.M)
+        rows = re.findall(
+            rf"^  {sweep} +(\d+): +({NUM}) s +({NUM}) ms per {per} +vs proportional to {sweep}: "
+            rf"({NUM})x$",
+            out,
+            re.M,
+        )
         assert len(rows) == 2, out
         for x, seconds, ms, _ in rows:  # ms per fake = t / N, per sample-step = t / (64 x steps)
             count, t, dt = (int(x) if sweep == "N" else points * int(x)), number(seconds), rounding(seconds)
             assert within_rounding(ms, (t - dt) * 1e3 / count, (t + dt) * 1e3 / count), (sweep, x, out)
         (_, _, ms0, r0), (_, _, ms1, r1) = rows
         assert r0 == "1.00", (sweep, out)  # the sweep's smallest point is the reference line
-        assert within_rounding(r1, *ratio_bounds(ms1, ms0)), (sweep, out)  # the cost per unit against the first's
+        assert within_rounding(r1, *ratio_bounds(ms1, ms0)), (
+            sweep,
+            out,
+        )  # the cost per unit against the first's
     from models.unet import build_unet, count_parameters, preset
 
     sizes = re.findall(rf"^  (\w+) +({NUM}) +({NUM}) +({NUM}) +({NUM})$", out, re.M)
@@ -102,10 +122,19 @@ def test_stage2_vs_control_quick_runs(tmp_path):
     out = proc.stdout
     for k in (2,):
         block = out.split(f"**K = {k} DDIM steps**", 1)[1].split("\n\n", 2)[1]
-        rows = {re.sub(r" \(\d+ seeds?\)$", "", line.split("|")[1].strip()): [c.strip() for c in line.split("|")[2:-1]]
-                for line in block.splitlines()[2:]}  # below the header and its rule
-        assert {"control: MSE only", "offline D (the spec's)", "online D", "stage 1 + discriminator guidance",
-                f"stage 1, {k} steps"} <= set(rows), block
+        rows = {
+            re.sub(r" \(\d+ seeds?\)$", "", line.split("|")[1].strip()): [
+                c.strip() for c in line.split("|")[2:-1]
+            ]
+            for line in block.splitlines()[2:]
+        }  # below the header and its rule
+        assert {
+            "control: MSE only",
+            "offline D (the spec's)",
+            "online D",
+            "stage 1 + discriminator guidance",
+            f"stage 1, {k} steps",
+        } <= set(rows), block
         header = [c.strip() for c in block.splitlines()[0].split("|")[1:-1]]
         assert header[:3] == ["arm", "latent FD", "classifier FD"], header
         for name, cells in rows.items():

@@ -3,6 +3,7 @@ prints its ratio and target lines. No time or memory figure is asserted (the mac
 checked is that each ratio parses into a finite positive number, agrees with the figures it is computed
 from (within their printed rounding) and with its target line, whose PASS/MISS agrees with the number
 and the stated target."""
+
 import re
 
 import pytest
@@ -23,7 +24,8 @@ def test_scaling_quick_prints_efficiency(digits_manifest):
     assert "P=1 and P=2 wrote identical latents: True" in out
     targets = bench_targets(out)
     assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
-        (f"scaling efficiency {what}", ">=", 90.0, "%") for what in ("a+b", "phase a", "phase b")], out
+        (f"scaling efficiency {what}", ">=", 90.0, "%") for what in ("a+b", "phase a", "phase b")
+    ], out
     effs = dict(re.findall(rf"^efficiency (a\+b|a|b) += T1 / \(2 x T2\) = ({NUM})%", out, re.M))
     assert effs == {t.what.split()[-1]: t.measured_text for t in targets}, out
     # efficiency = median T1 / (2 x median T2), from the table of phase wall times (median first)
@@ -44,13 +46,18 @@ def test_memory_quick_prints_ratios():
     assert re.search(r"^target non-main peak - baseline <= 1.5x .*: (PASS|MISS)$", out, re.M), out
     targets = bench_targets(out)
     assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
-        ("main process peak - baseline", "<=", 1.5, "x"), ("non-main peak - baseline", "<=", 1.5, "x")], out
+        ("main process peak - baseline", "<=", 1.5, "x"),
+        ("non-main peak - baseline", "<=", 1.5, "x"),
+    ], out
     nproc = int(re.search(r"; (\d+) processes, ", out).group(1))
-    row = re.search(rf"^\s+2048\s+({NUM}) \|\s+({NUM})\s+({NUM})\s+{NUM} \|\s+({NUM})\s+({NUM})\s+{NUM} \|", out, re.M)
+    row = re.search(
+        rf"^\s+2048\s+({NUM}) \|\s+({NUM})\s+({NUM})\s+{NUM} \|\s+({NUM})\s+({NUM})\s+{NUM} \|", out, re.M
+    )
     assert row, out
     latents, main_mb, main_x, other_mb, other_x = row.groups()
     # the target lines report the largest N's row: main against all the latents, the other rank its shard
     assert (targets[0].measured_text, targets[1].measured_text) == (main_x, other_x), out
     assert within_rounding(main_x, *ratio_bounds(main_mb, latents)), row.group(0)
-    assert 2048 % nproc == 0 and within_rounding(other_x, *ratio_bounds(other_mb, f"{float(latents) / nproc:.3f}")), \
-        row.group(0)
+    assert 2048 % nproc == 0 and within_rounding(
+        other_x, *ratio_bounds(other_mb, f"{float(latents) / nproc:.3f}")
+    ), row.group(0)

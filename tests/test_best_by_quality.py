@@ -1,6 +1,7 @@
 """Choosing the best checkpoint by sample quality (`stage2.best_metric: val_latent_fd`): the start point is
 a candidate, so an iteration that only regresses keeps its start, and with `continue_from: best` the
 summary never gets worse from one iteration to the next."""
+
 import math
 
 import pandas as pd
@@ -18,9 +19,18 @@ class Scripted(StepTrainer):
     def __init__(self, out, start, values):
         from accelerate import Accelerator
 
-        super().__init__(Accelerator(cpu=True), stage="scripted", state_path=out / "state.pt",
-                         history_path=out / "history.csv", max_steps=len(values), eval_interval=1, log_interval=1,
-                         seed=0, fingerprint={}, metric="val")
+        super().__init__(
+            Accelerator(cpu=True),
+            stage="scripted",
+            state_path=out / "state.pt",
+            history_path=out / "history.csv",
+            max_steps=len(values),
+            eval_interval=1,
+            log_interval=1,
+            seed=0,
+            fingerprint={},
+            metric="val",
+        )
         self.start, self.values, self.exports = start, values, []
 
     def train_step(self, step):
@@ -67,11 +77,22 @@ def test_quality_best_never_lets_the_summary_regress(tmp_path, digits_manifest, 
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
 
-    cfg_path = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,
-                             stage2={"num_iterations": 2, "diffusion_max_steps": 4, "diffusion_eval_interval": 2,
-                                     "metric_samples": 16, "grid_samples": 0, "best_metric": "val_latent_fd",
-                                     "continue_from": "best"},
-                             discriminator={"max_steps": 3})
+    cfg_path = stage2_config(
+        tmp_path,
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        stage2={
+            "num_iterations": 2,
+            "diffusion_max_steps": 4,
+            "diffusion_eval_interval": 2,
+            "metric_samples": 16,
+            "grid_samples": 0,
+            "best_metric": "val_latent_fd",
+            "continue_from": "best",
+        },
+        discriminator={"max_steps": 3},
+    )
     cfg = load_config(cfg_path)
     run(cfg, build_accelerator("cpu"))
     out = tmp_path / "out"

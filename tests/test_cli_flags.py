@@ -2,6 +2,7 @@
 help with defaults, choices and short metavars, one-line usage errors, --version, --output_dir, and
 `advdiff validate` taking every stage-2 flag. Parsers are captured as their command builds them, so
 nothing is run."""
+
 import argparse
 import re
 from unittest import mock
@@ -21,6 +22,7 @@ class _Captured(Exception):
 
 def parser_of(command: str) -> argparse.ArgumentParser:
     """The parser `advdiff COMMAND` parses its arguments with (stopped before it parses anything)."""
+
     def capture(self, args=None, namespace=None):
         raise _Captured(self)
 
@@ -57,8 +59,9 @@ def invocations(parser) -> dict[str, str | None]:
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_long_option_takes_both_spellings(command):
     parser = parser_of(command)
-    assert type(parser).__module__ == "trainer.cli.flags", \
+    assert type(parser).__module__ == "trainer.cli.flags", (
         f"advdiff {command}: build its parser with trainer.cli.flags.Parser"
+    )
     for action in parser._actions:
         for flag in action.option_strings:
             if flag.startswith("--") and ("_" in flag or "-" in flag[2:]):
@@ -174,25 +177,50 @@ def test_validate_takes_every_stage2_flag():
     stage2, validate = long_options(parser_of("stage2")), long_options(parser_of("validate"))
     assert stage2 <= validate, sorted(stage2 - validate)
     assert validate - stage2 == {"--stage", "--demo", "--out"}
-    for flag in ("--device", "--control", "--adversarial_weight", "--start_iteration", "--stop_after_steps",
-                 "--report_to", "--generator_loss_mode", "--output_dir"):
+    for flag in (
+        "--device",
+        "--control",
+        "--adversarial_weight",
+        "--start_iteration",
+        "--stop_after_steps",
+        "--report_to",
+        "--generator_loss_mode",
+        "--output_dir",
+    ):
         assert flag in validate
 
 
 def test_validate_parses_a_stage2_command_line(config, capsys):
-    argv = [str(config), "--device", "cpu", "--control", "--adversarial-weight", "0.5", "--start_iteration", "1",
-            "--num_samples", "9", "--report_to", "tensorboard", "--stop_after_steps", "3"]
+    argv = [
+        str(config),
+        "--device",
+        "cpu",
+        "--control",
+        "--adversarial-weight",
+        "0.5",
+        "--start_iteration",
+        "1",
+        "--num_samples",
+        "9",
+        "--report_to",
+        "tensorboard",
+        "--stop_after_steps",
+        "3",
+    ]
     args = parser_of("validate").parse_args(argv)
     assert (args.device, args.control, args.adversarial_weight, args.start_iteration) == ("cpu", True, 0.5, 1)
     assert main(["validate", *argv, "--dry-run"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["stage2"]["num_samples"] == 9
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["--start_iteration", "-1"], "--start_iteration: expected an integer >= 0, got -1"),
-    (["--adversarial_weight", "-2"], "--adversarial_weight: expected a number >= 0, got -2.0"),
-    (["--control"], "--adversarial_weight: training.loss has no DiscriminatorLoss term to weight"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--start_iteration", "-1"], "--start_iteration: expected an integer >= 0, got -1"),
+        (["--adversarial_weight", "-2"], "--adversarial_weight: expected a number >= 0, got -2.0"),
+        (["--control"], "--adversarial_weight: training.loss has no DiscriminatorLoss term to weight"),
+    ],
+)
 def test_validate_checks_the_stage2_only_flags(argv, line, config, capsys):
     """They act in validate as in stage 2, before the config's files are looked at."""
     assert main(["validate", str(config), *argv]) == 2

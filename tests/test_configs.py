@@ -1,4 +1,5 @@
 """Every shipped YAML validates; bad values give one-line errors naming the YAML path."""
+
 import dataclasses
 import warnings
 
@@ -43,25 +44,49 @@ def test_spec_examples_build_their_unet():
 def test_every_field_has_a_doc():
     for path, field in walk_fields(Config):
         assert field.metadata.get("doc"), f"{path} has no doc"
-        assert field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING, path
+        assert field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING, (
+            path
+        )
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"training": {"loss": {"losses": [{"type": "MSELoss"}, {"type": "DiscriminatorLoss", "key": "latent",
-                                                              "weight": "high"}]}}},
-     'x.yaml: training.loss.losses[1].weight: expected a number >= 0, got "high"'),
-    ({"training": {"batch_size": 0}}, "x.yaml: training.batch_size: expected an integer >= 1, got 0"),
-    ({"training": {"batch_size": 2.5}}, "x.yaml: training.batch_size: expected an integer >= 1, got 2.5"),
-    ({"training": {"loss": {"losses": [{"type": "L1Loss"}]}}},
-     'x.yaml: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L1Loss"'),
-    ({"scheduler": {"type": "sigmoid"}},
-     'x.yaml: scheduler.type: expected one of linear, scaled_linear, cosine, got "sigmoid"'),
-    ({"training": {"train_split": 1.5}}, "x.yaml: training.train_split: expected a number > 0 and <= 1, got 1.5"),
-    ({"autoencoder": {"frozen": "yes"}}, 'x.yaml: autoencoder.frozen: expected true or false, got "yes"'),
-    ({"dataset": "manifest.csv"}, 'x.yaml: dataset: expected a mapping, got "manifest.csv"'),
-    ({"autoencoder": {"model": {"block_out_channels": [16, 30]}}},
-     "x.yaml: autoencoder.model.block_out_channels[1]: expected a positive multiple of norm_num_groups (8), got 30"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {
+                "training": {
+                    "loss": {
+                        "losses": [
+                            {"type": "MSELoss"},
+                            {"type": "DiscriminatorLoss", "key": "latent", "weight": "high"},
+                        ]
+                    }
+                }
+            },
+            'x.yaml: training.loss.losses[1].weight: expected a number >= 0, got "high"',
+        ),
+        ({"training": {"batch_size": 0}}, "x.yaml: training.batch_size: expected an integer >= 1, got 0"),
+        ({"training": {"batch_size": 2.5}}, "x.yaml: training.batch_size: expected an integer >= 1, got 2.5"),
+        (
+            {"training": {"loss": {"losses": [{"type": "L1Loss"}]}}},
+            'x.yaml: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L1Loss"',
+        ),
+        (
+            {"scheduler": {"type": "sigmoid"}},
+            'x.yaml: scheduler.type: expected one of linear, scaled_linear, cosine, got "sigmoid"',
+        ),
+        (
+            {"training": {"train_split": 1.5}},
+            "x.yaml: training.train_split: expected a number > 0 and <= 1, got 1.5",
+        ),
+        ({"autoencoder": {"frozen": "yes"}}, 'x.yaml: autoencoder.frozen: expected true or false, got "yes"'),
+        ({"dataset": "manifest.csv"}, 'x.yaml: dataset: expected a mapping, got "manifest.csv"'),
+        (
+            {"autoencoder": {"model": {"block_out_channels": [16, 30]}}},
+            "x.yaml: autoencoder.model.block_out_channels[1]: expected a positive multiple of norm_num_groups (8), got 30",
+        ),
+    ],
+)
 def test_bad_values_name_the_path(tmp_path, data, message):
     path = tmp_path / "x.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -92,17 +117,22 @@ def test_overrides_win_and_are_validated(tmp_path):
 def test_relative_paths_resolve_against_the_yaml(tmp_path):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "x.yaml"
-    path.write_text(yaml.safe_dump({"dataset": {"manifest": "data/m.csv"}, "experiment": {"save_path": "out"}}))
+    path.write_text(
+        yaml.safe_dump({"dataset": {"manifest": "data/m.csv"}, "experiment": {"save_path": "out"}})
+    )
     cfg = load_config(path)
     assert cfg.resolve_path(cfg.dataset.manifest) == tmp_path / "sub" / "data" / "m.csv"
     assert cfg.out_dir == tmp_path / "sub" / "out"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("training: [1, 2\n", "malformed YAML at line 2"),
-    ("training:\n  batch_size: many\n", 'training.batch_size: expected an integer >= 1, got "many"'),
-    ("- a\n- b\n", "expected a mapping at the top level, got list"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("training: [1, 2\n", "malformed YAML at line 2"),
+        ("training:\n  batch_size: many\n", 'training.batch_size: expected an integer >= 1, got "many"'),
+        ("- a\n- b\n", "expected a mapping at the top level, got list"),
+    ],
+)
 def test_cli_bad_config_is_one_line_without_traceback(tmp_path, text, expected):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -134,7 +164,7 @@ def test_config_reference_is_current():
     from trainer.cli.reference import BEGIN, END, config_reference
 
     text = (REPO / "docs" / "CONFIG.md").read_text()
-    table = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    table = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
     assert table == config_reference(), "regenerate with `advdiff config-reference`"
 
 

@@ -1,4 +1,5 @@
 """Manifest reading, filters, relative paths, image loading, splits and index sharding."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,7 +25,10 @@ def manifest(tmp_path):
 def test_filters_and_relative_paths(manifest):
     df = read_manifest(manifest, "img", {"is_empty": [False], "split": ["a"]})
     assert len(df) == 2  # rows 1 and 3 (row 5 is empty)
-    assert df["image_path"].tolist() == [str(manifest.parent / "imgs" / "1.png"), str(manifest.parent / "imgs" / "3.png")]
+    assert df["image_path"].tolist() == [
+        str(manifest.parent / "imgs" / "1.png"),
+        str(manifest.parent / "imgs" / "3.png"),
+    ]
 
 
 def test_missing_column_is_a_clear_error(manifest):
@@ -36,8 +40,9 @@ def test_missing_column_is_a_clear_error(manifest):
 
 def test_latent_column_used_where_present(tmp_path):
     torch.save(torch.zeros(4, 2, 2), tmp_path / "z0.pt")
-    pd.DataFrame({"image_path": ["a.png", "b.png"], "latent_path": ["z0.pt", None]}).to_csv(tmp_path / "m.csv",
-                                                                                              index=False)
+    pd.DataFrame({"image_path": ["a.png", "b.png"], "latent_path": ["z0.pt", None]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
     df = read_manifest(tmp_path / "m.csv", "image_path", None, "latent_path")
     assert df["latent_path"].tolist()[0] == str(tmp_path / "z0.pt")
     assert df["latent_path"].tolist()[1] is None

@@ -2,6 +2,7 @@
 summary and weights; a different seed does not (so the comparison can fail). The same fakes at 1 and 2
 processes is tested in test_stage2.py (test_two_processes_match_one_and_only_main_writes); see
 docs/REPRODUCIBILITY.md for what holds on GPU."""
+
 import csv
 
 import pytest
@@ -30,10 +31,21 @@ def _rows(path):
 
 
 def _config(root, manifest, ae, ckpt):
-    return stage2_config(root, manifest, ae, ckpt,
-                         stage2={"num_samples": 16, "num_iterations": 2, "diffusion_max_steps": 3,
-                                 "diffusion_eval_interval": 2, "metric_samples": 8, "grid_samples": 0},
-                         discriminator={"max_steps": 4, "eval_interval": 2, "r1_gamma": 0.5})
+    return stage2_config(
+        root,
+        manifest,
+        ae,
+        ckpt,
+        stage2={
+            "num_samples": 16,
+            "num_iterations": 2,
+            "diffusion_max_steps": 3,
+            "diffusion_eval_interval": 2,
+            "metric_samples": 8,
+            "grid_samples": 0,
+        },
+        discriminator={"max_steps": 4, "eval_interval": 2, "r1_gamma": 0.5},
+    )
 
 
 def _compare(a, b):
@@ -41,15 +53,21 @@ def _compare(a, b):
     differ = []
     for k in range(2):
         for name in ("fake_latents.pt", "real_latents.pt"):
-            if not torch.equal(torch.load(a / f"discriminator_iter_{k}" / name),
-                               torch.load(b / f"discriminator_iter_{k}" / name)):
+            if not torch.equal(
+                torch.load(a / f"discriminator_iter_{k}" / name),
+                torch.load(b / f"discriminator_iter_{k}" / name),
+            ):
                 differ.append(f"iter {k} {name}")
         da = torch.load(a / f"discriminator_iter_{k}" / "discriminator_best.pt")["state_dict"]
         db = torch.load(b / f"discriminator_iter_{k}" / "discriminator_best.pt")["state_dict"]
         if any(not torch.equal(da[n], db[n]) for n in da):
             differ.append(f"iter {k} discriminator weights")
-        ga = torch.load(a / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=True)["state_dict"]
-        gb = torch.load(b / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=True)["state_dict"]
+        ga = torch.load(a / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=True)[
+            "state_dict"
+        ]
+        gb = torch.load(b / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt", weights_only=True)[
+            "state_dict"
+        ]
         if any(not torch.equal(ga[n], gb[n]) for n in ga):
             differ.append(f"iter {k} diffusion weights")
         for csv_name in (f"discriminator_iter_{k}/discriminator_history.csv", f"t2_metrics_iter_{k}.csv"):

@@ -1,6 +1,7 @@
 """Models in and out of the diffusers ecosystem: a diffusers UNet2DModel folder or pipeline folder as the
 stage-1 model, pipeline folders out (safetensors, no pickles, no absolute paths), and exports written
 before the UNet and scheduler were stored as full diffusers configs."""
+
 import json
 from pathlib import Path
 
@@ -11,14 +12,21 @@ import yaml
 
 from helpers import accelerate_launch, stage2_config
 
-ATTN_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                 attention_head_dim=8)
+ATTN_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=8,
+)
 
 
 def custom_betas(n=200):
-    return (np.linspace(1e-4 ** 0.5, 0.03 ** 0.5, n) ** 2).tolist()
+    return (np.linspace(1e-4**0.5, 0.03**0.5, n) ** 2).tolist()
 
 
 def write_pipeline_folder(root: Path, unet_kwargs=ATTN_UNET, vae=True, scaling=(0.9, 0.05)) -> Path:
@@ -29,10 +37,15 @@ def write_pipeline_folder(root: Path, unet_kwargs=ATTN_UNET, vae=True, scaling=(
 
     torch.manual_seed(3)
     UNet2DModel(**unet_kwargs).save_pretrained(str(root / "unet"))
-    DDPMScheduler(num_train_timesteps=200, trained_betas=custom_betas(), prediction_type="epsilon",
-                  clip_sample=False).save_pretrained(str(root / "scheduler"))
-    index = {"_class_name": "SomeLatentPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    DDPMScheduler(
+        num_train_timesteps=200, trained_betas=custom_betas(), prediction_type="epsilon", clip_sample=False
+    ).save_pretrained(str(root / "scheduler"))
+    index = {
+        "_class_name": "SomeLatentPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     if vae:
         ae = build_autoencoder()
         ae.register_to_config(scaling_factor=scaling[0], shift_factor=scaling[1])
@@ -93,14 +106,18 @@ def test_pipeline_folder_reads_as_a_source(tmp_path):
     assert Path(src.autoencoder) == (root / "vae").resolve()
     ck = load_diffusion_checkpoint(root)
     from diffusers import DDPMScheduler, UNet2DModel
+
     ref = UNet2DModel.from_pretrained(str(root / "unet")).eval()
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 150])
     with torch.no_grad():
         assert torch.equal(ck.unet(x, t).sample, ref(x, t).sample)
     # the custom betas reach the training maths
     from trainer.diffusion.schedule import Schedule
+
     sched = Schedule.from_dict(ck.scheduler)
-    assert torch.allclose(sched.train.alphas_cumprod, DDPMScheduler.from_pretrained(str(root / "scheduler")).alphas_cumprod)
+    assert torch.allclose(
+        sched.train.alphas_cumprod, DDPMScheduler.from_pretrained(str(root / "scheduler")).alphas_cumprod
+    )
 
 
 def test_unet_folder_takes_its_sibling_scheduler_or_the_fallback(tmp_path):
@@ -123,7 +140,9 @@ def test_conditional_and_foreign_models_are_refused_in_one_line(tmp_path):
     from trainer.core.errors import UserError
     from trainer.diffusion.checkpoints import read_source
 
-    conditional = write_pipeline_folder(tmp_path / "c", unet_kwargs={**ATTN_UNET, "num_class_embeds": 10}, vae=False)
+    conditional = write_pipeline_folder(
+        tmp_path / "c", unet_kwargs={**ATTN_UNET, "num_class_embeds": 10}, vae=False
+    )
     with pytest.raises(UserError, match="class conditioning is not supported"):
         read_source(conditional)
     cfg = json.loads((conditional / "unet" / "config.json").read_text())
@@ -153,10 +172,18 @@ def test_exports_written_before_full_configs_still_load(tmp_path, small_ae):
     spec = preset("micro", in_channels=4, out_channels=4, sample_size=8)
     torch.manual_seed(0)
     unet = build_unet(spec).eval()
-    old = {"format": "advdiff.diffusion", "unet_spec": spec_to_dict(spec), "state_dict": unet.state_dict(),
-           "raw_state_dict": None, "scheduler": {"type": "cosine", "num_steps": 1000, "prediction_type": "v_prediction"},
-           "latent_scaling": LatentScaling(0.7, 0.1).to_dict(), "autoencoder": str(Path(small_ae).resolve()),
-           "step": 3, "metrics": {}, "config": {}}
+    old = {
+        "format": "advdiff.diffusion",
+        "unet_spec": spec_to_dict(spec),
+        "state_dict": unet.state_dict(),
+        "raw_state_dict": None,
+        "scheduler": {"type": "cosine", "num_steps": 1000, "prediction_type": "v_prediction"},
+        "latent_scaling": LatentScaling(0.7, 0.1).to_dict(),
+        "autoencoder": str(Path(small_ae).resolve()),
+        "step": 3,
+        "metrics": {},
+        "config": {},
+    }
     torch.save(old, tmp_path / "old.pt")
     ck = load_diffusion_checkpoint(tmp_path / "old.pt")
     assert ck.autoencoder == str(Path(small_ae).resolve()) and ck.latent_shape == (4, 8, 8)
@@ -274,6 +301,7 @@ def test_diffusers_pipeline_in_stage2_at_two_processes_and_out(tmp_path, digits_
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     # stage 2 changed the weights it exported
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+
     start = load_diffusion_checkpoint(src)
     assert any(not torch.equal(start.weights[k], ck.weights[k]) for k in start.weights)
 

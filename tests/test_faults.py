@@ -11,6 +11,7 @@ loads and every CSV parses. Each (re)run redoes nothing that was finished (saved
 finished D not retrained, training resumes at its saved step, summary rows not re-measured). The
 final outputs equal the uninterrupted run's, and no temp file is left behind.
 """
+
 import csv
 import json
 import os
@@ -34,11 +35,22 @@ NUM_POINTS = max(10, int(os.environ.get("ADVDIFF_FAULT_POINTS", "10")))
 FAULT_LIST = os.environ.get("ADVDIFF_FAULT_LIST", "")
 RUN_TIMEOUT = 300
 ITERATIONS = 2
-REQUIRED = ("generation", "encoding", "latents", "d_step", "diffusion_step", "checkpoint", "csv", "picture",
-            "summary")
+REQUIRED = (
+    "generation",
+    "encoding",
+    "latents",
+    "d_step",
+    "diffusion_step",
+    "checkpoint",
+    "csv",
+    "picture",
+    "summary",
+)
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
-                                reason="the kill and the leftover-process check read /proc (Linux)")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(),
+    reason="the kill and the leftover-process check read /proc (Linux)",
+)
 
 
 def category(name: str) -> str:
@@ -63,7 +75,7 @@ def iteration_of(trace: list[str]) -> list[int]:
     out, k = [], 0
     for name in trace:
         if name.startswith("phase:k"):
-            k = int(name[len("phase:k"):])
+            k = int(name[len("phase:k") :])
         out.append(k)
     return out
 
@@ -72,8 +84,11 @@ def superseded(name: str, earlier: list[str]) -> bool:
     """True for the summary picture's write after a kill in that same write: its CSV, written just
     before, already holds the row, so a rerun does not draw that picture again (the next row's, or
     the end of the iteration, redraws it)."""
-    return (name.startswith("write:summary") and name.endswith(".png")
-            and "partial:" + name[len("write:"):] in earlier)
+    return (
+        name.startswith("write:summary")
+        and name.endswith(".png")
+        and "partial:" + name[len("write:") :] in earlier
+    )
 
 
 def candidates(trace: list[str]) -> list[str]:
@@ -90,8 +105,11 @@ def choose_points(trace: list[str], rng: random.Random) -> list[str]:
     chosen = []
 
     def pick(pool):
-        pool = [n for n in pool if n not in chosen and not superseded(n, chosen)
-                and not any(superseded(c, [n]) for c in chosen)]
+        pool = [
+            n
+            for n in pool
+            if n not in chosen and not superseded(n, chosen) and not any(superseded(c, [n]) for c in chosen)
+        ]
         if pool:
             chosen.append(rng.choice(pool))
 
@@ -128,15 +146,36 @@ def launch(cfg: Path, log: Path, trace: Path, at: str | None = None) -> int:
     """`accelerate launch` with 2 CPU processes in a new session; returns the launcher's return code."""
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADVDIFF_FAULT_")}
-    env.update(PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", ADVDIFF_FAULT_RUN=marker,
-               ADVDIFF_FAULT_TRACE=str(trace))
+    env.update(
+        PYTHONUNBUFFERED="1",
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",
+        ADVDIFF_FAULT_RUN=marker,
+        ADVDIFF_FAULT_TRACE=str(trace),
+    )
     if at is not None:
         env["ADVDIFF_FAULT_AT"] = at
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2",
-           "--multi_gpu", "--main_process_port", str(free_port()), "-m", "trainer.stage2", str(cfg),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "trainer.stage2",
+        str(cfg),
+        "--device",
+        "cpu",
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -200,9 +239,14 @@ def progress(out: Path) -> dict:
         d = torch.load(d_state, weights_only=True) if d_state.is_file() else None
         g_state = out / "checkpoints" / f"t2_iter_{k}_checkpoint_latest.pt"
         g = torch.load(g_state, weights_only=True) if g_state.is_file() else None
-        state[k] = {"fake": (folder / "fake_latents.pt").is_file(), "real": (folder / "real_latents.pt").is_file(),
-                    "d_step": d["step"] if d else 0, "d_done": bool(d and d["complete"]),
-                    "g_step": g["state"]["step"] if g else 0, "g_done": bool(g and g["complete"])}
+        state[k] = {
+            "fake": (folder / "fake_latents.pt").is_file(),
+            "real": (folder / "real_latents.pt").is_file(),
+            "d_step": d["step"] if d else 0,
+            "d_done": bool(d and d["complete"]),
+            "g_step": g["state"]["step"] if g else 0,
+            "g_done": bool(g and g["complete"]),
+        }
     summary = out / "t2_summary.csv"
     rows = list(csv.DictReader(open(summary, newline=""))) if summary.is_file() else []
     state["summary_rows"] = {int(float(r["iteration"])) for r in rows}
@@ -211,6 +255,7 @@ def progress(out: Path) -> dict:
 
 def check_no_redo(before: dict, trace: list[str], when: str) -> None:
     """Nothing finished before this run was done again in it; training resumed at the saved steps."""
+
     def first_step(stage):
         steps = [int(n.rsplit(":", 1)[1]) for n in trace if n.startswith(f"step:{stage}:")]
         return steps[0] if steps else None
@@ -218,21 +263,28 @@ def check_no_redo(before: dict, trace: list[str], when: str) -> None:
     for k in range(ITERATIONS):
         b = before[k]
         if b["fake"]:
-            assert not [n for n in trace if n.startswith(f"gen:k{k}:")], f"{when}: iteration {k}'s saved fakes regenerated"
+            assert not [n for n in trace if n.startswith(f"gen:k{k}:")], (
+                f"{when}: iteration {k}'s saved fakes regenerated"
+            )
         if b["real"]:
-            assert not [n for n in trace if n.startswith(f"encode:k{k}:")], f"{when}: iteration {k}'s saved reals re-encoded"
+            assert not [n for n in trace if n.startswith(f"encode:k{k}:")], (
+                f"{when}: iteration {k}'s saved reals re-encoded"
+            )
         if b["g_done"]:
             assert f"phase:k{k}" not in trace, f"{when}: finished iteration {k} entered again"
         d0, g0 = first_step(f"stage2_d{k}"), first_step(f"stage2_g{k}")
         if b["d_done"]:
             assert d0 is None, f"{when}: the finished D of iteration {k} was trained again (from step {d0})"
         elif d0 is not None:
-            assert d0 == b["d_step"], f"{when}: D of iteration {k} restarted at step {d0}, saved at {b['d_step']}"
+            assert d0 == b["d_step"], (
+                f"{when}: D of iteration {k} restarted at step {d0}, saved at {b['d_step']}"
+            )
         if b["g_done"]:
             assert g0 is None, f"{when}: finished diffusion phase of iteration {k} trained again"
         elif g0 is not None:
-            assert g0 == b["g_step"], (f"{when}: diffusion phase of iteration {k} restarted at step {g0}, saved at "
-                                       f"{b['g_step']}")
+            assert g0 == b["g_step"], (
+                f"{when}: diffusion phase of iteration {k} restarted at step {g0}, saved at {b['g_step']}"
+            )
     for r in before["summary_rows"]:
         assert f"phase:summary{r}" not in trace, f"{when}: summary row {r} measured again"
 
@@ -246,7 +298,7 @@ def assert_same_outputs(ref: Path, out: Path) -> None:
     def listing(root):
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
-    assert listing(out) == listing(ref), (listing(out) ^ listing(ref))
+    assert listing(out) == listing(ref), listing(out) ^ listing(ref)
     for rel in sorted(listing(ref)):
         if rel == "timings.csv":  # wall-clock record: a killed phase has no row, its rerun adds one
             continue
@@ -279,12 +331,30 @@ def fault_config(root: Path, manifest, ae, ckpt) -> Path:
     steps per iteration with a checkpoint every 2: kills land before, inside and between states. The D is
     online (it also trains during the fine-tune, on noise-conditioned inputs, with R1), so the kills inside
     the diffusion phase land between and inside online D updates too."""
-    path = stage2_config(root, manifest, ae, ckpt,
-                         stage2={"num_samples": 16, "num_iterations": ITERATIONS, "diffusion_epochs": 6,
-                                 "diffusion_eval_interval": 2, "generation_batch_size": 4, "val_samples": 4,
-                                 "grid_samples": 4, "metric_samples": 16},
-                         discriminator={"epochs": 2, "eval_interval": 2, "mode": "online", "noise_inputs": True,
-                                        "r1_gamma": 0.1, "warm_start": True})
+    path = stage2_config(
+        root,
+        manifest,
+        ae,
+        ckpt,
+        stage2={
+            "num_samples": 16,
+            "num_iterations": ITERATIONS,
+            "diffusion_epochs": 6,
+            "diffusion_eval_interval": 2,
+            "generation_batch_size": 4,
+            "val_samples": 4,
+            "grid_samples": 4,
+            "metric_samples": 16,
+        },
+        discriminator={
+            "epochs": 2,
+            "eval_interval": 2,
+            "mode": "online",
+            "noise_inputs": True,
+            "r1_gamma": 0.1,
+            "warm_start": True,
+        },
+    )
     data = yaml.safe_load(path.read_text())
     data["autoencoder"]["encode_batch_size"] = 4
     data["discriminator"]["config"]["noise_conditioned"] = True
@@ -293,8 +363,9 @@ def fault_config(root: Path, manifest, ae, ckpt) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, digits_manifest, small_ae,
-                                                                    stage1_ckpt):
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt
+):
     t0 = time.time()
     ref_cfg = fault_config(tmp_path / "ref", digits_manifest, small_ae, stage1_ckpt)
     ref_trace = tmp_path / "ref" / "trace.txt"
@@ -307,8 +378,10 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, di
         points = sorted(FAULT_LIST.split(","), key=trace.index)
     else:
         points = choose_points(trace, random.Random(SEED))
-    print(f"\nfault injection: ADVDIFF_FAULT_SEED={SEED}, {len(points)} of {len(trace)} points "
-          f"(uninterrupted run {time.time() - t0:.0f}s):")
+    print(
+        f"\nfault injection: ADVDIFF_FAULT_SEED={SEED}, {len(points)} of {len(trace)} points "
+        f"(uninterrupted run {time.time() - t0:.0f}s):"
+    )
     for p in points:
         print(f"  {category(p):15s} iteration {iteration_of(trace)[trace.index(p)]}  {p}")
 
@@ -324,7 +397,9 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, di
         tail = log.read_text()[-3000:]
         if point is not None:
             assert rc != 0, f"{when}: the run completed without reaching {point} (its name is not stable?)"
-            assert rc == -signal.SIGKILL, f"{when}: expected the launcher to die of SIGKILL, got exit {rc}:\n{tail}"
+            assert rc == -signal.SIGKILL, (
+                f"{when}: expected the launcher to die of SIGKILL, got exit {rc}:\n{tail}"
+            )
             assert seen and seen[-1] == point, f"{when}: the last point passed was {seen[-1:]}, not {point}"
         else:
             assert rc == 0, f"{when}: exit {rc}:\n{tail}"
@@ -367,8 +442,16 @@ def test_point_names_are_scoped_to_the_checkpoint_that_writes_them(tmp_path):
     finally:
         faults.configure()
     assert trace.read_text().splitlines() == [
-        "phase:k0", "partial:d/once.txt", "write:d/once.txt", "step:stage2_d0:3",
-        "partial:stage2_d0:3:d/history.csv", "write:stage2_d0:3:d/history.csv",
-        "partial:stage2_d0:3:d/state.pt", "write:stage2_d0:3:d/state.pt", "partial:d/after.png", "write:d/after.png"]
+        "phase:k0",
+        "partial:d/once.txt",
+        "write:d/once.txt",
+        "step:stage2_d0:3",
+        "partial:stage2_d0:3:d/history.csv",
+        "write:stage2_d0:3:d/history.csv",
+        "partial:stage2_d0:3:d/state.pt",
+        "write:stage2_d0:3:d/state.pt",
+        "partial:d/after.png",
+        "write:d/after.png",
+    ]
     atomic.write_text("x", tmp_path / "d" / "off.txt")  # off again: nothing traced
     assert "off" not in trace.read_text()

@@ -6,6 +6,7 @@ log density ratio of the noised marginals, a_t u·x_t (+ const). Guidance with w
 model's score into the data's, and DDIM's mean is exact for Gaussian data: the guided samples' mean
 must be w u, the unguided ones' 0.
 """
+
 from types import SimpleNamespace
 
 import pytest
@@ -35,12 +36,15 @@ def micro_unet(seed=0):
 
 def tiny_d(noise_conditioned=True, seed=0):
     torch.manual_seed(seed)
-    return build_discriminator({"latent_channels": 4, "base_channels": 8, "num_layers": 2,
-                                "noise_conditioned": noise_conditioned})
+    return build_discriminator(
+        {"latent_channels": 4, "base_channels": 8, "num_layers": 2, "noise_conditioned": noise_conditioned}
+    )
 
 
 def _ab(sched, t, device):
-    return sched.train.alphas_cumprod.to(device)[torch.as_tensor(t, device=device)].float().reshape(-1, 1, 1, 1)
+    return (
+        sched.train.alphas_cumprod.to(device)[torch.as_tensor(t, device=device)].float().reshape(-1, 1, 1, 1)
+    )
 
 
 class GaussianModel(nn.Module):
@@ -68,7 +72,7 @@ class TiltD(nn.Module):
 
     def forward(self, z, t):
         a = torch.ones(z.shape[0], 1, 1, 1) if self.clean else _ab(self.sched, t, z.device).sqrt()
-        return (a * self.u * z).sum((1, 2, 3)) - (a.flatten() ** 2) * (self.u ** 2) * z[0].numel() / 2
+        return (a * self.u * z).sum((1, 2, 3)) - (a.flatten() ** 2) * (self.u**2) * z[0].numel() / 2
 
 
 class Quadratic(nn.Module):
@@ -88,11 +92,11 @@ def old_ddim_sample(unet, ddim, noise, steps, eta=0.0, batch_size=64, gen_parts=
     with torch.inference_mode():
         out = []
         for s in range(0, noise.shape[0], batch_size):
-            x = noise[s:s + batch_size].contiguous(memory_format=torch.channels_last)
+            x = noise[s : s + batch_size].contiguous(memory_format=torch.channels_last)
             ddim.set_timesteps(steps, device=x.device)
             gens = None
             if eta > 0 and gen_parts is not None and indices is not None:
-                gens = eta_generators(indices[s:s + batch_size], *gen_parts)
+                gens = eta_generators(indices[s : s + batch_size], *gen_parts)
             for t in ddim.timesteps:
                 x = ddim_step(ddim, unet(x, t).sample, t, x, eta, gens)
             out.append(x.contiguous())
@@ -182,8 +186,13 @@ def test_off_outside_t_min_t_max_per_sample():
 
 
 def test_guidance_rejects_bad_settings():
-    for kw in ({"t_min": 0.6, "t_max": 0.5}, {"t_min": -0.1}, {"t_max": 1.5}, {"weight": float("nan")},
-               {"input": "x0"}):
+    for kw in (
+        {"t_min": 0.6, "t_max": 0.5},
+        {"t_min": -0.1},
+        {"t_max": 1.5},
+        {"weight": float("nan")},
+        {"input": "x0"},
+    ):
         with pytest.raises(ValueError):
             Guidance(tiny_d(), **kw)
 
@@ -195,15 +204,33 @@ def test_ddim_sample_without_guidance_is_bit_identical_to_the_old_loop(eta):
     idx = list(range(3))
     noise = per_sample_noise(idx, SHAPE, 7, "t")
     new = ddim_sample(unet, sched.ddim(), noise, 3, eta=eta, batch_size=2, gen_parts=(7, "t"), indices=idx)
-    old = old_ddim_sample(unet, sched.ddim(), noise, 3, eta=eta, batch_size=2, gen_parts=(7, "t"), indices=idx)
+    old = old_ddim_sample(
+        unet, sched.ddim(), noise, 3, eta=eta, batch_size=2, gen_parts=(7, "t"), indices=idx
+    )
     assert torch.equal(new, old)
     # the guided path with guidance active at no step (t_min = t_max = 1: t <= 999) gives the same bits
     never = Guidance(tiny_d(), weight=2.0, t_min=1.0, t_max=1.0)
-    assert torch.equal(ddim_sample(unet, sched.ddim(), noise, 3, eta=eta, batch_size=2, gen_parts=(7, "t"),
-                                   indices=idx, guidance=never), old)
+    assert torch.equal(
+        ddim_sample(
+            unet,
+            sched.ddim(),
+            noise,
+            3,
+            eta=eta,
+            batch_size=2,
+            gen_parts=(7, "t"),
+            indices=idx,
+            guidance=never,
+        ),
+        old,
+    )
     on = Guidance(tiny_d(), weight=2.0)
-    assert not torch.allclose(ddim_sample(unet, sched.ddim(), noise, 3, eta=eta, batch_size=2, gen_parts=(7, "t"),
-                                          indices=idx, guidance=on), old)
+    assert not torch.allclose(
+        ddim_sample(
+            unet, sched.ddim(), noise, 3, eta=eta, batch_size=2, gen_parts=(7, "t"), indices=idx, guidance=on
+        ),
+        old,
+    )
 
 
 def test_guided_sampler_works_inside_a_callers_inference_mode_and_is_batch_independent():
@@ -229,7 +256,8 @@ def test_guidance_moves_samples_to_the_tilted_distribution(pred, mode):
         z = ddim_sample(model, sched.ddim(), noise, 20, guidance=Guidance(d, weight=w, t_min=0.0, input=mode))
         means[w] = float(z.mean())
         assert float(d(z, torch.zeros(64, dtype=torch.long)).mean()) > float(
-            d(plain, torch.zeros(64, dtype=torch.long)).mean())
+            d(plain, torch.zeros(64, dtype=torch.long)).mean()
+        )
     assert abs(float(plain.mean())) < 0.03
     assert abs(means[0.5] - 0.5 * u) < 0.03 and abs(means[1.0] - u) < 0.03, means
     # the default t_min (off for t < 0.15 T) leaves part of the way to the model alone
@@ -246,9 +274,17 @@ def _checkpoint(path, ae, channels=4, pred="epsilon"):
     spec = preset("micro", in_channels=channels, out_channels=channels, sample_size=8)
     torch.manual_seed(0)
     unet = build_unet(spec)
-    blob = export_blob(unet_config(spec), unet.state_dict(), LatentScaling(scale=1.0, shift=0.0), 0, {},
-                       schedule={"type": "linear", "num_steps": 1000, "prediction_type": pred},
-                       autoencoder=str(ae) if ae else None, config={}, dest=path)
+    blob = export_blob(
+        unet_config(spec),
+        unet.state_dict(),
+        LatentScaling(scale=1.0, shift=0.0),
+        0,
+        {},
+        schedule={"type": "linear", "num_steps": 1000, "prediction_type": pred},
+        autoencoder=str(ae) if ae else None,
+        config={},
+        dest=path,
+    )
     torch.save(blob, path)
     return path
 
@@ -257,8 +293,14 @@ def _d_file(path, noise_conditioned=True, channels=4):
     from trainer.stage2.discriminator_trainer import D_FORMAT
 
     torch.manual_seed(0)
-    d = build_discriminator({"latent_channels": channels, "base_channels": 8, "num_layers": 2,
-                             "noise_conditioned": noise_conditioned})
+    d = build_discriminator(
+        {
+            "latent_channels": channels,
+            "base_channels": 8,
+            "num_layers": 2,
+            "noise_conditioned": noise_conditioned,
+        }
+    )
     torch.save({"format": D_FORMAT, "config": d.config, "state_dict": d.state_dict()}, path)
     return path
 
@@ -281,8 +323,20 @@ def test_sample_command_writes_latents_and_grid(tmp_path, small_ae, capsys):
     rc, io = _run([*base, "--out", str(tmp_path / "plain5"), "--batch_size", "3", "--no_grid"], capsys)
     assert rc == 0 and not (tmp_path / "plain5.png").exists()
     torch.testing.assert_close(torch.load(tmp_path / "plain5.pt"), plain, atol=1e-5, rtol=1e-5)
-    rc, io = _run([*base, "--out", str(tmp_path / "guided"), "--discriminator", str(d), "--guidance_weight", "2",
-                   "--guidance_t_min", "0.1"], capsys)
+    rc, io = _run(
+        [
+            *base,
+            "--out",
+            str(tmp_path / "guided"),
+            "--discriminator",
+            str(d),
+            "--guidance_weight",
+            "2",
+            "--guidance_t_min",
+            "0.1",
+        ],
+        capsys,
+    )
     assert rc == 0, io.err
     assert "guidance w=2.0" in io.out
     guided = torch.load(tmp_path / "guided.pt")
@@ -307,15 +361,23 @@ def _bad_cases(tmp_path, small_ae):
         ([str(ckpt), *guide, str(junk)], f"{junk}: unreadable discriminator"),
         ([str(ckpt), *guide, str(foreign)], f"--discriminator: {foreign}: not an advdiff discriminator"),
         ([str(ckpt), *guide, str(plain_d)], f"--discriminator: {plain_d}: D is not noise_conditioned"),
-        ([str(three), *guide, str(d)], f"--discriminator: {d}: D takes 4-channel latents, the checkpoint's UNet "
-                                       f"makes 3-channel ones"),
-        ([str(three), "--ae", str(small_ae)], f"--ae: {small_ae}: latent channels 4 differ from the checkpoint's "
-                                              f"UNet's 3"),
-        ([str(ckpt), "--ae", str(tmp_path / "noae")], f"autoencoder.checkpoint: {tmp_path / 'noae'}: autoencoder "
-                                                      f"not found"),
+        (
+            [str(three), *guide, str(d)],
+            f"--discriminator: {d}: D takes 4-channel latents, the checkpoint's UNet makes 3-channel ones",
+        ),
+        (
+            [str(three), "--ae", str(small_ae)],
+            f"--ae: {small_ae}: latent channels 4 differ from the checkpoint's UNet's 3",
+        ),
+        (
+            [str(ckpt), "--ae", str(tmp_path / "noae")],
+            f"autoencoder.checkpoint: {tmp_path / 'noae'}: autoencoder not found",
+        ),
         ([str(ckpt), "--num", "0"], "--num: expected at least 1, got 0"),
-        ([str(ckpt), *guide, str(d), "--guidance_t_min", "0.9", "--guidance_t_max", "0.5"],
-         "--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got 0.9, 0.5"),
+        (
+            [str(ckpt), *guide, str(d), "--guidance_t_min", "0.9", "--guidance_t_max", "0.5"],
+            "--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got 0.9, 0.5",
+        ),
         ([str(ckpt), "--guidance_weight", "2"], "--guidance_weight: given without --discriminator"),
         ([str(ckpt), "--steps", "2000"], "--steps: at most 1000 (the checkpoint's schedule), got 2000"),
     ]

@@ -1,6 +1,7 @@
 """A folder of images as dataset.manifest, and `advdiff manifest DIR` that writes its CSV: the recursive
 listing and its order, the same rows and latents as that CSV in stages 0 and 2 (`advdiff validate` and
 the real-latent encoding), and one line with exit code 2 for each bad input."""
+
 import os
 import shutil
 
@@ -18,14 +19,38 @@ from trainer.data.manifest import list_images, read_manifest
 # name -> format: nested folders, mixed-case suffixes, one JPEG and one BMP among the PNGs, and a folder whose
 # name ends in an image suffix (a folder, not an image: its contents are listed)
 IMAGES = {
-    "zeta.png": "PNG", "Alpha.PNG": "PNG", "a.Png": "PNG", "b/02.png": "PNG", "b/10.png": "PNG",
-    "b/deep/er/03.png": "PNG", "b-c.png": "PNG", "c/photo.JPG": "JPEG", "c/scan.bmp": "BMP",
-    "dir.png/inner.png": "PNG", "b/01.pNg": "PNG", "c/x.webp_not": None, "c/notes.txt": None, "README": None,
-    ".hidden.png": "PNG", ".cache/skipped.png": "PNG", "b/.also_hidden.PNG": "PNG",
+    "zeta.png": "PNG",
+    "Alpha.PNG": "PNG",
+    "a.Png": "PNG",
+    "b/02.png": "PNG",
+    "b/10.png": "PNG",
+    "b/deep/er/03.png": "PNG",
+    "b-c.png": "PNG",
+    "c/photo.JPG": "JPEG",
+    "c/scan.bmp": "BMP",
+    "dir.png/inner.png": "PNG",
+    "b/01.pNg": "PNG",
+    "c/x.webp_not": None,
+    "c/notes.txt": None,
+    "README": None,
+    ".hidden.png": "PNG",
+    ".cache/skipped.png": "PNG",
+    "b/.also_hidden.PNG": "PNG",
 }
 # sorted by the POSIX relative path ('-' < '.' < '/' < digits < upper case < lower case)
-EXPECTED = ["Alpha.PNG", "a.Png", "b-c.png", "b/01.pNg", "b/02.png", "b/10.png", "b/deep/er/03.png",
-            "c/photo.JPG", "c/scan.bmp", "dir.png/inner.png", "zeta.png"]
+EXPECTED = [
+    "Alpha.PNG",
+    "a.Png",
+    "b-c.png",
+    "b/01.pNg",
+    "b/02.png",
+    "b/10.png",
+    "b/deep/er/03.png",
+    "c/photo.JPG",
+    "c/scan.bmp",
+    "dir.png/inner.png",
+    "zeta.png",
+]
 
 
 def make_folder(root, names=None):
@@ -103,15 +128,18 @@ def test_manifest_command_writes_the_folder_rows_relative_to_the_csv(folder, tmp
     assert list_images(folder) == EXPECTED  # the CSV written into the folder is not an image
 
     # elsewhere, both flag spellings: paths relative to the CSV's folder, so the pair can be moved
-    for flags in (["--out", tmp_path / "tree" / "lists" / "m.csv", "--image_column", "img"],
-                  ["--out", tmp_path / "tree" / "lists" / "m2.csv", "--image-column", "img"]):
+    for flags in (
+        ["--out", tmp_path / "tree" / "lists" / "m.csv", "--image_column", "img"],
+        ["--out", tmp_path / "tree" / "lists" / "m2.csv", "--image-column", "img"],
+    ):
         assert _manifest(folder, *flags) == 0
         out = flags[1]
         assert pd.read_csv(out)["img"].tolist() == [f"../imgs/{p}" for p in EXPECTED]
     shutil.move(tmp_path / "tree", tmp_path / "moved")
     moved = read_manifest(tmp_path / "moved" / "lists" / "m.csv", "img")["image_path"]
-    assert [os.path.realpath(p) for p in moved] == [str((tmp_path / "moved" / "imgs" / p).resolve())
-                                                     for p in EXPECTED]
+    assert [os.path.realpath(p) for p in moved] == [
+        str((tmp_path / "moved" / "imgs" / p).resolve()) for p in EXPECTED
+    ]
 
 
 def test_folder_and_its_csv_train_the_same_stage0(folder, tmp_path):
@@ -123,17 +151,30 @@ def test_folder_and_its_csv_train_the_same_stage0(folder, tmp_path):
     weights = []
     for name, manifest in (("folder", folder), ("csv", folder / "manifest.csv")):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({
-            "experiment": {"save_path": str(tmp_path / name)},
-            "dataset": {"manifest": str(manifest)},
-            "autoencoder": {"model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
-                            "training": {"max_steps": 2, "batch_size": 4, "eval_interval": 2, "log_interval": 1,
-                                         "warmup_steps": 1}}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "experiment": {"save_path": str(tmp_path / name)},
+                    "dataset": {"manifest": str(manifest)},
+                    "autoencoder": {
+                        "model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
+                        "training": {
+                            "max_steps": 2,
+                            "batch_size": 4,
+                            "eval_interval": 2,
+                            "log_interval": 1,
+                            "warmup_steps": 1,
+                        },
+                    },
+                }
+            )
+        )
         trainer = AutoencoderTrainer(load_config(path), build_accelerator("cpu"))
         assert trainer.rows["image_path"].tolist() == [str(folder.resolve() / p) for p in EXPECTED]
         trainer.fit()
-        weights.append(torch.load(tmp_path / name / "stage0" / "autoencoder_latest.pt",
-                                  weights_only=True)["state_dict"])
+        weights.append(
+            torch.load(tmp_path / name / "stage0" / "autoencoder_latest.pt", weights_only=True)["state_dict"]
+        )
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -147,16 +188,24 @@ def test_folder_and_its_csv_give_stage1_the_same_latents(folder, tmp_path, small
     latents = []
     for name, manifest in (("folder", folder), ("csv", folder / "manifest.csv")):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({
-            "experiment": {"save_path": str(tmp_path / name)}, "dataset": {"manifest": str(manifest)},
-            "autoencoder": {"checkpoint": str(small_ae), "scaling": "measure"}, "unet": {"preset": "micro"},
-            "training": {"batch_size": 4, "max_steps": 1}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "experiment": {"save_path": str(tmp_path / name)},
+                    "dataset": {"manifest": str(manifest)},
+                    "autoencoder": {"checkpoint": str(small_ae), "scaling": "measure"},
+                    "unet": {"preset": "micro"},
+                    "training": {"batch_size": 4, "max_steps": 1},
+                }
+            )
+        )
         latents.append(DiffusionTrainer(load_config(path), build_accelerator("cpu")).latents)
     assert latents[0].shape[0] == len(EXPECTED) and torch.equal(latents[0], latents[1])
 
 
-def test_stage2_validate_and_real_latents_from_a_folder_equal_its_csv(folder, tmp_path, small_ae, stage1_ckpt,
-                                                                      capsys):
+def test_stage2_validate_and_real_latents_from_a_folder_equal_its_csv(
+    folder, tmp_path, small_ae, stage1_ckpt, capsys
+):
     from models.autoencoder import LatentScaling
     from trainer.cli.main import main
     from trainer.config.load import load_config
@@ -175,8 +224,14 @@ def test_stage2_validate_and_real_latents_from_a_folder_equal_its_csv(folder, tm
         cfg = load_config(cfg_path)
         facts = check_stage2(cfg)
         picked = choose_real_rows(len(facts.rows), 8, cfg.training.seed, 0, False)
-        codec = LatentCodec(build_accelerator("cpu"), small_ae, LatentScaling(scale=1.0, shift=0.0),
-                            facts.latent_shape, resolution=None, batch_size=3)
+        codec = LatentCodec(
+            build_accelerator("cpu"),
+            small_ae,
+            LatentScaling(scale=1.0, shift=0.0),
+            facts.latent_shape,
+            resolution=None,
+            batch_size=3,
+        )
         latents.append(codec.encode(facts.rows.iloc[picked]))
     assert latents[0].shape == (8, *facts.latent_shape)
     assert torch.equal(latents[0], latents[1])
@@ -186,11 +241,18 @@ def test_stage2_validate_and_real_latents_from_a_folder_equal_its_csv(folder, tm
 # -- bad input: one line naming the folder or field, exit code 2 -----------------------------------------------
 def _stage0_config(tmp_path, manifest, filters=None):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({  # tiny, should a bad input ever get past the checks
-        "experiment": {"save_path": str(tmp_path / "out")},
-        "dataset": {"manifest": str(manifest), "filters": filters or {}},
-        "autoencoder": {"model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
-                        "training": {"max_steps": 1, "batch_size": 2, "eval_interval": 1}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {  # tiny, should a bad input ever get past the checks
+                "experiment": {"save_path": str(tmp_path / "out")},
+                "dataset": {"manifest": str(manifest), "filters": filters or {}},
+                "autoencoder": {
+                    "model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
+                    "training": {"max_steps": 1, "batch_size": 2, "eval_interval": 1},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -207,35 +269,45 @@ def c_empty_folder(tmp_path):
 
 
 def c_only_hidden_and_other_files(tmp_path):
-    make_folder(tmp_path / "d", [".hidden.png", ".cache/skipped.png", "c/notes.txt", "README", "c/x.webp_not"])
+    make_folder(
+        tmp_path / "d", [".hidden.png", ".cache/skipped.png", "c/notes.txt", "README", "c/x.webp_not"]
+    )
     return ["stage0", _stage0_config(tmp_path, tmp_path / "d")], _no_images(tmp_path / "d")
 
 
 def c_filter_on_a_folder(tmp_path):
     make_folder(tmp_path / "d")
-    return (["stage0", _stage0_config(tmp_path, tmp_path / "d", {"label": [1]})],
-            f"{tmp_path / 'd'}: dataset.filters.label: an image folder has only the column 'image_path'; "
-            f"write a CSV with `advdiff manifest {tmp_path / 'd'}` and add the column to it")
+    return (
+        ["stage0", _stage0_config(tmp_path, tmp_path / "d", {"label": [1]})],
+        f"{tmp_path / 'd'}: dataset.filters.label: an image folder has only the column 'image_path'; "
+        f"write a CSV with `advdiff manifest {tmp_path / 'd'}` and add the column to it",
+    )
 
 
 def c_manifest_of_a_file(tmp_path):
     (tmp_path / "f.png").write_bytes(b"")
-    return (["manifest", tmp_path / "f.png"],
-            f"{tmp_path / 'f.png'}: not a folder (advdiff manifest DIR lists the images under a folder)")
+    return (
+        ["manifest", tmp_path / "f.png"],
+        f"{tmp_path / 'f.png'}: not a folder (advdiff manifest DIR lists the images under a folder)",
+    )
 
 
 def c_manifest_of_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "dataset_info.json").write_text("{}")
     return ["manifest", tmp_path / "empty"], (
-        _no_images(tmp_path / "empty") + "; it looks like a Hugging Face `datasets` folder, which advdiff does "
-                                         "not read: save its images as files")
+        _no_images(tmp_path / "empty")
+        + "; it looks like a Hugging Face `datasets` folder, which advdiff does "
+        "not read: save its images as files"
+    )
 
 
 def c_manifest_out_is_a_folder(tmp_path):
     make_folder(tmp_path / "d", ["a.Png"])
-    return (["manifest", tmp_path / "d", "--out", tmp_path / "d"],
-            f"--out {tmp_path / 'd'}: is a folder; expected the path of the CSV to write")
+    return (
+        ["manifest", tmp_path / "d", "--out", tmp_path / "d"],
+        f"--out {tmp_path / 'd'}: is a folder; expected the path of the CSV to write",
+    )
 
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
@@ -249,9 +321,13 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert [ln for ln in err.splitlines() if ln.startswith("advdiff: error:")] == [f"advdiff: error: {expected}"]
+    assert [ln for ln in err.splitlines() if ln.startswith("advdiff: error:")] == [
+        f"advdiff: error: {expected}"
+    ]
     assert "Traceback" not in err
-    assert not (tmp_path / "d" / "manifest.csv").exists() and not (tmp_path / "empty" / "manifest.csv").exists()
+    assert (
+        not (tmp_path / "d" / "manifest.csv").exists() and not (tmp_path / "empty" / "manifest.csv").exists()
+    )
 
 
 def test_validate_names_the_filter_on_a_folder(folder, tmp_path, small_ae, stage1_ckpt, capsys):
@@ -262,8 +338,10 @@ def test_validate_names_the_filter_on_a_folder(folder, tmp_path, small_ae, stage
     data["dataset"]["filters"] = {"split": ["train"]}
     cfg.write_text(yaml.safe_dump(data))
     assert main(["validate", str(cfg)]) == 2
-    assert (f"advdiff: error: {folder}: dataset.filters.split: an image folder has only the column 'image_path'; "
-            f"write a CSV with `advdiff manifest {folder}` and add the column to it") in capsys.readouterr().err.splitlines()
+    assert (
+        f"advdiff: error: {folder}: dataset.filters.split: an image folder has only the column 'image_path'; "
+        f"write a CSV with `advdiff manifest {folder}` and add the column to it"
+    ) in capsys.readouterr().err.splitlines()
 
 
 def test_filter_on_the_image_column_keeps_those_rows(folder):
@@ -272,7 +350,9 @@ def test_filter_on_the_image_column_keeps_those_rows(folder):
 
 
 def test_a_label_column_is_refused_in_one_line(folder):
-    with pytest.raises(UserError, match=r"no column 'label'; an image folder has only the column 'image_path'"):
+    with pytest.raises(
+        UserError, match=r"no column 'label'; an image folder has only the column 'image_path'"
+    ):
         read_manifest(folder, "image_path", keep=("label",))
 
 

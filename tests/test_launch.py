@@ -1,6 +1,7 @@
 """launch.sh and trainer.parallel.slurm without a cluster: per-node accelerate arguments from faked SLURM
 environments, the dry-run output of both modes, usage errors, and the generated batch script run
 under bash with stand-ins for srun, scontrol and sbatch."""
+
 import os
 import shlex
 import signal
@@ -16,8 +17,12 @@ HOSTS = ["gpu07", "gpu08", "gpu09"]
 
 
 def node_env(node_id, nodes=3, job_id="4242", nodelist="gpu[07-09]"):
-    return {"SLURM_NNODES": str(nodes), "SLURM_NODEID": str(node_id), "SLURM_JOB_ID": job_id,
-            "SLURM_JOB_NODELIST": nodelist}
+    return {
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NODEID": str(node_id),
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NODELIST": nodelist,
+    }
 
 
 def as_dict(args):
@@ -35,6 +40,7 @@ def as_dict(args):
 
 # ---- launch_args ----
 
+
 def test_every_node_gets_its_own_rank_and_the_same_rendezvous():
     per_node = [as_dict(launch_args(node_env(i), 4, HOSTS)) for i in range(3)]
     assert [a["--machine_rank"] for a in per_node] == ["0", "1", "2"]
@@ -51,8 +57,13 @@ def test_the_cli_reads_each_tasks_own_environment():
     ranks, rendezvous = [], set()
     for i in range(3):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        proc = subprocess.run([sys.executable, "-m", "trainer.parallel.slurm", "print-args", "--gpus-per-node", "2"],
-                              capture_output=True, text=True, cwd=REPO, env={**env, **node_env(i)})
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer.parallel.slurm", "print-args", "--gpus-per-node", "2"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**env, **node_env(i)},
+        )
         assert proc.returncode == 0, proc.stderr
         a = as_dict(shlex.split(proc.stdout))
         ranks.append(a["--machine_rank"])
@@ -78,7 +89,9 @@ def test_port_is_deterministic_and_differs_between_jobs():
 
 def test_hostnames_come_from_scontrol(tmp_path, monkeypatch):
     fake = tmp_path / "scontrol"
-    fake.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames weird[1-2]' ] && printf 'first\\nsecond\\n'\n")
+    fake.write_text(
+        "#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames weird[1-2]' ] && printf 'first\\nsecond\\n'\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     a = as_dict(launch_args(node_env(1, nodes=2, nodelist="weird[1-2]"), 1))
@@ -90,13 +103,27 @@ def test_hostnames_without_scontrol(tmp_path, monkeypatch):
     a = as_dict(launch_args(node_env(2, nodelist="gpu[07-09]"), 1))
     assert a["--main_process_ip"] == "gpu07"
     assert expand_nodelist("gpu[07-09,11],login1,r[1-2]-n[1-2]") == [
-        "gpu07", "gpu08", "gpu09", "gpu11", "login1", "r1-n1", "r1-n2", "r2-n1", "r2-n2"]
+        "gpu07",
+        "gpu08",
+        "gpu09",
+        "gpu11",
+        "login1",
+        "r1-n1",
+        "r1-n2",
+        "r2-n1",
+        "r2-n2",
+    ]
     assert expand_nodelist("n[008-010]") == ["n008", "n009", "n010"]
 
 
-@pytest.mark.parametrize("drop, message", [("SLURM_NODEID", "SLURM_NODEID is not set"),
-                                           ("SLURM_NNODES", "SLURM_NNODES / SLURM_JOB_NUM_NODES is not set"),
-                                           ("SLURM_JOB_ID", "SLURM_JOB_ID / SLURM_JOBID is not set")])
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("SLURM_NODEID", "SLURM_NODEID is not set"),
+        ("SLURM_NNODES", "SLURM_NNODES / SLURM_JOB_NUM_NODES is not set"),
+        ("SLURM_JOB_ID", "SLURM_JOB_ID / SLURM_JOBID is not set"),
+    ],
+)
 def test_missing_slurm_variables(drop, message):
     env = node_env(0)
     del env[drop]
@@ -113,18 +140,26 @@ def test_inconsistent_slurm_variables():
         launch_args(node_env(0), 2, HOSTS[:2])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["print-args", "--gpus-per-node", "2"], "SLURM_NNODES / SLURM_JOB_NUM_NODES is not set"),
-    (["exec", "--gpus-per-node", "2", "--", "trainer.stage2", "x.yaml"], "SLURM_NNODES"),
-    (["exec", "--gpus-per-node", "2"], "expected -- MODULE"),
-    (["print-args"], "--gpus-per-node is required"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["print-args", "--gpus-per-node", "2"], "SLURM_NNODES / SLURM_JOB_NUM_NODES is not set"),
+        (["exec", "--gpus-per-node", "2", "--", "trainer.stage2", "x.yaml"], "SLURM_NNODES"),
+        (["exec", "--gpus-per-node", "2"], "expected -- MODULE"),
+        (["print-args"], "--gpus-per-node is required"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     if "SLURM" not in message:
         env.update(node_env(0))
-    proc = subprocess.run([sys.executable, "-m", "trainer.parallel.slurm", *argv], capture_output=True, text=True,
-                          cwd=REPO, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.parallel.slurm", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert proc.stderr.startswith("trainer.parallel.slurm: error: ")
@@ -133,11 +168,29 @@ def test_cli_errors_are_one_line(argv, message):
 def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
     data = tmp_path / "x.json"
     data.write_text('{"b": 1}')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-           **node_env(0, nodes=1, nodelist="localhost"), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer.parallel.slurm", "exec", "--gpus-per-node", "1", "--",
-                           "json.tool", str(data)], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=120)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        **node_env(0, nodes=1, nodelist="localhost"),
+        "ACCELERATE_USE_CPU": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.parallel.slurm",
+            "exec",
+            "--gpus-per-node",
+            "1",
+            "--",
+            "json.tool",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert '"b": 1' in proc.stdout
     assert "accelerate.commands.launch --num_machines 1 --machine_rank 0" in proc.stderr
@@ -145,14 +198,17 @@ def test_exec_replaces_itself_with_accelerate_launch(tmp_path):
 
 # ---- launch.sh ----
 
+
 def test_local_dry_run(tmp_path):
     cfg = write_config(tmp_path)
     proc = launch(cfg, "--cpu", "--gpus", "2", "--dry-run", "--", "--num_samples", "3")
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.strip()
     assert cmd.startswith("ACCELERATE_USE_CPU=1 ")
-    assert f"accelerate.commands.launch --num_processes 2 --multi_gpu -m trainer.stage2 {cfg} " \
-           f"--device cpu --num_samples 3" in cmd  # stage 2 by default
+    assert (
+        f"accelerate.commands.launch --num_processes 2 --multi_gpu -m trainer.stage2 {cfg} "
+        f"--device cpu --num_samples 3" in cmd
+    )  # stage 2 by default
     proc = launch(cfg, "--stage", "stage1", "--mixed-precision", "bf16", "--dry-run")
     assert "-m trainer.stage1 " in proc.stdout and "--mixed_precision bf16" in proc.stdout
     assert "ACCELERATE_USE_CPU" not in proc.stdout and "--multi_gpu" not in proc.stdout
@@ -169,27 +225,61 @@ def split_dry_run(stdout: str):
 
 def test_slurm_dry_run_gpu(tmp_path):
     cfg = write_config(tmp_path / "exp", save_path="runs/r1")  # relative: against the YAML's folder
-    proc = launch("--slurm", "--nodes", 3, "--gpus-per-node", 4, "--partition", "gpu", "--time", "02:00:00",
-                  "--signal-seconds", 120, "--dry-run", cfg, "--", "--num_iterations", "2")
+    proc = launch(
+        "--slurm",
+        "--nodes",
+        3,
+        "--gpus-per-node",
+        4,
+        "--partition",
+        "gpu",
+        "--time",
+        "02:00:00",
+        "--signal-seconds",
+        120,
+        "--dry-run",
+        cfg,
+        "--",
+        "--num_iterations",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr
     script, command, path = split_dry_run(proc.stdout)
     out = (tmp_path / "exp" / "runs" / "r1").resolve()
     assert path == f"{out}/slurm/advdiff_stage2.sbatch"
     header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
-    for expected in ("--nodes=3", "--ntasks-per-node=1", "--gpus-per-node=4", "--partition=gpu", "--time=02:00:00",
-                     "--signal=B:USR1@120", "--requeue", "--open-mode=append",
-                     f"--output={out}/slurm/advdiff_stage2_%j.out", f"--error={out}/slurm/advdiff_stage2_%j.err"):
+    for expected in (
+        "--nodes=3",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=02:00:00",
+        "--signal=B:USR1@120",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={out}/slurm/advdiff_stage2_%j.out",
+        f"--error={out}/slurm/advdiff_stage2_%j.err",
+    ):
         assert f"#SBATCH {expected}" in header, expected
     assert not any("cpus-per-task" in line for line in header)
-    for expected in ("srun", "trainer.parallel.slurm exec", "ADVDIFF_STOP_FILE=\"$stop_file\"", "scontrol requeue",
-                     "trap 'request_stop USR1' USR1", "trap 'request_stop TERM' TERM", "wait"):
+    for expected in (
+        "srun",
+        "trainer.parallel.slurm exec",
+        'ADVDIFF_STOP_FILE="$stop_file"',
+        "scontrol requeue",
+        "trap 'request_stop USR1' USR1",
+        "trap 'request_stop TERM' TERM",
+        "wait",
+    ):
         assert expected in script, expected
     assert "ACCELERATE_USE_CPU" not in script
     # the rank is never decided by the batch shell: no $SLURM_NODEID anywhere in what it runs
     assert "SLURM_NODEID" not in script and "SLURM_PROCID" not in script and "machine_rank" not in script
     assert command.startswith("srun --nodes=3 --ntasks-per-node=1 ")
-    assert command.endswith(f"-m trainer.parallel.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
-                            f"--num_iterations 2")
+    assert command.endswith(
+        f"-m trainer.parallel.slurm exec --gpus-per-node 4 -- trainer.stage2 {cfg.resolve()} "
+        f"--num_iterations 2"
+    )
     assert command in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert not out.exists(), "a dry run writes nothing"
@@ -198,8 +288,21 @@ def test_slurm_dry_run_gpu(tmp_path):
 def test_slurm_dry_run_cpu_and_overrides(tmp_path):
     cfg = write_config(tmp_path)
     other = tmp_path / "elsewhere"
-    proc = launch("--slurm", "--nodes", 1, "--gpus-per-node", 2, "--cpu", "--stage", "stage1", "--dry-run", cfg,
-                  "--", "--set", f"experiment.save_path={other}")
+    proc = launch(
+        "--slurm",
+        "--nodes",
+        1,
+        "--gpus-per-node",
+        2,
+        "--cpu",
+        "--stage",
+        "stage1",
+        "--dry-run",
+        cfg,
+        "--",
+        "--set",
+        f"experiment.save_path={other}",
+    )
     assert proc.returncode == 0, proc.stderr
     script, command, path = split_dry_run(proc.stdout)
     assert path == f"{other}/slurm/advdiff_stage1.sbatch"  # --set experiment.save_path moves everything
@@ -207,7 +310,7 @@ def test_slurm_dry_run_cpu_and_overrides(tmp_path):
     assert "export ACCELERATE_USE_CPU=1" in script
     assert f"-- trainer.stage1 {cfg} --device cpu --set experiment.save_path={other}" in command
     assert "--cpus-per-task=2" in command
-    assert "stop_file=\"$out_dir/.advdiff_stop\"" in script and f"out_dir={other}" in script
+    assert 'stop_file="$out_dir/.advdiff_stop"' in script and f"out_dir={other}" in script
 
 
 BAD_USAGE = [
@@ -223,10 +326,18 @@ BAD_USAGE = [
     (["{cfg}", "--mixed-precision", "fp8"], "--mixed-precision: expected no, fp16 or bf16, got fp8"),
     (["--slurm", "{cfg}", "--gpus-per-node", "2"], "--slurm needs --nodes M"),
     (["--slurm", "{cfg}", "--nodes", "2"], "--slurm needs --gpus-per-node G"),
-    (["--slurm", "{cfg}", "--nodes", "0", "--gpus-per-node", "2"], "--nodes: expected a positive integer, got '0'"),
-    (["--slurm", "{cfg}", "--nodes", "1", "--gpus-per-node", "2", "--gpus", "2", "--dry-run"], "--gpus is for local"),
-    (["--slurm", "{cfg}", "--nodes", "1", "--gpus-per-node", "2", "--signal-seconds", "soon", "--dry-run"],
-     "--signal-seconds: expected a positive integer"),
+    (
+        ["--slurm", "{cfg}", "--nodes", "0", "--gpus-per-node", "2"],
+        "--nodes: expected a positive integer, got '0'",
+    ),
+    (
+        ["--slurm", "{cfg}", "--nodes", "1", "--gpus-per-node", "2", "--gpus", "2", "--dry-run"],
+        "--gpus is for local",
+    ),
+    (
+        ["--slurm", "{cfg}", "--nodes", "1", "--gpus-per-node", "2", "--signal-seconds", "soon", "--dry-run"],
+        "--signal-seconds: expected a positive integer",
+    ),
     (["--slurm", "{bad}", "--nodes", "1", "--gpus-per-node", "1", "--dry-run"], "experiment.name"),
     (["--slurm", "{spaced}", "--nodes", "1", "--gpus-per-node", "1", "--dry-run"], "cannot hold blanks"),
 ]
@@ -248,6 +359,7 @@ def test_bad_usage_is_one_line_and_exit_2(tmp_path, argv, message):
 
 # ---- the batch script itself, with stand-ins for the SLURM commands (the fake_slurm fixture, conftest.py) ----
 
+
 def test_submission_writes_the_script_and_prints_the_job_id(fake_slurm):
     cfg, out, fake_dir, env = fake_slurm
     proc = submit_with_fake_sbatch(cfg, env)
@@ -262,20 +374,30 @@ def test_submission_writes_the_script_and_prints_the_job_id(fake_slurm):
 def test_signal_saves_and_requeues(fake_slurm, sig):
     cfg, out, fake_dir, env = fake_slurm
     submit_with_fake_sbatch(cfg, env)
-    rc, stdout, stderr = run_batch_script(out / "slurm" / "advdiff_stage2.sbatch", env, fake_dir, signal_after=sig)
+    rc, stdout, stderr = run_batch_script(
+        out / "slurm" / "advdiff_stage2.sbatch", env, fake_dir, signal_after=sig
+    )
     assert rc == 0, stdout + stderr
     assert f"received {sig.name[3:]}" in stdout and "requeueing job 4242" in stdout
     assert (fake_dir / "scontrol").read_text() == "requeue 4242\n"
     assert not (out / ".advdiff_requeue").exists() and not (out / ".advdiff_stop").exists()
     args = (fake_dir / "srun_args").read_text().splitlines()
-    assert args[args.index("--") + 1:] == ["trainer.stage2", str(cfg), "--device", "cpu", "--num_iterations", "1"]
+    assert args[args.index("--") + 1 :] == [
+        "trainer.stage2",
+        str(cfg),
+        "--device",
+        "cpu",
+        "--num_iterations",
+        "1",
+    ]
 
 
 def test_no_marker_passes_the_exit_status_through(fake_slurm):
     cfg, out, fake_dir, env = fake_slurm
     submit_with_fake_sbatch(cfg, env)
-    rc, stdout, _ = run_batch_script(out / "slurm" / "advdiff_stage2.sbatch", {**env, "FAKE_EXIT": "3"}, fake_dir,
-                                     finish_after=True)
+    rc, stdout, _ = run_batch_script(
+        out / "slurm" / "advdiff_stage2.sbatch", {**env, "FAKE_EXIT": "3"}, fake_dir, finish_after=True
+    )
     assert rc == 3 and "srun finished with status 3" in stdout
     assert not (fake_dir / "scontrol").exists()
 
@@ -285,6 +407,8 @@ def test_leftovers_of_an_earlier_run_are_cleared(fake_slurm):
     submit_with_fake_sbatch(cfg, env)
     (out / ".advdiff_stop").touch()
     (out / ".advdiff_requeue").write_text("old\n")
-    rc, stdout, _ = run_batch_script(out / "slurm" / "advdiff_stage2.sbatch", env, fake_dir, finish_after=True)
+    rc, stdout, _ = run_batch_script(
+        out / "slurm" / "advdiff_stage2.sbatch", env, fake_dir, finish_after=True
+    )
     assert rc == 0 and not (fake_dir / "saw_stale_stop_file").exists()
     assert not (fake_dir / "scontrol").exists() and not (out / ".advdiff_requeue").exists()

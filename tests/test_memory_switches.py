@@ -11,6 +11,7 @@ float noise and moves a weight by up to lr whatever the switch; measured on 66 o
 compared as the distance between the two runs' weights against the distance the update moved them
 (measured 9e-5), which catches anything done per micro-batch that should be done per step (LR schedule,
 EMA, optimizer). Each stage runs a deliberately broken variant and checks that the comparison rejects it."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +22,8 @@ from trainer.config.load import load_config
 
 # 3 stage-1 steps, one validation at the end; no clipping, so a gradient scaled by N shows in Adam's moments
 FAST = {"max_steps": 3, "eval_interval": 3, "log_interval": 3, "max_grad_norm": 0.0, "sample_steps": 1}
-GRAD_ATOL = 1e-5     # x the largest first moment
-UPDATE_RTOL = 1e-3   # x the size of the update (L2 over all weights)
+GRAD_ATOL = 1e-5  # x the largest first moment
+UPDATE_RTOL = 1e-3  # x the size of the update (L2 over all weights)
 
 
 def _flat(tensors: dict) -> torch.Tensor:
@@ -48,14 +49,19 @@ def _update_error(a: dict, b: dict, key: str = "weights") -> float:
 def _same_update(a: dict, b: dict) -> bool:
     """a, b: {"weights", "start_weights", "ema", "start_ema", "optimizer" (state_dict), "logs"}: whether b made
     a's update up to float noise."""
-    return (_gradient_error(a, b) <= GRAD_ATOL and _update_error(a, b) <= UPDATE_RTOL
-            and _update_error(a, b, "ema") <= UPDATE_RTOL
-            and all(abs(a["logs"][k] - b["logs"][k]) <= 1e-5 * max(abs(a["logs"][k]), 1e-6) for k in a["logs"]))
+    return (
+        _gradient_error(a, b) <= GRAD_ATOL
+        and _update_error(a, b) <= UPDATE_RTOL
+        and _update_error(a, b, "ema") <= UPDATE_RTOL
+        and all(abs(a["logs"][k] - b["logs"][k]) <= 1e-5 * max(abs(a["logs"][k]), 1e-6) for k in a["logs"])
+    )
 
 
 def _start(trainer) -> dict:
-    return {"start_weights": {k: v.detach().clone() for k, v in trainer.unet.state_dict().items()},
-            "start_ema": dict(enumerate(s.clone() for s in trainer.ema.shadow))}
+    return {
+        "start_weights": {k: v.detach().clone() for k, v in trainer.unet.state_dict().items()},
+        "start_ema": dict(enumerate(s.clone() for s in trainer.ema.shadow)),
+    }
 
 
 # -- stage 1 ------------------------------------------------------------------------------------------
@@ -71,9 +77,13 @@ def _stage1(root, manifest, ae, before_fit=None, **training) -> dict:
     trainer.fit()
     state = torch.load(cfg.out_dir / "stage1" / "state.pt", map_location="cpu", weights_only=True)
     row = state["history"][-1] if state["history"] else {}  # (none when stopped before the validation)
-    return {"weights": state["model"]["unet"], "optimizer": state["model"]["optimizer"],
-            "ema": dict(enumerate(state["model"]["ema"]["shadow"])), **start,
-            "logs": {k: row[k] for k in ("train_mse", "val_mse") if k in row}}
+    return {
+        "weights": state["model"]["unet"],
+        "optimizer": state["model"]["optimizer"],
+        "ema": dict(enumerate(state["model"]["ema"]["shadow"])),
+        **start,
+        "logs": {k: row[k] for k in ("train_mse", "val_mse") if k in row},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +91,9 @@ def plain_stage1(tmp_path_factory, digits_manifest, small_ae):
     return _stage1(tmp_path_factory.mktemp("plain"), digits_manifest, small_ae)
 
 
-def test_stage1_accumulation_gives_the_same_update(tmp_path, digits_manifest, small_ae, plain_stage1, monkeypatch):
+def test_stage1_accumulation_gives_the_same_update(
+    tmp_path, digits_manifest, small_ae, plain_stage1, monkeypatch
+):
     from trainer.parallel import engine
 
     seen = {"batches": [], "sync": []}
@@ -99,7 +111,9 @@ def test_stage1_accumulation_gives_the_same_update(tmp_path, digits_manifest, sm
     # the field reached the trainer: each of the 3 steps ran 4 micro-batches of 16 / 4, DDP syncing on the last only
     assert seen["batches"] == [4] * 12
     assert seen["sync"] == [False, False, False, True] * 3
-    assert _same_update(plain_stage1, micro)  # weights, EMA (one EMA step per optimizer step), gradients, losses
+    assert _same_update(
+        plain_stage1, micro
+    )  # weights, EMA (one EMA step per optimizer step), gradients, losses
 
     # the comparison can fail: micro-batch losses summed (each weighted as the whole batch) are rejected
     import trainer.stage1.diffusion_trainer as stage1
@@ -110,7 +124,9 @@ def test_stage1_accumulation_gives_the_same_update(tmp_path, digits_manifest, sm
     assert _gradient_error(plain_stage1, summed) > 2.5  # 4 micro-batch means summed: 4 x the gradient
 
 
-def test_stage1_gradient_checkpointing_gives_the_same_update(tmp_path, digits_manifest, small_ae, plain_stage1):
+def test_stage1_gradient_checkpointing_gives_the_same_update(
+    tmp_path, digits_manifest, small_ae, plain_stage1
+):
     calls = {"plain": 0, "checkpointed": 0}
 
     def count(name):
@@ -122,13 +138,16 @@ def test_stage1_gradient_checkpointing_gives_the_same_update(tmp_path, digits_ma
             def counted(*args, **kwargs):  # (forward hooks do not fire in checkpointing's recomputation)
                 calls[name] += 1
                 return forward(*args, **kwargs)
+
             block.resnets[0].forward = counted
+
         return attach
 
     # a second plain run only to count its forwards (the trained weights are plain_stage1's)
     _stage1(tmp_path / "plain", digits_manifest, small_ae, count("plain"), max_steps=1, eval_interval=1)
-    checkpointed = _stage1(tmp_path / "ckpt", digits_manifest, small_ae, count("checkpointed"),
-                           gradient_checkpointing=True)
+    checkpointed = _stage1(
+        tmp_path / "ckpt", digits_manifest, small_ae, count("checkpointed"), gradient_checkpointing=True
+    )
     assert _same_update(plain_stage1, checkpointed)
     # activations were recomputed in backward: each checkpointed block ran twice per training step
     assert calls == {"plain": 1, "checkpointed": 2 * 3}
@@ -150,13 +169,22 @@ def _finetune(root, manifest, ae, ckpt, mode, micro, wrap_terms=None, steps=2, *
     from trainer.stage2.generation import stratified_split
     from trainer.stage2.run import setup
 
-    loss = [{"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
-            {"type": "DiscriminatorLoss", "key": "latent" if mode == "rollout" else "pred_latent", "target": None,
-             "weight": 0.5}]
+    loss = [
+        {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
+        {
+            "type": "DiscriminatorLoss",
+            "key": "latent" if mode == "rollout" else "pred_latent",
+            "target": None,
+            "weight": 0.5,
+        },
+    ]
     # rollout: 6 rollouts in 4 micro-batches (2, 2, 1, 1), noised for D; x0_pred: D scores only t < 500, so the
     # micro-batches hold different numbers of scored samples
-    stage2 = ({"generator_loss_mode": "rollout", "rollout_grad_steps": 2, "rollout_batch_size": 6} if mode == "rollout"
-              else {"generator_loss_mode": "x0_pred", "x0_pred_max_timestep": 0.5})
+    stage2 = (
+        {"generator_loss_mode": "rollout", "rollout_grad_steps": 2, "rollout_batch_size": 6}
+        if mode == "rollout"
+        else {"generator_loss_mode": "x0_pred", "x0_pred_max_timestep": 0.5}
+    )
     cfg = load_config(stage2_config(root, manifest, ae, ckpt, stage2=stage2, loss=loss))
     cfg.discriminator.config.noise_conditioned = True
     cfg.discriminator.training.noise_inputs = mode == "rollout"
@@ -176,9 +204,14 @@ def _finetune(root, manifest, ae, ckpt, mode, micro, wrap_terms=None, steps=2, *
     for step in range(steps):
         for key, value in trainer.train_step(step).items():
             logs[f"{key}_{step}"] = value
-    return {"weights": {k: v.detach().clone() for k, v in trainer.unet.state_dict().items()},
-            "optimizer": trainer.opt.state_dict(), "ema": dict(enumerate(trainer.ema.shadow)), "logs": logs,
-            "trainer": trainer, **start}
+    return {
+        "weights": {k: v.detach().clone() for k, v in trainer.unet.state_dict().items()},
+        "optimizer": trainer.opt.state_dict(),
+        "ema": dict(enumerate(trainer.ema.shadow)),
+        "logs": logs,
+        "trainer": trainer,
+        **start,
+    }
 
 
 class Summed:
@@ -199,11 +232,21 @@ def test_finetune_accumulation_gives_the_same_update(tmp_path, digits_manifest, 
     micro = _finetune(tmp_path / "n4", digits_manifest, small_ae, stage1_ckpt, mode, 4)
     assert plain["logs"]["adv_0"] > 0 and plain["logs"]["mse_0"] > 0
     assert _same_update(plain, micro)
-    assert plain["trainer"].ema.num_updates == micro["trainer"].ema.num_updates == 2  # one EMA step per update
+    assert (
+        plain["trainer"].ema.num_updates == micro["trainer"].ema.num_updates == 2
+    )  # one EMA step per update
     assert plain["trainer"].sched.last_epoch == micro["trainer"].sched.last_epoch == 2  # LR: per update
     # the comparison can fail: the adversarial term summed over micro-batches instead of averaged
-    broken = _finetune(tmp_path / "summed", digits_manifest, small_ae, stage1_ckpt, mode, 4, steps=1,
-                       wrap_terms=lambda term: Summed(term, 4) if term.needs_discriminator else term)
+    broken = _finetune(
+        tmp_path / "summed",
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        mode,
+        4,
+        steps=1,
+        wrap_terms=lambda term: Summed(term, 4) if term.needs_discriminator else term,
+    )
     assert abs(broken["logs"]["adv_0"] - plain["logs"]["adv_0"]) > 0.5 * plain["logs"]["adv_0"]
     plain_first = _finetune(tmp_path / "n1_first", digits_manifest, small_ae, stage1_ckpt, mode, 1, steps=1)
     assert not _same_update(plain_first, broken)
@@ -211,9 +254,19 @@ def test_finetune_accumulation_gives_the_same_update(tmp_path, digits_manifest, 
 
 def test_finetune_gradient_checkpointing_from_either_field(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     plain = _finetune(tmp_path / "plain", digits_manifest, small_ae, stage1_ckpt, "rollout", 1, steps=1)
-    on = _finetune(tmp_path / "on", digits_manifest, small_ae, stage1_ckpt, "rollout", 2, steps=1,
-                   gradient_checkpointing=True)
-    assert on["trainer"].unet.is_gradient_checkpointing and not plain["trainer"].unet.is_gradient_checkpointing
+    on = _finetune(
+        tmp_path / "on",
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        "rollout",
+        2,
+        steps=1,
+        gradient_checkpointing=True,
+    )
+    assert (
+        on["trainer"].unet.is_gradient_checkpointing and not plain["trainer"].unet.is_gradient_checkpointing
+    )
     assert _same_update(plain, on)  # checkpointing and 2 micro-batches together: still the plain update
 
 
@@ -227,11 +280,16 @@ def test_refusals_name_the_field():
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     check_accumulation(ddp, 2, 64)
     check_accumulation(ddp, 1, 63)  # without accumulation nothing new is asked of the batch
-    with pytest.raises(UserError, match=r"^training\.batch_size: 60 does not split into training\."
-                                        r"gradient_accumulation_steps \(4\) .* expected a multiple of 8$"):
+    with pytest.raises(
+        UserError,
+        match=r"^training\.batch_size: 60 does not split into training\."
+        r"gradient_accumulation_steps \(4\) .* expected a multiple of 8$",
+    ):
         check_accumulation(ddp, 4, 60)
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2)
-    with pytest.raises(UserError, match=r"^training\.gradient_accumulation_steps: 2 is not supported under DeepSpeed"):
+    with pytest.raises(
+        UserError, match=r"^training\.gradient_accumulation_steps: 2 is not supported under DeepSpeed"
+    ):
         check_accumulation(deepspeed, 2, 64)
     check_accumulation(deepspeed, 1, 64)
     ratio = SimpleNamespace(grad_ratio_weight=True)
@@ -242,13 +300,24 @@ def test_refusals_name_the_field():
 
 def test_indivisible_batch_is_one_line_before_any_compute(tmp_path, digits_manifest, small_ae):
     cfg = tiny_config(tmp_path, digits_manifest, small_ae)
-    proc = run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu", "--set",
-                   "training.gradient_accumulation_steps=3", timeout=120)
+    proc = run_cli(
+        "-m",
+        "trainer.cli",
+        "stage1",
+        str(cfg),
+        "--device",
+        "cpu",
+        "--set",
+        "training.gradient_accumulation_steps=3",
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("advdiff: error: training.batch_size: 16 does not split into training."
-                                   "gradient_accumulation_steps (3) equal micro-batches on each of 1 process(es); "
-                                   "expected a multiple of 3")
+    assert proc.stderr.strip() == (
+        "advdiff: error: training.batch_size: 16 does not split into training."
+        "gradient_accumulation_steps (3) equal micro-batches on each of 1 process(es); "
+        "expected a multiple of 3"
+    )
     assert not (tmp_path / "out" / "stage1").exists()  # nothing encoded or written
 
 
@@ -277,16 +346,42 @@ def test_two_processes_finetune_with_accumulation(tmp_path, digits_manifest, sma
     runs = {}
     for micro in (1, 2):
         root = tmp_path / f"n{micro}"
-        cfg = stage2_config(root, digits_manifest, small_ae, stage1_ckpt,
-                            stage2={"num_samples": 37, "diffusion_max_steps": 2, "rollout_grad_steps": 2,
-                                    "grid_samples": 0, "metric_samples": 12})
-        proc = accelerate_launch(2, "-m", "trainer.stage2", str(cfg), "--device", "cpu", "--set",
-                                 f"training.gradient_accumulation_steps={micro}", "--set", "training.max_grad_norm=0",
-                                 timeout=300)
+        cfg = stage2_config(
+            root,
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            stage2={
+                "num_samples": 37,
+                "diffusion_max_steps": 2,
+                "rollout_grad_steps": 2,
+                "grid_samples": 0,
+                "metric_samples": 12,
+            },
+        )
+        proc = accelerate_launch(
+            2,
+            "-m",
+            "trainer.stage2",
+            str(cfg),
+            "--device",
+            "cpu",
+            "--set",
+            f"training.gradient_accumulation_steps={micro}",
+            "--set",
+            "training.max_grad_norm=0",
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        blob = torch.load(root / "out" / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", map_location="cpu",
-                          weights_only=True)
-        runs[micro] = {"weights": blob["raw_state_dict"], "optimizer": blob["state"]["model"]["optimizer"],
-                       "start_weights": load_diffusion_checkpoint(stage1_ckpt).weights}
+        blob = torch.load(
+            root / "out" / "checkpoints" / "t2_iter_0_checkpoint_latest.pt",
+            map_location="cpu",
+            weights_only=True,
+        )
+        runs[micro] = {
+            "weights": blob["raw_state_dict"],
+            "optimizer": blob["state"]["model"]["optimizer"],
+            "start_weights": load_diffusion_checkpoint(stage1_ckpt).weights,
+        }
     assert _gradient_error(runs[1], runs[2]) <= GRAD_ATOL
     assert _update_error(runs[1], runs[2]) <= UPDATE_RTOL

@@ -1,6 +1,7 @@
 """stage2.metric_features: the digit classifier learns, its features give cls_fd ~0 for the same reals and
 a large one for noise, the summary's new columns and reference statistics, the Inception option through
 a TorchScript file, bootstrap intervals, and one-line errors for bad values and bad manifests."""
+
 import math
 import warnings
 
@@ -18,9 +19,15 @@ from trainer.core.errors import ConfigError, UserError
 def _config(folder, manifest, **stage2):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"experiment": {"name": "mf", "save_path": "out"},
-                                    "dataset": {"manifest": str(manifest)},
-                                    "stage2": {"metric_samples": 200, **stage2}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": {"name": "mf", "save_path": "out"},
+                "dataset": {"manifest": str(manifest)},
+                "stage2": {"metric_samples": 200, **stage2},
+            }
+        )
+    )
     return load_config(path)
 
 
@@ -81,8 +88,13 @@ def _evaluator(cfg, digits_manifest, summary):
     def decode(z):
         return F.interpolate(z, size=(16, 16), mode="bilinear", align_corners=False)
 
-    return Evaluator(build_accelerator("cpu"), cfg, summary, rows, encode, decode, None, (1, 8, 8),
-                     lambda line: None), encode, decode
+    return (
+        Evaluator(
+            build_accelerator("cpu"), cfg, summary, rows, encode, decode, None, (1, 8, 8), lambda line: None
+        ),
+        encode,
+        decode,
+    )
 
 
 def _measure(ev, fakes):
@@ -121,8 +133,19 @@ def test_summary_columns_keep_old_csvs_and_references_match_numpy(trained, digit
     cfg = _config(tmp_path, digits_manifest, metric_features="classifier:cls.pt", metric_bootstrap=0)
     summary = tmp_path / "out" / "mf_summary.csv"
     summary.parent.mkdir(parents=True)
-    old = ["iteration", "latent_fd", "precision", "recall", "pixel_fd", "pixel_precision", "pixel_recall", "d_acc",
-           "d_prob_fake", "samples", "seconds"]  # a summary written before the feature-space columns
+    old = [
+        "iteration",
+        "latent_fd",
+        "precision",
+        "recall",
+        "pixel_fd",
+        "pixel_precision",
+        "pixel_recall",
+        "d_acc",
+        "d_prob_fake",
+        "samples",
+        "seconds",
+    ]  # a summary written before the feature-space columns
     summary.write_text(",".join(old) + "\n0,12.5,0.5,0.5,30.1,0.4,0.4,0.9,0.1,200,3.0\n")
     ev, encode, decode = _evaluator(cfg, digits_manifest, summary)
     row = _measure(ev, torch.randn(ev.m, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
@@ -135,8 +158,11 @@ def test_summary_columns_keep_old_csvs_and_references_match_numpy(trained, digit
     assert "cls_fd" in table(read_csv_rows(summary), read_csv_rows(summary))
     # the held-out reals' statistics, beside the summary, equal numpy's mean and covariance of the features
     reals = ev._reals()
-    feats = {"latent": reals.flatten(1), "pixel": decode(reals).flatten(1),
-             "cls": load_space(cfg, "cpu")(decode(reals))}
+    feats = {
+        "latent": reals.flatten(1),
+        "pixel": decode(reals).flatten(1),
+        "cls": load_space(cfg, "cpu")(decode(reals)),
+    }
     for space, f in feats.items():
         f = f.double().numpy()
         with np.load(summary.parent / f"reference_{space}.npz") as ref:
@@ -163,7 +189,9 @@ class _TinyInception(torch.nn.Module):
     def forward(self, x):
         pooled = F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1)
         n = x.shape[0]
-        return torch.cat([pooled, torch.full((n, 1), float(x.shape[-1])), torch.full((n, 1), float(x.shape[1]))], 1)
+        return torch.cat(
+            [pooled, torch.full((n, 1), float(x.shape[-1])), torch.full((n, 1), float(x.shape[1]))], 1
+        )
 
 
 def test_inception_option_runs_a_local_torchscript_file(digits_manifest, tmp_path):
@@ -186,11 +214,14 @@ def test_inception_option_runs_a_local_torchscript_file(digits_manifest, tmp_pat
     assert (tmp_path / "out" / "reference_inception.npz").is_file()
     (tmp_path / "junk.pt").write_bytes(b"not torchscript" * 10)
     cfg = _config(tmp_path, digits_manifest, metric_features="inception:junk.pt")
-    with pytest.raises(UserError, match=r"^stage2.metric_features: .*junk.pt: not a TorchScript file \(torch.jit"):
+    with pytest.raises(
+        UserError, match=r"^stage2.metric_features: .*junk.pt: not a TorchScript file \(torch.jit"
+    ):
         load_space(cfg, "cpu")
     # torch.export's format too (torch.jit is deprecated), with a dynamic batch dimension
-    program = torch.export.export(tiny, (torch.zeros(2, 3, 299, 299),),
-                                  dynamic_shapes=({0: torch.export.Dim("n")},))
+    program = torch.export.export(
+        tiny, (torch.zeros(2, 3, 299, 299),), dynamic_shapes=({0: torch.export.Dim("n")},)
+    )
     torch.export.save(program, str(tmp_path / "incep.pt2"))
     exported = load_space(_config(tmp_path, digits_manifest, metric_features="inception:incep.pt2"), "cpu")
     images = torch.rand(5, 1, 32, 32) * 2 - 1
@@ -203,8 +234,9 @@ def test_bad_metric_features_is_a_config_error(tmp_path, value):
     path.write_text(yaml.safe_dump({"stage2": {"metric_features": value}}))
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(e.value) == (f'{path}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, '
-                            f'got "{value}"')
+    assert str(e.value) == (
+        f'{path}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got "{value}"'
+    )
 
 
 def test_metric_features_files_are_checked_before_compute(trained, digits_manifest, tmp_path):
@@ -246,17 +278,24 @@ def test_classifier_command_bad_manifests_are_one_line(tmp_path, digits_manifest
     df.assign(label=["seven" if i == 4 else v for i, v in enumerate(df["label"])]).to_csv(words, index=False)
     for manifest, expected in [
         (no_label, f"{no_label}: no column 'label'; columns are: image_path, is_empty, is_augmented"),
-        (words, f"{words}: column 'label': expected integer class labels >= 0, got 'seven' (row 4 after "
-                f"dataset.filters)")]:
+        (
+            words,
+            f"{words}: column 'label': expected integer class labels >= 0, got 'seven' (row 4 after "
+            f"dataset.filters)",
+        ),
+    ]:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(yaml.safe_dump({"dataset": {"manifest": str(manifest)}}))
-        assert _cli_error(capsys, ["classifier", str(cfg), "--out", str(tmp_path / "c.pt")]) == \
-            f"advdiff: error: {expected}"
+        assert (
+            _cli_error(capsys, ["classifier", str(cfg), "--out", str(tmp_path / "c.pt")])
+            == f"advdiff: error: {expected}"
+        )
         assert not (tmp_path / "c.pt").exists()
     cfg.write_text(yaml.safe_dump({"stage2": {"metric_features": "classifier"}}))
     assert _cli_error(capsys, ["classifier", str(cfg)]) == (
-        f'advdiff: error: {cfg}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got '
-        f'"classifier"')
+        f"advdiff: error: {cfg}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got "
+        f'"classifier"'
+    )
 
 
 def test_bootstrap_interval_is_seeded_and_shrinks_with_more_samples():
@@ -285,8 +324,11 @@ def test_a_run_recorded_before_these_fields_still_resumes(tmp_path, digits_manif
     from trainer.stage2.run_record import check_run_fields, run_fields
 
     cfg = _config(tmp_path, digits_manifest)
-    old = {k: v for k, v in run_fields(cfg, None).items() if k not in ("stage2.metric_features",
-                                                                         "stage2.metric_bootstrap")}
+    old = {
+        k: v
+        for k, v in run_fields(cfg, None).items()
+        if k not in ("stage2.metric_features", "stage2.metric_bootstrap")
+    }
     record = RunLayout.of(cfg).run_record
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"format": "advdiff.stage2-run", "fields": old}))

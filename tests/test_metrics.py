@@ -1,5 +1,6 @@
 """Fréchet distance against closed forms, k-NN precision/recall on constructed cases, and the same
 numbers (classifier-feature FD and its bootstrap interval too) at 1 and 2 processes."""
+
 import json
 
 import pytest
@@ -20,8 +21,10 @@ def test_fd_matches_closed_form_for_diagonal_gaussians():
 def test_fd_matches_closed_form_for_rotated_gaussians():
     # same eigenbasis (commuting covariances): FD = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
-    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), torch.tensor([4.0, 1.0, 1.0, 9.0],
-                                                                                    dtype=torch.float64)
+    a, b = (
+        torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
+        torch.tensor([4.0, 1.0, 1.0, 9.0], dtype=torch.float64),
+    )
     c1, c2 = q @ torch.diag(a) @ q.T, q @ torch.diag(b) @ q.T
     closed = float(((a.sqrt() - b.sqrt()) ** 2).sum()) + 2.0
     mu2 = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)

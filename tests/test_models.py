@@ -1,4 +1,5 @@
 """Model shapes, parameter counts, and autoencoder loading."""
+
 import pytest
 import torch
 
@@ -16,8 +17,15 @@ def test_unet_shapes(name):
 
 
 def test_presets_cover_the_spec_names():
-    for name in ("unet32_d3", "unet32_d3_attn", "unet48_d3", "unet48_d4", "unet64_d4", "unet64_d4_attn",
-                 "unet128_d3"):
+    for name in (
+        "unet32_d3",
+        "unet32_d3_attn",
+        "unet48_d3",
+        "unet48_d4",
+        "unet64_d4",
+        "unet64_d4_attn",
+        "unet128_d3",
+    ):
         assert name in PRESETS
 
 
@@ -38,13 +46,17 @@ def test_models_command_prints_counts():
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("unet64_d4 "))
     count = float(line.split()[1].rstrip("M"))
-    expected = count_parameters(build_unet(preset("unet64_d4", in_channels=16, out_channels=16, sample_size=32)))
+    expected = count_parameters(
+        build_unet(preset("unet64_d4", in_channels=16, out_channels=16, sample_size=32))
+    )
     assert abs(count - expected / 1e6) < 0.01
 
 
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_discriminator_returns_logits(conditioned):
-    d = build_discriminator(dict(latent_channels=16, base_channels=16, num_layers=3, noise_conditioned=conditioned))
+    d = build_discriminator(
+        dict(latent_channels=16, base_channels=16, num_layers=3, noise_conditioned=conditioned)
+    )
     z = torch.randn(5, 16, 32, 32)
     out = d(z, torch.arange(5) * 100) if conditioned else d(z)
     assert out.shape == (5,)
@@ -72,8 +84,13 @@ def test_discriminator_is_batch_independent():
 @pytest.mark.parametrize("latent_channels", [4, 16])
 def test_autoencoder_loads_from_save_pretrained(tmp_path, latent_channels):
     torch.manual_seed(0)
-    ae = build_autoencoder(in_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
-                           norm_num_groups=4, sample_size=16)
+    ae = build_autoencoder(
+        in_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        sample_size=16,
+    )
     ae.register_to_config(scaling_factor=0.5, shift_factor=0.1)
     ae.save_pretrained(str(tmp_path / "vae"))
     loaded = load_autoencoder(tmp_path / "vae")

@@ -1,6 +1,7 @@
 """Non-finite loss/gradient handling: a step with a NaN/Inf loss (on any rank) or gradient norm is
 skipped on every rank and counted; too many in a row stop the run with one line, exit 2, leaving the
 last good checkpoint untouched. NaNs are forced with ADVDIFF_INJECT_NAN (trainer/core/faults.py)."""
+
 import hashlib
 
 import pandas as pd
@@ -13,14 +14,19 @@ from trainer.core.faults import INJECT_NAN_ENV, nan_injected, parse_nan_injectio
 from trainer.training.loop import StepTrainer
 
 # 24 samples, batch 8: 2 diffusion steps per epoch, 4 in all, a metrics row every 2; 3 D steps
-SMALL = dict(stage2={"diffusion_max_steps": 4, "diffusion_eval_interval": 2, "metric_samples": 16,
-                     "grid_samples": 0},
-             discriminator={"max_steps": 3})
+SMALL = dict(
+    stage2={"diffusion_max_steps": 4, "diffusion_eval_interval": 2, "metric_samples": 16, "grid_samples": 0},
+    discriminator={"max_steps": 3},
+)
 
 
 def _finite(blob) -> bool:
-    return all(torch.isfinite(v).all() for key in ("state_dict", "raw_state_dict") for v in blob[key].values()
-               if v.is_floating_point())
+    return all(
+        torch.isfinite(v).all()
+        for key in ("state_dict", "raw_state_dict")
+        for v in blob[key].values()
+        if v.is_floating_point()
+    )
 
 
 def _sha(path) -> str:
@@ -40,9 +46,18 @@ class Toy(StepTrainer):
         from trainer.training.ema import EMA
 
         out = Path(out)
-        super().__init__(Accelerator(cpu=True), stage="toy", state_path=out / "state.pt",
-                         history_path=out / "history.csv", max_steps=len(kinds), eval_interval=2, log_interval=1,
-                         seed=0, fingerprint={}, max_nonfinite_steps=limit)
+        super().__init__(
+            Accelerator(cpu=True),
+            stage="toy",
+            state_path=out / "state.pt",
+            history_path=out / "history.csv",
+            max_steps=len(kinds),
+            eval_interval=2,
+            log_interval=1,
+            seed=0,
+            fingerprint={},
+            max_nonfinite_steps=limit,
+        )
         torch.manual_seed(0)
         self.kinds, self.max_grad_norm = kinds, max_grad_norm
         self.model = torch.nn.Linear(3, 1)
@@ -54,7 +69,9 @@ class Toy(StepTrainer):
     def train_step(self, step):
         out = self.wrapped(torch.ones(2, 3)).sum()
         kind = self.kinds[step]
-        loss = out * float("nan") if kind == "loss" else torch.sqrt(out * 0) if kind == "grad" else 0.01 * out ** 2
+        loss = (
+            out * float("nan") if kind == "loss" else torch.sqrt(out * 0) if kind == "grad" else 0.01 * out**2
+        )
         self.apply_update(loss, self.wrapped, self.model, self.opt, self.sched, self.max_grad_norm, self.ema)
         return {"loss": float(loss.detach())}
 
@@ -62,8 +79,12 @@ class Toy(StepTrainer):
         return {"val_loss": float(self.model.weight.detach().sum())}
 
     def model_state(self):
-        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()}, "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "ema": self.ema.state_dict()}
+        return {
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "ema": self.ema.state_dict(),
+        }
 
     def load_model_state(self, state):
         self.model.load_state_dict(state["model"])
@@ -97,17 +118,24 @@ def test_too_many_in_a_row_stop_without_saving(tmp_path):
     t = Toy(tmp_path, ["ok", "ok", "loss", "grad", "loss", "ok"], limit=3)
     with pytest.raises(UserError) as e:
         t.fit()
-    assert str(e.value) == (f"toy: 3 non-finite steps in a row (steps 3-5); stopped without saving, "
-                            f"last good checkpoint: {t.state_path} (step 2)")
+    assert str(e.value) == (
+        f"toy: 3 non-finite steps in a row (steps 3-5); stopped without saving, "
+        f"last good checkpoint: {t.state_path} (step 2)"
+    )
     state = torch.load(t.state_path, weights_only=True)
-    assert state["step"] == 2 and state["nonfinite_skipped"] == 0  # the checkpoint due at step 4 was not written
+    assert (
+        state["step"] == 2 and state["nonfinite_skipped"] == 0
+    )  # the checkpoint due at step 4 was not written
     # fewer than the limit in a row: tolerated, and an applied step starts the count again
     t = Toy(tmp_path / "ok", ["loss", "loss", "ok", "grad", "loss", "ok"], limit=3)
     t.fit()
     assert t.nonfinite_skipped == 4
     # no checkpoint at all before the run: said so
-    with pytest.raises(UserError, match=r"^toy: 2 non-finite steps in a row \(steps 1-2\); stopped without "
-                                        r"saving, no toy checkpoint was written before them$"):
+    with pytest.raises(
+        UserError,
+        match=r"^toy: 2 non-finite steps in a row \(steps 1-2\); stopped without "
+        r"saving, no toy checkpoint was written before them$",
+    ):
         Toy(tmp_path / "first", ["loss", "grad", "ok"], limit=2).fit()
 
 
@@ -155,8 +183,9 @@ def test_injection_spec(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
-    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu",
-                   env={INJECT_NAN_ENV: "stage2_g0:2,4"})
+    proc = run_cli(
+        "-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu", env={INJECT_NAN_ENV: "stage2_g0:2,4"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("non-finite loss on rank 0; step skipped") == 2
     out = tmp_path / "out"
@@ -168,12 +197,15 @@ def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, smal
     assert latest["complete"] and latest["state"]["nonfinite_skipped"] == 2
     assert _finite(latest)
     assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_best.pt", weights_only=True))
-    assert (pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"] == 0).all()
+    assert (
+        pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"] == 0
+    ).all()
 
 
 @pytest.mark.slow
-def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digits_manifest, small_ae,
-                                                                  stage1_ckpt):
+def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt
+):
     from trainer.config.load import load_config
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.run import run
@@ -181,7 +213,16 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digi
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
     # in-process: diffusion steps 1-2, a checkpoint at 2
     run(load_config(cfg, {"training.max_nonfinite_steps": 2}), build_accelerator("cpu"), None, 2)
-    flags = ("-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu", "--set", "training.max_nonfinite_steps=2")
+    flags = (
+        "-m",
+        "trainer.cli",
+        "stage2",
+        str(cfg),
+        "--device",
+        "cpu",
+        "--set",
+        "training.max_nonfinite_steps=2",
+    )
     ckpts = tmp_path / "out" / "checkpoints"
     before = {p.name: _sha(p) for p in ckpts.iterdir()}
     assert set(before) == {"t2_iter_0_checkpoint_latest.pt", "t2_iter_0_checkpoint_best.pt"}
@@ -190,8 +231,10 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digi
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("advdiff: error:")]
     latest = ckpts / "t2_iter_0_checkpoint_latest.pt"
-    assert errors == [f"advdiff: error: stage2_g0: 2 non-finite steps in a row (steps 3-4); stopped without "
-                      f"saving, last good checkpoint: {latest} (step 2)"], proc.stderr
+    assert errors == [
+        f"advdiff: error: stage2_g0: 2 non-finite steps in a row (steps 3-4); stopped without "
+        f"saving, last good checkpoint: {latest} (step 2)"
+    ], proc.stderr
     assert {p.name: _sha(p) for p in ckpts.iterdir()} == before  # nothing overwritten
     blob = torch.load(latest, weights_only=True)
     assert blob["state"]["step"] == 2 and not blob["complete"] and _finite(blob)
@@ -201,13 +244,24 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(tmp_path, digi
 def test_stage2_nan_on_one_rank_is_skipped_on_both(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
     # rank 1 only; a hang (ranks disagreeing about the step) would hit the timeout
-    proc = accelerate_launch(2, "-m", "trainer.stage2", str(cfg), "--device", "cpu",
-                             env={INJECT_NAN_ENV: "stage2_d0:2:1;stage2_g0:3:1"}, timeout=240)
+    proc = accelerate_launch(
+        2,
+        "-m",
+        "trainer.stage2",
+        str(cfg),
+        "--device",
+        "cpu",
+        env={INJECT_NAN_ENV: "stage2_d0:2:1;stage2_g0:3:1"},
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the logs and CSVs come from rank 0: its counters show it skipped the steps rank 1 could not take
     assert "[stage2_d0" in proc.stdout and "step 2/3: non-finite loss on rank 1; step skipped" in proc.stdout
     assert "step 3/4: non-finite loss on rank 1; step skipped" in proc.stdout
     out = tmp_path / "out"
-    assert pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"].iloc[-1] == 1
+    assert (
+        pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"].iloc[-1]
+        == 1
+    )
     assert pd.read_csv(out / "t2_metrics_iter_0.csv")["nonfinite_skipped"].tolist() == [0, 1]
     assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True))

@@ -1,6 +1,7 @@
 """The online discriminator (`discriminator.training.mode: online`): D keeps training during the fine-tune,
 sees noise-conditioned inputs with their t, is frozen during the generator step, and its state resumes
 exactly, in one process, under DDP at 2 processes and under DeepSpeed ZeRO-2 at 2 processes."""
+
 import pandas as pd
 import pytest
 import torch
@@ -13,10 +14,21 @@ NOISE_D = {"noise_conditioned": True}
 
 
 def online_config(root, manifest, ae, ckpt, r1_gamma=None, **stage2):
-    path = stage2_config(root, manifest, ae, ckpt, stage2={"num_samples": 24, "diffusion_max_steps": 4,
-                                                          "diffusion_eval_interval": 2, "grid_samples": 0,
-                                                          "metric_samples": 12, **stage2},
-                         discriminator={**ONLINE, **({} if r1_gamma is None else {"r1_gamma": r1_gamma})})
+    path = stage2_config(
+        root,
+        manifest,
+        ae,
+        ckpt,
+        stage2={
+            "num_samples": 24,
+            "diffusion_max_steps": 4,
+            "diffusion_eval_interval": 2,
+            "grid_samples": 0,
+            "metric_samples": 12,
+            **stage2,
+        },
+        discriminator={**ONLINE, **({} if r1_gamma is None else {"r1_gamma": r1_gamma})},
+    )
     import yaml
 
     data = yaml.safe_load(path.read_text())
@@ -38,8 +50,9 @@ def _assert_close(a: dict, b: dict, atol=0.0):
             assert torch.allclose(a[k], b[k], atol=atol), k
 
 
-def test_online_d_trains_during_the_fine_tune_and_always_gets_t(tmp_path, digits_manifest, small_ae, stage1_ckpt,
-                                                                 monkeypatch):
+def test_online_d_trains_during_the_fine_tune_and_always_gets_t(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, monkeypatch
+):
     from models.discriminator import LatentDiscriminator
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import finetune_trainer
@@ -50,8 +63,13 @@ def test_online_d_trains_during_the_fine_tune_and_always_gets_t(tmp_path, digits
 
     def spy(self, z, timesteps=None):
         if phase["now"] == "finetune":
-            calls.append((torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()),
-                          None if timesteps is None else timesteps.detach().clone(), z.requires_grad))
+            calls.append(
+                (
+                    torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()),
+                    None if timesteps is None else timesteps.detach().clone(),
+                    z.requires_grad,
+                )
+            )
         return forward(self, z, timesteps)
 
     phase = {"now": "other"}
@@ -76,8 +94,18 @@ def test_online_d_trains_during_the_fine_tune_and_always_gets_t(tmp_path, digits
     monkeypatch.setattr(LatentDiscriminator, "forward", spy)
     monkeypatch.setattr(finetune_trainer.FinetuneTrainer, "fit", fit_spy)
     monkeypatch.setattr(UNet2DModel, "enable_gradient_checkpointing", enable_spy)
-    cfg = load_config(online_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, gradient_checkpointing=True,
-                                    rollout_grad_steps=3, grad_ratio_weight=True, grad_ratio_max=50.0))
+    cfg = load_config(
+        online_config(
+            tmp_path,
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            gradient_checkpointing=True,
+            rollout_grad_steps=3,
+            grad_ratio_weight=True,
+            grad_ratio_max=50.0,
+        )
+    )
     run(cfg, build_accelerator("cpu"))
     # the switch reached the fine-tuned UNet, and the rollout back-propagated through all K = 3 steps with it
     assert len(checkpointing) == 1 and checkpointing[0].is_gradient_checkpointing
@@ -94,7 +122,7 @@ def test_online_d_trains_during_the_fine_tune_and_always_gets_t(tmp_path, digits
     ratio = history["train_adv_ratio"]
     assert ratio.notna().all() and (ratio > 0).all() and (ratio <= 50.0).all()
 
-    training = [c for c in calls if c[0]]       # D steps: D trainable
+    training = [c for c in calls if c[0]]  # D steps: D trainable
     generator = [c for c in calls if not c[0] and c[2]]  # generator loss: D frozen, gradient to the sample
     assert training and generator
     # 4 generator steps x n_critic 2 D steps; every training and generator-loss forward got per-sample t
@@ -130,12 +158,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_noise_inputs_need_a_noise_conditioned_d(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     from trainer.core.errors import UserError
 
-    path = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, discriminator={"noise_inputs": True})
-    with pytest.raises(UserError, match=r"discriminator\.config\.noise_conditioned.*true when training.noise_inputs"):
+    path = stage2_config(
+        tmp_path, digits_manifest, small_ae, stage1_ckpt, discriminator={"noise_inputs": True}
+    )
+    with pytest.raises(
+        UserError, match=r"discriminator\.config\.noise_conditioned.*true when training.noise_inputs"
+    ):
         load_config(path)
-    path = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, stage2={"generator_loss_mode": "x0_pred"},
-                         discriminator={"mode": "online"})
-    with pytest.raises(UserError, match=r"discriminator\.training\.mode.*offline when stage2.generator_loss_mode"):
+    path = stage2_config(
+        tmp_path,
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        stage2={"generator_loss_mode": "x0_pred"},
+        discriminator={"mode": "online"},
+    )
+    with pytest.raises(
+        UserError, match=r"discriminator\.training\.mode.*offline when stage2.generator_loss_mode"
+    ):
         load_config(path)
 
 
@@ -151,7 +191,10 @@ def test_r1_is_refused_under_deepspeed_in_one_line():
     check_r1_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), td)  # DDP: fine
     with pytest.raises(UserError, match=r"^discriminator\.training\.r1_gamma: 0\.1 needs a double backward"):
         check_r1_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), td)
-    check_r1_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), SimpleNamespace(r1_gamma=0.0))
+    check_r1_supported(
+        SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), SimpleNamespace(r1_gamma=0.0)
+    )
+
 
 # Online D at 2 processes: under DDP, tests/test_faults.py (its run is online: SIGKILLs inside the online
 # phase, bit-identical outputs after resuming); under DeepSpeed ZeRO-2, tests/test_scaleout.py.

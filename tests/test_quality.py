@@ -1,5 +1,6 @@
 """Issue: show that stage 2 helps. The control arm and `compare`, the adaptive weight, pictures
 with and without matplotlib, and TensorBoard tracking."""
+
 import subprocess
 import sys
 
@@ -33,8 +34,10 @@ def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckp
     assert ma["step"].tolist() == mb["step"].tolist()  # the same steps
     import torch
 
-    same_data = torch.equal(torch.load(run / "discriminator_iter_0" / "real_latents.pt"),
-                            torch.load(control / "discriminator_iter_0" / "real_latents.pt"))
+    same_data = torch.equal(
+        torch.load(run / "discriminator_iter_0" / "real_latents.pt"),
+        torch.load(control / "discriminator_iter_0" / "real_latents.pt"),
+    )
     assert same_data
     sa, sb = pd.read_csv(run / "t2_summary.csv"), pd.read_csv(control / "t2_summary.csv")
     assert sa.loc[0, "latent_fd"] == sb.loc[0, "latent_fd"]  # the same stage-1 baseline
@@ -48,8 +51,13 @@ def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckp
 @pytest.mark.slow
 def test_adaptive_weight_moves_with_d_accuracy(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     # a band no accuracy can sit above forces the weight up at every validation
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,
-                        stage2={"adaptive_weight": True, "adaptive_band": [0.0, 0.0001], "adaptive_factor": 2.0})
+    cfg = stage2_config(
+        tmp_path,
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        stage2={"adaptive_weight": True, "adaptive_band": [0.0, 0.0001], "adaptive_factor": 2.0},
+    )
     proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = pd.read_csv(tmp_path / "out" / "t2_metrics_iter_0.csv")
@@ -59,10 +67,12 @@ def test_adaptive_weight_moves_with_d_accuracy(tmp_path, digits_manifest, small_
 def test_plots_skip_with_one_warning_without_matplotlib(tmp_path):
     csv = tmp_path / "s.csv"
     csv.write_text("iteration,latent_fd,precision,recall\n0,5,0.8,0.8\n1,4,0.8,0.9\n")
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from trainer.files import plots\n"
-            f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'a.png')!r})\n"
-            f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'b.png')!r})\n")
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from trainer.files import plots\n"
+        f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'a.png')!r})\n"
+        f"plots.plot_summary({str(csv)!r}, {str(tmp_path / 'b.png')!r})\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("matplotlib is not installed") == 1

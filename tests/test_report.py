@@ -1,5 +1,6 @@
 """report.html: one self-contained page per run (images embedded, no network), written by stage 2 and by
 `advdiff report`, readable for finished, stopped and empty runs; and the plots it embeds."""
+
 import base64
 import csv
 import io
@@ -57,7 +58,7 @@ def assert_self_contained(text: str, page: Page):
     assert page.scripts == 0
     bare = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)  # embedded images may hold "//"
     found = re.search(r"(https?:|ftp:)?//[a-z0-9]|\burl\(|@import", bare, flags=re.I)
-    assert not found, bare[max(0, found.start() - 80):found.end() + 80]
+    assert not found, bare[max(0, found.start() - 80) : found.end() + 80]
     assert all(h.startswith("#") for h in page.hrefs), page.hrefs
     from PIL import Image
 
@@ -76,8 +77,9 @@ def csv_rows(path: Path) -> list[list[str]]:
 def small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, iterations=1, epochs=1):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
     data = yaml.safe_load(cfg.read_text())
-    data["stage2"].update(num_samples=16, val_samples=4, grid_samples=4, diffusion_epochs=epochs,
-                          num_iterations=iterations)
+    data["stage2"].update(
+        num_samples=16, val_samples=4, grid_samples=4, diffusion_epochs=epochs, num_iterations=iterations
+    )
     data["discriminator"]["training"]["epochs"] = 1
     cfg.write_text(yaml.safe_dump(data))
     return cfg
@@ -94,7 +96,9 @@ def _run(cfg_path, stop_after=None):
 
 
 @pytest.mark.slow
-def test_stage2_writes_a_self_contained_report_with_every_row(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+def test_stage2_writes_a_self_contained_report_with_every_row(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt
+):
     out = _run(small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, iterations=2))
     text = (out / "report.html").read_text()
     page = parse(text)
@@ -117,7 +121,9 @@ def test_stage2_writes_a_self_contained_report_with_every_row(tmp_path, digits_m
 def test_report_of_a_run_stopped_mid_iteration(tmp_path, digits_manifest, small_ae, stage1_ckpt, capsys):
     from trainer.cli.main import main
 
-    out = _run(small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, epochs=3), stop_after=1)  # of 3 steps
+    out = _run(
+        small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, epochs=3), stop_after=1
+    )  # of 3 steps
     assert (out / "report.html").is_file()  # written when stage 2 started
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
@@ -139,7 +145,8 @@ def test_report_compare_marks_the_better_run(tmp_path, capsys):
         root = tmp_path / name
         root.mkdir()
         (root / f"{name}_summary.csv").write_text(
-            "iteration,latent_fd,precision\n" + "".join(f"{k},{v},0.5\n" for k, v in enumerate(fd)))
+            "iteration,latent_fd,precision\n" + "".join(f"{k},{v},0.5\n" for k, v in enumerate(fd))
+        )
         runs.append(root)
     assert main(["report", str(runs[0]), "--compare", str(runs[1])]) == 0
     text = (runs[0] / "report.html").read_text()
@@ -178,12 +185,16 @@ def test_report_stays_readable_for_ten_iterations(tmp_path):
     for k in range(10):
         atomic.save_png(np.full((10, 10), 20 * k, dtype=np.uint8), root / "samples" / f"r_iter_{k}.png")
         (root / f"discriminator_iter_{k}").mkdir()
-        (root / f"discriminator_iter_{k}" / "discriminator_history.csv").write_text(f"epoch,val_acc\n1,0.{k}\n")
+        (root / f"discriminator_iter_{k}" / "discriminator_history.csv").write_text(
+            f"epoch,val_acc\n1,0.{k}\n"
+        )
     text = build_report(root)
     page = parse(text)
     assert_self_contained(text, page)
     assert len(page.srcs) == 11
-    assert [r for r in page.rows if r and r[0].isdigit() and len(r) == 2][:11] == [r.split(",") for r in rows[1:]]
+    assert [r for r in page.rows if r and r[0].isdigit() and len(r) == 2][:11] == [
+        r.split(",") for r in rows[1:]
+    ]
     captions = re.findall(r"<figcaption>(iteration \d+)", text)
     assert captions == [f"iteration {k}" for k in range(10)], captions  # in order
     assert "iterations finished: <b>10</b>" in text

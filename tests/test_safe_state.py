@@ -1,6 +1,7 @@
 """No file of a run folder is unpickled with weights_only=False: a resume state, the stage-1 latent cache or a
 stage-2 latest checkpoint that someone changed into a pickle that runs code gives one line (exit 2) or a clean
 recompute, and the code never runs. States are written in types a weights-only load reads back."""
+
 import ast
 import enum
 import io
@@ -58,24 +59,46 @@ def _one_line_error(capsys, argv, *expect):
 
 
 # -- (a) resume states ---------------------------------------------------------------------------------
-def test_tampered_stage1_resume_state_is_one_line_and_runs_nothing(tmp_path, digits_manifest, small_ae, capsys):
+def test_tampered_stage1_resume_state_is_one_line_and_runs_nothing(
+    tmp_path, digits_manifest, small_ae, capsys
+):
     cfg = tiny_config(tmp_path, digits_manifest, small_ae, max_steps=2, eval_interval=2)
     marker = tmp_path / "ran"
     state = tamper(tmp_path / "out" / "stage1" / "state.pt", marker, stage="stage1", step=1)
-    line = _one_line_error(capsys, ["stage1", str(cfg), "--device", "cpu"], str(state),
-                           "resume state holds posix.system", "weights-only", "delete it to restart stage1")
+    line = _one_line_error(
+        capsys,
+        ["stage1", str(cfg), "--device", "cpu"],
+        str(state),
+        "resume state holds posix.system",
+        "weights-only",
+        "delete it to restart stage1",
+    )
     assert not marker.exists(), line
     assert state.is_file()  # left for the user to look at
 
 
-def test_tampered_stage2_discriminator_state_is_one_line_and_runs_nothing(tmp_path, digits_manifest, small_ae,
-                                                                         stage1_ckpt, capsys):
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, stage2={"num_samples": 16},
-                        discriminator={"epochs": 1})
+def test_tampered_stage2_discriminator_state_is_one_line_and_runs_nothing(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, capsys
+):
+    cfg = stage2_config(
+        tmp_path,
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        stage2={"num_samples": 16},
+        discriminator={"epochs": 1},
+    )
     marker = tmp_path / "ran"
-    state = tamper(tmp_path / "out" / "discriminator_iter_0" / "discriminator_state.pt", marker, stage="stage2_d0")
-    _one_line_error(capsys, ["stage2", str(cfg), "--device", "cpu"], str(state), "holds posix.system",
-                    "delete it to restart stage2_d0")
+    state = tamper(
+        tmp_path / "out" / "discriminator_iter_0" / "discriminator_state.pt", marker, stage="stage2_d0"
+    )
+    _one_line_error(
+        capsys,
+        ["stage2", str(cfg), "--device", "cpu"],
+        str(state),
+        "holds posix.system",
+        "delete it to restart stage2_d0",
+    )
     assert not marker.exists()
 
 
@@ -93,7 +116,10 @@ def test_tampered_latent_cache_is_encoded_again(tmp_path, digits_manifest, small
     trainer = DiffusionTrainer(cfg, build_accelerator("cpu"))
     assert not marker.exists()
     out = capsys.readouterr()
-    assert "latent cache holds posix.system" in out.out + out.err and "encoding the rows again" in out.out + out.err
+    assert (
+        "latent cache holds posix.system" in out.out + out.err
+        and "encoding the rows again" in out.out + out.err
+    )
     blob = torch.load(cache, map_location="cpu", weights_only=True)  # replaced by a clean one
     assert torch.allclose(trainer.scaling.to_model(blob["latents"]), trainer.latents)
     DiffusionTrainer(cfg, build_accelerator("cpu"))  # the clean cache is used as it is
@@ -102,16 +128,24 @@ def test_tampered_latent_cache_is_encoded_again(tmp_path, digits_manifest, small
 
 
 # -- (c) the stage-2 latest checkpoint read by complete() -------------------------------------------------
-def test_tampered_latest_checkpoint_is_one_line_and_runs_nothing(tmp_path, digits_manifest, small_ae, stage1_ckpt,
-                                                                 capsys):
+def test_tampered_latest_checkpoint_is_one_line_and_runs_nothing(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, capsys
+):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
     marker = tmp_path / "ran"
     latest = tmp_path / "out" / "checkpoints" / "t2_iter_0_checkpoint_latest.pt"
     tamper(latest, marker, complete=True, stage="stage2_g0")
-    _one_line_error(capsys, ["stage2", str(cfg), "--device", "cpu"], str(latest), "holds posix.system",
-                    "delete it to restart iteration 0's diffusion phase")
+    _one_line_error(
+        capsys,
+        ["stage2", str(cfg), "--device", "cpu"],
+        str(latest),
+        "holds posix.system",
+        "delete it to restart iteration 0's diffusion phase",
+    )
     assert not marker.exists()
-    assert not (tmp_path / "out" / "discriminator_iter_0" / "fake_latents.pt").exists()  # stopped before compute
+    assert not (
+        tmp_path / "out" / "discriminator_iter_0" / "fake_latents.pt"
+    ).exists()  # stopped before compute
 
 
 def test_complete_reads_a_clean_checkpoint_and_ignores_a_torn_one(tmp_path):
@@ -134,8 +168,10 @@ def test_engine_state_folder_is_checked_before_deepspeed_loads_it(tmp_path):
 
     folder = tmp_path / "state.deepspeed"
     (folder / "pytorch_model").mkdir(parents=True)
-    torch.save({"module": {"w": torch.ones(2)}, "param_shapes": [OrderedDict(w=torch.Size([2]))]},
-               folder / "pytorch_model" / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {"w": torch.ones(2)}, "param_shapes": [OrderedDict(w=torch.Size([2]))]},
+        folder / "pytorch_model" / "mp_rank_00_model_states.pt",
+    )
     check_torch_files(folder, "DeepSpeed state")  # plain files pass
     marker = tmp_path / "ran"
     bad = tamper(folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
@@ -150,8 +186,10 @@ def test_deepspeed_plain_data_classes_are_allowed(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from trainer.files.read import check_torch_files
 
-    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2), "state": {0: torch.zeros(3)}},
-               tmp_path / "optim_states.pt")
+    torch.save(
+        {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2), "state": {0: torch.zeros(3)}},
+        tmp_path / "optim_states.pt",
+    )
     check_torch_files(tmp_path, "DeepSpeed state")
 
 
@@ -170,18 +208,34 @@ def _weights_only_round_trip(obj):
 def test_plain_converts_what_a_weights_only_load_refuses():
     from trainer.files.atomic import plain
 
-    state = {"history": [{"val_mse": np.float64(0.5), "step": np.int64(3), "ok": np.bool_(True)}],
-             "path": Path("/a/b"), "mode": Mode.A, "rng": np.arange(3, dtype=np.uint32), "names": {"b", "a"},
-             "groups": OrderedDict(lr=[0.1, (0.9, 0.999)]), "shape": torch.Size([2, 3]), "w": torch.ones(2),
-             "dtype": torch.float16, "none": None}
+    state = {
+        "history": [{"val_mse": np.float64(0.5), "step": np.int64(3), "ok": np.bool_(True)}],
+        "path": Path("/a/b"),
+        "mode": Mode.A,
+        "rng": np.arange(3, dtype=np.uint32),
+        "names": {"b", "a"},
+        "groups": OrderedDict(lr=[0.1, (0.9, 0.999)]),
+        "shape": torch.Size([2, 3]),
+        "w": torch.ones(2),
+        "dtype": torch.float16,
+        "none": None,
+    }
     with pytest.raises(pickle.UnpicklingError):
         _weights_only_round_trip(state)
     back = _weights_only_round_trip(plain(state))
     h = back["history"][0]
     assert (h, type(h["val_mse"]), type(h["step"]), type(h["ok"])) == (
-        {"val_mse": 0.5, "step": 3, "ok": True}, float, int, bool)
+        {"val_mse": 0.5, "step": 3, "ok": True},
+        float,
+        int,
+        bool,
+    )
     assert back["path"] == "/a/b" and back["mode"] == 3 and type(back["mode"]) is int
-    assert back["rng"].dtype == torch.uint32 and back["rng"].tolist() == [0, 1, 2] and back["names"] == ["a", "b"]
+    assert (
+        back["rng"].dtype == torch.uint32
+        and back["rng"].tolist() == [0, 1, 2]
+        and back["names"] == ["a", "b"]
+    )
     assert back["groups"] == OrderedDict(lr=[0.1, (0.9, 0.999)]) and back["shape"] == torch.Size([2, 3])
     assert torch.equal(back["w"], torch.ones(2)) and back["dtype"] is torch.float16 and back["none"] is None
 
@@ -217,25 +271,38 @@ def unsafe_loads(source: str) -> list[int]:
     """Lines of `torch.load(...)` calls that do not pass weights_only=True."""
     bad = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-            safe = [k for k in node.keywords if k.arg == "weights_only" and isinstance(k.value, ast.Constant)
-                    and k.value.value is True]
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
+            safe = [
+                k
+                for k in node.keywords
+                if k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            ]
             if not safe:
                 bad.append(node.lineno)
     return bad
 
 
 def test_the_source_check_can_fail():
-    assert unsafe_loads("import torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-                        "torch.load(p, weights_only=True)\n") == [2, 3]
+    assert unsafe_loads(
+        "import torch\ntorch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=True)\n"
+    ) == [2, 3]
 
 
 def test_no_source_loads_unsafely():
     sources = [p for root in ("trainer", "models", "bench") for p in sorted((REPO / root).rglob("*.py"))]
     assert len(sources) > 50
-    text_hits = [str(p.relative_to(REPO)) for p in sources if p.parts[len(REPO.parts)] in ("trainer", "models")
-                 and re.search(r"weights_only\s*=\s*False", p.read_text())]
+    text_hits = [
+        str(p.relative_to(REPO))
+        for p in sources
+        if p.parts[len(REPO.parts)] in ("trainer", "models")
+        and re.search(r"weights_only\s*=\s*False", p.read_text())
+    ]
     assert text_hits == []
     calls = {str(p.relative_to(REPO)): lines for p in sources if (lines := unsafe_loads(p.read_text()))}
     assert calls == {}, "every torch.load passes weights_only=True"

@@ -1,6 +1,7 @@
 """Scale-out on CPU: DeepSpeed ZeRO-2 (2 processes; the online D a second engine beside the UNet) and ZeRO-3
 (1 process) for both models, with
 save, resume and DeepSpeed-free exports; and the mixed-precision switch, checked by forward dtypes."""
+
 import json
 import os
 import subprocess
@@ -14,15 +15,35 @@ from helpers import LAUNCH_PROBE, REPO, free_port, run_cli, stage2_config
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
 
-DS_FLAGS = ["--num_samples", "40", "--discriminator_epochs", "2", "--diffusion_epochs", "3", "--device", "cpu"]
+DS_FLAGS = [
+    "--num_samples",
+    "40",
+    "--discriminator_epochs",
+    "2",
+    "--diffusion_epochs",
+    "3",
+    "--device",
+    "cpu",
+]
 
 
 def ds_launch(config_name, nproc, *args):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "accelerate_configs" / config_name), "--num_processes", str(nproc),
-           "--main_process_port", str(free_port()), "-m", "trainer.stage2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config_name),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "trainer.stage2",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
 
@@ -60,8 +81,9 @@ def _config(root, manifest, ae, ckpt, online: bool):
     second Accelerator), on noise-conditioned inputs."""
     if not online:
         return stage2_config(root, manifest, ae, ckpt)
-    path = stage2_config(root, manifest, ae, ckpt, discriminator={"mode": "online", "n_critic": 2,
-                                                                   "noise_inputs": True})
+    path = stage2_config(
+        root, manifest, ae, ckpt, discriminator={"mode": "online", "n_critic": 2, "noise_inputs": True}
+    )
     data = yaml.safe_load(path.read_text())
     data["discriminator"]["config"]["noise_conditioned"] = True
     path.write_text(yaml.safe_dump(data))
@@ -69,10 +91,12 @@ def _config(root, manifest, ae, ckpt, online: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config_name, nproc, online", [("deepspeed_zero2.yaml", 2, True),
-                                                        ("deepspeed_zero3.yaml", 1, False)])
-def test_deepspeed_trains_both_models_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt, config_name,
-                                                  nproc, online):
+@pytest.mark.parametrize(
+    "config_name, nproc, online", [("deepspeed_zero2.yaml", 2, True), ("deepspeed_zero3.yaml", 1, False)]
+)
+def test_deepspeed_trains_both_models_and_resumes(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, config_name, nproc, online
+):
     straight = _config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt, online)
     proc = ds_launch(config_name, nproc, str(straight), *DS_FLAGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -117,33 +141,67 @@ def _probe(tmp_path, cfg, *flags):
 @pytest.mark.slow
 def test_mixed_precision_switch_acts(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     small = ["--num_samples", "16", "--discriminator_epochs", "1", "--diffusion_epochs", "1"]
-    fp32, _ = _probe(tmp_path / "no", stage2_config(tmp_path / "no", digits_manifest, small_ae, stage1_ckpt),
-                     *small, "--mixed_precision", "no")
+    fp32, _ = _probe(
+        tmp_path / "no",
+        stage2_config(tmp_path / "no", digits_manifest, small_ae, stage1_ckpt),
+        *small,
+        "--mixed_precision",
+        "no",
+    )
     assert fp32["unet"] == ["torch.float32"] and fp32["discriminator"] == ["torch.float32"]
-    bf16, _ = _probe(tmp_path / "bf", stage2_config(tmp_path / "bf", digits_manifest, small_ae, stage1_ckpt),
-                     *small, "--mixed_precision", "bf16")
+    bf16, _ = _probe(
+        tmp_path / "bf",
+        stage2_config(tmp_path / "bf", digits_manifest, small_ae, stage1_ckpt),
+        *small,
+        "--mixed_precision",
+        "bf16",
+    )
     assert "torch.bfloat16" in bf16["unet"] and "torch.bfloat16" in bf16["discriminator"]
     # the autoencoder never runs in reduced precision
     assert bf16["ae_encode"] == ["torch.float32"] and bf16["ae_decode"] == ["torch.float32"]
     out = tmp_path / "bf" / "out"
     assert (out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt").is_file()  # the bf16 run completed
-    assert torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_best.pt",
-                      weights_only=True)["state_dict"]["conv_in.weight"].dtype == torch.float32
+    assert (
+        torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_best.pt", weights_only=True)["state_dict"][
+            "conv_in.weight"
+        ].dtype
+        == torch.float32
+    )
 
 
 @pytest.mark.slow
 def test_fp16_on_cpu_says_it_has_no_effect(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
-    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu", "--mixed_precision", "fp16",
-                   "--num_samples", "16", "--discriminator_epochs", "1", "--diffusion_epochs", "1")
+    proc = run_cli(
+        "-m",
+        "trainer.cli",
+        "stage2",
+        str(cfg),
+        "--device",
+        "cpu",
+        "--mixed_precision",
+        "fp16",
+        "--num_samples",
+        "16",
+        "--discriminator_epochs",
+        "1",
+        "--diffusion_epochs",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fp16 has no effect on CPU" in proc.stderr
 
 
 def test_accelerate_configs_are_valid_yaml_with_comments():
     names = {p.name for p in (REPO / "accelerate_configs").glob("*.yaml")}
-    assert {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
-            "multi_cpu.yaml"} <= names
+    assert {
+        "single_gpu.yaml",
+        "multi_gpu.yaml",
+        "multi_node.yaml",
+        "deepspeed_zero2.yaml",
+        "deepspeed_zero3.yaml",
+        "multi_cpu.yaml",
+    } <= names
     for name in names:
         text = (REPO / "accelerate_configs" / name).read_text()
         data = yaml.safe_load(text)

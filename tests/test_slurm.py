@@ -3,6 +3,7 @@ on 2 CPU processes, and a preempted run that requeues itself and ends with the s
 uninterrupted one.
 
 Skipped where no cluster can be brought up (not root, no apt); with CI=true that is a failure."""
+
 import math
 import os
 import signal
@@ -15,12 +16,27 @@ from datetime import datetime
 import pytest
 import torch
 
-from helpers import (REPO, accelerate_launch, files_under, run_batch_script, spec_layout, stage2_config,
-                     submit_with_fake_sbatch)
+from helpers import (
+    REPO,
+    accelerate_launch,
+    files_under,
+    run_batch_script,
+    spec_layout,
+    stage2_config,
+    submit_with_fake_sbatch,
+)
 from tools import slurm_cluster
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +50,28 @@ def slurm():
 
 
 def submit(cfg, *stage_flags):
-    proc = subprocess.run(["bash", str(REPO / "launch.sh"), "--slurm", "--nodes", "1", "--gpus-per-node", "2",
-                           "--cpu", "--signal-seconds", "60", str(cfg), "--", *stage_flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch.sh"),
+            "--slurm",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            "--cpu",
+            "--signal-seconds",
+            "60",
+            str(cfg),
+            "--",
+            *stage_flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -49,7 +83,9 @@ def job_info(job, tries=4) -> dict:
         if attempt:
             time.sleep(2)
         try:
-            proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+            proc = subprocess.run(
+                ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
+            )
         except subprocess.TimeoutExpired:
             error = "scontrol show job: no answer in 30 s"
             continue
@@ -68,8 +104,9 @@ def slurm_time(value) -> float | None:
 
 
 def logs(out) -> str:
-    return "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")) + sorted(
-        (out / "slurm").glob("*.err")))
+    return "\n".join(
+        p.read_text() for p in sorted((out / "slurm").glob("*.out")) + sorted((out / "slurm").glob("*.err"))
+    )
 
 
 class Job:
@@ -111,8 +148,12 @@ class Job:
         requeued = max(held_since, slurm_time(info.get("SubmitTime")) or 0.0)
         if time.time() < math.floor(requeued) + 2:
             return
-        proc = subprocess.run(["scontrol", "update", f"jobid={self.id}", "StartTime=now"], capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(
+            ["scontrol", "update", f"jobid={self.id}", "StartTime=now"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode == 0:  # otherwise the next poll tries again, while the wait lasts
             self.released += 1
 
@@ -149,8 +190,9 @@ def test_slurm_job_runs_stage2_on_two_processes(slurm, tmp_path, digits_manifest
 
 
 @pytest.mark.slow
-def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path, digits_manifest, small_ae,
-                                                                 stage1_ckpt):
+def test_preempted_job_requeues_and_matches_an_uninterrupted_run(
+    slurm, tmp_path, digits_manifest, small_ae, stage1_ckpt
+):
     import pandas as pd
 
     kw = dict(stage2={"num_samples": 40, "diffusion_epochs": 20})  # 80 diffusion steps
@@ -160,7 +202,9 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path
     metrics = out / "t2_metrics_iter_0.csv"
     with ThreadPoolExecutor(1) as pool, Job(submit(cfg)) as job:
         # the uninterrupted reference runs meanwhile, outside SLURM, on the same 2-process layout
-        ref = pool.submit(accelerate_launch, 2, "-m", "trainer.stage2", str(ref_cfg), "--device", "cpu", timeout=400)
+        ref = pool.submit(
+            accelerate_launch, 2, "-m", "trainer.stage2", str(ref_cfg), "--device", "cpu", timeout=400
+        )
         # first validation written: the diffusion phase is under way, with most of its steps to go
         info = job.wait(240, until=lambda i: metrics.exists())
         assert info["JobState"] == "RUNNING", job.diagnostics(out)
@@ -170,10 +214,18 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path
     log = logs(out)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.diagnostics(out)
     assert int(info["Restarts"]) >= 1, info
-    for expected in ("received USR1", "preempted at step", f"requeueing job {job.id}",
-                     f"job {job.id}, start 2", "RESUMED ", "stage 2 complete"):
+    for expected in (
+        "received USR1",
+        "preempted at step",
+        f"requeueing job {job.id}",
+        f"job {job.id}, start 2",
+        "RESUMED ",
+        "stage 2 complete",
+    ):
         assert expected in log, expected
-    assert log.index("preempted at step") < log.index(f"job {job.id}, start 2") < log.index("stage 2 complete")
+    assert (
+        log.index("preempted at step") < log.index(f"job {job.id}, start 2") < log.index("stage 2 complete")
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     name = "checkpoints/t2_iter_0_checkpoint_latest.pt"
     a = torch.load(ref_out / name, map_location="cpu", weights_only=True)
@@ -184,15 +236,19 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path
         for p in a[key]:
             assert torch.allclose(a[key][p], b[key][p], rtol=0, atol=1e-6), (key, p)
     exact = all(torch.equal(a[k][p], b[k][p]) for k in ("state_dict", "raw_state_dict") for p in a[k])
-    print(f"\njob {job.id}: restarts={info['Restarts']}, BeginTime holds lifted by the test: {job.released}, "
-          f"weights bit-identical to the reference: {exact}")
+    print(
+        f"\njob {job.id}: restarts={info['Restarts']}, BeginTime holds lifted by the test: {job.released}, "
+        f"weights bit-identical to the reference: {exact}"
+    )
     # Validation rows match too. The train_* averages are left out: the resume state keeps only the
     # main process's partial sums of the interrupted log window, so that one row differs after a
     # multi-process resume (a logging matter of trainer/training/loop.py; the weights above are exact).
     ma = pd.read_csv(ref_out / "t2_metrics_iter_0.csv").filter(regex="^(?!train_|seconds)")
     mb = pd.read_csv(metrics).filter(regex="^(?!train_|seconds)")
     # the validation columns at least (stage 2 may log more; tests/test_stage2.py pins the full layout)
-    assert list(ma.columns)[:7] == ["epoch", "step", "val_loss", "val_mse", "val_adv", "d_prob_fake", "lr"], ma.columns
+    assert list(ma.columns)[:7] == ["epoch", "step", "val_loss", "val_mse", "val_adv", "d_prob_fake", "lr"], (
+        ma.columns
+    )
     pd.testing.assert_frame_equal(ma, mb, check_exact=False, atol=1e-6)
 
 
@@ -227,6 +283,8 @@ def test_a_failed_requeue_is_retried_and_then_reported(fake_slurm, failures):
         assert "was not requeued" not in stderr
     else:  # given up: a non-zero exit, and what to do next
         assert rc == 75 and calls == ["requeue 4242"] * 3, (rc, calls, stderr)
-        assert f"advdiff: error: job 4242 was not requeued; its resume state is saved: sbatch {script} " \
-               "continues the run" in stderr, stderr
+        assert (
+            f"advdiff: error: job 4242 was not requeued; its resume state is saved: sbatch {script} "
+            "continues the run" in stderr
+        ), stderr
     assert not (out / ".advdiff_requeue").exists() and not (out / ".advdiff_stop").exists()

@@ -1,4 +1,5 @@
 """Stage 0 (autoencoder) resume, the embedded demo chain, and one-line errors for bad inputs."""
+
 import pytest
 import torch
 import yaml
@@ -9,11 +10,20 @@ from trainer.config.load import load_config
 
 def _ae_config(tmp_path, manifest):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    data = {"experiment": {"save_path": str(tmp_path / "out")},
-            "dataset": {"manifest": str(manifest), "filters": {"label": [7]}},
-            "autoencoder": {"model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
-                            "training": {"max_steps": 6, "batch_size": 8, "eval_interval": 3, "log_interval": 1,
-                                         "warmup_steps": 1}}}
+    data = {
+        "experiment": {"save_path": str(tmp_path / "out")},
+        "dataset": {"manifest": str(manifest), "filters": {"label": [7]}},
+        "autoencoder": {
+            "model": {"block_out_channels": [8, 8], "norm_num_groups": 4},
+            "training": {
+                "max_steps": 6,
+                "batch_size": 8,
+                "eval_interval": 3,
+                "log_interval": 1,
+                "warmup_steps": 1,
+            },
+        },
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -48,11 +58,34 @@ def test_stage0_resume_and_exports(tmp_path, digits_manifest):
     assert s.scale > 0 and s.scale != 1.0
 
 
-SMALL_DEMO = ["--set", "autoencoder.training.max_steps=4", "--set", "autoencoder.training.eval_interval=2",
-              "--set", "training.max_steps=6", "--set", "training.eval_interval=3", "--set", "training.sample_steps=3",
-              "--set", "stage2.num_samples=24", "--set", "stage2.generation_steps=2", "--set", "stage2.diffusion_epochs=1",
-              "--set", "discriminator.training.epochs=1", "--set", "discriminator.training.batch_size=8",
-              "--set", "training.batch_size=8", "--set", "stage2.val_samples=4", "--set", "stage2.grid_samples=4"]
+SMALL_DEMO = [
+    "--set",
+    "autoencoder.training.max_steps=4",
+    "--set",
+    "autoencoder.training.eval_interval=2",
+    "--set",
+    "training.max_steps=6",
+    "--set",
+    "training.eval_interval=3",
+    "--set",
+    "training.sample_steps=3",
+    "--set",
+    "stage2.num_samples=24",
+    "--set",
+    "stage2.generation_steps=2",
+    "--set",
+    "stage2.diffusion_epochs=1",
+    "--set",
+    "discriminator.training.epochs=1",
+    "--set",
+    "discriminator.training.batch_size=8",
+    "--set",
+    "training.batch_size=8",
+    "--set",
+    "stage2.val_samples=4",
+    "--set",
+    "stage2.grid_samples=4",
+]
 
 
 @pytest.mark.slow
@@ -60,11 +93,22 @@ def test_demo_chain_small(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rel in ("data/manifest.csv", "stage0/autoencoder/config.json", "stage1/checkpoint_best.pt",
-                "stage1/samples.png", "config.yaml", "samples/digits_iter_0.png", "samples/digits_iter_1.png",
-                "samples/digits_stage1.png", "samples/digits_comparison.png",
-                "checkpoints/digits_iter_1_checkpoint_latest.pt", "discriminator_iter_1/fake_latents.pt",
-                "digits_metrics_iter_1.csv", "classifier.pt", "reference_cls.npz"):
+    for rel in (
+        "data/manifest.csv",
+        "stage0/autoencoder/config.json",
+        "stage1/checkpoint_best.pt",
+        "stage1/samples.png",
+        "config.yaml",
+        "samples/digits_iter_0.png",
+        "samples/digits_iter_1.png",
+        "samples/digits_stage1.png",
+        "samples/digits_comparison.png",
+        "checkpoints/digits_iter_1_checkpoint_latest.pt",
+        "discriminator_iter_1/fake_latents.pt",
+        "digits_metrics_iter_1.csv",
+        "classifier.pt",
+        "reference_cls.npz",
+    ):
         assert (out / rel).is_file(), rel
     import pandas as pd
 
@@ -104,4 +148,7 @@ def test_missing_inputs_are_one_line_errors(tmp_path, digits_manifest, small_ae)
     data["unet"] = {"preset": "micro", "in_channels": 16}
     cfg.write_text(yaml.safe_dump(data))
     line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
-    assert line == f"advdiff: error: {cfg}: unet.in_channels: expected 4 (the autoencoder's latent channels), got 16"
+    assert (
+        line
+        == f"advdiff: error: {cfg}: unet.in_channels: expected 4 (the autoencoder's latent channels), got 16"
+    )

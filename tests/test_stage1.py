@@ -68,8 +68,15 @@ def _launch(tmp_path, manifest, ae, nproc):
     audit = tmp_path / "audit"
     audit.mkdir()
     out = tmp_path / "out"
-    proc = accelerate_launch(nproc, LAUNCH_PROBE, "trainer.stage1", str(cfg), "--device", "cpu",
-                             env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(out)})
+    proc = accelerate_launch(
+        nproc,
+        LAUNCH_PROBE,
+        "trainer.stage1",
+        str(cfg),
+        "--device",
+        "cpu",
+        env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(out)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "stage1" / "checkpoint_best.pt").is_file()
     assert (out / "stage1" / "samples.png").is_file()

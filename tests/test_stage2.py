@@ -1,5 +1,6 @@
 """Stage 2: the documented command line and output layout, sharding at 1 and 2 processes, the adversarial
 gradient in both modes, loud resume, and resume equivalence of the diffusion phase."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,27 +8,64 @@ import torch
 from helpers import LAUNCH_PROBE, accelerate_launch, files_under, run_cli, spec_layout, stage2_config
 from trainer.config.load import load_config
 
-SPEC_FLAGS = ["--num_samples", "20", "--num_iterations", "2", "--discriminator_epochs", "2",
-              "--diffusion_epochs", "2", "--generation_batch_size", "8", "--generation_steps", "3",
-              "--device", "cpu", "--seed", "42", "--start_iteration", "0"]
+SPEC_FLAGS = [
+    "--num_samples",
+    "20",
+    "--num_iterations",
+    "2",
+    "--discriminator_epochs",
+    "2",
+    "--diffusion_epochs",
+    "2",
+    "--generation_batch_size",
+    "8",
+    "--generation_steps",
+    "3",
+    "--device",
+    "cpu",
+    "--seed",
+    "42",
+    "--start_iteration",
+    "0",
+]
 
 
 def extras(name: str, iterations: int) -> set:
     """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid (and
     the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, the time by phase, the result
     as a pipeline folder, and the run's report page."""
-    paths = {f"{name}_summary.csv", f"{name}_summary.png", "stage2_run.json", "timings.csv",
-             f"samples/{name}_stage1.png", "reference_latent.npz", "reference_pixel.npz"}  # held-out reals' statistics
+    paths = {
+        f"{name}_summary.csv",
+        f"{name}_summary.png",
+        "stage2_run.json",
+        "timings.csv",
+        f"samples/{name}_stage1.png",
+        "reference_latent.npz",
+        "reference_pixel.npz",
+    }  # held-out reals' statistics
     paths |= {"report.html"}  # the run's one page
     # the result as a diffusers pipeline folder
-    paths |= {f"pipeline/{f}" for f in ("model_index.json", "pipeline.py", "advdiff.json", "unet/config.json",
-                                        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-                                        "vae/config.json", "vae/diffusion_pytorch_model.safetensors")}
+    paths |= {
+        f"pipeline/{f}"
+        for f in (
+            "model_index.json",
+            "pipeline.py",
+            "advdiff.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        )
+    }
     paths |= {f"{name}_metrics_iter_{k}.png" for k in range(iterations)}
     paths |= {f"discriminator_iter_{k}/discriminator_history.png" for k in range(iterations)}
     for k in range(iterations):
-        paths |= {f"discriminator_iter_{k}/discriminator_best.pt", f"discriminator_iter_{k}/discriminator_state.pt",
-                  f"samples/{name}_iter_{k}.png"}
+        paths |= {
+            f"discriminator_iter_{k}/discriminator_best.pt",
+            f"discriminator_iter_{k}/discriminator_state.pt",
+            f"samples/{name}_iter_{k}.png",
+        }
     return paths
 
 
@@ -54,13 +92,37 @@ def test_command_line_gives_the_documented_layout(tmp_path, digits_manifest, sma
     import pandas as pd
 
     d_hist = pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")
-    assert list(d_hist.columns) == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc",
-                                    "val_real_acc", "val_fake_acc", "lr", "seconds", "nonfinite_skipped"]
+    assert list(d_hist.columns) == [
+        "epoch",
+        "step",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "val_real_acc",
+        "val_fake_acc",
+        "lr",
+        "seconds",
+        "nonfinite_skipped",
+    ]
     assert d_hist["epoch"].iloc[-1] == 2 and (d_hist["nonfinite_skipped"] == 0).all()
     metrics = pd.read_csv(out / "t2_metrics_iter_1.csv")
-    assert list(metrics.columns) == ["epoch", "step", "train_loss", "train_mse", "train_adv", "val_loss", "val_mse",
-                                     "val_adv", "d_prob_fake", "lr", "seconds", "d_val_acc", "adv_weight",
-                                     "nonfinite_skipped"]
+    assert list(metrics.columns) == [
+        "epoch",
+        "step",
+        "train_loss",
+        "train_mse",
+        "train_adv",
+        "val_loss",
+        "val_mse",
+        "val_adv",
+        "d_prob_fake",
+        "lr",
+        "seconds",
+        "d_val_acc",
+        "adv_weight",
+        "nonfinite_skipped",
+    ]
     assert (metrics["nonfinite_skipped"] == 0).all()
     assert len(metrics) == 2 and metrics["epoch"].tolist() == [1, 2]
     assert "DDIM" in proc.stdout and "3 DDIM steps" in proc.stdout
@@ -75,10 +137,24 @@ def test_command_line_gives_the_documented_layout(tmp_path, digits_manifest, sma
 
 @pytest.mark.slow
 def test_fakes_do_not_depend_on_batch_size(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    a = _run(stage2_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt,
-                           stage2={"generation_batch_size": 5, "diffusion_max_steps": 1}))
-    b = _run(stage2_config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt,
-                           stage2={"generation_batch_size": 24, "diffusion_max_steps": 1}))
+    a = _run(
+        stage2_config(
+            tmp_path / "a",
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            stage2={"generation_batch_size": 5, "diffusion_max_steps": 1},
+        )
+    )
+    b = _run(
+        stage2_config(
+            tmp_path / "b",
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            stage2={"generation_batch_size": 24, "diffusion_max_steps": 1},
+        )
+    )
     fa = torch.load(a / "discriminator_iter_0" / "fake_latents.pt")
     fb = torch.load(b / "discriminator_iter_0" / "fake_latents.pt")
     assert torch.allclose(fa, fb, atol=1e-5)
@@ -90,13 +166,25 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, digits_manifest,
     for nproc in (1, 2):
         root = tmp_path / f"p{nproc}"
         # R1 and two back-propagated rollout steps exercise the less common DDP paths too
-        cfg = stage2_config(root, digits_manifest, small_ae, stage1_ckpt,
-                            stage2={"num_samples": 37, "diffusion_max_steps": 2, "rollout_grad_steps": 2},
-                            discriminator={"r1_gamma": 1.0})
+        cfg = stage2_config(
+            root,
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            stage2={"num_samples": 37, "diffusion_max_steps": 2, "rollout_grad_steps": 2},
+            discriminator={"r1_gamma": 1.0},
+        )
         audit = root / "audit"
         audit.mkdir()
-        proc = accelerate_launch(nproc, LAUNCH_PROBE, "trainer.stage2", str(cfg), "--device", "cpu",
-                                 env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(root / "out")})
+        proc = accelerate_launch(
+            nproc,
+            LAUNCH_PROBE,
+            "trainer.stage2",
+            str(cfg),
+            "--device",
+            "cpu",
+            env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(root / "out")},
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[nproc] = (root / "out", audit, proc)
     out2, audit2, proc2 = runs[2]
@@ -116,11 +204,18 @@ def test_two_processes_match_one_and_only_main_writes(tmp_path, digits_manifest,
 def test_x0_pred_mode_end_to_end(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     import pandas as pd
 
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt,
-                        stage2={"generator_loss_mode": "x0_pred", "x0_pred_max_timestep": 0.5},
-                        loss=[{"type": "MSELoss", "key": "model_output", "target": "model_target", "weight": 1.0},
-                              {"type": "DiscriminatorLoss", "key": "pred_latent", "target": None, "weight": 0.5}],
-                        discriminator={"loss": "hinge", "r1_gamma": 0.5})
+    cfg = stage2_config(
+        tmp_path,
+        digits_manifest,
+        small_ae,
+        stage1_ckpt,
+        stage2={"generator_loss_mode": "x0_pred", "x0_pred_max_timestep": 0.5},
+        loss=[
+            {"type": "MSELoss", "key": "model_output", "target": "model_target", "weight": 1.0},
+            {"type": "DiscriminatorLoss", "key": "pred_latent", "target": None, "weight": 0.5},
+        ],
+        discriminator={"loss": "hinge", "r1_gamma": 0.5},
+    )
     text = cfg.read_text().replace("num_layers: 2", "num_layers: 2\n    noise_conditioned: true")
     cfg.write_text(text)
     out = _run(cfg)
@@ -148,12 +243,26 @@ def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind=
     from trainer.stage2.generation import stratified_split
     from trainer.stage2.run import setup
 
-    loss = [{"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
-            {"type": "DiscriminatorLoss", "key": "latent" if mode == "rollout" else "pred_latent",
-             "target": None, "weight": adv_weight}]
-    cfg = load_config(stage2_config(tmp_path, manifest, ae, ckpt, stage2={"generator_loss_mode": mode,
-                                                                           "rollout_grad_steps": 2},
-                                    loss=loss, discriminator={"loss": loss_kind}))
+    loss = [
+        {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
+        {
+            "type": "DiscriminatorLoss",
+            "key": "latent" if mode == "rollout" else "pred_latent",
+            "target": None,
+            "weight": adv_weight,
+        },
+    ]
+    cfg = load_config(
+        stage2_config(
+            tmp_path,
+            manifest,
+            ae,
+            ckpt,
+            stage2={"generator_loss_mode": mode, "rollout_grad_steps": 2},
+            loss=loss,
+            discriminator={"loss": loss_kind},
+        )
+    )
     cfg.discriminator.config.noise_conditioned = conditioned
     s = setup(cfg, build_accelerator("cpu"))
     torch.manual_seed(0)
@@ -163,13 +272,23 @@ def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind=
     return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init), d
 
 
-@pytest.mark.parametrize("mode, kind, conditioned", [("rollout", "bce", False), ("x0_pred", "bce", True),
-                                                     ("rollout", "hinge", True), ("x0_pred", "non_saturating", False)])
-def test_adversarial_term_has_gradient_wrt_unet(tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, kind,
-                                                conditioned):
+@pytest.mark.parametrize(
+    "mode, kind, conditioned",
+    [
+        ("rollout", "bce", False),
+        ("x0_pred", "bce", True),
+        ("rollout", "hinge", True),
+        ("x0_pred", "non_saturating", False),
+    ],
+)
+def test_adversarial_term_has_gradient_wrt_unet(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, kind, conditioned
+):
     from trainer.training.losses import CompositeLoss, DiscriminatorLoss
 
-    trainer, d = _finetune_trainer(tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, 1.0, kind, conditioned)
+    trainer, d = _finetune_trainer(
+        tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, 1.0, kind, conditioned
+    )
     # keep only the adversarial term: its gradient alone must reach the UNet's parameters
     trainer.loss = CompositeLoss([t for t in trainer.loss.terms if isinstance(t, DiscriminatorLoss)])
     loss, parts, _ = trainer.compute_loss(0)
@@ -200,8 +319,10 @@ def test_start_iteration_without_checkpoint_fails_loudly(tmp_path, digits_manife
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     missing = tmp_path / "out" / "checkpoints" / "t2_iter_1_checkpoint_latest.pt"
-    assert proc.stderr.strip() == (f"advdiff: error: --start_iteration 2: {missing} is missing; finish iteration 1 "
-                                   f"first (or drop --start_iteration to continue where the last run stopped)")
+    assert proc.stderr.strip() == (
+        f"advdiff: error: --start_iteration 2: {missing} is missing; finish iteration 1 "
+        f"first (or drop --start_iteration to continue where the last run stopped)"
+    )
     assert not (tmp_path / "out" / "discriminator_iter_2").exists()  # nothing was started from stage 1
 
 
@@ -234,8 +355,10 @@ def test_reals_need_enough_rows(tmp_path, digits_manifest, small_ae, stage1_ckpt
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, stage2={"num_samples": 5000})
     proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("advdiff: error: --num_samples 5000 exceeds the 1797 manifest rows left after "
-                                   "filters; lower it, or set stage2.sample_with_replacement: true")
+    assert proc.stderr.strip() == (
+        "advdiff: error: --num_samples 5000 exceeds the 1797 manifest rows left after "
+        "filters; lower it, or set stage2.sample_with_replacement: true"
+    )
 
 
 def test_real_rows_are_drawn_without_replacement():
@@ -243,4 +366,6 @@ def test_real_rows_are_drawn_without_replacement():
 
     rows = choose_real_rows(100, 100, 42, 0, replace=False)
     assert sorted(rows) == list(range(100))
-    assert not np.array_equal(choose_real_rows(100, 10, 42, 0, False), choose_real_rows(100, 10, 42, 1, False))
+    assert not np.array_equal(
+        choose_real_rows(100, 10, 42, 0, False), choose_real_rows(100, 10, 42, 1, False)
+    )

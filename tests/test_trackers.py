@@ -2,6 +2,7 @@
 in each tracker's own form; one strictly increasing step for a whole run folder, the same after a resume;
 and what TensorBoard and wandb (offline) actually recorded, read back with their own readers and compared
 with the CSVs the run wrote."""
+
 import csv
 import importlib.util
 import json
@@ -16,14 +17,23 @@ import pytest
 from helpers import run_cli, stage2_config, write_config
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
-from trainer.parallel.accelerator import (flat_config, installed_trackers, log_images, resolve_report_to,
-                                      stage2_phase_steps, tracker_names, tracker_step)
+from trainer.parallel.accelerator import (
+    flat_config,
+    installed_trackers,
+    log_images,
+    resolve_report_to,
+    stage2_phase_steps,
+    tracker_names,
+    tracker_step,
+)
 
 
 # -- --report_to: names, "all", what is missing ---------------------------------------------------------
 def test_unknown_tracker_is_one_line_and_exit_2(tmp_path):
     cfg = write_config(tmp_path / "exp", save_path=str(tmp_path / "out"))
-    proc = run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu", "--report_to", "tensorboard,nosuch")
+    proc = run_cli(
+        "-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu", "--report_to", "tensorboard,nosuch"
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("advdiff: error: --report_to"), proc.stderr
@@ -59,7 +69,9 @@ def test_report_to_names():
 
 
 def test_the_resolved_config_is_flat_scalars(tmp_path):
-    cfg = load_config(write_config(tmp_path), {"training.seed": 7, "discriminator.training.betas": [0.5, 0.9]})
+    cfg = load_config(
+        write_config(tmp_path), {"training.seed": 7, "discriminator.training.betas": [0.5, 0.9]}
+    )
     flat = flat_config(cfg)
     assert flat["training.seed"] == 7 and flat["experiment.name"] == "e"
     assert json.loads(flat["discriminator.training.betas"]) == [0.5, 0.9]
@@ -83,20 +95,22 @@ class _Acc:
 @pytest.mark.parametrize("shape", [(6, 10), (6, 10, 3)])
 def test_dataformats_reaches_tensorboard_only(shape):
     picture = np.arange(math.prod(shape), dtype=np.uint8).reshape(shape)
-    trackers = {n: _Tracker(n) for n in ("tensorboard", "wandb", "swanlab", "aim", "clearml", "mlflow", "custom")}
+    trackers = {
+        n: _Tracker(n) for n in ("tensorboard", "wandb", "swanlab", "aim", "clearml", "mlflow", "custom")
+    }
     trackers["comet_ml"] = _Tracker("comet_ml", takes_images=False)
     log_images(_Acc(list(trackers.values())), "samples", picture, 17)
 
-    (values, step, kwargs), = trackers["tensorboard"].calls
+    ((values, step, kwargs),) = trackers["tensorboard"].calls
     assert step == 17 and kwargs == {"dataformats": "NHWC"}
     assert values["samples"].shape == (1, 6, 10, shape[2] if len(shape) == 3 else 1)
     assert np.array_equal(values["samples"].reshape(shape), picture)
     for name in ("wandb", "swanlab"):  # a list of pictures, as wandb.Image takes them
-        (values, step, kwargs), = trackers[name].calls
+        ((values, step, kwargs),) = trackers[name].calls
         assert kwargs == {} and step == 17 and len(values["samples"]) == 1
         assert values["samples"][0] is picture
     for name in ("aim", "clearml"):  # one picture per key
-        (values, step, kwargs), = trackers[name].calls
+        ((values, step, kwargs),) = trackers[name].calls
         assert kwargs == {} and step == 17 and values["samples"] is picture
     assert trackers["mlflow"].calls == [] and trackers["custom"].calls == []  # unknown forms: nothing
 
@@ -116,11 +130,18 @@ def _sequence(cfg, iterations: int) -> list[int]:
     return steps
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"stage2.num_samples": 7, "discriminator.training.batch_size": 2, "training.batch_size": 64},
-    {"discriminator.training.max_steps": 3, "stage2.diffusion_max_steps": 2, "autoencoder.training.max_steps": 1},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"stage2.num_samples": 7, "discriminator.training.batch_size": 2, "training.batch_size": 64},
+        {
+            "discriminator.training.max_steps": 3,
+            "stage2.diffusion_max_steps": 2,
+            "autoencoder.training.max_steps": 1,
+        },
+    ],
+)
 def test_tracker_steps_increase_through_every_phase(tmp_path, overrides):
     cfg = load_config(write_config(tmp_path), overrides)
     steps = _sequence(cfg, 3)
@@ -150,19 +171,32 @@ def test_phase_steps_are_what_the_trainers_run(tmp_path, digits_manifest, small_
     base = load_diffusion_checkpoint(stage1_ckpt)
     schedule = Schedule.from_dict(base.scheduler)
     init = {"raw": base.blob["state_dict"], "ema": base.blob["state_dict"]}
-    cases = [{"stage2": {"num_samples": 24}}, {"stage2": {"num_samples": 13, "diffusion_epochs": 3},
-                                                "discriminator": {"train_split": 0.55, "batch_size": 6}},
-             {"stage2": {"num_samples": 30, "diffusion_max_steps": 2}, "discriminator": {"max_steps": 5}}]
+    cases = [
+        {"stage2": {"num_samples": 24}},
+        {
+            "stage2": {"num_samples": 13, "diffusion_epochs": 3},
+            "discriminator": {"train_split": 0.55, "batch_size": 6},
+        },
+        {"stage2": {"num_samples": 30, "diffusion_max_steps": 2}, "discriminator": {"max_steps": 5}},
+    ]
     for i, case in enumerate(cases):
-        path = stage2_config(tmp_path / str(i), digits_manifest, small_ae, stage1_ckpt, stage2=case["stage2"],
-                             discriminator=case.get("discriminator"))
+        path = stage2_config(
+            tmp_path / str(i),
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            stage2=case["stage2"],
+            discriminator=case.get("discriminator"),
+        )
         cfg = load_config(path)
         n = cfg.stage2.num_samples
         latents = torch.zeros(n, 4, 8, 8)
         real_train = stratified_split(n, cfg.discriminator.training.train_split, 1, 0, "real")
         fake_train = stratified_split(n, cfg.discriminator.training.train_split, 1, 0, "fake")
         layout = RunLayout.of(cfg)
-        d = DiscriminatorTrainer(acc, cfg, 0, layout, latents, latents, real_train, fake_train, schedule=schedule)
+        d = DiscriminatorTrainer(
+            acc, cfg, 0, layout, latents, latents, real_train, fake_train, schedule=schedule
+        )
         g = FinetuneTrainer(acc, cfg, 0, layout, base, schedule, small_ae, latents, real_train, d.d, init)
         assert stage2_phase_steps(cfg) == (d.max_steps, g.max_steps), case
 
@@ -202,8 +236,12 @@ def _wandb(folder):
     inspect --json`), run after run in the order they started: (config updates, history records)."""
     runs = []
     for path in sorted(folder.rglob("run-*.wandb")):
-        proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
         start = next(r["run"]["start_time"] for r in records if r["type"] == "run")
@@ -223,20 +261,38 @@ def _close(a: float, b: float) -> bool:
 
 
 @pytest.mark.slow
-def test_tensorboard_and_wandb_hold_every_csv_column_at_one_increasing_step(tmp_path, monkeypatch, digits_manifest,
-                                                                           small_ae, stage1_ckpt):
+def test_tensorboard_and_wandb_hold_every_csv_column_at_one_increasing_step(
+    tmp_path, monkeypatch, digits_manifest, small_ae, stage1_ckpt
+):
     """One stage-2 iteration (the D phase, the stage-1 summary row, the fine-tune phase, the grid and the
     iteration's summary row), stopped inside the fine-tune phase and resumed: two processes, two wandb
     runs and two TensorBoard event files, which together must read like one uninterrupted run."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     cfg_path = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
-           "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
+    }
     monkeypatch.delenv("WANDB_DIR", raising=False)  # without it, wandb's files go under <save_path>/tracking
-    args = ["-m", "trainer.cli", "stage2", str(cfg_path), "--device", "cpu", "--report_to", "tensorboard,wandb",
-            "--set", "discriminator.training.epochs=1", "--set", "stage2.metric_samples=48"]
+    args = [
+        "-m",
+        "trainer.cli",
+        "stage2",
+        str(cfg_path),
+        "--device",
+        "cpu",
+        "--report_to",
+        "tensorboard,wandb",
+        "--set",
+        "discriminator.training.epochs=1",
+        "--set",
+        "stage2.metric_samples=48",
+    ]
     first = run_cli(*args, "--stop_after_steps", "1", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped inside iteration 0" in first.stdout + first.stderr
@@ -245,8 +301,11 @@ def test_tensorboard_and_wandb_hold_every_csv_column_at_one_increasing_step(tmp_
 
     cfg = load_config(cfg_path, {"discriminator.training.epochs": 1, "stage2.metric_samples": 48})
     out = cfg.out_dir
-    sources = {out / "discriminator_iter_0" / "discriminator_history.csv": "stage2_d0",
-               out / "t2_metrics_iter_0.csv": "stage2_g0", out / "t2_summary.csv": "summary"}
+    sources = {
+        out / "discriminator_iter_0" / "discriminator_history.csv": "stage2_d0",
+        out / "t2_metrics_iter_0.csv": "stage2_g0",
+        out / "t2_summary.csv": "summary",
+    }
     written = {p for p in out.rglob("*.csv") if p.name != "timings.csv"}  # timings: wall clock, not a metric
     assert written == set(sources), written ^ set(sources)
 
@@ -276,7 +335,11 @@ def test_tensorboard_and_wandb_hold_every_csv_column_at_one_increasing_step(tmp_
             got_tb = tb_scalars.get(tag)
             got_wb = [(s, float(item[tag])) for s, item in wb_history if tag in item]
             for got in (got_tb, got_wb):
-                assert got is not None and [s for s, _ in got] == [s for s, _ in expected], (tag, got, expected)
+                assert got is not None and [s for s, _ in got] == [s for s, _ in expected], (
+                    tag,
+                    got,
+                    expected,
+                )
                 assert all(_close(a, b) for (_, a), (_, b) in zip(got, expected)), (tag, got, expected)
             checked += 1
     assert checked >= 25

@@ -1,5 +1,6 @@
 """Unit tests of trainer/training: the loss terms against hand-computed values, the EMA's warm-up and
 exact averages, and the learning-rate schedule (and the optimizer builders). CPU only, no files."""
+
 import math
 from types import SimpleNamespace
 
@@ -7,8 +8,17 @@ import pytest
 import torch
 
 from trainer.training.ema import EMA
-from trainer.training.losses import (REGISTRY, CompositeLoss, DiscriminatorLoss, MSELoss, d_loss, d_loss_terms,
-                                     g_loss, g_loss_terms, r1_term)
+from trainer.training.losses import (
+    REGISTRY,
+    CompositeLoss,
+    DiscriminatorLoss,
+    MSELoss,
+    d_loss,
+    d_loss_terms,
+    g_loss,
+    g_loss_terms,
+    r1_term,
+)
 from trainer.training.optim import build_lr_schedule, build_optimizer, cosine_with_warmup
 
 LOG2 = math.log(2.0)
@@ -29,10 +39,14 @@ LOGITS = torch.tensor([0.0, 2.0, -1.0])
 def test_d_loss_terms_bce_against_hand_computed_values():
     # real labelled 1: log(1 + e^-l); fake labelled 0: log(1 + e^l)
     assert values(d_loss_terms("bce", LOGITS, real=True)) == pytest.approx(
-        [LOG2, math.log(1 + math.exp(-2)), math.log(1 + math.e)], rel=1e-6)
+        [LOG2, math.log(1 + math.exp(-2)), math.log(1 + math.e)], rel=1e-6
+    )
     assert values(d_loss_terms("bce", LOGITS, real=False)) == pytest.approx(
-        [LOG2, math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))], rel=1e-6)
-    assert values(d_loss_terms("bce", LOGITS, real=True)) == pytest.approx([0.693147, 0.126928, 1.313262], abs=1e-6)
+        [LOG2, math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))], rel=1e-6
+    )
+    assert values(d_loss_terms("bce", LOGITS, real=True)) == pytest.approx(
+        [0.693147, 0.126928, 1.313262], abs=1e-6
+    )
     # the same as torch's BCE-with-logits against labels 1 and 0
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     assert torch.allclose(d_loss_terms("bce", LOGITS, True), bce(LOGITS, torch.ones(3), reduction="none"))
@@ -73,14 +87,18 @@ def test_d_loss_is_the_mean_real_term_plus_the_mean_fake_term():
 def test_g_loss_non_saturating_vs_hinge():
     fake = torch.tensor([1.0, -2.0])
     # non-saturating: mean softplus(-l) = (log(1 + e^-1) + log(1 + e^2)) / 2
-    assert float(g_loss("non_saturating", fake)) == pytest.approx((softplus(-1.0) + softplus(2.0)) / 2, rel=1e-6)
+    assert float(g_loss("non_saturating", fake)) == pytest.approx(
+        (softplus(-1.0) + softplus(2.0)) / 2, rel=1e-6
+    )
     assert float(g_loss("non_saturating", fake)) == pytest.approx(1.220095, abs=1e-6)
     # hinge: mean(-l) = -(1 - 2) / 2
     assert float(g_loss("hinge", fake)) == pytest.approx(0.5)
     assert float(g_loss("hinge", torch.tensor([3.0, 5.0]))) == pytest.approx(-4.0)  # unbounded below
     assert g_loss("hinge", fake.half()).dtype == torch.float32
     # per sample: softplus(-l) for non_saturating (and bce, whose generator side it is), -l for hinge
-    assert values(g_loss_terms("non_saturating", fake)) == pytest.approx([softplus(-1.0), softplus(2.0)], rel=1e-6)
+    assert values(g_loss_terms("non_saturating", fake)) == pytest.approx(
+        [softplus(-1.0), softplus(2.0)], rel=1e-6
+    )
     assert values(g_loss_terms("bce", fake)) == values(g_loss_terms("non_saturating", fake))
     assert values(g_loss_terms("hinge", fake)) == [-1.0, 2.0]
     assert g_loss_terms("non_saturating", fake.to(torch.bfloat16)).dtype == torch.float32
@@ -111,11 +129,11 @@ def test_r1_term_on_a_linear_discriminator_is_half_the_squared_weight_norm():
 def test_r1_term_matches_an_analytic_gradient_per_sample():
     # D(x) = sum(x^2) per sample: grad = 2x, so R1 = 0.5 * mean_i ||2 x_i||^2 = 2 * mean_i ||x_i||^2
     x = torch.tensor([[[1.0, 2.0]], [[0.0, -3.0]]], requires_grad=True)  # (2, 1, 2)
-    logits = (x ** 2).flatten(1).sum(1)
+    logits = (x**2).flatten(1).sum(1)
     assert r1_term(logits, x).item() == pytest.approx(2 * (5.0 + 9.0) / 2)
     # logits in reduced precision still give an fp32 term
     y = x.detach().clone().requires_grad_(True)
-    assert r1_term((y ** 2).flatten(1).sum(1).half(), y).dtype == torch.float32
+    assert r1_term((y**2).flatten(1).sum(1).half(), y).dtype == torch.float32
 
 
 # -- the generator's composite loss ------------------------------------------------------------------
@@ -145,7 +163,7 @@ def test_discriminator_loss_scores_the_generated_sample():
     sample, t = torch.randn(2, 4, 8, 8).half(), torch.tensor([10, 20])
     value = term({"generated": sample, "generated_t": t}, {"discriminator": d, "d_loss": "hinge"})
     assert float(value) == pytest.approx(0.5)  # hinge g_loss of the logits; the weight is applied outside
-    (z, seen_t), = d.calls
+    ((z, seen_t),) = d.calls
     assert z.dtype == torch.float32 and torch.equal(seen_t, t)
     assert term.needs_discriminator
     value = term({"generated": sample}, {"discriminator": d, "d_loss": "non_saturating"})
@@ -159,7 +177,8 @@ def test_discriminator_loss_with_an_empty_batch_is_zero_without_calling_d():
 
     sample = torch.zeros(0, 4, 8, 8, requires_grad=True)
     value = DiscriminatorLoss(key="pred_latent", target=None, weight=1.0)(
-        {"generated": sample, "generated_t": torch.zeros(0)}, {"discriminator": never, "d_loss": "bce"})
+        {"generated": sample, "generated_t": torch.zeros(0)}, {"discriminator": never, "d_loss": "bce"}
+    )
     assert value.shape == () and value.item() == 0.0
     value.backward()  # still part of the graph: the step's backward works
     assert sample.grad.shape == (0, 4, 8, 8)
@@ -177,10 +196,19 @@ def test_composite_loss_drops_zero_weight_terms():
 
 def test_composite_loss_sums_weighted_terms_and_reports_unweighted_parts():
     d = FixedD(torch.tensor([1.0, -2.0]))
-    loss = CompositeLoss([MSELoss(key="a", target="b", weight=2.0), MSELoss(key="a", target="c", weight=1.0),
-                          DiscriminatorLoss(key="latent", target=None, weight=0.5)])
-    outputs = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([1.0, 0.0]), "c": torch.tensor([0.0, 0.0]),
-               "generated": torch.randn(2, 4, 8, 8)}
+    loss = CompositeLoss(
+        [
+            MSELoss(key="a", target="b", weight=2.0),
+            MSELoss(key="a", target="c", weight=1.0),
+            DiscriminatorLoss(key="latent", target=None, weight=0.5),
+        ]
+    )
+    outputs = {
+        "a": torch.tensor([1.0, 2.0]),
+        "b": torch.tensor([1.0, 0.0]),
+        "c": torch.tensor([0.0, 0.0]),
+        "generated": torch.randn(2, 4, 8, 8),
+    }
     total, parts = loss(outputs, {"discriminator": d, "d_loss": "hinge"})
     # mse(a, b) = 2, mse(a, c) = 2.5, hinge g_loss = 0.5
     assert float(total) == pytest.approx(2.0 * 2.0 + 1.0 * 2.5 + 0.5 * 0.5)
@@ -197,12 +225,18 @@ def test_composite_loss_without_a_positive_term_raises():
 
 def test_composite_loss_from_config_builds_registered_terms():
     assert REGISTRY == {"MSELoss": MSELoss, "DiscriminatorLoss": DiscriminatorLoss}
-    cfg = SimpleNamespace(losses=[SimpleNamespace(type="MSELoss", key="pred_noise", target="noise", weight=1.0),
-                                  SimpleNamespace(type="DiscriminatorLoss", key="latent", target=None, weight=0.25),
-                                  SimpleNamespace(type="MSELoss", key="x", target="y", weight=0.0)])
+    cfg = SimpleNamespace(
+        losses=[
+            SimpleNamespace(type="MSELoss", key="pred_noise", target="noise", weight=1.0),
+            SimpleNamespace(type="DiscriminatorLoss", key="latent", target=None, weight=0.25),
+            SimpleNamespace(type="MSELoss", key="x", target="y", weight=0.0),
+        ]
+    )
     loss = CompositeLoss.from_config(cfg)
-    assert loss.terms == [MSELoss(key="pred_noise", target="noise", weight=1.0),
-                          DiscriminatorLoss(key="latent", target=None, weight=0.25)]
+    assert loss.terms == [
+        MSELoss(key="pred_noise", target="noise", weight=1.0),
+        DiscriminatorLoss(key="latent", target=None, weight=0.25),
+    ]
 
 
 # -- EMA -------------------------------------------------------------------------------------------
@@ -329,8 +363,19 @@ def test_lr_schedule_scales_the_optimizer_learning_rate():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    expected = [0.1 * f for f in (0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
-                                  0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0, 0.0)]
+    expected = [
+        0.1 * f
+        for f in (
+            0.5,
+            1.0,
+            1.0,
+            0.5 * (1 + math.cos(math.pi / 4)),
+            0.5,
+            0.5 * (1 + math.cos(3 * math.pi / 4)),
+            0.0,
+            0.0,
+        )
+    ]
     assert lrs == pytest.approx(expected, abs=1e-12)
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], lr=0.1, weight_decay=0.0)
     sched = build_lr_schedule(opt, warmup=0, total=6, kind="constant")

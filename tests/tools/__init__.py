@@ -1,6 +1,6 @@
 """Scripts the tests run in their own processes (and import): not tests themselves.
 
-  launch_probe.py   runs an advdiff module recording the files each process writes and/or the dtypes
-                    forward passes compute in
-  slurm_cluster.py  brings up a real one-node SLURM cluster for tests/test_slurm.py
+launch_probe.py   runs an advdiff module recording the files each process writes and/or the dtypes
+                  forward passes compute in
+slurm_cluster.py  brings up a real one-node SLURM cluster for tests/test_slurm.py
 """

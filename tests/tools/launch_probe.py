@@ -12,6 +12,7 @@ Each record is written at exit. Usage:
     accelerate launch tests/tools/launch_probe.py MODULE [args...]
     python tests/tools/launch_probe.py MODULE [args...]
 """
+
 import atexit
 import json
 import os
@@ -58,8 +59,9 @@ def install_write_audit(audit_dir: str) -> None:
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             path, mode = args[0], args[1] if len(args) > 1 else "r"
             flags = args[2] if len(args) > 2 else 0
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                      (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
             if writing:
                 record.append(os.fsdecode(path))
         elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "shutil.rmtree"):
@@ -78,8 +80,10 @@ def install_write_audit(audit_dir: str) -> None:
 def main() -> None:
     audit_dir, probe_out = os.environ.get("ADVDIFF_AUDIT_DIR"), os.environ.get("ADVDIFF_PROBE_OUT")
     if not (audit_dir or probe_out) or len(sys.argv) < 2:
-        sys.exit("usage: ADVDIFF_AUDIT_DIR=... ADVDIFF_AUDIT_WATCH=... and/or ADVDIFF_PROBE_OUT=... "
-                 "python tests/tools/launch_probe.py MODULE [args...]")
+        sys.exit(
+            "usage: ADVDIFF_AUDIT_DIR=... ADVDIFF_AUDIT_WATCH=... and/or ADVDIFF_PROBE_OUT=... "
+            "python tests/tools/launch_probe.py MODULE [args...]"
+        )
     # the probe's imports come first, so that the audit hook sees only what the module itself does
     if probe_out:
         install_dtype_probe(probe_out)

@@ -8,6 +8,7 @@ does not come up).
 
     python3 tests/tools/slurm_cluster.py start|stop|status
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ class ClusterUnavailable(RuntimeError):
 def sh(*cmd, timeout=60, check=False, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
-        raise ClusterUnavailable(f"{' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}")
+        raise ClusterUnavailable(
+            f"{' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}"
+        )
     return proc
 
 

@@ -1,4 +1,5 @@
 """`python -m trainer.cli`: the `advdiff` command."""
+
 import sys
 
 from trainer.cli.main import main

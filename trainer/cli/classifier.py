@@ -4,6 +4,7 @@
 It learns the manifest's label column on the training split (training.train_split, split_seed) and
 prints its accuracy on the held-out rows, the ones the summary scores against. One CPU process, seconds
 for the embedded digits."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,22 @@ from trainer.quality import DEFAULT_EPOCHS
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="advdiff classifier", description=__doc__)
     p.add_argument("config", help="experiment YAML (its dataset section names the manifest)")
-    p.add_argument("--out", default=None, help="weights file to write (default <experiment.save_path>/classifier.pt)")
+    p.add_argument(
+        "--out", default=None, help="weights file to write (default <experiment.save_path>/classifier.pt)"
+    )
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the training split")
-    p.add_argument("--label_column", default="label", metavar="COL", help="manifest column of integer class labels")
+    p.add_argument(
+        "--label_column", default="label", metavar="COL", help="manifest column of integer class labels"
+    )
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help="override any config field (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override any config field (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return p
 

@@ -1,4 +1,5 @@
 """Shared command-line plumbing: config loading with overrides, one-line errors, exit codes."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,29 +17,59 @@ from trainer.parallel.accelerator import apply_performance, build_accelerator, f
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """The arguments that shape the config (shared by the stage commands and `advdiff validate`)."""
-    p.add_argument("--mixed_precision", "--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="overrides training.mixed_precision")
+    p.add_argument(
+        "--mixed_precision",
+        "--mixed-precision",
+        default=None,
+        choices=("no", "fp16", "bf16"),
+        help="overrides training.mixed_precision",
+    )
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help="override any config field, e.g. --set training.batch_size=32 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override any config field, e.g. --set training.batch_size=32 (repeatable)",
+    )
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
 
 
-def stage_parser(prog: str, description: str, config_nargs=None,
-                 config_help: str = "experiment YAML") -> argparse.ArgumentParser:
+def stage_parser(
+    prog: str, description: str, config_nargs=None, config_help: str = "experiment YAML"
+) -> argparse.ArgumentParser:
     p = Parser(prog=f"advdiff {prog}", description=description)
     p.add_argument("config", nargs=config_nargs, help=config_help)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="cuda, cpu, or auto (cuda when visible)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cuda, cpu, or auto (cuda when visible)",
+    )
     add_config_args(p)
-    p.add_argument("--output_dir", default=None, metavar="DIR",
-                   help="overrides experiment.save_path (a relative DIR is relative to the current folder)")
-    p.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
-                   help="stop after N steps in this call, leaving a resume state (time-boxed jobs)")
-    p.add_argument("--report_to", "--report-to", default=None, metavar="TRACKERS",
-                   help="log every CSV metric (and sample grids) through accelerate's trackers: a comma list "
-                        "(tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, ...) or all (every "
-                        "installed one); local logs under <save_path>/tracking")
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        metavar="DIR",
+        help="overrides experiment.save_path (a relative DIR is relative to the current folder)",
+    )
+    p.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N steps in this call, leaving a resume state (time-boxed jobs)",
+    )
+    p.add_argument(
+        "--report_to",
+        "--report-to",
+        default=None,
+        metavar="TRACKERS",
+        help="log every CSV metric (and sample grids) through accelerate's trackers: a comma list "
+        "(tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, ...) or all (every "
+        "installed one); local logs under <save_path>/tracking",
+    )
     return p
 
 
@@ -87,8 +118,11 @@ def run_main(parser, argv, body, extra_overrides=None) -> int:
             body(cfg, args)
         except preempt.Preempted as e:
             if is_main_launch_rank():
-                print(f"advdiff: preempted ({e}); resume state written; rerun the same command to continue "
-                      f"(exit {preempt.REQUEUE_EXIT_CODE})", file=sys.stderr)
+                print(
+                    f"advdiff: preempted ({e}); resume state written; rerun the same command to continue "
+                    f"(exit {preempt.REQUEUE_EXIT_CODE})",
+                    file=sys.stderr,
+                )
             return preempt.REQUEUE_EXIT_CODE
         return 0
 
@@ -112,13 +146,19 @@ def one_line_errors(call) -> int:
 def accelerator_for(cfg, args):
     set_deterministic(cfg.training.deterministic)
     apply_performance(cfg.performance)
-    return build_accelerator(args.device, cfg.training.resolved_mixed_precision(), report_to=args.report_to,
-                             project_dir=cfg.out_dir / "tracking", run_name=cfg.experiment.name,
-                             config=flat_config(cfg) if args.report_to else None)
+    return build_accelerator(
+        args.device,
+        cfg.training.resolved_mixed_precision(),
+        report_to=args.report_to,
+        project_dir=cfg.out_dir / "tracking",
+        run_name=cfg.experiment.name,
+        config=flat_config(cfg) if args.report_to else None,
+    )
 
 
 def stage_main(trainer_cls, name: str, description: str, argv=None) -> int:
     """The whole entry point of a stage: parse, validate, train (resuming if possible), clean up."""
+
     def body(cfg, args):
         acc = accelerator_for(cfg, args)
         try:

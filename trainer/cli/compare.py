@@ -1,4 +1,5 @@
 """`advdiff compare RUN_A RUN_B`: two runs' quality summaries side by side, per iteration."""
+
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,7 @@
 """The embedded default: digits data (and the digit classifier behind the summary's cls_* columns) ->
 stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid -> stage 2, all under one output folder.
 Re-running resumes or skips finished work."""
+
 from __future__ import annotations
 
 import sys
@@ -56,7 +57,9 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
     acc.wait_for_everyone()
     cfg = load_config(cfg_path, overrides)
     timings = RunLayout.of(cfg).timings
-    with timing.phase(acc, timings, "classifier (metric features)"):  # also for --no-stage2: config.yaml names it
+    with timing.phase(
+        acc, timings, "classifier (metric features)"
+    ):  # also for --no-stage2: config.yaml names it
         train_metric_classifier(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     with timing.phase(acc, timings, "stage0 (autoencoder)"):
@@ -79,17 +82,24 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
     if acc.is_main_process:
         rows = RunLayout.of(cfg).guide(stage2)
         width = max(len(path) for path, _ in rows) + 2
-        print(f"\ndemo complete. Under {out}:\n" + "\n".join(f"  {path:<{width}}{what}" for path, what in rows),
-              flush=True)
+        print(
+            f"\ndemo complete. Under {out}:\n" + "\n".join(f"  {path:<{width}}{what}" for path, what in rows),
+            flush=True,
+        )
         if stage2:
-            print(f"\nOne page with the grids, quality per iteration, histories, time and config:\n"
-                  f"  {RunLayout.of(cfg).report}", flush=True)
+            print(
+                f"\nOne page with the grids, quality per iteration, histories, time and config:\n"
+                f"  {RunLayout.of(cfg).report}",
+                flush=True,
+            )
     acc.end_training()
     return cfg_path
 
 
 def digits_main(argv=None) -> int:
-    p = Parser(prog="advdiff digits", description="Write scikit-learn's digits as 32x32 PNGs with manifest.csv.")
+    p = Parser(
+        prog="advdiff digits", description="Write scikit-learn's digits as 32x32 PNGs with manifest.csv."
+    )
     p.add_argument("out", help="folder to write images/ and manifest.csv into")
     args = p.parse_args(argv)
     try:
@@ -103,10 +113,20 @@ def digits_main(argv=None) -> int:
 def main(argv=None) -> int:
     p = Parser(prog="advdiff demo", description=__doc__)
     p.add_argument("--out", default="runs/digits", metavar="DIR", help="output folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="cuda, cpu, or auto (cuda when visible)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help="override any config field of the embedded default (repeatable)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cuda, cpu, or auto (cuda when visible)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override any config field of the embedded default (repeatable)",
+    )
     p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
     args = p.parse_args(argv)
     try:

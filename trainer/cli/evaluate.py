@@ -12,6 +12,7 @@ model. With --discriminator the sampler's UNet output is corrected at each DDIM 
 w * grad log(D / (1 - D)) (trainer/diffusion/guidance.py); that is how discriminator guidance is measured
 against fine-tuning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,18 @@ from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="advdiff evaluate", description=__doc__)
     p.add_argument("config", help="experiment YAML (a stage-2 config: data, AE, metrics)")
-    p.add_argument("--checkpoint", default=None, help="diffusion checkpoint to measure (default: the config's "
-                   "stage-1 checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="diffusion checkpoint to measure (default: the config's stage-1 checkpoint)",
+    )
     p.add_argument("--generation_steps", type=int, default=None, help="overrides stage2.generation_steps")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="cuda, cpu, or auto (cuda when visible)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cuda, cpu, or auto (cuda when visible)",
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="also write the row as JSON (atomically)")
     add_config_args(p)
     g = p.add_argument_group("discriminator guidance")
@@ -62,8 +70,10 @@ def body(cfg, args) -> None:
     if not math.isfinite(args.guidance_weight):
         raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")
     if not 0 <= args.guidance_t_min <= args.guidance_t_max <= 1:
-        raise UserError(f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
-                        f"{args.guidance_t_min}, {args.guidance_t_max}")
+        raise UserError(
+            f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
+            f"{args.guidance_t_min}, {args.guidance_t_max}"
+        )
     acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
     s = setup(cfg, acc)  # every input check of stage 2, before any compute
     path = Path(args.checkpoint) if args.checkpoint else s.stage1.path
@@ -71,22 +81,38 @@ def body(cfg, args) -> None:
         raise UserError(f"--checkpoint: {path}: not found")
     ckpt = load_diffusion_checkpoint(path, fallback_scheduler=s.stage1.scheduler, scaling=s.stage1.scaling)
     if ckpt.unet_config != s.stage1.unet_config:
-        raise UserError(f"--checkpoint: {path}: its UNet differs from the config's stage-1 model "
-                        f"({s.stage1.path}); evaluate it with the config it was trained with")
+        raise UserError(
+            f"--checkpoint: {path}: its UNet differs from the config's stage-1 model "
+            f"({s.stage1.path}); evaluate it with the config it was trained with"
+        )
     unet = ckpt.unet.to(acc.device).eval()
     guided = None
     if args.discriminator is not None:
         d = load_guidance_discriminator(Path(args.discriminator), s.latent_shape, args.guidance_input)
-        guided = Guidance(d.to(acc.device), weight=args.guidance_weight, t_min=args.guidance_t_min,
-                          t_max=args.guidance_t_max, input=args.guidance_input)
+        guided = Guidance(
+            d.to(acc.device),
+            weight=args.guidance_weight,
+            t_min=args.guidance_t_min,
+            t_max=args.guidance_t_max,
+            input=args.guidance_input,
+        )
     evaluator = s.evaluator()
     evaluator.guidance = guided
     row = evaluator.measure(0, unet, None)
     row.pop("iteration", None)
-    row.update(checkpoint=str(path), generation_steps=cfg.stage2.generation_steps,
-               guidance=None if guided is None else {"discriminator": str(args.discriminator),
-                                                     "weight": guided.weight, "t_min": guided.t_min,
-                                                     "t_max": guided.t_max, "input": guided.input})
+    row.update(
+        checkpoint=str(path),
+        generation_steps=cfg.stage2.generation_steps,
+        guidance=None
+        if guided is None
+        else {
+            "discriminator": str(args.discriminator),
+            "weight": guided.weight,
+            "t_min": guided.t_min,
+            "t_max": guided.t_max,
+            "input": guided.input,
+        },
+    )
     if acc.is_main_process:
         text = json.dumps(row, indent=1, default=str)
         print(text)

@@ -8,6 +8,7 @@ stage 1 <save_path>/stage1/pipeline, so this command is for other checkpoints an
 
     DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)(batch_size=8).images
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,35 @@ def build_parser() -> Parser:
     p = Parser(prog="advdiff export", description=__doc__)
     p.add_argument("source", help="checkpoint .pt, diffusers folder, or run folder")
     p.add_argument("out", help="pipeline folder to write (replaced whole if it exists)")
-    p.add_argument("--iteration", type=int, default=None, metavar="K",
-                   help="run folder: stage-2 iteration K (default: the last one with a checkpoint)")
-    p.add_argument("--tag", default=None, choices=("best", "latest"),
-                   help="run folder: which checkpoint (default: the run's stage2.continue_from, else best)")
-    p.add_argument("--ae", default=None, metavar="PATH",
-                   help="autoencoder to ship as vae/ (default: the one the checkpoint names)")
-    p.add_argument("--no_vae", action="store_true", help="write no vae/ (the pipeline then returns latents only)")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="the pipeline's default DDIM steps (default: the steps the model was trained for)")
+    p.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run folder: stage-2 iteration K (default: the last one with a checkpoint)",
+    )
+    p.add_argument(
+        "--tag",
+        default=None,
+        choices=("best", "latest"),
+        help="run folder: which checkpoint (default: the run's stage2.continue_from, else best)",
+    )
+    p.add_argument(
+        "--ae",
+        default=None,
+        metavar="PATH",
+        help="autoencoder to ship as vae/ (default: the one the checkpoint names)",
+    )
+    p.add_argument(
+        "--no_vae", action="store_true", help="write no vae/ (the pipeline then returns latents only)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the pipeline's default DDIM steps (default: the steps the model was trained for)",
+    )
     p.add_argument("--eta", type=float, default=None, metavar="X", help="the pipeline's default DDIM eta")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     return p
@@ -59,8 +80,10 @@ def resolve_source(source: Path, iteration: int | None, tag: str | None) -> Path
     found = layout.found_diffusion_checkpoints(tag)
     if iteration is not None:
         if iteration not in found:
-            raise UserError(f"--iteration {iteration}: no {tag} checkpoint of that iteration under "
-                            f"{layout.checkpoint_folder} (found: {', '.join(map(str, sorted(found))) or 'none'})")
+            raise UserError(
+                f"--iteration {iteration}: no {tag} checkpoint of that iteration under "
+                f"{layout.checkpoint_folder} (found: {', '.join(map(str, sorted(found))) or 'none'})"
+            )
         return found[iteration]
     if found:
         return found[max(found)]
@@ -89,15 +112,21 @@ def export(args) -> None:
     if not args.no_vae:
         ae = Path(args.ae) if args.ae else (Path(ckpt.autoencoder) if ckpt.autoencoder else None)
         if ae is not None and not ae.exists():
-            raise UserError(f"{'--ae' if args.ae else 'the checkpoint names the autoencoder'} {ae}: not found "
-                            f"(pass --ae PATH, or --no_vae)")
+            raise UserError(
+                f"{'--ae' if args.ae else 'the checkpoint names the autoencoder'} {ae}: not found "
+                f"(pass --ae PATH, or --no_vae)"
+            )
     if args.steps is not None and args.steps > int(ckpt.scheduler["num_train_timesteps"]):
-        raise UserError(f"--steps: at most {ckpt.scheduler['num_train_timesteps']} (the model's schedule), "
-                        f"got {args.steps}")
+        raise UserError(
+            f"--steps: at most {ckpt.scheduler['num_train_timesteps']} (the model's schedule), "
+            f"got {args.steps}"
+        )
     written = export_pipeline(ckpt, out, autoencoder=ae, steps=args.steps, eta=args.eta)
     vae = f"vae/ from {ae}" if ae is not None else "no vae/"
-    print(f"advdiff export: {source} -> {written} (unet/, scheduler/, {vae}); open with "
-          f"DiffusionPipeline.from_pretrained('{written}', trust_remote_code=True)")
+    print(
+        f"advdiff export: {source} -> {written} (unet/, scheduler/, {vae}); open with "
+        f"DiffusionPipeline.from_pretrained('{written}', trust_remote_code=True)"
+    )
 
 
 def main(argv=None) -> int:

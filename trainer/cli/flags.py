@@ -4,6 +4,7 @@
 `Parser` is the argument parser of every `advdiff` subcommand: each long flag takes both spellings
 (`--num_samples` and `--num-samples`), `--help` shows defaults, choices and short metavars (`N`, `X`,
 `PATH`, `{a,b}`), and a usage error is one line and exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,11 @@ FLAGS = {
     "discriminator_max_steps": ("discriminator.training.max_steps", int, "cap on D steps per iteration"),
     "diffusion_max_steps": ("stage2.diffusion_max_steps", int, "cap on diffusion steps per iteration"),
     "discriminator_batch_size": ("discriminator.training.batch_size", int, "global D batch"),
-    "discriminator_eval_interval": ("discriminator.training.eval_interval", int, "D steps between validations"),
+    "discriminator_eval_interval": (
+        "discriminator.training.eval_interval",
+        int,
+        "D steps between validations",
+    ),
     "diffusion_eval_interval": ("stage2.diffusion_eval_interval", int, "diffusion steps between validations"),
     "eta": ("stage2.eta", float, "DDIM eta"),
     "generator_loss_mode": ("stage2.generator_loss_mode", str, "what D scores in the generator loss"),
@@ -116,10 +121,17 @@ def add_stage2_flags(parser) -> None:
         f = fields[path]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "" if default is None else f", default {default}"
-        parser.add_argument(f"--{flag}", type=typ, default=None, choices=f.metadata.get("choices"),
-                            help=f"{help_} (overrides {path}{shown})")
+        parser.add_argument(
+            f"--{flag}",
+            type=typ,
+            default=None,
+            choices=f.metadata.get("choices"),
+            help=f"{help_} (overrides {path}{shown})",
+        )
 
 
 def flag_overrides(args) -> dict:
     """The config overrides of the stage-2 flags that were given: {config path: value}."""
-    return {path: getattr(args, flag) for flag, (path, _, _) in FLAGS.items() if getattr(args, flag) is not None}
+    return {
+        path: getattr(args, flag) for flag, (path, _, _) in FLAGS.items() if getattr(args, flag) is not None
+    }

@@ -1,4 +1,5 @@
 """`advdiff` console script: one subcommand per job."""
+
 from __future__ import annotations
 
 import sys
@@ -9,10 +10,19 @@ COMMANDS = {
     "stage1": ("trainer.cli.stages", "train the diffusion UNet"),
     "stage2": ("trainer.cli.stages", "adversarial fine-tuning against a latent discriminator"),
     "validate": ("trainer.cli.validate", "check a stage-2 config, its files and flags before any compute"),
-    "sample": ("trainer.cli.sample", "DDIM samples of a checkpoint (optionally discriminator-guided) to .pt/.png"),
-    "evaluate": ("trainer.cli.evaluate", "the summary's quality row for any checkpoint, optionally with guidance"),
+    "sample": (
+        "trainer.cli.sample",
+        "DDIM samples of a checkpoint (optionally discriminator-guided) to .pt/.png",
+    ),
+    "evaluate": (
+        "trainer.cli.evaluate",
+        "the summary's quality row for any checkpoint, optionally with guidance",
+    ),
     "export": ("trainer.cli.export", "a checkpoint or run as a diffusers pipeline folder (safetensors)"),
-    "report": ("trainer.cli.report", "one self-contained HTML page of a run (grids, quality, histories, config)"),
+    "report": (
+        "trainer.cli.report",
+        "one self-contained HTML page of a run (grids, quality, histories, config)",
+    ),
     "compare": ("trainer.cli.compare", "two runs' quality summaries side by side"),
     "models": ("trainer.cli.presets", "list UNet presets with computed parameter counts"),
     "digits": ("trainer.cli.demo", "write the digits dataset and manifest to a folder"),
@@ -25,7 +35,10 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: advdiff COMMAND [args]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`advdiff COMMAND --help` for each command's arguments; `advdiff --version` (-V) for the version."]
+    lines += [
+        "",
+        "`advdiff COMMAND --help` for each command's arguments; `advdiff --version` (-V) for the version.",
+    ]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ folders skipped, sorted by relative path. Its paths are relative to the CSV's ow
 the images can be moved together. Default --out: DIR/manifest.csv. Written atomically; an existing file
 is replaced.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,18 @@ from trainer.files import atomic
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="advdiff manifest", description=__doc__)
     p.add_argument("folder", metavar="DIR", help="folder of images (read recursively)")
-    p.add_argument("--out", default=None, metavar="CSV",
-                   help="the CSV to write (default DIR/manifest.csv); its paths are relative to its folder")
-    p.add_argument("--image_column", default="image_path", metavar="NAME",
-                   help="name of the CSV's column (match dataset.image_column)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="CSV",
+        help="the CSV to write (default DIR/manifest.csv); its paths are relative to its folder",
+    )
+    p.add_argument(
+        "--image_column",
+        default="image_path",
+        metavar="NAME",
+        help="name of the CSV's column (match dataset.image_column)",
+    )
     return p
 
 
@@ -37,8 +46,10 @@ def manifest_rows(folder: Path, out: Path, column: str) -> list[dict]:
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:
-            raise UserError(f"{folder}: {ascii(rel)}: file name is not valid UTF-8, which a CSV cannot hold; "
-                            f"rename the file, or use the folder itself as dataset.manifest") from None
+            raise UserError(
+                f"{folder}: {ascii(rel)}: file name is not valid UTF-8, which a CSV cannot hold; "
+                f"rename the file, or use the folder itself as dataset.manifest"
+            ) from None
         try:
             path = Path(os.path.relpath(root / rel, here)).as_posix()
         except ValueError:  # another drive (Windows): no relative path exists

@@ -1,5 +1,6 @@
 """The config reference of docs/CONFIG.md, generated from the config dataclasses and the seed system's
 spellings that the loader reads (a test keeps it in sync)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,9 @@ def seed_words() -> str:
     for path, names in SEED_VALUES.items():
         rows += [f"| `{path}: {old}` | `{path}: {new}` |" for old, new in names.items()]
     for path, (_, shown, why) in SEED_ONLY_VALUE.items():
-        rows.append(f"| `{path}: {shown}` | ignored (what advdiff always does); any other value is refused: {why} |")
+        rows.append(
+            f"| `{path}: {shown}` | ignored (what advdiff always does); any other value is refused: {why} |"
+        )
     for path, instead in SEED_DROPPED.items():
         rows.append(f"| `{path}` | ignored: {instead} |")
     return "\n".join(rows)
@@ -41,8 +44,10 @@ def config_reference() -> str:
         else:
             shown = "`null`" if d is None else f"`{d}`"
         rows.append(f"| `{path}` | {shown} | {f.metadata['doc']} |")
-    seed = ("The seed system's configs load too. Its other words for the same things are read as below, each "
-            "with one `advdiff: warning:` line that names advdiff's spelling:")
+    seed = (
+        "The seed system's configs load too. Its other words for the same things are read as below, each "
+        "with one `advdiff: warning:` line that names advdiff's spelling:"
+    )
     return "\n".join(rows) + f"\n\n{seed}\n\n" + seed_words()
 
 
@@ -55,15 +60,22 @@ def write_reference(path: Path) -> None:
     text = path.read_text()
     if BEGIN not in text or END not in text:
         raise UserError(f"--write {path}: expected the markers {BEGIN} and {END}")
-    head, tail = text[:text.index(BEGIN) + len(BEGIN)], text[text.index(END):]
+    head, tail = text[: text.index(BEGIN) + len(BEGIN)], text[text.index(END) :]
     atomic.write_text(f"{head}\n{config_reference()}\n{tail}", path)
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="advdiff config-reference", description="Print the config reference of docs/CONFIG.md "
-               "(Markdown), generated from the config dataclasses.")
-    p.add_argument("--write", default=None, metavar="PATH", help="instead, replace the reference between the "
-                   "markers of this file (docs/CONFIG.md)")
+    p = Parser(
+        prog="advdiff config-reference",
+        description="Print the config reference of docs/CONFIG.md "
+        "(Markdown), generated from the config dataclasses.",
+    )
+    p.add_argument(
+        "--write",
+        default=None,
+        metavar="PATH",
+        help="instead, replace the reference between the markers of this file (docs/CONFIG.md)",
+    )
     args = p.parse_args(argv)
     if args.write is None:
         print(config_reference())

@@ -4,6 +4,7 @@ time by phase and config; with --compare, another run's summary beside it, the b
 
 Stage 2 writes the page itself when it starts and after every iteration; this command writes it for any
 run folder, finished, running or stopped."""
+
 from __future__ import annotations
 
 from pathlib import Path

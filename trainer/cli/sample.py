@@ -1,5 +1,6 @@
 """`advdiff sample CHECKPOINT --out PREFIX`: DDIM samples of a diffusion checkpoint, optionally with
 discriminator guidance; writes PREFIX.pt (model-space latents) and, with an autoencoder, PREFIX.png."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,36 +21,60 @@ GRID_MAX = 64  # the PNG shows the first 64 samples
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="advdiff sample", description=__doc__)
     p.add_argument("checkpoint", help="a stage-1 or stage-2 diffusion checkpoint (.pt)")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pt (all samples) and PREFIX.png "
-                   f"(a grid of the first {GRID_MAX})")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PREFIX",
+        help=f"writes PREFIX.pt (all samples) and PREFIX.png (a grid of the first {GRID_MAX})",
+    )
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per UNet forward pass")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="cuda, cpu, or auto (cuda when visible)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cuda, cpu, or auto (cuda when visible)",
+    )
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
-    p.add_argument("--ae", default=None, metavar="PATH",
-                   help="autoencoder for the PNG grid (default: the one the checkpoint names)")
+    p.add_argument(
+        "--ae",
+        default=None,
+        metavar="PATH",
+        help="autoencoder for the PNG grid (default: the one the checkpoint names)",
+    )
     p.add_argument("--no_grid", action="store_true", help="latents only, no decoded grid")
     p.add_argument("--nrow", type=int, default=8, help="grid columns")
     g = p.add_argument_group("discriminator guidance (Kim et al., 2022)")
-    g.add_argument("--discriminator", default=None, metavar="D.pt", help="a stage-2 discriminator export; "
-                   "guidance is on when given")
+    g.add_argument(
+        "--discriminator",
+        default=None,
+        metavar="D.pt",
+        help="a stage-2 discriminator export; guidance is on when given",
+    )
     g.add_argument("--guidance_weight", type=float, default=None, help="w (default 1)")
-    g.add_argument("--guidance_t_min", type=float, default=None,
-                   help=f"off for t < this x T (default {DEFAULT_T_MIN})")
-    g.add_argument("--guidance_t_max", type=float, default=None,
-                   help="off for t > this x T (default 1)")
-    g.add_argument("--guidance_input", default=None, choices=INPUTS,
-                   help="what D sees: the noisy latent (x_t, the paper's) or the model's clean prediction "
-                        "(x0_pred: what stage 2's noise-conditioned D was trained on)")
+    g.add_argument(
+        "--guidance_t_min", type=float, default=None, help=f"off for t < this x T (default {DEFAULT_T_MIN})"
+    )
+    g.add_argument("--guidance_t_max", type=float, default=None, help="off for t > this x T (default 1)")
+    g.add_argument(
+        "--guidance_input",
+        default=None,
+        choices=INPUTS,
+        help="what D sees: the noisy latent (x_t, the paper's) or the model's clean prediction "
+        "(x0_pred: what stage 2's noise-conditioned D was trained on)",
+    )
     return p
 
 
-GUIDANCE_DEFAULTS = {"guidance_weight": 1.0, "guidance_t_min": DEFAULT_T_MIN, "guidance_t_max": 1.0,
-                     "guidance_input": "x_t"}
+GUIDANCE_DEFAULTS = {
+    "guidance_weight": 1.0,
+    "guidance_t_min": DEFAULT_T_MIN,
+    "guidance_t_max": 1.0,
+    "guidance_input": "x_t",
+}
 
 
 def check_args(args) -> None:
@@ -68,8 +93,10 @@ def check_args(args) -> None:
         if not math.isfinite(args.guidance_weight):
             raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")
         if not 0 <= args.guidance_t_min <= args.guidance_t_max <= 1:
-            raise UserError(f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
-                            f"{args.guidance_t_min}, {args.guidance_t_max}")
+            raise UserError(
+                f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
+                f"{args.guidance_t_min}, {args.guidance_t_max}"
+            )
 
 
 def load_guidance_discriminator(path: Path, latent_shape: tuple, guidance_input: str):
@@ -81,25 +108,37 @@ def load_guidance_discriminator(path: Path, latent_shape: tuple, guidance_input:
     if not path.is_file():
         raise UserError(f"--discriminator: {path}: not found")
     blob = torch_load(path, "discriminator")
-    if not isinstance(blob, dict) or blob.get("format") != D_FORMAT or not isinstance(blob.get("config"), dict):
+    if (
+        not isinstance(blob, dict)
+        or blob.get("format") != D_FORMAT
+        or not isinstance(blob.get("config"), dict)
+    ):
         raise UserError(f"--discriminator: {path}: not an advdiff discriminator (format {D_FORMAT})")
     config = blob["config"]
     channels, side = latent_shape[0], latent_shape[1]
     if config.get("latent_channels") != channels:
-        raise UserError(f"--discriminator: {path}: D takes {config.get('latent_channels')}-channel latents, the "
-                        f"checkpoint's UNet makes {channels}-channel ones")
+        raise UserError(
+            f"--discriminator: {path}: D takes {config.get('latent_channels')}-channel latents, the "
+            f"checkpoint's UNet makes {channels}-channel ones"
+        )
     if side < 2 ** int(config.get("num_layers", 0)):
-        raise UserError(f"--discriminator: {path}: D's {config.get('num_layers')} stride-2 levels need latents of "
-                        f"side >= {2 ** int(config['num_layers'])}, the checkpoint's are {side}x{side}")
+        raise UserError(
+            f"--discriminator: {path}: D's {config.get('num_layers')} stride-2 levels need latents of "
+            f"side >= {2 ** int(config['num_layers'])}, the checkpoint's are {side}x{side}"
+        )
     if guidance_input == "x_t" and not config.get("noise_conditioned", False):
-        raise UserError(f"--discriminator: {path}: D is not noise_conditioned; guidance on x_t needs D(x_t, t) "
-                        f"(use --guidance_input x0_pred for a D trained on clean latents)")
+        raise UserError(
+            f"--discriminator: {path}: D is not noise_conditioned; guidance on x_t needs D(x_t, t) "
+            f"(use --guidance_input x0_pred for a D trained on clean latents)"
+        )
     try:
         d = build_discriminator(config)
         d.load_state_dict(blob["state_dict"])
     except Exception as e:
-        raise UserError(f"--discriminator: {path}: weights do not match its config "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
+        raise UserError(
+            f"--discriminator: {path}: weights do not match its config "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        ) from None
     return d.requires_grad_(False).eval()
 
 
@@ -113,8 +152,10 @@ def resolve_ae(args, ckpt) -> Path | None:
     if not recorded or recorded == "None":
         return None
     if not Path(recorded).exists():
-        print(f"advdiff: warning: the checkpoint's autoencoder {recorded} is not there; no grid (pass --ae)",
-              file=sys.stderr)
+        print(
+            f"advdiff: warning: the checkpoint's autoencoder {recorded} is not there; no grid (pass --ae)",
+            file=sys.stderr,
+        )
         return None
     return Path(recorded)
 
@@ -135,12 +176,19 @@ def sample(args) -> None:
     shape = ckpt.latent_shape
     schedule = Schedule.from_dict(ckpt.scheduler)
     if args.steps > schedule.num_steps:
-        raise UserError(f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}")
+        raise UserError(
+            f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}"
+        )
     guidance = None
     if args.discriminator is not None:
         d = load_guidance_discriminator(Path(args.discriminator), shape, args.guidance_input)
-        guidance = Guidance(d.to(device), weight=args.guidance_weight, t_min=args.guidance_t_min,
-                            t_max=args.guidance_t_max, input=args.guidance_input)
+        guidance = Guidance(
+            d.to(device),
+            weight=args.guidance_weight,
+            t_min=args.guidance_t_min,
+            t_max=args.guidance_t_max,
+            input=args.guidance_input,
+        )
     ae = None
     ae_path = resolve_ae(args, ckpt)
     if ae_path is not None:  # loaded (and checked) before any sampling
@@ -150,29 +198,52 @@ def sample(args) -> None:
 
             ckpt.scaling = config_scaling(ae)
         if ae.config.latent_channels != shape[0]:
-            raise UserError(f"--ae: {ae_path}: latent channels {ae.config.latent_channels} differ from the "
-                            f"checkpoint's UNet's {shape[0]}")
+            raise UserError(
+                f"--ae: {ae_path}: latent channels {ae.config.latent_channels} differ from the "
+                f"checkpoint's UNet's {shape[0]}"
+            )
     prefix = Path(args.out)
     unet = ckpt.unet.to(device).eval()
     noise = per_sample_noise(range(args.num), shape, args.seed, "sample").to(device)
-    z = ddim_sample(unet, schedule.ddim(), noise, args.steps, eta=args.eta, batch_size=args.batch_size,
-                    gen_parts=(args.seed, "sample"), indices=list(range(args.num)), guidance=guidance)
+    z = ddim_sample(
+        unet,
+        schedule.ddim(),
+        noise,
+        args.steps,
+        eta=args.eta,
+        batch_size=args.batch_size,
+        gen_parts=(args.seed, "sample"),
+        indices=list(range(args.num)),
+        guidance=guidance,
+    )
     pt = atomic.save_torch(z.cpu().contiguous(), prefix.with_name(prefix.name + ".pt"))
     written = [str(pt)]
     if ae is not None:
         from models.autoencoder import decode
 
         shown = z[:GRID_MAX]
-        images = torch.cat([decode(ae, ckpt.scaling.from_model(shown[s:s + args.batch_size]))
-                            for s in range(0, shown.shape[0], args.batch_size)])
-        png = atomic.save_png(image_grid(images, nrow=min(args.nrow, shown.shape[0])),
-                              prefix.with_name(prefix.name + ".png"))
+        images = torch.cat(
+            [
+                decode(ae, ckpt.scaling.from_model(shown[s : s + args.batch_size]))
+                for s in range(0, shown.shape[0], args.batch_size)
+            ]
+        )
+        png = atomic.save_png(
+            image_grid(images, nrow=min(args.nrow, shown.shape[0])), prefix.with_name(prefix.name + ".png")
+        )
         written.append(str(png))
-    what = "no guidance" if guidance is None else (
-        f"discriminator guidance w={guidance.weight} on t in [{guidance.t_min}, {guidance.t_max}] x "
-        f"{schedule.num_steps}, D sees {guidance.input}")
-    print(f"advdiff sample: {args.num} samples, {args.steps} DDIM steps, eta {args.eta}, {what}: "
-          f"{', '.join(written)}")
+    what = (
+        "no guidance"
+        if guidance is None
+        else (
+            f"discriminator guidance w={guidance.weight} on t in [{guidance.t_min}, {guidance.t_max}] x "
+            f"{schedule.num_steps}, D sees {guidance.input}"
+        )
+    )
+    print(
+        f"advdiff sample: {args.num} samples, {args.steps} DDIM steps, eta {args.eta}, {what}: "
+        f"{', '.join(written)}"
+    )
 
 
 def main(argv=None) -> int:

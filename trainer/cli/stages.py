@@ -1,5 +1,6 @@
 """The stage commands: `advdiff stage0|stage1|stage2` and `python -m trainer.stageN` (thin launchers:
 parse, load and validate the config, build the Accelerator, run, always clean up)."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,20 +39,33 @@ def apply_arm(cfg: Config, weight: float | None, control: bool) -> None:
             t.weight = weight
 
 
-def build_stage2_parser(prog: str = "stage2",
-                        description: str = "Adversarial fine-tuning against a latent discriminator (stage 2).",
-                        **config_arg) -> argparse.ArgumentParser:
+def build_stage2_parser(
+    prog: str = "stage2",
+    description: str = "Adversarial fine-tuning against a latent discriminator (stage 2).",
+    **config_arg,
+) -> argparse.ArgumentParser:
     """The stage-2 flag set; `advdiff validate` builds its parser from this one, so they cannot drift."""
     p = stage_parser(prog, description, **config_arg)
     add_stage2_flags(p)
-    p.add_argument("--adversarial_weight", type=float, default=None,
-                   help="weight of every DiscriminatorLoss term (overrides training.loss)")
-    p.add_argument("--control", action="store_true",
-                   help="the MSE-only control arm: adversarial weight 0, same data and steps, into "
-                        "<save_path>_control")
-    p.add_argument("--start_iteration", type=int, default=None, metavar="K",
-                   help="start at iteration K; needs iteration K-1's checkpoint (default: continue where "
-                        "the last run stopped, from iteration 0)")
+    p.add_argument(
+        "--adversarial_weight",
+        type=float,
+        default=None,
+        help="weight of every DiscriminatorLoss term (overrides training.loss)",
+    )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="the MSE-only control arm: adversarial weight 0, same data and steps, into <save_path>_control",
+    )
+    p.add_argument(
+        "--start_iteration",
+        type=int,
+        default=None,
+        metavar="K",
+        help="start at iteration K; needs iteration K-1's checkpoint (default: continue where "
+        "the last run stopped, from iteration 0)",
+    )
     return p
 
 

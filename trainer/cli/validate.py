@@ -1,4 +1,5 @@
 """`advdiff validate`: every stage-2 check, before any compute; lists every problem (exit 2)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,25 @@ def build_parser() -> argparse.ArgumentParser:
     """`advdiff stage2`'s parser (every stage-2 flag, so a stage-2 command line validates as it is) plus
     validate's own --stage, --demo and --out. --device, --report_to and --stop_after_steps are accepted and
     not checked: they concern the machine and the call that run stage 2 (often not this login node)."""
-    p = build_stage2_parser("validate", "Check a stage-2 config, its files and flags before any compute.",
-                            config_nargs="?", config_help="experiment YAML (omit with --demo)")
-    p.add_argument("--stage", default="2", choices=("2", "all"),
-                   help="2: every stage-2 input must exist (default); all: stages 0 and 1 of the same "
-                        "pipeline may still have to write the AE and the stage-1 checkpoint")
-    p.add_argument("--demo", action="store_true", help="validate the embedded default as `advdiff demo` runs it")
-    p.add_argument("--out", default="runs/digits", metavar="DIR", help="with --demo: the demo's output folder")
+    p = build_stage2_parser(
+        "validate",
+        "Check a stage-2 config, its files and flags before any compute.",
+        config_nargs="?",
+        config_help="experiment YAML (omit with --demo)",
+    )
+    p.add_argument(
+        "--stage",
+        default="2",
+        choices=("2", "all"),
+        help="2: every stage-2 input must exist (default); all: stages 0 and 1 of the same "
+        "pipeline may still have to write the AE and the stage-1 checkpoint",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="validate the embedded default as `advdiff demo` runs it"
+    )
+    p.add_argument(
+        "--out", default="runs/digits", metavar="DIR", help="with --demo: the demo's output folder"
+    )
     return p
 
 
@@ -61,6 +74,8 @@ def main(argv=None) -> int:
         print(f"advdiff validate: {len(facts.problems)} problem(s) in {name}", file=sys.stderr)
         return 2
     rows = "" if facts.rows is None else f", {len(facts.rows)} manifest rows"
-    print(f"advdiff validate: {name} is ready for stage 2 (latents {facts.latent_shape}{rows}; "
-          f"checked in {time.time() - t0:.1f} s)")
+    print(
+        f"advdiff validate: {name} is ready for stage 2 (latents {facts.latent_shape}{rows}; "
+        f"checked in {time.time() - t0:.1f} s)"
+    )
     return 0

@@ -1,4 +1,5 @@
 """Loading a config: YAML files, dotted overrides (flags, --set), validation, and the embedded default."""
+
 from __future__ import annotations
 
 import copy
@@ -24,12 +25,15 @@ SEED_VALUES = {  # path -> {seed value: advdiff value}
 SEED_ONLY_VALUE = {  # path -> (values that ask for what advdiff does anyway, how it reads in YAML, why)
     "unet.cond_channels": ((0, None), "0", "conditioning is not supported"),
     "unet.fusion_mode": (("none", None), "none", "conditioning is not supported"),
-    "training.use_weighted_sampling": ((False, None), "false", "weighted sampling is not supported; rows are drawn "
-                                       "uniformly"),
+    "training.use_weighted_sampling": (
+        (False, None),
+        "false",
+        "weighted sampling is not supported; rows are drawn uniformly",
+    ),
 }
 SEED_DROPPED = {  # path -> what advdiff does instead (the key is ignored)
     "training.save_interval": "checkpoints are written at every validation: training.eval_interval (stage 0: "
-                              "autoencoder.training.eval_interval; stage 2: stage2.diffusion_eval_interval), in steps",
+    "autoencoder.training.eval_interval; stage 2: stage2.diffusion_eval_interval), in steps",
 }
 
 
@@ -74,8 +78,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None,
-                data: dict | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict | None = None, data: dict | None = None
+) -> Config:
     """Load and validate a config file; `overrides` maps dotted paths to values (flags, --set)."""
     where = str(path) if path is not None else "<config>"
     data = copy.deepcopy(data) if data is not None else (read_yaml(path) if path is not None else {})
@@ -107,8 +112,11 @@ def read_seed_words(data: dict, where: str) -> None:
     for path, names in SEED_VALUES.items():
         node, key = _parent(data, path)
         if node is not None and isinstance(node[key], str) and node[key] in names:
-            warnings.warn(f"{where}: {path}: {node[key]} read as {names[node[key]]} (write {path}: "
-                          f"{names[node[key]]})", ConfigWarning, stacklevel=3)
+            warnings.warn(
+                f"{where}: {path}: {node[key]} read as {names[node[key]]} (write {path}: {names[node[key]]})",
+                ConfigWarning,
+                stacklevel=3,
+            )
             node[key] = names[node[key]]
     for path, (accepted, shown, why) in SEED_ONLY_VALUE.items():
         node, key = _parent(data, path)
@@ -117,8 +125,9 @@ def read_seed_words(data: dict, where: str) -> None:
         value = node.pop(key)
         if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
             raise ConfigError(f"{where}: {path}: expected {shown} ({why}), got {_yaml(value)}")
-        warnings.warn(f"{where}: {path}: {shown} is what advdiff always does; key ignored", ConfigWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{where}: {path}: {shown} is what advdiff always does; key ignored", ConfigWarning, stacklevel=3
+        )
     for path, instead in SEED_DROPPED.items():
         node, key = _parent(data, path)
         if node is not None:

@@ -4,6 +4,7 @@ Every config field is declared with `option(default, doc, ...)`. The loader chec
 ranges, warns about keys it does not know (never crashing on them), and names the full path
 (`training.loss.losses[1].weight`) in every error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,17 @@ from typing import Any, Union
 from trainer.core.errors import ConfigError
 
 
-def option(default=dataclasses.MISSING, doc: str = "", *, choices=None, ge=None, gt=None,
-           le=None, lt=None, factory=None):
+def option(
+    default=dataclasses.MISSING,
+    doc: str = "",
+    *,
+    choices=None,
+    ge=None,
+    gt=None,
+    le=None,
+    lt=None,
+    factory=None,
+):
     """A config field with a one-line doc and optional checks."""
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if factory is not None:

@@ -22,6 +22,7 @@ A file written more than once carries a scope: inside a training step's checkpoi
 `{stage}:{s}` (up to the write of the stage's resume state, always the checkpoint's last), and in
 the quality summary `summary{r}` (up to its picture).
 """
+
 from __future__ import annotations
 
 import functools
@@ -143,7 +144,7 @@ def _children(ppid: int) -> list[int]:
                 stat = f.read().decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
         if len(fields) > 1 and fields[1] == str(ppid):
             out.append(int(entry))
     return out
@@ -204,8 +205,10 @@ def parse_nan_injection(text: str) -> tuple:
                 ranges.append((first, last))
             rank = int(parts[2]) if len(parts) == 3 else None
         except ValueError:
-            raise UserError(f"{INJECT_NAN_ENV}: expected STAGE:STEPS[:RANK] entries separated by ';' (STEPS: "
-                            f"1-based step numbers, a-b or a- ranges, comma-separated), got \"{entry}\"") from None
+            raise UserError(
+                f"{INJECT_NAN_ENV}: expected STAGE:STEPS[:RANK] entries separated by ';' (STEPS: "
+                f'1-based step numbers, a-b or a- ranges, comma-separated), got "{entry}"'
+            ) from None
         entries.append((parts[0], tuple(ranges), rank))
     return tuple(entries)
 
@@ -215,6 +218,9 @@ def nan_injected(stage: str, step_number: int, rank: int) -> bool:
     text = os.environ.get(INJECT_NAN_ENV)
     if not text:
         return False
-    return any(s == stage and (r is None or r == rank) and
-               any(first <= step_number and (last is None or step_number <= last) for first, last in ranges)
-               for s, ranges, r in parse_nan_injection(text))
+    return any(
+        s == stage
+        and (r is None or r == rank)
+        and any(first <= step_number and (last is None or step_number <= last) for first, last in ranges)
+        for s, ranges, r in parse_nan_injection(text)
+    )

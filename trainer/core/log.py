@@ -1,4 +1,5 @@
 """Status lines and warnings, printed by the main process only."""
+
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,7 @@
 """Progress bars on the main process only (tqdm), showing throughput. They appear on a terminal;
 in batch logs (no terminal) the periodic status lines carry the same numbers, so bars are off there
 unless ADVDIFF_PROGRESS=1."""
+
 from __future__ import annotations
 
 import os
@@ -26,5 +27,13 @@ def bar(acc, total: int, desc: str, unit: str = "it", initial: int = 0):
         from tqdm.auto import tqdm
     except ImportError:
         return _Null()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                mininterval=0.5 if tty else 30.0, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5 if tty else 30.0,
+        file=sys.stderr,
+    )

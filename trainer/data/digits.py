@@ -1,5 +1,6 @@
 """The embedded dataset: scikit-learn's bundled `load_digits` (1,797 real 8x8 scans of handwritten
 digits), upsampled to 32x32 grey PNGs with a manifest, so every stage has real data offline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ def build_digits(out_dir: str | Path, size: int = 32) -> Path:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UserError("scikit-learn is needed for the embedded digits data: pip install 'advdiff[demo]'") from None
+        raise UserError(
+            "scikit-learn is needed for the embedded digits data: pip install 'advdiff[demo]'"
+        ) from None
     from PIL import Image
 
     out_dir = Path(out_dir)

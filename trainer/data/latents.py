@@ -1,5 +1,6 @@
 """Real latents from manifest rows: read pre-embedded ones or encode images with the frozen AE,
 sharded across processes by row index."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,20 @@ def load_latent_file(path: str, shape: tuple | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_local(ae, image_paths: list, latent_paths: list, *, size: int, channels: int, latent_shape: tuple,
-                 batch_size: int, device, num_workers: int = 0, progress=None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def encode_local(
+    ae,
+    image_paths: list,
+    latent_paths: list,
+    *,
+    size: int,
+    channels: int,
+    latent_shape: tuple,
+    batch_size: int,
+    device,
+    num_workers: int = 0,
+    progress=None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Raw (unscaled) latents for the given rows, in order: files where given, else AE means. Written
     into `out` (one row per path, on any device; a new CPU tensor by default), which is returned."""
     if out is None:
@@ -50,7 +62,9 @@ def encode_local(ae, image_paths: list, latent_paths: list, *, size: int, channe
         from models.autoencoder import encode_mean
 
         ds = ImageDataset([image_paths[j] for j in todo], size, channels)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, num_workers=num_workers, shuffle=False
+        )
         for j, (idx, images) in enumerate(loader):
             faults.point(f"encode:{faults.phase_label()}:b{j}")
             z = encode_mean(ae, images.to(device))
@@ -60,15 +74,34 @@ def encode_local(ae, image_paths: list, latent_paths: list, *, size: int, channe
     return out
 
 
-def encode_rows(acc, ae, rows, *, size: int, channels: int, latent_shape: tuple, batch_size: int,
-                num_workers: int = 0, to_all: bool = True) -> torch.Tensor | None:
+def encode_rows(
+    acc,
+    ae,
+    rows,
+    *,
+    size: int,
+    channels: int,
+    latent_shape: tuple,
+    batch_size: int,
+    num_workers: int = 0,
+    to_all: bool = True,
+) -> torch.Tensor | None:
     """Latents of every row of `rows` (a DataFrame slice), sharded across ranks, gathered in order."""
     n = len(rows)
     mine = shard_range(n, acc.process_index, acc.num_processes)
-    image_paths = rows["image_path"].tolist()[mine.start:mine.stop]
-    latent_paths = rows["latent_path"].tolist()[mine.start:mine.stop]
-    local = encode_local(ae, image_paths, latent_paths, size=size, channels=channels, latent_shape=latent_shape,
-                         batch_size=batch_size, device=acc.device, num_workers=num_workers)
+    image_paths = rows["image_path"].tolist()[mine.start : mine.stop]
+    latent_paths = rows["latent_path"].tolist()[mine.start : mine.stop]
+    local = encode_local(
+        ae,
+        image_paths,
+        latent_paths,
+        size=size,
+        channels=channels,
+        latent_shape=latent_shape,
+        batch_size=batch_size,
+        device=acc.device,
+        num_workers=num_workers,
+    )
     gathered = gather_shards(local.to(acc.device), n, to_all=to_all)
     return None if gathered is None else gathered.cpu()
 
@@ -77,7 +110,9 @@ def latent_shape(latent_channels: int, block_out_channels, resolution: int) -> t
     """The latents an AE with these channels per level gives for images of side `resolution`."""
     f = 2 ** (len(block_out_channels) - 1)
     if resolution % f:
-        raise UserError(f"dataset.resolution: {resolution} is not divisible by the AE's downsampling factor {f}")
+        raise UserError(
+            f"dataset.resolution: {resolution} is not divisible by the AE's downsampling factor {f}"
+        )
     return (latent_channels, resolution // f, resolution // f)
 
 
@@ -95,7 +130,7 @@ def load_latent_set(path, n: int, shape: tuple, own: range | None = None) -> tor
     got = tuple(full.shape) if isinstance(full, torch.Tensor) else type(full).__name__
     if got != (n, *shape):
         raise UserError(f"{path}: latents of shape {got}, expected {(n, *shape)}; delete it to regenerate")
-    return full if own is None else full[own.start:own.stop].clone()
+    return full if own is None else full[own.start : own.stop].clone()
 
 
 def measure_scaling(latents: torch.Tensor):
@@ -121,8 +156,17 @@ class LatentCodec:
     and latents back to pixels. The AE is loaded on first use: pre-embedded latents may make it
     unnecessary. `ae_path` may be None when no AE is known (then only pre-embedded rows can be read)."""
 
-    def __init__(self, acc, ae_path, scaling, latent_shape: tuple, *, resolution: int | None,
-                 batch_size: int, num_workers: int = 0):
+    def __init__(
+        self,
+        acc,
+        ae_path,
+        scaling,
+        latent_shape: tuple,
+        *,
+        resolution: int | None,
+        batch_size: int,
+        num_workers: int = 0,
+    ):
         self.acc, self.ae_path, self.scaling = acc, ae_path, scaling
         self.latent_shape, self.resolution = tuple(latent_shape), resolution
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -132,12 +176,16 @@ class LatentCodec:
     def ae(self):
         if self._ae is None:
             if self.ae_path is None:
-                raise UserError("autoencoder.checkpoint: expected an AE folder or .pt (the stage-1 checkpoint names "
-                                "none), got null")
+                raise UserError(
+                    "autoencoder.checkpoint: expected an AE folder or .pt (the stage-1 checkpoint names "
+                    "none), got null"
+                )
             ae = load_frozen_ae(self.ae_path, self.acc.device)
             if ae.config.latent_channels != self.latent_shape[0]:
-                raise UserError(f"autoencoder.checkpoint: latent channels {ae.config.latent_channels} differ from "
-                                f"the stage-1 UNet's {self.latent_shape[0]}")
+                raise UserError(
+                    f"autoencoder.checkpoint: latent channels {ae.config.latent_channels} differ from "
+                    f"the stage-1 UNet's {self.latent_shape[0]}"
+                )
             self._ae = ae
         return self._ae
 
@@ -154,13 +202,24 @@ class LatentCodec:
         if ae is not None:
             shape = latent_shape_of(ae, size)
             if shape != self.latent_shape:
-                raise UserError(f"dataset.resolution: images give latents {shape}, the stage-1 UNet expects "
-                                f"{self.latent_shape}")
+                raise UserError(
+                    f"dataset.resolution: images give latents {shape}, the stage-1 UNet expects "
+                    f"{self.latent_shape}"
+                )
         progress = bar(self.acc, len(rows), "encoding", "image")
-        raw = encode_local(ae, rows["image_path"].tolist(), rows["latent_path"].tolist(), size=size,
-                           channels=ae.config.in_channels if ae is not None else 0, latent_shape=self.latent_shape,
-                           batch_size=self.batch_size, device=self.acc.device, num_workers=self.num_workers,
-                           progress=progress.update, out=out)
+        raw = encode_local(
+            ae,
+            rows["image_path"].tolist(),
+            rows["latent_path"].tolist(),
+            size=size,
+            channels=ae.config.in_channels if ae is not None else 0,
+            latent_shape=self.latent_shape,
+            batch_size=self.batch_size,
+            device=self.acc.device,
+            num_workers=self.num_workers,
+            progress=progress.update,
+            out=out,
+        )
         progress.close()
         return self.scaling.to_model_(raw)
 

@@ -1,4 +1,5 @@
 """Manifest reading (a CSV, or a folder of images read as one), filters, and image loading."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,11 @@ def list_images(folder: Path) -> list[str]:
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(root).relative_to(folder)
-        found += [(rel / f).as_posix() for f in files
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        found += [
+            (rel / f).as_posix()
+            for f in files
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+        ]
     return sorted(found, key=lambda p: (unicodedata.normalize("NFC", p), p))
 
 
@@ -44,17 +48,27 @@ def image_folder_rows(folder: Path) -> list[str]:
     """`list_images`, refusing a folder without images in one line that names the suffixes."""
     paths = list_images(folder)
     if not paths:
-        hint = ("; it looks like a Hugging Face `datasets` folder, which advdiff does not read: save its "
-                "images as files" if any((Path(folder) / f).is_file() for f in ("dataset_info.json", "state.json"))
-                else "")
-        raise UserError(f"{folder}: no image files in this folder or its subfolders (expected "
-                        f"{', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]}, any case; hidden files and "
-                        f"folders are skipped){hint}")
+        hint = (
+            "; it looks like a Hugging Face `datasets` folder, which advdiff does not read: save its "
+            "images as files"
+            if any((Path(folder) / f).is_file() for f in ("dataset_info.json", "state.json"))
+            else ""
+        )
+        raise UserError(
+            f"{folder}: no image files in this folder or its subfolders (expected "
+            f"{', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]}, any case; hidden files and "
+            f"folders are skipped){hint}"
+        )
     return paths
 
 
-def read_manifest(manifest: Path, image_column: str, filters: dict | None = None,
-                  latent_column: str | None = None, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+def read_manifest(
+    manifest: Path,
+    image_column: str,
+    filters: dict | None = None,
+    latent_column: str | None = None,
+    keep: tuple[str, ...] = (),
+) -> pd.DataFrame:
     """Read and filter the manifest; returns rows with absolute `image_path`/`latent_path` columns, and
     the columns named in `keep` as they are (each must exist). `manifest` is a CSV (relative paths in it
     resolve against its folder) or a folder of images, read as the CSV `advdiff manifest` writes into it
@@ -70,20 +84,28 @@ def read_manifest(manifest: Path, image_column: str, filters: dict | None = None
             df = pd.read_csv(manifest)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise UserError(f"{manifest}: not a readable CSV ({str(e).splitlines()[0]})") from None
-    only = (f"an image folder has only the column '{image_column}'; write a CSV with `advdiff manifest "
-            f"{manifest}` and add the column to it")
+    only = (
+        f"an image folder has only the column '{image_column}'; write a CSV with `advdiff manifest "
+        f"{manifest}` and add the column to it"
+    )
     has_latents = bool(latent_column) and latent_column in df.columns
     if image_column not in df.columns and not has_latents:
-        raise UserError(f"{manifest}: no column '{image_column}' (dataset.image_column); "
-                        f"columns are: {', '.join(map(str, df.columns))}")
+        raise UserError(
+            f"{manifest}: no column '{image_column}' (dataset.image_column); "
+            f"columns are: {', '.join(map(str, df.columns))}"
+        )
     for column in keep:
         if column not in df.columns:
-            raise UserError(f"{manifest}: no column '{column}'; "
-                            + (only if folder else f"columns are: {', '.join(map(str, df.columns))}"))
+            raise UserError(
+                f"{manifest}: no column '{column}'; "
+                + (only if folder else f"columns are: {', '.join(map(str, df.columns))}")
+            )
     for column, allowed in (filters or {}).items():
         if column not in df.columns:
-            raise UserError(f"{manifest}: dataset.filters.{column}: "
-                            + (only if folder else "no such column in the manifest"))
+            raise UserError(
+                f"{manifest}: dataset.filters.{column}: "
+                + (only if folder else "no such column in the manifest")
+            )
         df = df[df[column].isin(allowed)]
     df = df.reset_index(drop=True)
     base = manifest.resolve() if folder else manifest.resolve().parent
@@ -99,14 +121,17 @@ def read_manifest(manifest: Path, image_column: str, filters: dict | None = None
         out["image_path"] = pd.Series([resolve(v) for v in df[image_column]], dtype=object)
     else:
         out["image_path"] = pd.Series([None] * len(df), dtype=object)
-    out["latent_path"] = pd.Series([resolve(v) for v in df[latent_column]] if has_latents else [None] * len(df),
-                                   dtype=object)
+    out["latent_path"] = pd.Series(
+        [resolve(v) for v in df[latent_column]] if has_latents else [None] * len(df), dtype=object
+    )
     for column in keep:
         out[column] = df[column].to_numpy()
     for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"])):
         if img is None and lat is None:
-            raise UserError(f"{manifest}: row {i}: empty '{image_column}'"
-                            + (f" and '{latent_column}'" if has_latents else ""))
+            raise UserError(
+                f"{manifest}: row {i}: empty '{image_column}'"
+                + (f" and '{latent_column}'" if has_latents else "")
+            )
     return out
 
 

@@ -8,6 +8,7 @@ scale and shift, and the frozen autoencoder as a path relative to the export's o
 can move). The folder forms are read by `read_source` without building anything (the checks before compute)
 and by `load_diffusion_checkpoint`.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,17 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 @dataclass
 class Source:
     """What a diffusion model source holds, read without building the UNet or loading weights."""
+
     path: Path
-    kind: str                  # "advdiff" (.pt export), "unet" (UNet2DModel folder), "pipeline" (pipeline root)
-    unet_config: dict          # full diffusers UNet2DModel config
-    scheduler: dict | None     # full scheduler config; None: a UNet folder with no scheduler beside it
+    kind: str  # "advdiff" (.pt export), "unet" (UNet2DModel folder), "pipeline" (pipeline root)
+    unet_config: dict  # full diffusers UNet2DModel config
+    scheduler: dict | None  # full scheduler config; None: a UNet folder with no scheduler beside it
     scaling: LatentScaling | None  # None: take it from the autoencoder's config
-    autoencoder: str | None    # an absolute path, or None
+    autoencoder: str | None  # an absolute path, or None
     step: int = 0
     metrics: dict = field(default_factory=dict)
     sampling: dict | None = None
-    blob: dict | None = None   # the .pt's contents (advdiff exports only)
+    blob: dict | None = None  # the .pt's contents (advdiff exports only)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -51,9 +53,9 @@ class DiffusionCheckpoint:
     path: Path
     kind: str
     unet_config: dict
-    unet: torch.nn.Module      # built and loaded with `weights`, in eval mode
-    weights: dict              # the weights the model samples with (EMA where there is one)
-    raw_weights: dict | None   # the raw (non-EMA) weights, where stored
+    unet: torch.nn.Module  # built and loaded with `weights`, in eval mode
+    weights: dict  # the weights the model samples with (EMA where there is one)
+    raw_weights: dict | None  # the raw (non-EMA) weights, where stored
     scheduler: dict
     scaling: LatentScaling
     autoencoder: str | None
@@ -108,8 +110,10 @@ def read_source(path, fallback_scheduler: dict | None = None) -> Source:
         raise UserError(f"{path}: checkpoint not found")
     blob = torch_load(path, "checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path}: not an advdiff diffusion checkpoint (format {CKPT_FORMAT}), a diffusers "
-                        f"UNet2DModel folder or a diffusers pipeline folder")
+        raise UserError(
+            f"{path}: not an advdiff diffusion checkpoint (format {CKPT_FORMAT}), a diffusers "
+            f"UNet2DModel folder or a diffusers pipeline folder"
+        )
     missing = [k for k in ("scheduler", "state_dict", "latent_scaling") if k not in blob]
     if "unet_config" not in blob and "unet_spec" not in blob:
         missing.insert(0, "unet_config")
@@ -118,10 +122,18 @@ def read_source(path, fallback_scheduler: dict | None = None) -> Source:
     config = blob["unet_config"] if "unet_config" in blob else unet_config(spec_from_dict(blob["unet_spec"]))
     ae = blob.get("autoencoder")
     ae = None if ae in (None, "", "None") else ae if os.path.isabs(ae) else os.path.normpath(path.parent / ae)
-    return Source(path=path, kind="advdiff", unet_config=_unet_config(path, config),
-                  scheduler=Schedule.from_dict(blob["scheduler"]).to_dict(),
-                  scaling=LatentScaling(**blob["latent_scaling"]), autoencoder=ae, step=int(blob.get("step", 0)),
-                  metrics=blob.get("metrics", {}), sampling=blob.get("sampling"), blob=blob)
+    return Source(
+        path=path,
+        kind="advdiff",
+        unet_config=_unet_config(path, config),
+        scheduler=Schedule.from_dict(blob["scheduler"]).to_dict(),
+        scaling=LatentScaling(**blob["latent_scaling"]),
+        autoencoder=ae,
+        step=int(blob.get("step", 0)),
+        metrics=blob.get("metrics", {}),
+        sampling=blob.get("sampling"),
+        blob=blob,
+    )
 
 
 def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
@@ -129,13 +141,18 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
         index = _read_json(path / "model_index.json")
         unet_dir, sched_dir, vae_dir = path / "unet", path / "scheduler", path / "vae"
         if "unet" not in index or not (unet_dir / "config.json").is_file():
-            raise _bad(path, "a pipeline folder without a unet/ (config.json): advdiff fine-tunes an unconditional "
-                             "UNet2DModel")
+            raise _bad(
+                path,
+                "a pipeline folder without a unet/ (config.json): advdiff fine-tunes an unconditional "
+                "UNet2DModel",
+            )
         kind = "pipeline"
     elif (path / "config.json").is_file():
         unet_dir, sched_dir, vae_dir, kind = path, path.parent / "scheduler", None, "unet"
     else:
-        raise _bad(path, "not a diffusers UNet2DModel folder (config.json) or pipeline folder (model_index.json)")
+        raise _bad(
+            path, "not a diffusers UNet2DModel folder (config.json) or pipeline folder (model_index.json)"
+        )
     config = _read_json(unet_dir / "config.json")
     if not _has_weights(unet_dir):
         raise _bad(unet_dir, f"no weights ({' or '.join(WEIGHT_FILES)})")
@@ -149,17 +166,29 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
     try:
         scheduler = Schedule(config=scheduler).to_dict()
     except Exception as e:  # diffusers raises several types for configs it cannot build
-        raise _bad(sched_file if sched_file.is_file() else path,
-                   f"not a DDPM/DDIM-compatible scheduler config ({str(e).splitlines()[0][:80]})") from None
+        raise _bad(
+            sched_file if sched_file.is_file() else path,
+            f"not a DDPM/DDIM-compatible scheduler config ({str(e).splitlines()[0][:80]})",
+        ) from None
     scaling = ae = None
     if vae_dir is not None and (vae_dir / "config.json").is_file():
         scaling, ae = scaling_from_config(_read_json(vae_dir / "config.json")), str(vae_dir.resolve())
     sampling = None
     if kind == "pipeline" and "sampling_steps" in index:
-        sampling = {"sampler": "ddim", "steps": int(index["sampling_steps"]),
-                    "eta": float(index.get("sampling_eta", 0.0))}
-    return Source(path=path, kind=kind, unet_config=_unet_config(unet_dir / "config.json", config),
-                  scheduler=scheduler, scaling=scaling, autoencoder=ae, sampling=sampling)
+        sampling = {
+            "sampler": "ddim",
+            "steps": int(index["sampling_steps"]),
+            "eta": float(index.get("sampling_eta", 0.0)),
+        }
+    return Source(
+        path=path,
+        kind=kind,
+        unet_config=_unet_config(unet_dir / "config.json", config),
+        scheduler=scheduler,
+        scaling=scaling,
+        autoencoder=ae,
+        sampling=sampling,
+    )
 
 
 def _folder_weights(unet_dir: Path) -> dict:
@@ -171,11 +200,14 @@ def _folder_weights(unet_dir: Path) -> dict:
             return load_file(str(st))
         return torch.load(unet_dir / WEIGHT_FILES[1], map_location="cpu", weights_only=True)
     except Exception as e:
-        raise _bad(unet_dir, f"unreadable weights ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+        raise _bad(
+            unet_dir, f"unreadable weights ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        ) from None
 
 
-def load_diffusion_checkpoint(path, use_ema: bool = True, fallback_scheduler: dict | None = None,
-                              scaling: LatentScaling | None = None) -> DiffusionCheckpoint:
+def load_diffusion_checkpoint(
+    path, use_ema: bool = True, fallback_scheduler: dict | None = None, scaling: LatentScaling | None = None
+) -> DiffusionCheckpoint:
     """Load a diffusion model from any source `read_source` reads; errors are one line naming the file.
     `scaling` serves sources that do not carry one (a UNet folder: the autoencoder's config gives it)."""
     src = read_source(path, fallback_scheduler)
@@ -190,11 +222,24 @@ def load_diffusion_checkpoint(path, use_ema: bool = True, fallback_scheduler: di
     try:
         unet.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{src.path}: weights do not match the UNet config ({str(e).splitlines()[0][:80]})") from None
-    return DiffusionCheckpoint(path=src.path, kind=src.kind, unet_config=src.unet_config, unet=unet.eval(),
-                               weights=weights, raw_weights=raw, scheduler=src.scheduler,
-                               scaling=src.scaling or scaling or LatentScaling(), autoencoder=src.autoencoder,
-                               step=src.step, metrics=src.metrics, sampling=src.sampling, blob=blob)
+        raise UserError(
+            f"{src.path}: weights do not match the UNet config ({str(e).splitlines()[0][:80]})"
+        ) from None
+    return DiffusionCheckpoint(
+        path=src.path,
+        kind=src.kind,
+        unet_config=src.unet_config,
+        unet=unet.eval(),
+        weights=weights,
+        raw_weights=raw,
+        scheduler=src.scheduler,
+        scaling=src.scaling or scaling or LatentScaling(),
+        autoencoder=src.autoencoder,
+        step=src.step,
+        metrics=src.metrics,
+        sampling=src.sampling,
+        blob=blob,
+    )
 
 
 def relative_path(target, start_dir) -> str | None:
@@ -204,8 +249,20 @@ def relative_path(target, start_dir) -> str | None:
     return os.path.relpath(Path(target).resolve(), Path(start_dir).resolve())
 
 
-def export_blob(unet_cfg: dict, weights, scaling, step, metrics, *, schedule: dict, autoencoder: str | None,
-                config: dict, dest: Path, raw_weights=None, sampling: dict | None = None) -> dict:
+def export_blob(
+    unet_cfg: dict,
+    weights,
+    scaling,
+    step,
+    metrics,
+    *,
+    schedule: dict,
+    autoencoder: str | None,
+    config: dict,
+    dest: Path,
+    raw_weights=None,
+    sampling: dict | None = None,
+) -> dict:
     """A self-describing diffusion export to be written at `dest`; `weights` (EMA) and `raw_weights` are CPU
     state dicts, `unet_cfg` the UNet's full diffusers config, `schedule` the full scheduler config the weights
     were trained with, `autoencoder` the frozen AE's path (stored relative to `dest`'s folder)."""

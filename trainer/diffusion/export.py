@@ -12,6 +12,7 @@ Open it with `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)` (t
 `pipeline.py` inside the folder), or `models.pipeline.AdvdiffLatentPipeline.from_pretrained(out)`. The folder
 holds no pickles and no absolute paths: it can be copied anywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,13 @@ def default_steps(ckpt: DiffusionCheckpoint) -> int:
 
 
 def export_record(ckpt: DiffusionCheckpoint) -> dict:
-    return {"source": ckpt.path.name, "kind": ckpt.kind, "step": ckpt.step,
-            "metrics": {k: v for k, v in ckpt.metrics.items() if isinstance(v, (int, float))},
-            "sampling": ckpt.sampling}
+    return {
+        "source": ckpt.path.name,
+        "kind": ckpt.kind,
+        "step": ckpt.step,
+        "metrics": {k: v for k, v in ckpt.metrics.items() if isinstance(v, (int, float))},
+        "sampling": ckpt.sampling,
+    }
 
 
 def is_current(out: Path, ckpt: DiffusionCheckpoint) -> bool:
@@ -50,8 +55,9 @@ def is_current(out: Path, ckpt: DiffusionCheckpoint) -> bool:
     return record.get("source") == want["source"] and record.get("step") == want["step"]
 
 
-def export_pipeline(ckpt: DiffusionCheckpoint, out, autoencoder=None, steps: int | None = None,
-                    eta: float | None = None) -> Path:
+def export_pipeline(
+    ckpt: DiffusionCheckpoint, out, autoencoder=None, steps: int | None = None, eta: float | None = None
+) -> Path:
     """Write `ckpt` (its EMA weights, or whichever weights it was loaded with) as a pipeline folder at `out`,
     atomically. `autoencoder`: the AE folder or .pt to ship as `vae/` (None: no vae/, latents only)."""
     from diffusers import DDIMScheduler
@@ -66,13 +72,22 @@ def export_pipeline(ckpt: DiffusionCheckpoint, out, autoencoder=None, steps: int
         except AutoencoderLoadError as e:
             raise UserError(str(e)) from None
         if vae.config.latent_channels != ckpt.latent_shape[0]:
-            raise UserError(f"{autoencoder}: latent channels {vae.config.latent_channels} differ from the UNet's "
-                            f"{ckpt.latent_shape[0]}")
-        vae.register_to_config(scaling_factor=float(ckpt.scaling.scale), shift_factor=float(ckpt.scaling.shift))
+            raise UserError(
+                f"{autoencoder}: latent channels {vae.config.latent_channels} differ from the UNet's "
+                f"{ckpt.latent_shape[0]}"
+            )
+        vae.register_to_config(
+            scaling_factor=float(ckpt.scaling.scale), shift_factor=float(ckpt.scaling.shift)
+        )
     steps = int(steps or default_steps(ckpt))
     eta = float(eta if eta is not None else (ckpt.sampling or {}).get("eta", 0.0))
-    pipe = pipeline_module.AdvdiffLatentPipeline(unet=ckpt.unet.to("cpu"), scheduler=DDIMScheduler.from_config(
-        ckpt.scheduler), vae=vae, sampling_steps=steps, sampling_eta=eta)
+    pipe = pipeline_module.AdvdiffLatentPipeline(
+        unet=ckpt.unet.to("cpu"),
+        scheduler=DDIMScheduler.from_config(ckpt.scheduler),
+        vae=vae,
+        sampling_steps=steps,
+        sampling_eta=eta,
+    )
 
     def fill(tmp: Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True)

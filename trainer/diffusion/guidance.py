@@ -28,6 +28,7 @@ D must score samples independently (LatentDiscriminator does: GroupNorm, no batc
 gradient of the summed logits is then each sample's own gradient. D is run in eval mode and its
 parameters are never changed; only the gradient with respect to the input is taken.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ from dataclasses import dataclass
 import torch
 
 INPUTS = ("x_t", "x0_pred")
-DEFAULT_T_MIN = 0.15  # off for the last 15% of noise levels (t < 0.15 T): the final steps are the model's alone
+DEFAULT_T_MIN = (
+    0.15  # off for the last 15% of noise levels (t < 0.15 T): the final steps are the model's alone
+)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Guidance:
     """Discriminator guidance settings. `t_min`, `t_max`: fractions of the schedule's training
     timesteps T; guidance acts on timesteps t with t_min * T <= t <= t_max * T and is off elsewhere
     (by default for t < 0.15 T: the last steps of sampling are left to the model alone)."""
+
     discriminator: torch.nn.Module
     weight: float = 1.0
     t_min: float = DEFAULT_T_MIN
@@ -54,8 +58,9 @@ class Guidance:
         if not math.isfinite(self.weight):
             raise ValueError(f"guidance weight: expected a finite number, got {self.weight}")
         if not (0.0 <= self.t_min <= self.t_max <= 1.0):
-            raise ValueError(f"guidance t_min, t_max: expected 0 <= t_min <= t_max <= 1, got {self.t_min}, "
-                             f"{self.t_max}")
+            raise ValueError(
+                f"guidance t_min, t_max: expected 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}"
+            )
         if self.input not in INPUTS:
             raise ValueError(f"guidance input: expected one of {', '.join(INPUTS)}, got {self.input!r}")
 
@@ -76,8 +81,9 @@ def _coefficients(noise_sched, x_t: torch.Tensor, t: torch.Tensor):
     return ab.sqrt(), (1 - ab).sqrt()
 
 
-def correct_output(noise_sched, model_output: torch.Tensor, x_t: torch.Tensor, t, grad: torch.Tensor,
-                   weight: float) -> torch.Tensor:
+def correct_output(
+    noise_sched, model_output: torch.Tensor, x_t: torch.Tensor, t, grad: torch.Tensor, weight: float
+) -> torch.Tensor:
     """The model output with its noise prediction moved by -weight * sqrt(1 - alpha_bar_t) * grad (the
     score moved by weight * grad), in the model's prediction type (epsilon or v_prediction). `t`: a
     timestep, or one per sample; `grad`: ∇_{x_t} of D's logit, shaped like x_t."""
@@ -129,8 +135,9 @@ def _x0(noise_sched, model_output, x_t, t):
     return (x_t - s * model_output) / a
 
 
-def guided_output(guidance: Guidance, noise_sched, unet, x_t: torch.Tensor, t,
-                  model_output: torch.Tensor | None = None) -> torch.Tensor:
+def guided_output(
+    guidance: Guidance, noise_sched, unet, x_t: torch.Tensor, t, model_output: torch.Tensor | None = None
+) -> torch.Tensor:
     """The UNet's output at (x_t, t) corrected by discriminator guidance: the drop-in replacement for
     `unet(x_t, t).sample` in a sampler. `t`: one timestep (a DDIM step) or one per sample; samples whose
     t is outside [t_min, t_max] get the plain output (bit for bit: when no sample is guided, or when

@@ -1,5 +1,6 @@
 """The random draws of diffusion training and sampling, each derived from named seed parts (never from
 a running RNG), so a draw is the same at any world size, batch size and after any resume."""
+
 from __future__ import annotations
 
 import torch
@@ -9,14 +10,19 @@ from trainer.core.seeds import generator
 
 def per_sample_noise(indices, shape: tuple, *seed_parts) -> torch.Tensor:
     """Noise for global sample indices; sample i's noise depends only on (seed_parts, i)."""
-    return torch.stack([torch.randn(shape, generator=generator(*seed_parts, int(i))) for i in indices]) \
-        if len(indices) else torch.empty((0, *shape))
+    return (
+        torch.stack([torch.randn(shape, generator=generator(*seed_parts, int(i))) for i in indices])
+        if len(indices)
+        else torch.empty((0, *shape))
+    )
 
 
 def per_sample_timesteps(indices, t_max: int, *seed_parts) -> torch.Tensor:
     """A timestep in [0, t_max) for each global sample index, from (seed_parts, i)."""
-    return torch.tensor([int(torch.randint(0, t_max, (1,), generator=generator(*seed_parts, int(i))))
-                         for i in indices], dtype=torch.long)
+    return torch.tensor(
+        [int(torch.randint(0, t_max, (1,), generator=generator(*seed_parts, int(i)))) for i in indices],
+        dtype=torch.long,
+    )
 
 
 def batch_noise_and_timesteps(shape: tuple, t_max: int, *seed_parts) -> tuple[torch.Tensor, torch.Tensor]:

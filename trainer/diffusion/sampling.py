@@ -1,4 +1,5 @@
 """DDIM sampling with per-sample seeds (optionally with discriminator guidance), and sample grids."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,14 +19,26 @@ def ddim_step(ddim, model_output, t, x, eta: float = 0.0, gens=None):
     """One DDIM step of `x` at timestep t (the sampler's timesteps must be set). With eta > 0 the
     step's noise comes from `gens`, one generator per sample (None: the scheduler's own draw)."""
     if eta > 0:
-        var = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device) \
-            if gens is not None else None
+        var = (
+            torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+            if gens is not None
+            else None
+        )
         return ddim.step(model_output.float(), t, x, eta=eta, variance_noise=var).prev_sample
     return ddim.step(model_output.float(), t, x, eta=0.0).prev_sample
 
 
-def ddim_sample(unet, ddim, noise: torch.Tensor, steps: int, eta: float = 0.0, batch_size: int = 64,
-                gen_parts: tuple | None = None, indices=None, guidance=None) -> torch.Tensor:
+def ddim_sample(
+    unet,
+    ddim,
+    noise: torch.Tensor,
+    steps: int,
+    eta: float = 0.0,
+    batch_size: int = 64,
+    gen_parts: tuple | None = None,
+    indices=None,
+    guidance=None,
+) -> torch.Tensor:
     """Run DDIM from `noise` in batches; returns latents on noise's device.
 
     With eta > 0 the per-step noise comes from generators seeded by (gen_parts, index), so results
@@ -47,13 +60,13 @@ def _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, gu
     out = []
     channels_last = CPU_CHANNELS_LAST and noise.device.type == "cpu" and noise.dim() == 4
     for s in range(0, noise.shape[0], batch_size):
-        x = noise[s:s + batch_size]
+        x = noise[s : s + batch_size]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ddim.set_timesteps(steps, device=x.device)
         gens = None
         if eta > 0 and gen_parts is not None and indices is not None:
-            gens = eta_generators(indices[s:s + batch_size], *gen_parts)
+            gens = eta_generators(indices[s : s + batch_size], *gen_parts)
         for t in ddim.timesteps:
             if guidance is None:
                 x = ddim_step(ddim, unet(x, t).sample, t, x, eta, gens)
@@ -71,6 +84,6 @@ def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     grid = torch.zeros((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i]
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
     arr = grid.numpy()
     return arr[0] if c == 1 else arr.transpose(1, 2, 0)

@@ -1,5 +1,6 @@
 """The noise schedule of a diffusion model and the maths that follows from it: adding noise, fresh DDIM
 samplers, the (noise, clean latent) predictions read off the UNet's output, and its training target."""
+
 from __future__ import annotations
 
 import torch
@@ -30,10 +31,16 @@ class Schedule:
     included), with its training scheduler (DDPM: add_noise, alphas_cumprod) built once and fresh DDIM
     samplers on demand. `Schedule(kind, num_steps, prediction_type)` builds one of advdiff's named schedules."""
 
-    def __init__(self, kind: str = "linear", num_steps: int = 1000, prediction_type: str = "epsilon",
-                 config: dict | None = None):
-        self.config = full_scheduler_config(config if config is not None
-                                            else scheduler_config(kind, num_steps, prediction_type))
+    def __init__(
+        self,
+        kind: str = "linear",
+        num_steps: int = 1000,
+        prediction_type: str = "epsilon",
+        config: dict | None = None,
+    ):
+        self.config = full_scheduler_config(
+            config if config is not None else scheduler_config(kind, num_steps, prediction_type)
+        )
         self.train = DDPMScheduler.from_config(self.config)
 
     @property

@@ -2,6 +2,7 @@
 
 A reader never sees a half-written output, and a crash leaves the previous version intact.
 """
+
 from __future__ import annotations
 
 import csv
@@ -108,8 +109,10 @@ def plain(obj, where: str = "state"):
         return tuple(items) if isinstance(obj, tuple) else items
     if isinstance(obj, (set, frozenset)):
         return sorted(plain(v, where) for v in obj)
-    raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be kept in a file read "
-                    "with weights_only=True; store it as tensors, dicts, lists, str, int, float, bool or None")
+    raise TypeError(
+        f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be kept in a file read "
+        "with weights_only=True; store it as tensors, dicts, lists, str, int, float, bool or None"
+    )
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

@@ -1,27 +1,28 @@
 """Every path of a run folder, in one place. Nothing else in the trainer spells an output file name.
 
-    {save_path}/
-      config.yaml                                   the demo's config (stages 0-2)
-      stage0/ autoencoder/ autoencoder_{best,latest}.pt state.pt history.csv
-      stage1/ checkpoint_{best,latest}.pt samples.png dataset_latents.pt state.pt history.csv
-              pipeline/                             checkpoint_best.pt as a diffusers pipeline folder
-      stage2_run.json                               result-defining fields of the stage-2 run
-      discriminator_iter_{k}/                       per iteration: the latents D trains on and D
-        real_latents.pt fake_latents.pt discriminator_{best,state}.pt discriminator_history.{csv,png}
-        discriminator_online.pt                     online mode: D at the end of the fine-tune
-      checkpoints/{name}_iter_{k}_checkpoint_{best,latest}.pt   fine-tuned diffusion (latest = resume state)
-      {name}_metrics_iter_{k}.{csv,png}             fine-tune validation history
-      {name}_summary.{csv,png}                      quality per iteration (row 0: stage 1)
-      reference_{space}.npz                         held-out reals' feature mean/covariance (mu, sigma) per space
-      classifier.pt                                 `advdiff classifier`'s default output (the demo's feature space)
-      samples/{name}_iter_{k}.png                   decoded grid of iteration k
-      samples/{name}_stage1.png                     the stage-1 model, sampled the same way
-      samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
-      pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
-                                                    vae/ model_index.json pipeline.py; see trainer/diffusion/export)
-      report.html                                   one self-contained page: grids, quality, histories, time, config
-      timings.csv  tracking/  slurm/
+{save_path}/
+  config.yaml                                   the demo's config (stages 0-2)
+  stage0/ autoencoder/ autoencoder_{best,latest}.pt state.pt history.csv
+  stage1/ checkpoint_{best,latest}.pt samples.png dataset_latents.pt state.pt history.csv
+          pipeline/                             checkpoint_best.pt as a diffusers pipeline folder
+  stage2_run.json                               result-defining fields of the stage-2 run
+  discriminator_iter_{k}/                       per iteration: the latents D trains on and D
+    real_latents.pt fake_latents.pt discriminator_{best,state}.pt discriminator_history.{csv,png}
+    discriminator_online.pt                     online mode: D at the end of the fine-tune
+  checkpoints/{name}_iter_{k}_checkpoint_{best,latest}.pt   fine-tuned diffusion (latest = resume state)
+  {name}_metrics_iter_{k}.{csv,png}             fine-tune validation history
+  {name}_summary.{csv,png}                      quality per iteration (row 0: stage 1)
+  reference_{space}.npz                         held-out reals' feature mean/covariance (mu, sigma) per space
+  classifier.pt                                 `advdiff classifier`'s default output (the demo's feature space)
+  samples/{name}_iter_{k}.png                   decoded grid of iteration k
+  samples/{name}_stage1.png                     the stage-1 model, sampled the same way
+  samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
+  pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
+                                                vae/ model_index.json pipeline.py; see trainer/diffusion/export)
+  report.html                                   one self-contained page: grids, quality, histories, time, config
+  timings.csv  tracking/  slurm/
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class StageFolder:
     """A stage-0 or stage-1 folder: its resume state, history and named files."""
+
     root: Path
 
     @property
@@ -47,8 +49,8 @@ class StageFolder:
 
 @dataclass(frozen=True)
 class RunLayout:
-    root: Path   # experiment.save_path, resolved
-    name: str    # experiment.name: prefixes the stage-2 checkpoint and metric files
+    root: Path  # experiment.save_path, resolved
+    name: str  # experiment.name: prefixes the stage-2 checkpoint and metric files
 
     SUMMARY_GLOB = "*_summary.csv"  # a run folder's summary, whatever the experiment's name
 
@@ -157,10 +159,12 @@ class RunLayout:
         import re
 
         folder = Path(folder)
-        for pattern, regex in ((RunLayout.SUMMARY_GLOB, r"(.+)_summary\.csv"),
-                               ("samples/*_stage1.png", r"(.+)_stage1\.png"),
-                               ("*_metrics_iter_*.csv", r"(.+)_metrics_iter_\d+\.csv"),
-                               ("checkpoints/*_iter_*_checkpoint_*.pt", r"(.+)_iter_\d+_checkpoint_\w+\.pt")):
+        for pattern, regex in (
+            (RunLayout.SUMMARY_GLOB, r"(.+)_summary\.csv"),
+            ("samples/*_stage1.png", r"(.+)_stage1\.png"),
+            ("*_metrics_iter_*.csv", r"(.+)_metrics_iter_\d+\.csv"),
+            ("checkpoints/*_iter_*_checkpoint_*.pt", r"(.+)_iter_\d+_checkpoint_\w+\.pt"),
+        ):
             for path in sorted(folder.glob(pattern)):
                 m = re.fullmatch(regex, path.name)
                 if m:
@@ -172,9 +176,11 @@ class RunLayout:
         import re
 
         ks = set()
-        for pattern, regex in (("discriminator_iter_*", r"discriminator_iter_(\d+)"),
-                               (f"{self.name}_metrics_iter_*.csv", r".+_metrics_iter_(\d+)\.csv"),
-                               (f"samples/{self.name}_iter_*.png", r".+_iter_(\d+)\.png")):
+        for pattern, regex in (
+            ("discriminator_iter_*", r"discriminator_iter_(\d+)"),
+            (f"{self.name}_metrics_iter_*.csv", r".+_metrics_iter_(\d+)\.csv"),
+            (f"samples/{self.name}_iter_*.png", r".+_iter_(\d+)\.png"),
+        ):
             for path in self.root.glob(pattern):
                 m = re.fullmatch(regex, path.name)
                 if m:
@@ -227,21 +233,29 @@ class RunLayout:
 
     def guide(self, stage2: bool = True) -> list[tuple[str, str]]:
         """(path relative to the root, what it holds) for the main outputs; "*" stands for an iteration."""
-        rows = [(self.autoencoder_folder, "frozen AE (diffusers folder)"),
-                (self.stage1_checkpoint("best"), "stage-1 diffusion checkpoint"),
-                (self.stage1_grid, "decoded sample grid"), (self.config, "the config of every stage"),
-                (self.classifier, "the digit classifier behind the summary's cls_* columns")]
+        rows = [
+            (self.autoencoder_folder, "frozen AE (diffusers folder)"),
+            (self.stage1_checkpoint("best"), "stage-1 diffusion checkpoint"),
+            (self.stage1_grid, "decoded sample grid"),
+            (self.config, "the config of every stage"),
+            (self.classifier, "the digit classifier behind the summary's cls_* columns"),
+        ]
         if stage2:
-            rows += [(self.iteration_folder("*"), "per iteration: latents, D and its history"),
-                     (self.diffusion_checkpoint("*", "{best,latest}"), "fine-tuned diffusion checkpoints"),
-                     (self.finetune_history("*"), "fine-tune validation history"),
-                     (self.summary, "quality per iteration (row 0: stage 1)"),
-                     (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
-                     (self.grid("*"), "decoded grid per stage-2 iteration"),
-                     (self.start_grid, "the stage-1 model sampled like the iterations' grids"),
-                     (self.comparison, "few-step demo: stage 1 at K | stage 2 at K | stage 1 at full steps"),
-                     (self.report, "one page with all of it (open in a browser)")]
-        return [(str(path.relative_to(self.root)) + ("/" if path.suffix == "" else ""), what) for path, what in rows]
+            rows += [
+                (self.iteration_folder("*"), "per iteration: latents, D and its history"),
+                (self.diffusion_checkpoint("*", "{best,latest}"), "fine-tuned diffusion checkpoints"),
+                (self.finetune_history("*"), "fine-tune validation history"),
+                (self.summary, "quality per iteration (row 0: stage 1)"),
+                (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
+                (self.grid("*"), "decoded grid per stage-2 iteration"),
+                (self.start_grid, "the stage-1 model sampled like the iterations' grids"),
+                (self.comparison, "few-step demo: stage 1 at K | stage 2 at K | stage 1 at full steps"),
+                (self.report, "one page with all of it (open in a browser)"),
+            ]
+        return [
+            (str(path.relative_to(self.root)) + ("/" if path.suffix == "" else ""), what)
+            for path, what in rows
+        ]
 
 
 def reference_stats_of(summary_csv: Path, space: str) -> Path:

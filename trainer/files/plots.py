@@ -1,5 +1,6 @@
 """Pictures of the CSVs: D history and diffusion metrics per iteration, and the quality summary.
 Matplotlib is an optional extra; without it the pictures are skipped with one warning."""
+
 from __future__ import annotations
 
 import io as _io
@@ -77,27 +78,62 @@ def redraw_stale(csv_path, draw, *args) -> None:
     """Draw `csv_path`'s picture (beside it, .png) again where it is missing or not newer than the CSV:
     a run killed between writing a CSV and drawing it leaves the picture missing or behind."""
     png_path = csv_path.with_suffix(".png")
-    if csv_path.is_file() and (not png_path.is_file() or png_path.stat().st_mtime_ns <= csv_path.stat().st_mtime_ns):
+    if csv_path.is_file() and (
+        not png_path.is_file() or png_path.stat().st_mtime_ns <= csv_path.stat().st_mtime_ns
+    ):
         draw(csv_path, png_path, *args)
 
 
 def plot_d_history(csv_path, png_path, k: int):
-    _panels(csv_path, png_path, [("loss", ["train_loss", "val_loss"]),
-                                 ("accuracy", ["train_acc", "val_acc", "val_real_acc", "val_fake_acc"])],
-            "epoch", f"discriminator, iteration {k}")
+    _panels(
+        csv_path,
+        png_path,
+        [
+            ("loss", ["train_loss", "val_loss"]),
+            ("accuracy", ["train_acc", "val_acc", "val_real_acc", "val_fake_acc"]),
+        ],
+        "epoch",
+        f"discriminator, iteration {k}",
+    )
 
 
 def plot_metrics(csv_path, png_path, k: int):
-    _panels(csv_path, png_path, [("loss", ["train_loss", "val_loss"]), ("MSE", ["train_mse", "val_mse"]),
-                                 ("adversarial", ["train_adv", "val_adv"]),
-                                 ("D on samples", ["d_prob_fake", "adv_weight"])],
-            "epoch", f"diffusion fine-tune, iteration {k}")
+    _panels(
+        csv_path,
+        png_path,
+        [
+            ("loss", ["train_loss", "val_loss"]),
+            ("MSE", ["train_mse", "val_mse"]),
+            ("adversarial", ["train_adv", "val_adv"]),
+            ("D on samples", ["d_prob_fake", "adv_weight"]),
+        ],
+        "epoch",
+        f"diffusion fine-tune, iteration {k}",
+    )
 
 
 def plot_summary(csv_path, png_path):
-    _panels(csv_path, png_path, [("Fréchet distance", ["latent_fd", "pixel_fd", "cls_fd", "inception_fd"]),
-                                 ("k-NN precision / recall", ["precision", "recall", "pixel_precision",
-                                                              "pixel_recall", "cls_precision", "cls_recall",
-                                                              "inception_precision", "inception_recall"]),
-                                 ("D", ["d_acc", "d_prob_fake"])],
-            "iteration (0 = stage 1)", "sample quality per stage-2 iteration", log_panels=("Fréchet distance",))
+    _panels(
+        csv_path,
+        png_path,
+        [
+            ("Fréchet distance", ["latent_fd", "pixel_fd", "cls_fd", "inception_fd"]),
+            (
+                "k-NN precision / recall",
+                [
+                    "precision",
+                    "recall",
+                    "pixel_precision",
+                    "pixel_recall",
+                    "cls_precision",
+                    "cls_recall",
+                    "inception_precision",
+                    "inception_recall",
+                ],
+            ),
+            ("D", ["d_acc", "d_prob_fake"]),
+        ],
+        "iteration (0 = stage 1)",
+        "sample quality per stage-2 iteration",
+        log_panels=("Fréchet distance",),
+    )

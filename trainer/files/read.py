@@ -4,6 +4,7 @@ mapped, weights only; a truncated or foreign file is one line naming it).
 Every load here is weights only: a run folder someone else shared or changed can hold a pickle that runs
 code when unpickled unrestricted. A file the weights-only loader refuses is an `UnsafeFileError` that
 names the object it refused."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,10 @@ def _refusal(path: Path, what: str, e: Exception) -> UnsafeFileError | None:
         return None
     found = re.search(r"GLOBAL ([\w.]+)", text)
     holds = f"holds {found.group(1)}" if found else "holds an object"
-    return UnsafeFileError(f"{path}: {what} {holds}, which a weights-only load refuses (written by another "
-                           "program or version, or changed since): not loaded")
+    return UnsafeFileError(
+        f"{path}: {what} {holds}, which a weights-only load refuses (written by another "
+        "program or version, or changed since): not loaded"
+    )
 
 
 def torch_load(path: Path, what: str, mmap: bool = True):
@@ -59,15 +62,19 @@ def torch_load(path: Path, what: str, mmap: bool = True):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise _refusal(path, what, e) or UserError(f"{path}: unreadable {what} ({type(e).__name__})") from None
+        raise _refusal(path, what, e) or UserError(
+            f"{path}: unreadable {what} ({type(e).__name__})"
+        ) from None
 
 
 # The plain-data classes DeepSpeed pickles into its optimizer states (loss scaler, ZeRO stage, fragment
 # addresses of flattened parameters): allowed, besides torch's own, when checking an engine checkpoint.
-DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                           "deepspeed.runtime.zero.config.ZeroStageEnum",
-                           "deepspeed.utils.tensor_fragment.fragment_address")
+DEEPSPEED_STATE_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 def _classes(names) -> list:

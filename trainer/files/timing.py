@@ -4,6 +4,7 @@ One row per finished phase: when this process started, the iteration (empty for 
 the phase, its wall seconds and the process count. A killed phase writes no row; its rerun does.
 `bench/e2e.py` reads the file to print the embedded default's time by phase.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,6 +34,13 @@ def phase(acc, path: Path, name: str, iteration: int | str = ""):
     yield
     if acc.is_main_process:
         rows = read_rows(path)
-        rows.append({"run_started": _STARTED, "iteration": iteration, "phase": name,
-                     "seconds": round(time.perf_counter() - t0, 3), "processes": acc.num_processes})
+        rows.append(
+            {
+                "run_started": _STARTED,
+                "iteration": iteration,
+                "phase": name,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "processes": acc.num_processes,
+            }
+        )
         atomic.write_csv(rows, path, FIELDS)

@@ -1,6 +1,7 @@
 """The Accelerator and process-aware logging. The only place a trainer gets its Accelerator, and the
 experiment trackers behind `--report_to` (which trackers, the config they record, one global step for a
 whole run, and images in the form each tracker takes)."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ def set_deterministic(on: bool) -> None:
     """training.deterministic: kernels that repeat bit for bit on GPU (see docs/REPRODUCIBILITY.md)."""
     if not on:
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work
+    os.environ.setdefault(
+        "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+    )  # read when cuBLAS starts: before any CUDA work
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
@@ -50,8 +53,14 @@ def prepare_module(model, perf, acc):
     return model
 
 
-def build_accelerator(device: str = "auto", mixed_precision: str = "no", report_to: str | None = None,
-                      project_dir=None, run_name: str = "advdiff", config: dict | None = None):
+def build_accelerator(
+    device: str = "auto",
+    mixed_precision: str = "no",
+    report_to: str | None = None,
+    project_dir=None,
+    run_name: str = "advdiff",
+    config: dict | None = None,
+):
     """An Accelerator on `device` ("auto", "cpu" or "cuda") with the given mixed precision, and
     accelerate's trackers when `report_to` is set (`resolve_report_to`: checked before anything is built;
     local logs under project_dir), started with `config` (`flat_config` of the resolved config)."""
@@ -59,7 +68,7 @@ def build_accelerator(device: str = "auto", mixed_precision: str = "no", report_
     from accelerate.utils import InitProcessGroupKwargs
 
     if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device: expected auto, cpu or cuda, got \"{device}\"")
+        raise UserError(f'--device: expected auto, cpu or cuda, got "{device}"')
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
     trackers = resolve_report_to(report_to)
@@ -81,7 +90,10 @@ def build_accelerator(device: str = "auto", mixed_precision: str = "no", report_
         # same phase (the online discriminator, engine.prepare_second). One Accelerator holds one engine.
         from accelerate.utils import DeepSpeedPlugin
 
-        tracking["deepspeed_plugins"] = {engine.MAIN_PLUGIN: DeepSpeedPlugin(), engine.SECOND_PLUGIN: DeepSpeedPlugin()}
+        tracking["deepspeed_plugins"] = {
+            engine.MAIN_PLUGIN: DeepSpeedPlugin(),
+            engine.SECOND_PLUGIN: DeepSpeedPlugin(),
+        }
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs, **tracking)
     if trackers:
         agree(acc, _start_trackers, acc, trackers, run_name, config, project_dir)
@@ -117,23 +129,30 @@ def resolve_report_to(value: str | None) -> list[str]:
     names = [n.strip() for n in (value or "").split(",") if n.strip()]
     if not names:
         if value is not None and value.strip():
-            raise UserError(f"--report_to \"{value}\": expected a comma list of trackers")
+            raise UserError(f'--report_to "{value}": expected a comma list of trackers')
         return []
     known = tracker_names()
     for n in names:
         if n != "all" and n not in known:
-            raise UserError(f"--report_to: unknown tracker \"{n}\"; expected a comma list of "
-                            f"{', '.join(known)}, or all")
+            raise UserError(
+                f'--report_to: unknown tracker "{n}"; expected a comma list of {", ".join(known)}, or all'
+            )
     installed = installed_trackers()
     if "all" in names:
         if not installed:
-            raise UserError("--report_to all: no tracker is installed (pip install 'advdiff[tracking]' "
-                            "brings tensorboard and wandb)")
+            raise UserError(
+                "--report_to all: no tracker is installed (pip install 'advdiff[tracking]' "
+                "brings tensorboard and wandb)"
+            )
         return installed
     for n in names:
         if n not in installed:
             pip = _PIP_NAME.get(n, n)
-            how = f"pip install 'advdiff[tracking]' (or pip install {pip})" if n in _IN_EXTRA else f"pip install {pip}"
+            how = (
+                f"pip install 'advdiff[tracking]' (or pip install {pip})"
+                if n in _IN_EXTRA
+                else f"pip install {pip}"
+            )
             raise UserError(f"--report_to {n}: {n} is not installed; {how}")
     return list(dict.fromkeys(names))
 
@@ -151,8 +170,9 @@ def _start_trackers(acc, trackers: list[str], run_name: str, config: dict | None
         acc.init_trackers(run_name, config=config, init_kwargs=init_kwargs)
     except Exception as e:  # each tracker's own failure: keep its message, drop the traceback
         first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"--report_to {','.join(trackers)}: a tracker failed to start: {type(e).__name__}: "
-                        f"{first}") from None
+        raise UserError(
+            f"--report_to {','.join(trackers)}: a tracker failed to start: {type(e).__name__}: {first}"
+        ) from None
 
 
 def flat_config(cfg) -> dict:

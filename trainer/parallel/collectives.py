@@ -1,5 +1,6 @@
 """Index sharding, gathering, reductions and rank agreement. Every function here except shard_range is
 a collective: call it on every rank."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_shards(local: torch.Tensor, n: int, to_all: bool = True, out: torch.Tensor | None = None
-                  ) -> torch.Tensor | None:
+def gather_shards(
+    local: torch.Tensor, n: int, to_all: bool = True, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Reassemble exactly `n` rows, in global index order, from each rank's `shard_range` block.
 
     With `to_all=True` shards are padded to a common length only for transport; each rank's padding
@@ -52,7 +54,7 @@ def gather_shards(local: torch.Tensor, n: int, to_all: bool = True, out: torch.T
         start = sizes[0]
         for r in range(1, world):
             if sizes[r]:
-                dist.recv(out[start:start + sizes[r]], src=r)
+                dist.recv(out[start : start + sizes[r]], src=r)
             start += sizes[r]
         return out
     width = max(sizes)

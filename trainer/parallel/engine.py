@@ -12,6 +12,7 @@ Gradient accumulation (`training.gradient_accumulation_steps`) is the trainers' 
 backwards add up, DDP all-reducing on the last only (grad_sync). It is refused under DeepSpeed, which
 keeps `gradient_accumulation_steps: 1` in its config (check_accumulation, before any compute).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,9 @@ def prepare(acc, model, optimizer, global_batch: int, max_grad_norm: float):
         ds = acc.state.deepspeed_plugin.deepspeed_config
         micro = max(1, len(shard_range(global_batch, 0, acc.num_processes)))
         ds["train_micro_batch_size_per_gpu"] = micro
-        ds["gradient_accumulation_steps"] = 1  # micro-batches are refused under DeepSpeed (check_accumulation)
+        ds["gradient_accumulation_steps"] = (
+            1  # micro-batches are refused under DeepSpeed (check_accumulation)
+        )
         ds["train_batch_size"] = micro * acc.num_processes
         # 0 disables clipping, as under DDP
         ds["gradient_clipping"] = float(max_grad_norm)
@@ -58,12 +61,16 @@ def check_accumulation(acc, steps: int, global_batch: int, batch_field: str = "t
     if steps <= 1:
         return
     if is_deepspeed(acc):
-        raise UserError(f"{field}: {steps} is not supported under DeepSpeed; set it to 1 (ZeRO already "
-                        "partitions the optimizer state and gradients), or train with DDP")
+        raise UserError(
+            f"{field}: {steps} is not supported under DeepSpeed; set it to 1 (ZeRO already "
+            "partitions the optimizer state and gradients), or train with DDP"
+        )
     unit = steps * acc.num_processes
     if global_batch % unit:
-        raise UserError(f"{batch_field}: {global_batch} does not split into {field} ({steps}) equal micro-batches "
-                        f"on each of {acc.num_processes} process(es); expected a multiple of {unit}")
+        raise UserError(
+            f"{batch_field}: {global_batch} does not split into {field} ({steps}) equal micro-batches "
+            f"on each of {acc.num_processes} process(es); expected a multiple of {unit}"
+        )
 
 
 def grad_sync(acc, wrapped, sync: bool):
@@ -108,8 +115,10 @@ def full_parameters(acc, module, modifier_rank=None):
 def state_dict(acc, module) -> dict:
     """A CPU copy of the full weights. Call on every rank (ZeRO-3 gathers)."""
     with full_parameters(acc, module):
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                for k, v in module.state_dict().items()}
+        return {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in module.state_dict().items()
+        }
 
 
 def load_state_dict(acc, module, weights: dict) -> None:
@@ -145,4 +154,3 @@ def save_engine_state(acc, folder: Path) -> None:
 
 def load_engine_state(acc, folder: Path) -> None:
     acc.load_state(str(folder))
-

@@ -5,6 +5,7 @@ REQUEUE_EXIT_CODE, leaving a marker file that tells a batch script to requeue th
 The stop file exists because launchers do not forward every signal to their workers (torchrun
 drops SIGUSR1): a batch script that receives the signal touches $ADVDIFF_STOP_FILE instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,11 @@ class Preempted(Exception):
 def _handler(signum, frame):
     if _state["signal"] is None:
         _state["signal"] = signal.Signals(signum).name
-        print(f"advdiff: received {_state['signal']}; stopping at the next step boundary", file=sys.stderr,
-              flush=True)
+        print(
+            f"advdiff: received {_state['signal']}; stopping at the next step boundary",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def install() -> None:

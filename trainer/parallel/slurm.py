@@ -9,6 +9,7 @@ srun command line expands it once, on the first node, and every node then claims
     python3 -m trainer.parallel.slurm print-args [--gpus-per-node G] [--config-file F]
     python3 -m trainer.parallel.slurm out-dir CONFIG [STAGE FLAGS...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def _expand_one(pattern: str) -> list[str]:
     m = re.search(r"\[([^\]]*)\]", pattern)
     if not m:
         return [pattern]
-    head, tail = pattern[:m.start()], pattern[m.end():]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
     names = []
     for item in m.group(1).split(","):
         lo, _, hi = item.partition("-")
@@ -95,8 +96,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def hostnames_of(nodelist: str) -> list[str]:
     """`scontrol show hostnames`, or our own expansion where scontrol is missing or cannot run."""
     try:
-        proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60
+        )
         if proc.returncode == 0 and proc.stdout.split():
             return proc.stdout.split()
     except (OSError, subprocess.TimeoutExpired):
@@ -125,8 +127,18 @@ def launch_args(env: Mapping, gpus_per_node: int, hostnames: list[str] | None = 
     if len(hostnames) < nodes:
         raise SlurmError(f"the node list names {len(hostnames)} host(s), fewer than SLURM_NNODES={nodes}")
     total = nodes * gpus_per_node
-    args = ["--num_machines", str(nodes), "--machine_rank", str(node_id), "--num_processes", str(total),
-            "--main_process_ip", hostnames[0], "--main_process_port", str(main_process_port(job_id))]
+    args = [
+        "--num_machines",
+        str(nodes),
+        "--machine_rank",
+        str(node_id),
+        "--num_processes",
+        str(total),
+        "--main_process_ip",
+        hostnames[0],
+        "--main_process_port",
+        str(main_process_port(job_id)),
+    ]
     if nodes == 1:
         # One node: torchrun's static rendezvous on our port, said explicitly so that an accelerate
         # config naming c10d cannot win. With one machine accelerate gives c10d no endpoint, torchrun
@@ -173,14 +185,23 @@ def _out_dir(argv: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m trainer.parallel.slurm",
-                                description="Run an advdiff stage under accelerate from inside a SLURM job step.")
+    p = argparse.ArgumentParser(
+        prog="python3 -m trainer.parallel.slurm",
+        description="Run an advdiff stage under accelerate from inside a SLURM job step.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    for name, doc in (("exec", "replace this process with accelerate launch -m MODULE ARGS..."),
-                      ("print-args", "print the accelerate launch arguments for this node")):
+    for name, doc in (
+        ("exec", "replace this process with accelerate launch -m MODULE ARGS..."),
+        ("print-args", "print the accelerate launch arguments for this node"),
+    ):
         s = sub.add_parser(name, help=doc)
-        s.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
-                       help="processes per node (default: $SLURM_GPUS_ON_NODE)")
+        s.add_argument(
+            "--gpus-per-node",
+            type=int,
+            default=None,
+            metavar="G",
+            help="processes per node (default: $SLURM_GPUS_ON_NODE)",
+        )
         s.add_argument("--config-file", default=None, metavar="FILE", help="accelerate config file")
     o = sub.add_parser("out-dir", help="print the experiment folder of CONFIG [STAGE FLAGS]")
     o.add_argument("rest", nargs=argparse.REMAINDER)
@@ -193,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     tail: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, tail = argv[:cut], argv[cut + 1:]
+        argv, tail = argv[:cut], argv[cut + 1 :]
     opts = build_parser().parse_args(argv)
     try:
         if opts.command == "out-dir":
@@ -209,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(args))
             return 0
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "-m", *tail]
-        print(f"advdiff.slurm: node {os.environ.get('SLURMD_NODENAME', '?')}: {shlex.join(cmd)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"advdiff.slurm: node {os.environ.get('SLURMD_NODENAME', '?')}: {shlex.join(cmd)}",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         os.execvp(cmd[0], cmd)
     except UserError as e:

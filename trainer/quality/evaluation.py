@@ -20,6 +20,7 @@ Columns of a feature space that is not configured are empty. The held-out reals'
 space (mean `mu`, covariance `sigma`, float64) are written once beside the summary as
 reference_{latent,pixel,cls,inception}.npz, for comparing with other tools' FD.
 """
+
 from __future__ import annotations
 
 import io
@@ -41,11 +42,29 @@ from trainer.files.read import read_csv_rows
 from trainer.quality.feature_spaces import load_space
 from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
 
-SUMMARY_FIELDS = ["iteration", "latent_fd", "latent_fd_lo", "latent_fd_hi", "precision", "recall",
-                  "pixel_fd", "pixel_precision", "pixel_recall",
-                  "cls_fd", "cls_fd_lo", "cls_fd_hi", "cls_precision", "cls_recall",
-                  "inception_fd", "inception_precision", "inception_recall",
-                  "d_acc", "d_prob_fake", "samples", "seconds"]
+SUMMARY_FIELDS = [
+    "iteration",
+    "latent_fd",
+    "latent_fd_lo",
+    "latent_fd_hi",
+    "precision",
+    "recall",
+    "pixel_fd",
+    "pixel_precision",
+    "pixel_recall",
+    "cls_fd",
+    "cls_fd_lo",
+    "cls_fd_hi",
+    "cls_precision",
+    "cls_recall",
+    "inception_fd",
+    "inception_precision",
+    "inception_recall",
+    "d_acc",
+    "d_prob_fake",
+    "samples",
+    "seconds",
+]
 BOOTSTRAPPED = ("latent", "cls")  # spaces with an FD interval (low-dimensional: cheap to resample)
 
 
@@ -55,23 +74,36 @@ class Evaluator:
         collective); decode(latents) -> images, or None to skip the pixel and feature-space metrics;
         schedule: the model's noise schedule (fresh DDIM samplers)."""
         self.cfg, self.acc, self.path, self.rows = cfg, acc, path, rows
-        self.encode, self.decode, self.schedule, self.latent_shape, self.log = encode, decode, schedule, latent_shape, log
+        self.encode, self.decode, self.schedule, self.latent_shape, self.log = (
+            encode,
+            decode,
+            schedule,
+            latent_shape,
+            log,
+        )
         _, held_out = split_indices(len(rows), self.cfg.training.train_split, self.cfg.training.split_seed)
         m = min(self.cfg.stage2.metric_samples, len(held_out))
-        pick = np.sort(np.random.default_rng(derive_seed(self.cfg.training.seed, "metric-reals")).choice(
-            held_out, size=m, replace=False)) if m < len(held_out) else held_out
+        pick = (
+            np.sort(
+                np.random.default_rng(derive_seed(self.cfg.training.seed, "metric-reals")).choice(
+                    held_out, size=m, replace=False
+                )
+            )
+            if m < len(held_out)
+            else held_out
+        )
         self.m = len(pick)
         self.own = shard_range(self.m, self.acc.process_index, self.acc.num_processes)
         self.rows_pick = pick
         self._real = None
         self.guidance = None  # a diffusion.guidance.Guidance: samples are drawn with discriminator guidance
-        self._space = False          # the stage2.metric_features extractor, loaded on first use
-        self._real_features = None   # {space: this rank's feature rows of the held-out reals}
-        self._real_moments = {}      # {space: their moments, reduced over ranks}
+        self._space = False  # the stage2.metric_features extractor, loaded on first use
+        self._real_features = None  # {space: this rank's feature rows of the held-out reals}
+        self._real_moments = {}  # {space: their moments, reduced over ranks}
 
     def _reals(self):
         if self._real is None:
-            rows = self.rows.iloc[self.rows_pick[self.own.start:self.own.stop]]
+            rows = self.rows.iloc[self.rows_pick[self.own.start : self.own.stop]]
             self._real = self.encode(rows).to(self.acc.device)
         return self._real
 
@@ -131,10 +163,18 @@ class Evaluator:
     def _fakes(self, unet) -> torch.Tensor:
         """This rank's block of the M samples, from the same fixed seeds at every call."""
         cfg, acc = self.cfg, self.acc
-        noise = per_sample_noise(list(self.own), self.latent_shape, cfg.training.seed, "metric").to(acc.device)
+        noise = per_sample_noise(list(self.own), self.latent_shape, cfg.training.seed, "metric").to(
+            acc.device
+        )
         with acc.autocast():
-            return ddim_sample(unet, self.schedule.ddim(), noise, cfg.stage2.generation_steps,
-                               batch_size=cfg.stage2.generation_batch_size, guidance=self.guidance).float()
+            return ddim_sample(
+                unet,
+                self.schedule.ddim(),
+                noise,
+                cfg.stage2.generation_steps,
+                batch_size=cfg.stage2.generation_batch_size,
+                guidance=self.guidance,
+            ).float()
 
     @torch.no_grad()
     def latent_fd(self, unet) -> float:
@@ -154,15 +194,17 @@ class Evaluator:
         real = self.reference(space)
         fd = fd_from_moments(real, Moments(ff.shape[1], ff.device).add(ff).reduced())
         p, r = precision_recall(fr, ff, self.m, self.m, k=self.cfg.stage2.metric_k)
-        names = {"latent": ("latent_fd", "precision", "recall")}.get(space, (f"{space}_fd", f"{space}_precision",
-                                                                             f"{space}_recall"))
+        names = {"latent": ("latent_fd", "precision", "recall")}.get(
+            space, (f"{space}_fd", f"{space}_precision", f"{space}_recall")
+        )
         out = dict(zip(names, (fd, p, r)))
         if space in BOOTSTRAPPED and self.cfg.stage2.metric_bootstrap:
             fake_all = gather_shards(ff, self.m, to_all=False)  # the main process resamples
             if fake_all is not None:
                 seed = derive_seed(self.cfg.training.seed, "metric-bootstrap")
                 out[f"{space}_fd_lo"], out[f"{space}_fd_hi"] = bootstrap_fd(
-                    real, fake_all, self.cfg.stage2.metric_bootstrap, seed, point=fd)
+                    real, fake_all, self.cfg.stage2.metric_bootstrap, seed, point=fd
+                )
         return out
 
     def write_references(self) -> None:
@@ -190,13 +232,19 @@ class Evaluator:
         if self.acc.is_main_process:
             atomic.write_csv(rows, self.path, SUMMARY_FIELDS)
             plots.plot_summary(self.path, picture_of(self.path))
-        self.acc.log({f"summary/{k}": v for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))},
-                     step=tracker_step(self.cfg, "summary", int(row["iteration"])))
-        self.log("summary row " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in row.items()))
+        self.acc.log(
+            {f"summary/{k}": v for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))},
+            step=tracker_step(self.cfg, "summary", int(row["iteration"])),
+        )
+        self.log(
+            "summary row "
+            + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
 
 
 def _fd(fr: torch.Tensor, ff: torch.Tensor) -> float:
     """Fréchet distance of two sets of per-rank feature rows (moments reduced over ranks: a collective)."""
     dim = fr.shape[1]
-    return fd_from_moments(Moments(dim, fr.device).add(fr).reduced(), Moments(dim, ff.device).add(ff).reduced())
+    return fd_from_moments(
+        Moments(dim, fr.device).add(fr).reduced(), Moments(dim, ff.device).add(ff).reduced()
+    )

@@ -11,6 +11,7 @@ Both read decoded images (fakes and reals both through the frozen AE) in [-1, 1]
 [-1, 1] and resized (bilinear, antialiased) to the extractor's side; grey images are repeated to 3
 channels for Inception. Nothing is downloaded: PATH is a local file, relative to the config's folder.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,7 @@ def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
 
 class FeatureSpace:
     """images (N, C, H, W) in [-1, 1] -> feature rows (N, D) float32, in batches, fp32, no gradients."""
+
     name: str
     batch_size = 64
 
@@ -46,8 +48,10 @@ class FeatureSpace:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=images.device.type, enabled=False):
-            parts = [self._rows(images[i:i + self.batch_size].float().clamp(-1, 1))
-                     for i in range(0, len(images), self.batch_size)]
+            parts = [
+                self._rows(images[i : i + self.batch_size].float().clamp(-1, 1))
+                for i in range(0, len(images), self.batch_size)
+            ]
         if not parts:
             return torch.zeros((0, self.dim), device=images.device)
         return torch.cat(parts).float()
@@ -68,8 +72,10 @@ class ClassifierFeatures(FeatureSpace):
 
     def _rows(self, x):
         if x.shape[1] != self.channels:
-            raise UserError(f"{FIELD}: the classifier reads {self.channels}-channel images, the AE decodes "
-                            f"{x.shape[1]} channels")
+            raise UserError(
+                f"{FIELD}: the classifier reads {self.channels}-channel images, the AE decodes "
+                f"{x.shape[1]} channels"
+            )
         return self.model.features(_resize(x, self.side))
 
 
@@ -96,8 +102,10 @@ class TorchScriptInception(FeatureSpace):
     def __init__(self, path, device):
         self.module, self.path, self.dim = _load_module(path, device), path, None
         if self.module is None:
-            raise UserError(f"{FIELD}: {path}: not a TorchScript file (torch.jit.save) or an exported program "
-                            f"(torch.export.save)")
+            raise UserError(
+                f"{FIELD}: {path}: not a TorchScript file (torch.jit.save) or an exported program "
+                f"(torch.export.save)"
+            )
         self.dim = self(torch.zeros((3, 3, 8, 8), device=device)).shape[1]  # fails here, not hours later
 
     def _rows(self, x):
@@ -106,14 +114,22 @@ class TorchScriptInception(FeatureSpace):
         try:
             out = self.module(_resize(x, INCEPTION_SIDE))
         except Exception as e:
-            raise UserError(f"{FIELD}: {self.path}: the module fails on images (N, 3, {INCEPTION_SIDE}, "
-                            f"{INCEPTION_SIDE}): {str(e).strip().splitlines()[-1][:200]}") from None
-        ok = isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[0] == x.shape[0] \
-            and all(s == 1 for s in out.shape[2:])  # (N, D) or (N, D, 1, 1)
+            raise UserError(
+                f"{FIELD}: {self.path}: the module fails on images (N, 3, {INCEPTION_SIDE}, "
+                f"{INCEPTION_SIDE}): {str(e).strip().splitlines()[-1][:200]}"
+            ) from None
+        ok = (
+            isinstance(out, torch.Tensor)
+            and out.dim() >= 2
+            and out.shape[0] == x.shape[0]
+            and all(s == 1 for s in out.shape[2:])
+        )  # (N, D) or (N, D, 1, 1)
         if not ok:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UserError(f"{FIELD}: {self.path}: expected features (N, D) (or (N, D, 1, 1)) from the module, "
-                            f"got {shape}")
+            raise UserError(
+                f"{FIELD}: {self.path}: expected features (N, D) (or (N, D, 1, 1)) from the module, "
+                f"got {shape}"
+            )
         return out.flatten(1)
 
 
@@ -134,7 +150,12 @@ def check_metric_features(cfg, ae_config: dict | None, pipeline: bool = False) -
     if kind == "raw" or (pipeline and not cfg.resolve_path(path).exists()):
         return
     space = load_space(cfg, "cpu")
-    if isinstance(space, ClassifierFeatures) and ae_config is not None \
-            and ae_config.get("in_channels") not in (None, space.channels):
-        raise UserError(f"{FIELD}: {cfg.resolve_path(path)} reads {space.channels}-channel images, the AE decodes "
-                        f"{ae_config['in_channels']}")
+    if (
+        isinstance(space, ClassifierFeatures)
+        and ae_config is not None
+        and ae_config.get("in_channels") not in (None, space.channels)
+    ):
+        raise UserError(
+            f"{FIELD}: {cfg.resolve_path(path)} reads {space.channels}-channel images, the AE decodes "
+            f"{ae_config['in_channels']}"
+        )

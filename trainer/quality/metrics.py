@@ -16,6 +16,7 @@
 Features: flattened latents, average-pooled first where C*H*W exceeds `max_dim` (FD needs a
 covariance that the sample count can estimate).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,7 @@ class Moments:
         packed = all_reduce_sum(torch.cat([self.n.reshape(1), self.s, self.ss.flatten()]))
         d = self.s.shape[0]
         out = Moments(d, self.s.device)
-        out.n, out.s, out.ss = packed[0], packed[1:1 + d], packed[1 + d:].reshape(d, d)
+        out.n, out.s, out.ss = packed[0], packed[1 : 1 + d], packed[1 + d :].reshape(d, d)
         return out
 
     def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +97,9 @@ def _covered(rows: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> 
     return (d <= radii[None, :]).any(dim=1)
 
 
-def precision_recall(real_local: torch.Tensor, fake_local: torch.Tensor, n_real: int, n_fake: int,
-                     k: int = 3) -> tuple[float, float]:
+def precision_recall(
+    real_local: torch.Tensor, fake_local: torch.Tensor, n_real: int, n_fake: int, k: int = 3
+) -> tuple[float, float]:
     """k-NN precision (fakes inside the real manifold) and recall (reals inside the fake manifold).
 
     real_local/fake_local: this rank's `shard_range` rows of each feature set (every rank calls this).
@@ -114,17 +116,24 @@ def precision_recall(real_local: torch.Tensor, fake_local: torch.Tensor, n_real:
     r_rows = shard_range(n_real, rank, world)
     f_rows = shard_range(n_fake, rank, world)
     # radii: each rank computes its own rows' k-NN distances, then everyone needs all of them
-    real_radii = gather_shards(_kth_distance(real_all[r_rows.start:r_rows.stop], real_all, k, True), n_real)
-    fake_radii = gather_shards(_kth_distance(fake_all[f_rows.start:f_rows.stop], fake_all, k, True), n_fake)
+    real_radii = gather_shards(_kth_distance(real_all[r_rows.start : r_rows.stop], real_all, k, True), n_real)
+    fake_radii = gather_shards(_kth_distance(fake_all[f_rows.start : f_rows.stop], fake_all, k, True), n_fake)
     counts = torch.zeros(2, dtype=torch.float64, device=real_local.device)
-    counts[0] = _covered(fake_all[f_rows.start:f_rows.stop], real_all, real_radii).sum()
-    counts[1] = _covered(real_all[r_rows.start:r_rows.stop], fake_all, fake_radii).sum()
+    counts[0] = _covered(fake_all[f_rows.start : f_rows.stop], real_all, real_radii).sum()
+    counts[1] = _covered(real_all[r_rows.start : r_rows.stop], fake_all, fake_radii).sum()
     counts = all_reduce_sum(counts)
     return float(counts[0] / n_fake), float(counts[1] / n_real)
 
 
-def bootstrap_fd(real: Moments, fake: torch.Tensor, resamples: int, seed: int, level: float = 0.95,
-                 point: float | None = None, chunk: int = 16) -> tuple[float, float]:
+def bootstrap_fd(
+    real: Moments,
+    fake: torch.Tensor,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+    point: float | None = None,
+    chunk: int = 16,
+) -> tuple[float, float]:
     """A `level` interval of the FD between `real` (reduced moments) and the whole fake set (n rows, in
     index order; no collective): `resamples` draws of n rows with replacement from a fixed seed. `point`:
     the FD of the whole set, when known."""
@@ -134,12 +143,17 @@ def bootstrap_fd(real: Moments, fake: torch.Tensor, resamples: int, seed: int, l
     fake = fake.double()
     mu_r, cov_r = (t.to(fake.device) for t in real.mean_cov())
     picks = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
-        1, picks, torch.ones(resamples, n, dtype=torch.float64)).to(fake.device)
+    counts = (
+        torch.zeros(resamples, n, dtype=torch.float64)
+        .scatter_add_(1, picks, torch.ones(resamples, n, dtype=torch.float64))
+        .to(fake.device)
+    )
     s1 = _sqrt_psd(cov_r)
     fds = [_resampled_fd(w, fake, mu_r, cov_r, s1) for w in counts.split(chunk)]
     tail = (1 - level) / 2
-    lo, mid, hi = torch.quantile(torch.cat(fds).cpu(), torch.tensor([tail, 0.5, 1 - tail], dtype=torch.float64))
+    lo, mid, hi = torch.quantile(
+        torch.cat(fds).cpu(), torch.tensor([tail, 0.5, 1 - tail], dtype=torch.float64)
+    )
     # resampled sets hold repeated rows, which inflates FD's finite-sample bias: the raw percentiles sit
     # above the point estimate. Their spread around the median is the sampling variation; place it there.
     if point is None:
@@ -150,8 +164,8 @@ def bootstrap_fd(real: Moments, fake: torch.Tensor, resamples: int, seed: int, l
 def _resampled_fd(w: torch.Tensor, fake: torch.Tensor, mu_r, cov_r, s1) -> torch.Tensor:
     """FDs of b resamples given as row counts w (b, n), with the reals' covariance square root s1."""
     n = fake.shape[0]
-    mean = w @ fake / n                                                  # (b, d)
-    second = (fake.T[None] * w[:, None, :]) @ fake                       # sum_i w_i x_i x_i^T
+    mean = w @ fake / n  # (b, d)
+    second = (fake.T[None] * w[:, None, :]) @ fake  # sum_i w_i x_i x_i^T
     cov = (second - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
     inner = _one_thread(torch.linalg.eigvalsh, s1 @ cov @ s1).clamp(min=0).sqrt().sum(-1)
     trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)

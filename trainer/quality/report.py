@@ -15,6 +15,7 @@ tables scroll):
 Stage 2 writes it (main process, atomically) when it starts and after every iteration;
 `advdiff report RUN_DIR [--compare OTHER]` writes it for any run folder.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,10 +33,22 @@ from trainer.files.layout import RunLayout, picture_of
 from trainer.files.read import read_csv_rows
 
 # the summary's quality columns; lower is better for FD, higher for precision and recall
-COLUMNS = [("latent_fd", "lower"), ("precision", "higher"), ("recall", "higher"), ("pixel_fd", "lower"),
-           ("pixel_precision", "higher"), ("pixel_recall", "higher"), ("cls_fd", "lower"),
-           ("cls_precision", "higher"), ("cls_recall", "higher"), ("inception_fd", "lower"),
-           ("inception_precision", "higher"), ("inception_recall", "higher"), ("d_acc", None), ("d_prob_fake", None)]
+COLUMNS = [
+    ("latent_fd", "lower"),
+    ("precision", "higher"),
+    ("recall", "higher"),
+    ("pixel_fd", "lower"),
+    ("pixel_precision", "higher"),
+    ("pixel_recall", "higher"),
+    ("cls_fd", "lower"),
+    ("cls_precision", "higher"),
+    ("cls_recall", "higher"),
+    ("inception_fd", "lower"),
+    ("inception_precision", "higher"),
+    ("inception_recall", "higher"),
+    ("d_acc", None),
+    ("d_prob_fake", None),
+]
 
 
 def _missing(v) -> bool:
@@ -138,8 +151,10 @@ def _csv_block(path: Path, title: str, open_: bool = False) -> str:
     header, rows = csv_table(path)
     if not header:
         return ""
-    return (f"<details{' open' if open_ else ''}><summary>{html.escape(title)}: {len(rows)} row(s), "
-            f"<code>{html.escape(path.name)}</code></summary>{_table(header, rows)}</details>")
+    return (
+        f"<details{' open' if open_ else ''}><summary>{html.escape(title)}: {len(rows)} row(s), "
+        f"<code>{html.escape(path.name)}</code></summary>{_table(header, rows)}</details>"
+    )
 
 
 def _status(layout: RunLayout, config: dict | None, ks: list[int], finished: list[int]) -> str:
@@ -158,15 +173,21 @@ def _status(layout: RunLayout, config: dict | None, ks: list[int], finished: lis
             have.append("D trained")
         if layout.finetune_history(k).is_file():
             have.append(f"fine-tune history ({len(csv_table(layout.finetune_history(k))[1])} rows)")
-        parts.append(f"iteration {k} not finished (running, or stopped): "
-                     + (", ".join(have) if have else "nothing saved yet"))
+        parts.append(
+            f"iteration {k} not finished (running, or stopped): "
+            + (", ".join(have) if have else "nothing saved yet")
+        )
     if not ks:
         parts.append("no stage-2 iteration has started")
     return '<div class="status">' + "<br>".join(parts) + "</div>"
 
 
-HEADLINE = (("latent_fd", "latent FD"), ("cls_fd", "classifier FD"), ("inception_fd", "Inception FD"),
-            ("pixel_fd", "pixel FD"))
+HEADLINE = (
+    ("latent_fd", "latent FD"),
+    ("cls_fd", "classifier FD"),
+    ("inception_fd", "Inception FD"),
+    ("pixel_fd", "pixel FD"),
+)
 
 
 def _headline(summary_rows: list[dict]) -> str:
@@ -198,23 +219,30 @@ def _compare_section(layout: RunLayout, other: Path) -> str:
     other_name = RunLayout.name_in(other) or ""
     b_layout = RunLayout(other, other_name)
     a_rows, b_rows = read_csv_rows(layout.summary), read_csv_rows(b_layout.summary)
-    out = [f'<h2 id="compare">Compared with {html.escape(str(other))}</h2>',
-           f'<p class="muted">A = this run, B = {html.escape(str(other))}. "better" follows each column\'s '
-           f"direction (FD lower, precision and recall higher); green where this run is better, red where B is."
-           f"</p>"]
+    out = [
+        f'<h2 id="compare">Compared with {html.escape(str(other))}</h2>',
+        f'<p class="muted">A = this run, B = {html.escape(str(other))}. "better" follows each column\'s '
+        f"direction (FD lower, precision and recall higher); green where this run is better, red where B is."
+        f"</p>",
+    ]
     if not b_rows:
         out.append(f'<p class="muted">{html.escape(str(other))} has no quality summary yet.</p>')
     else:
         rows = []
         for k, col, va, vb, diff, better in compare_rows(a_rows, b_rows):
             cls = {"A": "good", "B": "bad"}.get(better, "")
-            rows.append(f"<tr><td>{k}</td><td class='l'>{html.escape(col)}</td><td class='{cls}'>{fmt(va)}</td>"
-                        f"<td>{fmt(vb)}</td><td>{fmt(diff)}</td><td>{better}</td></tr>")
-        out.append('<div class="scroll"><table><tr><th>iteration</th><th class="l">metric</th><th>A (this run)'
-                   '</th><th>B</th><th>B - A</th><th>better</th></tr>' + "".join(rows) + "</table></div>")
+            rows.append(
+                f"<tr><td>{k}</td><td class='l'>{html.escape(col)}</td><td class='{cls}'>{fmt(va)}</td>"
+                f"<td>{fmt(vb)}</td><td>{fmt(diff)}</td><td>{better}</td></tr>"
+            )
+        out.append(
+            '<div class="scroll"><table><tr><th>iteration</th><th class="l">metric</th><th>A (this run)'
+            "</th><th>B</th><th>B - A</th><th>better</th></tr>" + "".join(rows) + "</table></div>"
+        )
     ks_b = b_layout.iterations_in()
-    figs = [_figure(b_layout.start_grid, "B: stage 1")] + [_figure(b_layout.grid(k), f"B: iteration {k}")
-                                                          for k in ks_b]
+    figs = [_figure(b_layout.start_grid, "B: stage 1")] + [
+        _figure(b_layout.grid(k), f"B: iteration {k}") for k in ks_b
+    ]
     if any(figs):
         out.append('<h3>B\'s samples</h3><div class="grids">' + "".join(figs) + "</div>")
     return "\n".join(out)
@@ -234,38 +262,56 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
     if compare is not None:
         sections.append(("compare", "Comparison"))
     sections += [("iterations", "Iterations"), ("time", "Time"), ("config", "Config")]
-    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>advdiff report: {html.escape(name)}"
-           f"</title><style>{STYLE}</style></head><body>",
-           f"<h1>advdiff run <code>{html.escape(name)}</code></h1>",
-           f'<p class="muted">{html.escape(str(root.resolve()))} &middot; page written '
-           f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
-           _status(layout, config, ks, finished).replace("</div>", _headline(summary_rows) + "</div>", 1),
-           "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in sections) + "</nav>"]
+    out = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>advdiff report: {html.escape(name)}"
+        f"</title><style>{STYLE}</style></head><body>",
+        f"<h1>advdiff run <code>{html.escape(name)}</code></h1>",
+        f'<p class="muted">{html.escape(str(root.resolve()))} &middot; page written '
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        _status(layout, config, ks, finished).replace("</div>", _headline(summary_rows) + "</div>", 1),
+        "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in sections) + "</nav>",
+    ]
 
-    out.append('<h2 id="samples">Samples</h2><p class="muted">Decoded samples from the same fixed seeds, stage 1 '
-               "first, then each iteration's result, all at stage 2's DDIM steps; each caption gives the "
-               "summary's Fréchet distance of that model (lower is better).</p>")
+    out.append(
+        '<h2 id="samples">Samples</h2><p class="muted">Decoded samples from the same fixed seeds, stage 1 '
+        "first, then each iteration's result, all at stage 2's DDIM steps; each caption gives the "
+        "summary's Fréchet distance of that model (lower is better).</p>"
+    )
     steps = ((config or {}).get("stage2") or {}).get("generation_steps")
     at = f" at {steps} DDIM steps" if steps else ""
     figs = [_figure(layout.start_grid, f"stage 1{at}{_fd_caption(summary_rows, 0)}")]
     figs += [_figure(layout.grid(k), f"iteration {k}{at}{_fd_caption(summary_rows, k + 1)}") for k in ks]
     if layout.stage1_grid.is_file():
         own = ((config or {}).get("training") or {}).get("sample_steps")
-        figs.append(_figure(layout.stage1_grid, f"stage 1's own grid{f' at {own} steps' if own else ''} "
-                                                f"({layout.stage1_grid.relative_to(layout.root)})"))
+        figs.append(
+            _figure(
+                layout.stage1_grid,
+                f"stage 1's own grid{f' at {own} steps' if own else ''} "
+                f"({layout.stage1_grid.relative_to(layout.root)})",
+            )
+        )
     figs = [f for f in figs if f]
-    out.append('<div class="grids">' + "".join(figs) + "</div>" if figs else '<p class="muted">No grids yet.</p>')
+    out.append(
+        '<div class="grids">' + "".join(figs) + "</div>" if figs else '<p class="muted">No grids yet.</p>'
+    )
     if layout.comparison.is_file():
         own = ((config or {}).get("training") or {}).get("sample_steps")
         k_steps, full = (f"{steps} steps" if steps else "K steps"), (f"{own} steps" if own else "full steps")
-        out.append('<h3>What stage 2 bought</h3><div class="wide">' + _figure(
-            layout.comparison, f"the same seeds: stage 1 at {k_steps} | stage 2 at {k_steps} | stage 1 at {full}")
-                   + "</div>")
+        out.append(
+            '<h3>What stage 2 bought</h3><div class="wide">'
+            + _figure(
+                layout.comparison,
+                f"the same seeds: stage 1 at {k_steps} | stage 2 at {k_steps} | stage 1 at {full}",
+            )
+            + "</div>"
+        )
 
     out.append('<h2 id="quality">Quality per iteration</h2>')
     if layout.summary.is_file():
-        out.append('<p class="muted">Row 0 is the stage-1 model; row k+1 is iteration k\'s result. FD: lower is '
-                   "better; precision and recall: higher is better.</p>")
+        out.append(
+            '<p class="muted">Row 0 is the stage-1 model; row k+1 is iteration k\'s result. FD: lower is '
+            "better; precision and recall: higher is better.</p>"
+        )
         pic = picture_of(layout.summary)
         if pic.is_file():
             out.append('<div class="wide">' + _figure(pic, "quality summary") + "</div>")
@@ -281,13 +327,17 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
     for k in ks:
         state = "finished" if k in finished else "not finished"
         out.append(f"<h3>Iteration {k} <span class='muted'>({state})</span></h3>")
-        pics = [_figure(picture_of(layout.discriminator_history(k)), f"discriminator, iteration {k}"),
-                _figure(picture_of(layout.finetune_history(k)), f"diffusion fine-tune, iteration {k}")]
+        pics = [
+            _figure(picture_of(layout.discriminator_history(k)), f"discriminator, iteration {k}"),
+            _figure(picture_of(layout.finetune_history(k)), f"diffusion fine-tune, iteration {k}"),
+        ]
         pics = [p for p in pics if p]
         if pics:
             out.append('<div class="pics">' + "".join(pics) + "</div>")
-        blocks = [_csv_block(layout.discriminator_history(k), f"discriminator history, iteration {k}"),
-                  _csv_block(layout.finetune_history(k), f"fine-tune metrics, iteration {k}")]
+        blocks = [
+            _csv_block(layout.discriminator_history(k), f"discriminator history, iteration {k}"),
+            _csv_block(layout.finetune_history(k), f"fine-tune metrics, iteration {k}"),
+        ]
         out.append("".join(blocks) or '<p class="muted">No history written yet.</p>')
 
     out.append('<h2 id="time">Time</h2>')
@@ -302,9 +352,13 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
             except ValueError:
                 continue
         total = sum(totals.values())
-        out.append(_table(["phase", "seconds", "share"],
-                          [[p, f"{s:.1f}", f"{100 * s / total:.0f} %" if total else "-"] for p, s in totals.items()]
-                          + [["all", f"{total:.1f}", "100 %" if total else "-"]]))
+        out.append(
+            _table(
+                ["phase", "seconds", "share"],
+                [[p, f"{s:.1f}", f"{100 * s / total:.0f} %" if total else "-"] for p, s in totals.items()]
+                + [["all", f"{total:.1f}", "100 %" if total else "-"]],
+            )
+        )
         out.append(_csv_block(layout.timings, "every timed phase"))
     else:
         out.append('<p class="muted">No timings yet.</p>')

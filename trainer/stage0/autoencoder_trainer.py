@@ -4,6 +4,7 @@ Exports: `autoencoder_best.pt` / `autoencoder_latest.pt` (self-describing) durin
 the end a diffusers `save_pretrained` folder `autoencoder/` of the best weights, with the latent
 scale and shift measured on the training images written into its config.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,31 +32,55 @@ class AutoencoderTrainer(StepTrainer):
         m = cfg.autoencoder.model
         self.cfg = cfg
         if cfg.dataset.manifest is None:
-            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null")
+            raise ConfigError(
+                f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null"
+            )
         self.layout = RunLayout.of(cfg)
         folder = self.layout.stage0
-        fingerprint = {"model": dict(m.__dict__), "training": dict(t.__dict__), "seed": cfg.training.seed,
-                       "manifest": str(cfg.resolve_path(cfg.dataset.manifest))}
-        super().__init__(accelerator, stage="stage0", metric="val_mse", state_path=folder.state,
-                         history_path=folder.history, max_steps=t.max_steps, eval_interval=t.eval_interval,
-                         log_interval=t.log_interval, seed=cfg.training.seed, fingerprint=fingerprint,
-                         max_nonfinite_steps=cfg.training.max_nonfinite_steps)
-        self.rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
-                                  cfg.dataset.filters)
+        fingerprint = {
+            "model": dict(m.__dict__),
+            "training": dict(t.__dict__),
+            "seed": cfg.training.seed,
+            "manifest": str(cfg.resolve_path(cfg.dataset.manifest)),
+        }
+        super().__init__(
+            accelerator,
+            stage="stage0",
+            metric="val_mse",
+            state_path=folder.state,
+            history_path=folder.history,
+            max_steps=t.max_steps,
+            eval_interval=t.eval_interval,
+            log_interval=t.log_interval,
+            seed=cfg.training.seed,
+            fingerprint=fingerprint,
+            max_nonfinite_steps=cfg.training.max_nonfinite_steps,
+        )
+        self.rows = read_manifest(
+            cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column, cfg.dataset.filters
+        )
         self.size = cfg.dataset.resolution or m.sample_size
-        self.train_idx, self.val_idx = split_indices(len(self.rows), cfg.training.train_split,
-                                                     cfg.training.split_seed)
+        self.train_idx, self.val_idx = split_indices(
+            len(self.rows), cfg.training.train_split, cfg.training.split_seed
+        )
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "autoencoder"))
-        self.model = build_autoencoder(m.in_channels, m.latent_channels, m.block_out_channels,
-                                       m.layers_per_block, m.norm_num_groups, self.size)
+        self.model = build_autoencoder(
+            m.in_channels,
+            m.latent_channels,
+            m.block_out_channels,
+            m.layers_per_block,
+            m.norm_num_groups,
+            self.size,
+        )
         opt = build_optimizer(self.model.parameters(), t.learning_rate, t.weight_decay)
         self.sched = build_lr_schedule(opt, t.warmup_steps, t.max_steps)
         self.ddp_model, self.opt = engine.prepare(accelerator, _WithKL(self.model), opt, t.batch_size, 0.0)
 
     def _images(self, rows: np.ndarray) -> torch.Tensor:
         paths = self.rows["image_path"].tolist()
-        return torch.stack([load_image(paths[i], self.size, self.cfg.autoencoder.model.in_channels)
-                            for i in rows]).to(self.acc.device)
+        return torch.stack(
+            [load_image(paths[i], self.size, self.cfg.autoencoder.model.in_channels) for i in rows]
+        ).to(self.acc.device)
 
     def train_step(self, step):
         t = self.cfg.autoencoder.training
@@ -67,7 +92,9 @@ class AutoencoderTrainer(StepTrainer):
         mse = torch.mean((recon.float() - x) ** 2)
         kl = kl.float().mean() / x[0].numel()
         loss = (mse + t.kl_weight * kl) * local_weight(len(mine), len(batch), self.world)
-        self.apply_update(loss, self.ddp_model, self.model, self.opt, self.sched, 0.0)  # no clipping in stage 0
+        self.apply_update(
+            loss, self.ddp_model, self.model, self.opt, self.sched, 0.0
+        )  # no clipping in stage 0
         return {"mse": mse.item(), "kl": kl.item()}
 
     @torch.no_grad()
@@ -79,9 +106,9 @@ class AutoencoderTrainer(StepTrainer):
         self.model.eval()
         mine = shard_range(len(self.val_idx), self.rank, self.world)
         sums = Totals(["squared_error", "n"], self.acc.device)
-        ids = self.val_idx[mine.start:mine.stop]
+        ids = self.val_idx[mine.start : mine.stop]
         for s in range(0, len(ids), 128):
-            x = self._images(ids[s:s + 128])
+            x = self._images(ids[s : s + 128])
             recon = self.model.decode(self.model.encode(x).latent_dist.mean).sample
             sums.add("squared_error", ((recon.float() - x) ** 2).mean(dim=(1, 2, 3)).sum())
             sums.add("n", len(x))
@@ -90,8 +117,11 @@ class AutoencoderTrainer(StepTrainer):
         return {"val_mse": s["squared_error"] / max(s["n"], 1)}
 
     def model_state(self):
-        return {"model": engine.state_dict(self.acc, self.model), "optimizer": self.optimizer_state(self.opt),
-                "lr_scheduler": self.sched.state_dict()}
+        return {
+            "model": engine.state_dict(self.acc, self.model),
+            "optimizer": self.optimizer_state(self.opt),
+            "lr_scheduler": self.sched.state_dict(),
+        }
 
     def load_model_state(self, state):
         engine.load_state_dict(self.acc, self.model, state["model"])
@@ -99,8 +129,13 @@ class AutoencoderTrainer(StepTrainer):
         self.sched.load_state_dict(state["lr_scheduler"])
 
     def export(self, tag, metrics):
-        blob = {"format": AE_FORMAT, "config": dict(self.model.config), "state_dict": engine.state_dict(self.acc, self.model),
-                "step": self.step, "metrics": metrics}
+        blob = {
+            "format": AE_FORMAT,
+            "config": dict(self.model.config),
+            "state_dict": engine.state_dict(self.acc, self.model),
+            "step": self.step,
+            "metrics": metrics,
+        }
         if self.acc.is_main_process:
             atomic.save_torch(blob, self.layout.autoencoder_export(tag))
 
@@ -112,8 +147,15 @@ class AutoencoderTrainer(StepTrainer):
         barrier()
         ae = load_autoencoder(self.layout.autoencoder_export("best")).to(self.acc.device)
         rows = self.rows.iloc[self.train_idx]
-        z = encode_rows(self.acc, ae, rows, size=self.size, channels=self.cfg.autoencoder.model.in_channels,
-                        latent_shape=latent_shape_of(ae, self.size), batch_size=self.cfg.autoencoder.encode_batch_size)
+        z = encode_rows(
+            self.acc,
+            ae,
+            rows,
+            size=self.size,
+            channels=self.cfg.autoencoder.model.in_channels,
+            latent_shape=latent_shape_of(ae, self.size),
+            batch_size=self.cfg.autoencoder.encode_batch_size,
+        )
         scaling = measure_scaling(z)
         if self.acc.is_main_process:
             ae.register_to_config(scaling_factor=scaling.scale, shift_factor=scaling.shift)
@@ -124,7 +166,9 @@ class AutoencoderTrainer(StepTrainer):
             blob = ae_export(ae)
             blob.update(step=self.best["step"])
             atomic.save_torch(blob, self.layout.autoencoder_export("best"))
-        self.log(f"autoencoder written to {final} (latent scale {scaling.scale:.4g}, shift {scaling.shift:.4g})")
+        self.log(
+            f"autoencoder written to {final} (latent scale {scaling.scale:.4g}, shift {scaling.shift:.4g})"
+        )
         barrier()
 
 

@@ -1,4 +1,5 @@
 """`python -m trainer.stage1` (and `accelerate launch -m trainer.stage1`): the stage1 command."""
+
 import sys
 
 from trainer.cli.stages import stage1_main

@@ -5,6 +5,7 @@ scaling, AE path, step, metrics) and loadable with `models` alone. Best is by va
 EMA weights on held-out latents with fixed noise. The stage-2 `diffusion.stage1_checkpoint` points
 at `checkpoint_best.pt`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,10 +41,14 @@ class DiffusionTrainer(StepTrainer):
         self.cfg = cfg
         t = cfg.training
         if cfg.dataset.manifest is None:
-            raise ConfigError(f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null")
+            raise ConfigError(
+                f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null"
+            )
         if cfg.autoencoder.checkpoint is None:
             raise ConfigError(f"{cfg.source}: autoencoder.checkpoint: expected an AE folder or .pt, got null")
-        engine.check_accumulation(accelerator, t.gradient_accumulation_steps, t.batch_size)  # before any compute
+        engine.check_accumulation(
+            accelerator, t.gradient_accumulation_steps, t.batch_size
+        )  # before any compute
         self.ae = load_frozen_ae(cfg.resolve_path(cfg.autoencoder.checkpoint), accelerator.device)
         size = cfg.dataset.resolution or self.ae.config.sample_size
         self.latent_shape = latent_shape_of(self.ae, size)
@@ -52,18 +57,39 @@ class DiffusionTrainer(StepTrainer):
         s = cfg.scheduler
         self.schedule = Schedule(s.type, s.num_steps, s.prediction_type)
         self.layout = RunLayout.of(cfg)
-        fingerprint = {"unet": spec_to_dict(self.spec), "scheduler": dict(s.__dict__),
-                       "seed": t.seed, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
-                       "max_steps": t.max_steps, "autoencoder": str(cfg.resolve_path(cfg.autoencoder.checkpoint)),
-                       "manifest": str(cfg.resolve_path(cfg.dataset.manifest))}
-        super().__init__(accelerator, stage="stage1", metric="val_mse", state_path=self.layout.stage1.state,
-                         history_path=self.layout.stage1.history, max_steps=t.max_steps,
-                         eval_interval=t.eval_interval, log_interval=t.log_interval, seed=t.seed,
-                         fingerprint=fingerprint, max_nonfinite_steps=t.max_nonfinite_steps)
-        rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column,
-                             cfg.dataset.filters, cfg.dataset.outputs.latent)
+        fingerprint = {
+            "unet": spec_to_dict(self.spec),
+            "scheduler": dict(s.__dict__),
+            "seed": t.seed,
+            "batch_size": t.batch_size,
+            "learning_rate": t.learning_rate,
+            "max_steps": t.max_steps,
+            "autoencoder": str(cfg.resolve_path(cfg.autoencoder.checkpoint)),
+            "manifest": str(cfg.resolve_path(cfg.dataset.manifest)),
+        }
+        super().__init__(
+            accelerator,
+            stage="stage1",
+            metric="val_mse",
+            state_path=self.layout.stage1.state,
+            history_path=self.layout.stage1.history,
+            max_steps=t.max_steps,
+            eval_interval=t.eval_interval,
+            log_interval=t.log_interval,
+            seed=t.seed,
+            fingerprint=fingerprint,
+            max_nonfinite_steps=t.max_nonfinite_steps,
+        )
+        rows = read_manifest(
+            cfg.resolve_path(cfg.dataset.manifest),
+            cfg.dataset.image_column,
+            cfg.dataset.filters,
+            cfg.dataset.outputs.latent,
+        )
         if len(rows) < 2:
-            raise UserError(f"{cfg.dataset.manifest}: {len(rows)} rows after filters; stage 1 needs at least 2")
+            raise UserError(
+                f"{cfg.dataset.manifest}: {len(rows)} rows after filters; stage 1 needs at least 2"
+            )
         self.train_idx, self.val_idx = split_indices(len(rows), t.train_split, t.split_seed)
         raw = self._dataset_latents(rows, size)
         if cfg.autoencoder.scaling == "measure":
@@ -71,18 +97,28 @@ class DiffusionTrainer(StepTrainer):
         else:
             self.scaling = config_scaling(self.ae)
         self.latents = self.scaling.to_model(raw)
-        self.log(f"{len(rows)} rows, latents {tuple(self.latent_shape)}, scaled std "
-                 f"{float(self.latents[self.train_idx].std()):.3f}; UNet {count_parameters(unet_from_config(self.unet_config))/1e6:.2f}M")
+        self.log(
+            f"{len(rows)} rows, latents {tuple(self.latent_shape)}, scaled std "
+            f"{float(self.latents[self.train_idx].std()):.3f}; UNet {count_parameters(unet_from_config(self.unet_config)) / 1e6:.2f}M"
+        )
 
-        torch.manual_seed(derive_seed(t.seed, "init", "unet"))  # the same initial weights on every run and rank
+        torch.manual_seed(
+            derive_seed(t.seed, "init", "unet")
+        )  # the same initial weights on every run and rank
         self.unet = unet_from_config(self.unet_config)
         if t.gradient_checkpointing:  # recompute activations in backward: less memory, the same gradients
             self.unet.enable_gradient_checkpointing()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema = EMA(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         self.unet = prepare_module(self.unet, cfg.performance, accelerator)
-        opt = build_optimizer(self.unet.parameters(), t.learning_rate, t.weight_decay, t.optimizer, t.betas,
-                              **fast_optimizer(cfg.performance, accelerator))
+        opt = build_optimizer(
+            self.unet.parameters(),
+            t.learning_rate,
+            t.weight_decay,
+            t.optimizer,
+            t.betas,
+            **fast_optimizer(cfg.performance, accelerator),
+        )
         self.sched = build_lr_schedule(opt, t.scheduler.warmup_steps, t.max_steps, t.scheduler.type)
         self.ddp_unet, self.opt = engine.prepare(accelerator, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(accelerator.device)
@@ -91,8 +127,15 @@ class DiffusionTrainer(StepTrainer):
         """Encode every row once (sharded), cached under stage1/ for resumes. The cache is read weights only; one
         that is unreadable or refused (it could run code) is encoded again and replaced."""
         cache = self.layout.stage1_latent_cache
-        key = atomic.plain({"autoencoder": self.fingerprint["autoencoder"], "manifest": self.fingerprint["manifest"],
-                            "rows": len(rows), "size": size, "filters": self.cfg.dataset.filters})
+        key = atomic.plain(
+            {
+                "autoencoder": self.fingerprint["autoencoder"],
+                "manifest": self.fingerprint["manifest"],
+                "rows": len(rows),
+                "size": size,
+                "filters": self.cfg.dataset.filters,
+            }
+        )
         if cache.is_file():
             try:
                 blob = torch_load(cache, "latent cache", mmap=False)
@@ -101,9 +144,16 @@ class DiffusionTrainer(StepTrainer):
                 blob = None
             if isinstance(blob, dict) and blob.get("key") == key and torch.is_tensor(blob.get("latents")):
                 return blob["latents"]
-        z = encode_rows(self.acc, self.ae, rows, size=size, channels=self.ae.config.in_channels,
-                        latent_shape=self.latent_shape, batch_size=self.cfg.autoencoder.encode_batch_size,
-                        num_workers=self.cfg.training.num_workers)
+        z = encode_rows(
+            self.acc,
+            self.ae,
+            rows,
+            size=size,
+            channels=self.ae.config.in_channels,
+            latent_shape=self.latent_shape,
+            batch_size=self.cfg.autoencoder.encode_batch_size,
+            num_workers=self.cfg.training.num_workers,
+        )
         if self.acc.is_main_process:
             atomic.save_torch(atomic.plain({"key": key, "latents": z}), cache)
         return z
@@ -120,7 +170,9 @@ class DiffusionTrainer(StepTrainer):
         pos = rank_slice(list(range(len(batch))), self.rank, self.world)
         logged = []
 
-        def micro(chunk):  # the loss of a micro-batch of this rank's positions (all of them without accumulation)
+        def micro(
+            chunk,
+        ):  # the loss of a micro-batch of this rank's positions (all of them without accumulation)
             x0 = self.latents[batch[chunk]].to(self.acc.device)
             noise, ts = self.noised(x0, step, chunk)
             x_t = self.schedule.add_noise(x0, noise, ts)
@@ -129,9 +181,17 @@ class DiffusionTrainer(StepTrainer):
             mse = torch.mean((pred.float() - self.schedule.target(x0, noise, ts)) ** 2)
             logged.append(mse.item() * len(chunk) / len(pos))
             return mse * local_weight(len(chunk), len(batch), self.world)
+
         chunks = np.array_split(np.asarray(pos, dtype=np.int64), t.gradient_accumulation_steps)
-        self.apply_update([lambda c=c: micro(c) for c in chunks], self.ddp_unet, self.unet, self.opt, self.sched,
-                          t.max_grad_norm, self.ema)
+        self.apply_update(
+            [lambda c=c: micro(c) for c in chunks],
+            self.ddp_unet,
+            self.unet,
+            self.opt,
+            self.sched,
+            t.max_grad_norm,
+            self.ema,
+        )
         return {"mse": sum(logged)}
 
     @torch.no_grad()
@@ -151,8 +211,12 @@ class DiffusionTrainer(StepTrainer):
         return {"val_mse": s["squared_error"] / max(s["n"], 1), "lr": self.sched.get_last_lr()[0]}
 
     def model_state(self):
-        return {"unet": engine.state_dict(self.acc, self.unet), "optimizer": self.optimizer_state(self.opt),
-                "lr_scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
+        return {
+            "unet": engine.state_dict(self.acc, self.unet),
+            "optimizer": self.optimizer_state(self.opt),
+            "lr_scheduler": self.sched.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+        }
 
     def load_model_state(self, state):
         engine.load_state_dict(self.acc, self.unet, state["unet"])
@@ -163,10 +227,19 @@ class DiffusionTrainer(StepTrainer):
 
     def export(self, tag, metrics):
         dest = self.layout.stage1_checkpoint(tag)
-        blob = export_blob(self.unet_config, engine.state_dict(self.acc, self.ema_unet), self.scaling, self.step,
-                           metrics, schedule=self.schedule.to_dict(), autoencoder=self.fingerprint["autoencoder"],
-                           config=self.cfg.to_dict(), dest=dest, raw_weights=engine.state_dict(self.acc, self.unet),
-                           sampling={"sampler": "ddim", "steps": self.cfg.training.sample_steps, "eta": 0.0})
+        blob = export_blob(
+            self.unet_config,
+            engine.state_dict(self.acc, self.ema_unet),
+            self.scaling,
+            self.step,
+            metrics,
+            schedule=self.schedule.to_dict(),
+            autoencoder=self.fingerprint["autoencoder"],
+            config=self.cfg.to_dict(),
+            dest=dest,
+            raw_weights=engine.state_dict(self.acc, self.unet),
+            sampling={"sampler": "ddim", "steps": self.cfg.training.sample_steps, "eta": 0.0},
+        )
         if self.acc.is_main_process:
             atomic.save_torch(blob, dest)
 

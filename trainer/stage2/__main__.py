@@ -1,4 +1,5 @@
 """`python -m trainer.stage2` (and `accelerate launch -m trainer.stage2`): the stage2 command."""
+
 import sys
 
 from trainer.cli.stages import stage2_main

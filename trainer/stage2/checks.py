@@ -19,6 +19,7 @@ already holds a stage-2 run was started with the same result-defining config fie
 With `--stage all` (and `--demo`), files that an earlier stage of the same pipeline writes (the AE
 of stage 0, the checkpoint of stage 1) may be missing: their facts come from the config instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,15 +47,17 @@ from trainer.stage2.run_record import check_run_fields
 @dataclass
 class Facts:
     """What the checks learnt, reused by the run so nothing is loaded twice."""
-    stage1: object = None          # Stage1Facts
-    ae: dict | None = None         # the AE's config, when the run needs an AE
-    rows: object = None            # filtered manifest rows (DataFrame)
+
+    stage1: object = None  # Stage1Facts
+    ae: dict | None = None  # the AE's config, when the run needs an AE
+    rows: object = None  # filtered manifest rows (DataFrame)
     latent_shape: tuple | None = None
     problems: list[str] = field(default_factory=list)
 
 
 class _Checker:
     """Runs checks in order, keeping every problem; a check whose inputs failed is skipped."""
+
     def __init__(self, collect: bool):
         self.collect, self.problems = collect, []
 
@@ -89,8 +92,10 @@ def load_stage1(cfg) -> Source:
     a diffusers pipeline folder), read without building it. A UNet folder without a scheduler beside it takes
     the config's `scheduler:` section."""
     if cfg.diffusion.stage1_checkpoint is None:
-        raise ConfigError(f"{cfg.source or '<config>'}: diffusion.stage1_checkpoint: expected a stage-1 "
-                          f"checkpoint, a diffusers UNet2DModel folder or a pipeline folder, got null")
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: diffusion.stage1_checkpoint: expected a stage-1 "
+            f"checkpoint, a diffusers UNet2DModel folder or a pipeline folder, got null"
+        )
     s = cfg.scheduler
     fallback = Schedule(s.type, s.num_steps, s.prediction_type).to_dict()
     return read_source(cfg.resolve_path(cfg.diffusion.stage1_checkpoint), fallback_scheduler=fallback)
@@ -102,19 +107,26 @@ def ae_path(cfg, stage1) -> Path | None:
 
 
 def ae_latent_shape(cfg, ae_config: dict) -> tuple:
-    return latent_shape(ae_config["latent_channels"], ae_config["block_out_channels"],
-                        cfg.dataset.resolution or ae_config["sample_size"])
+    return latent_shape(
+        ae_config["latent_channels"],
+        ae_config["block_out_channels"],
+        cfg.dataset.resolution or ae_config["sample_size"],
+    )
 
 
 def check_ae_fits(cfg, ae_config: dict, latent_shape: tuple) -> None:
     if ae_config["latent_channels"] != latent_shape[0]:
-        raise UserError(f"autoencoder.checkpoint: latent channels {ae_config['latent_channels']} differ from the "
-                        f"stage-1 UNet's {latent_shape[0]}")
+        raise UserError(
+            f"autoencoder.checkpoint: latent channels {ae_config['latent_channels']} differ from the "
+            f"stage-1 UNet's {latent_shape[0]}"
+        )
     shape = ae_latent_shape(cfg, ae_config)
     if shape != tuple(latent_shape):
         size = cfg.dataset.resolution or ae_config["sample_size"]
-        raise UserError(f"dataset.resolution: images of side {size} give latents {shape}, the stage-1 UNet "
-                        f"expects {tuple(latent_shape)}")
+        raise UserError(
+            f"dataset.resolution: images of side {size} give latents {shape}, the stage-1 UNet "
+            f"expects {tuple(latent_shape)}"
+        )
 
 
 def check_discriminator(cfg, latent_shape: tuple) -> None:
@@ -122,25 +134,43 @@ def check_discriminator(cfg, latent_shape: tuple) -> None:
     d = cfg.discriminator.config
     channels, side = latent_shape[0], latent_shape[1]
     if d.latent_channels != channels:
-        raise error_at(where, "discriminator.config.latent_channels",
-                       f"{channels} (the stage-1 UNet's latent channels)", d.latent_channels)
-    if side < 2 ** d.num_layers:
-        raise error_at(where, "discriminator.config.num_layers",
-                       f"at most {int(math.log2(side))} for {side}x{side} latents", d.num_layers)
+        raise error_at(
+            where,
+            "discriminator.config.latent_channels",
+            f"{channels} (the stage-1 UNet's latent channels)",
+            d.latent_channels,
+        )
+    if side < 2**d.num_layers:
+        raise error_at(
+            where,
+            "discriminator.config.num_layers",
+            f"at most {int(math.log2(side))} for {side}x{side} latents",
+            d.num_layers,
+        )
 
 
 def check_schedule(cfg, stage1) -> None:
     n = stage1.scheduler["num_train_timesteps"] if stage1 is not None else cfg.scheduler.num_steps
     if cfg.stage2.generation_steps > n:
-        raise error_at(cfg.source or "<config>", "stage2.generation_steps",
-                       f"at most {n} (the stage-1 schedule's steps)", cfg.stage2.generation_steps)
+        raise error_at(
+            cfg.source or "<config>",
+            "stage2.generation_steps",
+            f"at most {n} (the stage-1 schedule's steps)",
+            cfg.stage2.generation_steps,
+        )
 
 
 def read_rows(cfg):
     if cfg.dataset.manifest is None:
-        raise ConfigError(f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV or a folder of images, got null")
-    rows = read_manifest(cfg.resolve_path(cfg.dataset.manifest), cfg.dataset.image_column, cfg.dataset.filters,
-                         cfg.dataset.outputs.latent)
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV or a folder of images, got null"
+        )
+    rows = read_manifest(
+        cfg.resolve_path(cfg.dataset.manifest),
+        cfg.dataset.image_column,
+        cfg.dataset.filters,
+        cfg.dataset.outputs.latent,
+    )
     if len(rows) == 0:
         raise UserError(f"{cfg.dataset.manifest}: no rows left after dataset.filters")
     return rows
@@ -149,10 +179,11 @@ def read_rows(cfg):
 def rows_used(cfg, n_rows: int):
     """Manifest row positions the run will read, over all its iterations (raises if N does not fit)."""
 
-
     s2 = cfg.stage2
-    used = [choose_real_rows(n_rows, s2.num_samples, cfg.training.seed, k, s2.sample_with_replacement)
-            for k in range(s2.num_iterations)]
+    used = [
+        choose_real_rows(n_rows, s2.num_samples, cfg.training.seed, k, s2.sample_with_replacement)
+        for k in range(s2.num_iterations)
+    ]
     return np.unique(np.concatenate(used))
 
 
@@ -190,8 +221,12 @@ def check_saved_latents(cfg, latent_shape) -> None:
 
 # -- the stage-2 checks ------------------------------------------------------------------------------
 def needs_ae(cfg, rows) -> bool:
-    return cfg.stage2.grid_samples > 0 or cfg.stage2.metric_features != "raw" or rows is None \
+    return (
+        cfg.stage2.grid_samples > 0
+        or cfg.stage2.metric_features != "raw"
+        or rows is None
         or any(not isinstance(p, str) for p in rows["latent_path"])
+    )
 
 
 def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = False) -> Facts:
@@ -201,7 +236,9 @@ def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = Fal
     c = _Checker(collect)
     facts = Facts()
     c.run(check_out_dir, cfg.out_dir)
-    stage1_file = cfg.resolve_path(cfg.diffusion.stage1_checkpoint) if cfg.diffusion.stage1_checkpoint else None
+    stage1_file = (
+        cfg.resolve_path(cfg.diffusion.stage1_checkpoint) if cfg.diffusion.stage1_checkpoint else None
+    )
     if pipeline and stage1_file is not None and not stage1_file.exists():
         facts.latent_shape = c.run(pipeline_latent_shape, cfg)
         if facts.latent_shape is not None:
@@ -223,8 +260,11 @@ def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = Fal
     path = ae_path(cfg, facts.stage1)
     if needs_ae(cfg, facts.rows):
         if path is None:
-            c.run(_raise, "autoencoder.checkpoint: expected an AE folder or .pt (the stage-1 checkpoint names "
-                          "none), got null")
+            c.run(
+                _raise,
+                "autoencoder.checkpoint: expected an AE folder or .pt (the stage-1 checkpoint names "
+                "none), got null",
+            )
         elif not (pipeline and not path.exists()):
             facts.ae = c.run(load_ae_config, path)
             if facts.ae is not None and facts.latent_shape is not None:
@@ -248,7 +288,9 @@ def _raise(message: str):
 
 
 def _manifest_exists(cfg) -> bool:
-    return cfg.dataset.manifest is not None and cfg.resolve_path(cfg.dataset.manifest).exists()  # CSV or folder
+    return (
+        cfg.dataset.manifest is not None and cfg.resolve_path(cfg.dataset.manifest).exists()
+    )  # CSV or folder
 
 
 def pipeline_latent_shape(cfg) -> tuple:
@@ -270,11 +312,14 @@ def check_pipeline_rows(cfg) -> None:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UserError("scikit-learn: not installed; the embedded default needs it: "
-                        "pip install -e \".[demo]\"") from None
+        raise UserError(
+            'scikit-learn: not installed; the embedded default needs it: pip install -e ".[demo]"'
+        ) from None
 
     s2 = cfg.stage2
-    choose_real_rows(len(load_digits().images), s2.num_samples, cfg.training.seed, 0, s2.sample_with_replacement)
+    choose_real_rows(
+        len(load_digits().images), s2.num_samples, cfg.training.seed, 0, s2.sample_with_replacement
+    )
 
 
 # -- at a training start, on every rank ----------------------------------------------------------------

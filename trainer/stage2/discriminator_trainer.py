@@ -6,6 +6,7 @@ The train/val split is drawn per class over global indices (shuffled, fixed seed
 validation set always holds both classes. Steps per epoch are fixed from the global counts, so
 every rank runs the same number of steps (DDP needs that).
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,19 @@ from trainer.training.losses import d_loss, d_loss_terms, r1_term
 from trainer.training.optim import build_optimizer
 
 D_FORMAT = "advdiff.discriminator"
-D_HISTORY_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_real_acc",
-                    "val_fake_acc", "lr", "seconds", "nonfinite_skipped"]
+D_HISTORY_FIELDS = [
+    "epoch",
+    "step",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_real_acc",
+    "val_fake_acc",
+    "lr",
+    "seconds",
+    "nonfinite_skipped",
+]
 
 
 def load_discriminator(path):
@@ -39,8 +51,13 @@ def load_discriminator(path):
 
 # DiscriminatorTraining fields added later: in the resume fingerprint only when not at their defaults, so
 # states written before them still resume
-_LATER_FIELDS = {"mode": "offline", "n_critic": 1, "online_batch_size": None, "noise_inputs": False,
-                 "noise_max_timestep": 0.5}
+_LATER_FIELDS = {
+    "mode": "offline",
+    "n_critic": 1,
+    "online_batch_size": None,
+    "noise_inputs": False,
+    "noise_max_timestep": 0.5,
+}
 
 
 def _fingerprinted(td) -> dict:
@@ -62,15 +79,30 @@ def check_r1_supported(acc, td) -> None:
     """R1 differentiates D's input gradient (a double backward); DeepSpeed's gradient hooks fire inside that
     inner backward and fail, so it is refused up front."""
     if td.r1_gamma > 0 and engine.is_deepspeed(acc):
-        raise UserError(f"discriminator.training.r1_gamma: {td.r1_gamma} needs a double backward, which DeepSpeed's "
-                        "gradient hooks do not support; set it to 0 under DeepSpeed, or train with DDP")
+        raise UserError(
+            f"discriminator.training.r1_gamma: {td.r1_gamma} needs a double backward, which DeepSpeed's "
+            "gradient hooks do not support; set it to 0 under DeepSpeed, or train with DDP"
+        )
 
 
 class DiscriminatorTrainer(StepTrainer):
     history_fields = D_HISTORY_FIELDS
 
-    def __init__(self, acc, cfg, k: int, layout, real, fake, real_train, fake_train, real_t=None, fake_t=None,
-                 warm_start_from=None, schedule=None):
+    def __init__(
+        self,
+        acc,
+        cfg,
+        k: int,
+        layout,
+        real,
+        fake,
+        real_train,
+        fake_train,
+        real_t=None,
+        fake_t=None,
+        warm_start_from=None,
+        schedule=None,
+    ):
         """real/fake: this rank's shards (own global range); *_train: global boolean train masks;
         *_t: timesteps for a noise-conditioned D (x0_pred mode), else None (t = 0); layout: the run's
         RunLayout; warm_start_from: a D export to start from; schedule: the diffusion model's noise
@@ -95,12 +127,26 @@ class DiscriminatorTrainer(StepTrainer):
             max_steps = min(max_steps, td.max_steps)
         interval = td.eval_interval or self.per_epoch
         arch = cfg.discriminator.config
-        fingerprint = {"arch": dict(arch.__dict__), "training": _fingerprinted(td), "seed": cfg.training.seed,
-                       "num_samples": cfg.stage2.num_samples, "mode": cfg.stage2.generator_loss_mode}
-        super().__init__(acc, stage=f"stage2_d{k}", phase_label=f"iteration {k}, discriminator phase",
-                         state_path=layout.discriminator_state(k), history_path=layout.discriminator_history(k),
-                         max_steps=max_steps, eval_interval=interval, log_interval=interval, seed=cfg.training.seed,
-                         fingerprint=fingerprint, max_nonfinite_steps=cfg.training.max_nonfinite_steps)
+        fingerprint = {
+            "arch": dict(arch.__dict__),
+            "training": _fingerprinted(td),
+            "seed": cfg.training.seed,
+            "num_samples": cfg.stage2.num_samples,
+            "mode": cfg.stage2.generator_loss_mode,
+        }
+        super().__init__(
+            acc,
+            stage=f"stage2_d{k}",
+            phase_label=f"iteration {k}, discriminator phase",
+            state_path=layout.discriminator_state(k),
+            history_path=layout.discriminator_history(k),
+            max_steps=max_steps,
+            eval_interval=interval,
+            log_interval=interval,
+            seed=cfg.training.seed,
+            fingerprint=fingerprint,
+            max_nonfinite_steps=cfg.training.max_nonfinite_steps,
+        )
         self.best_path = layout.discriminator_best(k)
         check_r1_supported(acc, td)
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "discriminator", k))
@@ -109,8 +155,14 @@ class DiscriminatorTrainer(StepTrainer):
             self.d.load_state_dict(load_discriminator(warm_start_from).state_dict())
             self.log(f"D warm-started from {warm_start_from}")
         self.d = prepare_module(self.d, cfg.performance, acc)
-        opt = build_optimizer(self.d.parameters(), td.learning_rate, td.weight_decay, "AdamW", td.betas,
-                              **fast_optimizer(cfg.performance, acc))
+        opt = build_optimizer(
+            self.d.parameters(),
+            td.learning_rate,
+            td.weight_decay,
+            "AdamW",
+            td.betas,
+            **fast_optimizer(cfg.performance, acc),
+        )
         self.ddp_d, self.opt = engine.prepare(acc, self.d, opt, td.batch_size, td.max_grad_norm)
         self.t0 = time.time()
 
@@ -125,8 +177,16 @@ class DiscriminatorTrainer(StepTrainer):
         z = (self.real if which == "real" else self.fake)[pos].to(self.acc.device)
         td = self.cfg.discriminator.training
         if td.noise_inputs:
-            return noised_inputs(self.schedule, z.float(), self.own_start + pos, td.noise_max_timestep, self.seed,
-                                 self.stage, *noise_parts, which)
+            return noised_inputs(
+                self.schedule,
+                z.float(),
+                self.own_start + pos,
+                td.noise_max_timestep,
+                self.seed,
+                self.stage,
+                *noise_parts,
+                which,
+            )
         t_all = self.real_t if which == "real" else self.fake_t
         t = None if t_all is None else t_all[pos].to(self.acc.device)
         return z, t
@@ -142,13 +202,19 @@ class DiscriminatorTrainer(StepTrainer):
         t = None if tr is None else torch.cat([tr, tf])
         with self.acc.autocast():
             logits = self.ddp_d(z, t).float()  # one DDP forward for both classes
-        lr_, lf = logits[:len(zr)], logits[len(zr):]
+        lr_, lf = logits[: len(zr)], logits[len(zr) :]
         loss = d_loss(td.loss, lr_, lf)
         if td.r1_gamma > 0:
             loss = loss + td.r1_gamma * r1_term(lr_, zr)
         # the shared guarded update (non-finite loss/gradient skips); D has no LR schedule and no EMA
-        self.apply_update(loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world), self.ddp_d, self.d,
-                          self.opt, None, td.max_grad_norm)
+        self.apply_update(
+            loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world),
+            self.ddp_d,
+            self.d,
+            self.opt,
+            None,
+            td.max_grad_norm,
+        )
         acc = ((lr_ > 0).float().sum() + (lf < 0).float().sum()) / (len(lr_) + len(lf))
         return {"loss": loss.item(), "acc": acc.item()}
 
@@ -160,10 +226,12 @@ class DiscriminatorTrainer(StepTrainer):
     def _evaluate(self):
         td = self.cfg.discriminator.training
         self.d.eval()
-        sums = Totals(["loss_real", "loss_fake", "correct_real", "correct_fake", "n_real", "n_fake"], self.acc.device)
+        sums = Totals(
+            ["loss_real", "loss_fake", "correct_real", "correct_fake", "n_real", "n_fake"], self.acc.device
+        )
         for which, positions in (("real", self.va_real), ("fake", self.va_fake)):
             for s in range(0, len(positions), 256):
-                z, t = self._inputs(which, positions[s:s + 256], "val")
+                z, t = self._inputs(which, positions[s : s + 256], "val")
                 logits = self.d(z, t).float()
                 real = which == "real"
                 sums.add(f"loss_{which}", d_loss_terms(td.loss, logits, real=real).sum())
@@ -173,9 +241,15 @@ class DiscriminatorTrainer(StepTrainer):
         s = sums.reduced()
         n_r, n_f = max(s["n_real"], 1), max(s["n_fake"], 1)
         ok_r, ok_f = s["correct_real"], s["correct_fake"]
-        return {"epoch": round(self.step / self.per_epoch, 4), "val_loss": s["loss_real"] / n_r + s["loss_fake"] / n_f,
-                "val_acc": (ok_r + ok_f) / (n_r + n_f), "val_real_acc": ok_r / n_r, "val_fake_acc": ok_f / n_f,
-                "lr": self.opt.param_groups[0]["lr"], "seconds": round(time.time() - self.t0, 2)}
+        return {
+            "epoch": round(self.step / self.per_epoch, 4),
+            "val_loss": s["loss_real"] / n_r + s["loss_fake"] / n_f,
+            "val_acc": (ok_r + ok_f) / (n_r + n_f),
+            "val_real_acc": ok_r / n_r,
+            "val_fake_acc": ok_f / n_f,
+            "lr": self.opt.param_groups[0]["lr"],
+            "seconds": round(time.time() - self.t0, 2),
+        }
 
     def model_state(self):
         return {"d": engine.state_dict(self.acc, self.d), "optimizer": self.optimizer_state(self.opt)}
@@ -188,7 +262,15 @@ class DiscriminatorTrainer(StepTrainer):
         if tag == "best":
             weights = engine.state_dict(self.acc, self.d)
             if self.acc.is_main_process:
-                atomic.save_torch({"format": D_FORMAT, "config": self.d.config, "state_dict": weights,
-                                   "iteration": self.k, "step": self.step, "metrics": metrics,
-                                   "inputs": d_inputs(self.cfg)}, self.best_path)
-
+                atomic.save_torch(
+                    {
+                        "format": D_FORMAT,
+                        "config": self.d.config,
+                        "state_dict": weights,
+                        "iteration": self.k,
+                        "step": self.step,
+                        "metrics": metrics,
+                        "inputs": d_inputs(self.cfg),
+                    },
+                    self.best_path,
+                )

@@ -5,6 +5,7 @@ Rank r owns the global indices `shard_range(N, r, P)` of both sets: it generates
 encodes those reals. The main process alone receives the gathered sets and writes them; no other
 rank ever holds all N. A rerun reads its own slice back from the saved files (memory-mapped).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,17 +28,19 @@ from trainer.files import atomic, timing
 
 @dataclass
 class Shard:
-    n: int                 # N, the global count of each set
-    own: range             # global indices this rank owns
-    real: torch.Tensor     # (len(own), C, H, W), model-space latents
+    n: int  # N, the global count of each set
+    own: range  # global indices this rank owns
+    real: torch.Tensor  # (len(own), C, H, W), model-space latents
     fake: torch.Tensor
     reused: bool
 
 
 def choose_real_rows(n_rows: int, n: int, seed: int, k: int, replace: bool) -> np.ndarray:
     if n > n_rows and not replace:
-        raise UserError(f"--num_samples {n} exceeds the {n_rows} manifest rows left after filters; lower it, "
-                        f"or set stage2.sample_with_replacement: true")
+        raise UserError(
+            f"--num_samples {n} exceeds the {n_rows} manifest rows left after filters; lower it, "
+            f"or set stage2.sample_with_replacement: true"
+        )
     rng = np.random.default_rng(derive_seed(seed, "reals", k))
     return rng.choice(n_rows, size=n, replace=n > n_rows)
 
@@ -48,12 +51,26 @@ def _load_own(path: Path, n: int, own: range, shape: tuple) -> torch.Tensor | No
 
 
 @torch.inference_mode()
-def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int, steps: int, eta: float,
-                 batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def generate_own(
+    acc,
+    unet,
+    ddim,
+    own: range,
+    shape: tuple,
+    *,
+    seed: int,
+    k: int,
+    steps: int,
+    eta: float,
+    batch_size: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """This rank's fakes: DDIM from per-sample noise, nothing decoded, written batch by batch into `out`
     (len(own) rows, on any device; a new CPU tensor by default), which is returned."""
     if out is None:
-        out = torch.empty((len(own), *shape))  # filled batch by batch: no list of batches + a concatenated copy
+        out = torch.empty(
+            (len(own), *shape)
+        )  # filled batch by batch: no list of batches + a concatenated copy
     assert tuple(out.shape) == (len(own), *shape), (tuple(out.shape), len(own), shape)
     progress = bar(acc, len(own), f"fakes {k}", "sample")
     for s in range(own.start, own.stop, batch_size):
@@ -61,9 +78,17 @@ def generate_own(acc, unet, ddim, own: range, shape: tuple, *, seed: int, k: int
         idx = list(range(s, min(s + batch_size, own.stop)))
         noise = per_sample_noise(idx, shape, seed, "fake", k).to(acc.device)
         with acc.autocast():
-            z = ddim_sample(unet, ddim, noise, steps, eta=eta, batch_size=len(idx),
-                            gen_parts=(seed, "fake", k), indices=idx)
-        out[s - own.start:s - own.start + len(idx)] = z.float().to(out.device)
+            z = ddim_sample(
+                unet,
+                ddim,
+                noise,
+                steps,
+                eta=eta,
+                batch_size=len(idx),
+                gen_parts=(seed, "fake", k),
+                indices=idx,
+            )
+        out[s - own.start : s - own.start + len(idx)] = z.float().to(out.device)
         progress.update(len(idx))
     progress.close()
     return out
@@ -81,19 +106,39 @@ def iteration_shard(acc, cfg, layout, k: int, gen_unet, ddim, latent_shape: tupl
     real = _load_own(real_path, n, own, latent_shape)
     reused = fake is not None and real is not None
     if fake is None:
-        log(f"iteration {k}: generating {n} fakes ({cfg.stage2.generation_steps} DDIM steps, "
-            f"{acc.num_processes} process(es))")
+        log(
+            f"iteration {k}: generating {n} fakes ({cfg.stage2.generation_steps} DDIM steps, "
+            f"{acc.num_processes} process(es))"
+        )
         with timing.phase(acc, layout.timings, "generation", k):
-            fake = produce_gathered(acc, n, own, latent_shape, fake_path, lambda dest: generate_own(
-                acc, gen_unet, ddim, own, latent_shape, seed=cfg.training.seed, k=k,
-                steps=cfg.stage2.generation_steps, eta=cfg.stage2.eta, batch_size=cfg.stage2.generation_batch_size,
-                out=dest))
+            fake = produce_gathered(
+                acc,
+                n,
+                own,
+                latent_shape,
+                fake_path,
+                lambda dest: generate_own(
+                    acc,
+                    gen_unet,
+                    ddim,
+                    own,
+                    latent_shape,
+                    seed=cfg.training.seed,
+                    k=k,
+                    steps=cfg.stage2.generation_steps,
+                    eta=cfg.stage2.eta,
+                    batch_size=cfg.stage2.generation_batch_size,
+                    out=dest,
+                ),
+            )
     if real is None:
         picked = choose_real_rows(len(rows), n, cfg.training.seed, k, cfg.stage2.sample_with_replacement)
-        mine = rows.iloc[picked[own.start:own.stop]]
+        mine = rows.iloc[picked[own.start : own.stop]]
         log(f"iteration {k}: encoding {n} reals")
         with timing.phase(acc, layout.timings, "encoding", k):
-            real = produce_gathered(acc, n, own, latent_shape, real_path, lambda dest: codec.encode(mine, out=dest))
+            real = produce_gathered(
+                acc, n, own, latent_shape, real_path, lambda dest: codec.encode(mine, out=dest)
+            )
     if reused:
         log(f"iteration {k}: reusing saved latents in {layout.iteration_folder(k)}")
     return Shard(n=n, own=own, real=real, fake=fake, reused=reused)
@@ -107,10 +152,10 @@ def x0_pred_fakes(acc, cfg, schedule, unet, real: torch.Tensor, own: range, k: i
     fakes = []
     with torch.inference_mode():
         for s in range(0, len(own), 256):
-            idx = list(own)[s:s + 256]
-            x0 = real[s:s + 256].to(acc.device)
+            idx = list(own)[s : s + 256]
+            x0 = real[s : s + 256].to(acc.device)
             noise = per_sample_noise(idx, latent_shape, seed, "x0n", k).to(x0.device)
-            tt = t[s:s + 256].to(x0.device)
+            tt = t[s : s + 256].to(x0.device)
             x_t = schedule.add_noise(x0, noise, tt)
             with acc.autocast():
                 out = unet(x_t, tt).sample.float()

@@ -13,6 +13,7 @@ The draws are per sample, from (seed, stage, step, class, index), so a resumed r
 Under DDP the online D is a second DDP module of the same Accelerator; under DeepSpeed it is a second
 engine behind a second Accelerator (dist.engine.prepare_second).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,14 @@ class OnlineDiscriminator:
         self.batch = td.online_batch_size or td.batch_size
         self.half = max(1, self.batch // 2)
         d = prepare_module(d.to(acc.device).train().requires_grad_(True), cfg.performance, acc)
-        opt = build_optimizer(d.parameters(), td.learning_rate, td.weight_decay, "AdamW", td.betas,
-                              **fast_optimizer(cfg.performance, acc))
+        opt = build_optimizer(
+            d.parameters(),
+            td.learning_rate,
+            td.weight_decay,
+            "AdamW",
+            td.betas,
+            **fast_optimizer(cfg.performance, acc),
+        )
         self.d = d
         check_r1_supported(acc, td)
         self.acc, self.wrapped, self.opt = engine.prepare_second(acc, d, opt, 2 * self.half, td.max_grad_norm)
@@ -66,7 +73,7 @@ class OnlineDiscriminator:
         t = None if real_t is None else torch.cat([real_t, fake_t])
         with self.main_acc.autocast():
             logits = self.wrapped(z, t).float()
-        lr_, lf = logits[:len(real)], logits[len(real):]
+        lr_, lf = logits[: len(real)], logits[len(real) :]
         loss = d_loss(td.loss, lr_, lf)
         if td.r1_gamma > 0:
             loss = loss + td.r1_gamma * r1_term(lr_, real)
@@ -99,9 +106,13 @@ class OnlineDiscriminator:
         engine.load_state_dict(self.acc, self.d, state["d"])
         if engine.is_deepspeed(self.acc):
             # DeepSpeed unpickles its files unrestricted: each must pass a weights-only load first
-            then = "; delete it and the fine-tune's latest checkpoint beside it to restart the diffusion phase"
+            then = (
+                "; delete it and the fine-tune's latest checkpoint beside it to restart the diffusion phase"
+            )
             if not Path(engine_folder).is_dir():
-                raise UserError(f"{engine_folder}: the online discriminator's DeepSpeed state is missing{then}")
+                raise UserError(
+                    f"{engine_folder}: the online discriminator's DeepSpeed state is missing{then}"
+                )
             check_torch_files(engine_folder, "DeepSpeed state", then)
             engine.load_engine_state(self.acc, engine_folder)
         elif state.get("optimizer") is not None:
@@ -112,5 +123,15 @@ class OnlineDiscriminator:
         """The D as it stands, in the offline D's file format (call on every rank; main writes)."""
         weights = engine.state_dict(self.acc, self.d)
         if self.main_acc.is_main_process:
-            atomic.save_torch({"format": D_FORMAT, "config": self.d.config, "state_dict": weights, "iteration": k,
-                               "step": step, "mode": "online", "inputs": d_inputs(self.cfg)}, path)
+            atomic.save_torch(
+                {
+                    "format": D_FORMAT,
+                    "config": self.d.config,
+                    "state_dict": weights,
+                    "iteration": k,
+                    "step": step,
+                    "mode": "online",
+                    "inputs": d_inputs(self.cfg),
+                },
+                path,
+            )

@@ -9,6 +9,7 @@ iteration's grid and quality row. A rerun continues where the last run stopped; 
 requires iteration k-1's checkpoint. This module only orchestrates: each phase lives in its own module
 and receives plain values.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,32 +41,70 @@ from trainer.stage2.run_record import record_run_fields, run_fields
 @dataclass
 class Stage2Setup:
     """What every iteration shares, built once after the checks passed: plain values, no callbacks."""
+
     cfg: Config
     acc: object
     layout: RunLayout
     log: Logger
-    stage1: DiffusionCheckpoint   # the model stage 2 starts from (EMA weights)
-    schedule: Schedule            # the stage-1 model's noise schedule
+    stage1: DiffusionCheckpoint  # the model stage 2 starts from (EMA weights)
+    schedule: Schedule  # the stage-1 model's noise schedule
     latent_shape: tuple
-    rows: object                  # the filtered manifest (DataFrame)
-    codec: LatentCodec            # rows -> latents, latents -> pixels (frozen AE, loaded on first use)
-    facts: object                 # what the checks learnt (stage2.checks.Facts)
+    rows: object  # the filtered manifest (DataFrame)
+    codec: LatentCodec  # rows -> latents, latents -> pixels (frozen AE, loaded on first use)
+    facts: object  # what the checks learnt (stage2.checks.Facts)
 
-    def discriminator_trainer(self, k: int, real, fake, real_train, fake_train, **kwargs) -> DiscriminatorTrainer:
-        return DiscriminatorTrainer(self.acc, self.cfg, k, self.layout, real, fake, real_train, fake_train,
-                                    schedule=self.schedule, **kwargs)
+    def discriminator_trainer(
+        self, k: int, real, fake, real_train, fake_train, **kwargs
+    ) -> DiscriminatorTrainer:
+        return DiscriminatorTrainer(
+            self.acc,
+            self.cfg,
+            k,
+            self.layout,
+            real,
+            fake,
+            real_train,
+            fake_train,
+            schedule=self.schedule,
+            **kwargs,
+        )
 
-    def finetune_trainer(self, k: int, real, real_train, d, init: dict, evaluator: Evaluator | None = None
-                         ) -> FinetuneTrainer:
-        quality = evaluator.latent_fd if evaluator is not None and self.cfg.stage2.best_metric == "val_latent_fd" \
+    def finetune_trainer(
+        self, k: int, real, real_train, d, init: dict, evaluator: Evaluator | None = None
+    ) -> FinetuneTrainer:
+        quality = (
+            evaluator.latent_fd
+            if evaluator is not None and self.cfg.stage2.best_metric == "val_latent_fd"
             else None
-        return FinetuneTrainer(self.acc, self.cfg, k, self.layout, self.stage1, self.schedule, self.codec.ae_path,
-                               real, real_train, d, init, quality=quality)
+        )
+        return FinetuneTrainer(
+            self.acc,
+            self.cfg,
+            k,
+            self.layout,
+            self.stage1,
+            self.schedule,
+            self.codec.ae_path,
+            real,
+            real_train,
+            d,
+            init,
+            quality=quality,
+        )
 
     def evaluator(self) -> Evaluator:
         decode = self.codec.decode if self.facts.ae is not None else None
-        return Evaluator(self.acc, self.cfg, self.layout.summary, self.rows, self.codec.encode, decode, self.schedule,
-                         self.latent_shape, self.log)
+        return Evaluator(
+            self.acc,
+            self.cfg,
+            self.layout.summary,
+            self.rows,
+            self.codec.encode,
+            decode,
+            self.schedule,
+            self.latent_shape,
+            self.log,
+        )
 
 
 def setup(cfg: Config, acc) -> Stage2Setup:
@@ -73,15 +112,31 @@ def setup(cfg: Config, acc) -> Stage2Setup:
     changed config; input files sharded, a failure on any rank stops all ranks), then read the stage-1
     model once."""
     facts = start_checks(cfg, acc)
-    stage1 = load_diffusion_checkpoint(facts.stage1.path, fallback_scheduler=facts.stage1.scheduler,
-                                       scaling=stage1_scaling(facts))
+    stage1 = load_diffusion_checkpoint(
+        facts.stage1.path, fallback_scheduler=facts.stage1.scheduler, scaling=stage1_scaling(facts)
+    )
     latent_shape = tuple(facts.latent_shape)
-    codec = LatentCodec(acc, ae_path(cfg, facts.stage1), stage1.scaling, latent_shape,
-                        resolution=cfg.dataset.resolution, batch_size=cfg.autoencoder.encode_batch_size,
-                        num_workers=cfg.training.num_workers)
-    return Stage2Setup(cfg=cfg, acc=acc, layout=RunLayout.of(cfg), log=Logger(acc, "stage2"), stage1=stage1,
-                       schedule=Schedule.from_dict(stage1.scheduler), latent_shape=latent_shape, rows=facts.rows,
-                       codec=codec, facts=facts)
+    codec = LatentCodec(
+        acc,
+        ae_path(cfg, facts.stage1),
+        stage1.scaling,
+        latent_shape,
+        resolution=cfg.dataset.resolution,
+        batch_size=cfg.autoencoder.encode_batch_size,
+        num_workers=cfg.training.num_workers,
+    )
+    return Stage2Setup(
+        cfg=cfg,
+        acc=acc,
+        layout=RunLayout.of(cfg),
+        log=Logger(acc, "stage2"),
+        stage1=stage1,
+        schedule=Schedule.from_dict(stage1.scheduler),
+        latent_shape=latent_shape,
+        rows=facts.rows,
+        codec=codec,
+        facts=facts,
+    )
 
 
 def stage1_scaling(facts) -> LatentScaling:
@@ -134,14 +189,18 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     s2, seed = cfg.stage2, cfg.training.seed
     if k == 0:
         init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-        log(f"iteration 0: starting from the stage-1 checkpoint {s.stage1.path} (EMA weights, step {s.stage1.step})")
+        log(
+            f"iteration 0: starting from the stage-1 checkpoint {s.stage1.path} (EMA weights, step {s.stage1.step})"
+        )
     else:
         source = result(s, k - 1)
         init = _weights(source)
         log(f"iteration {k}: starting from {source} ({s2.continue_from} of iteration {k - 1})")
     gen_unet = prepare_module(_unet(s, init["ema"]).to(acc.device).eval(), cfg.performance, acc)
     sampler = torch.compile(gen_unet) if cfg.performance.compile_generation else gen_unet
-    shard = iteration_shard(acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, log)
+    shard = iteration_shard(
+        acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, log
+    )
     del sampler
     real_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "real")
     fake_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "fake")
@@ -149,11 +208,14 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     real_t = fake_t = None
     fake_for_d = shard.fake
     if s2.generator_loss_mode == "x0_pred":
-        fake_for_d, real_t = x0_pred_fakes(acc, cfg, s.schedule, gen_unet, shard.real, shard.own, k, s.latent_shape)
+        fake_for_d, real_t = x0_pred_fakes(
+            acc, cfg, s.schedule, gen_unet, shard.real, shard.own, k, s.latent_shape
+        )
         fake_t = real_t
     warm = iteration_discriminator(layout, k - 1) if k > 0 and cfg.discriminator.training.warm_start else None
-    d_trainer = s.discriminator_trainer(k, shard.real, fake_for_d, real_train, fake_train, real_t=real_t,
-                                        fake_t=fake_t, warm_start_from=warm)
+    d_trainer = s.discriminator_trainer(
+        k, shard.real, fake_for_d, real_train, fake_train, real_t=real_t, fake_t=fake_t, warm_start_from=warm
+    )
     with timing.phase(acc, layout.timings, "discriminator", k):
         d_trainer.fit()
     acc.free_memory()
@@ -168,8 +230,9 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
             evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(layout.discriminator_best(k))))
     del gen_unet
 
-    g_trainer = s.finetune_trainer(k, shard.real, real_train, load_discriminator(layout.discriminator_best(k)), init,
-                                   evaluator)
+    g_trainer = s.finetune_trainer(
+        k, shard.real, real_train, load_discriminator(layout.discriminator_best(k)), init, evaluator
+    )
     g_trainer.stop_after = stop_after
     with timing.phase(acc, layout.timings, "diffusion", k):
         g_trainer.fit()
@@ -189,12 +252,15 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
         plots.redraw_stale(layout.finetune_history(k), plots.plot_metrics, k)
     write_grid(s, k)
     if k == 0 and 0 not in evaluator.done():  # a run interrupted before the baseline row was written
-        evaluator.record(evaluator.measure(0, _unet(s, s.stage1.weights),
-                                           load_discriminator(layout.discriminator_best(0))))
+        evaluator.record(
+            evaluator.measure(0, _unet(s, s.stage1.weights), load_discriminator(layout.discriminator_best(0)))
+        )
     if k + 1 not in evaluator.done():
         unet = _unet(s, _weights(result(s, k))["ema"])
         with timing.phase(s.acc, layout.timings, "quality summary", k + 1):
-            evaluator.record(evaluator.measure(k + 1, unet, load_discriminator(iteration_discriminator(layout, k))))
+            evaluator.record(
+                evaluator.measure(k + 1, unet, load_discriminator(iteration_discriminator(layout, k)))
+            )
     if s.acc.is_main_process:
         plots.redraw_stale(evaluator.path, plots.plot_summary)
     refresh_report(s)
@@ -209,7 +275,9 @@ def refresh_report(s: Stage2Setup) -> None:
         try:
             write_report(s.layout.root, config=s.cfg.to_dict(), name=s.layout.name)
         except Exception as e:  # the page is a view of the run, never a reason to lose it
-            warn(f"report.html not written ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            warn(
+                f"report.html not written ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            )
 
 
 def write_grid(s: Stage2Setup, k: int | None) -> None:
@@ -249,8 +317,10 @@ def write_comparison(s: Stage2Setup, full_steps: int):
     gap = np.full((panels[0].shape[0], 12, *panels[0].shape[2:]), 255, dtype=np.uint8)
     picture = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
     path = atomic.save_png(picture, s.layout.comparison)
-    s.log(f"comparison written to {path}: stage 1 at {k} steps | stage 2 at {k} steps | stage 1 at {full_steps} "
-          f"steps")
+    s.log(
+        f"comparison written to {path}: stage 1 at {k} steps | stage 2 at {k} steps | stage 1 at {full_steps} "
+        f"steps"
+    )
     return path
 
 
@@ -262,14 +332,18 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:
         if start_iteration >= s2.num_iterations:
-            raise UserError(f"--start_iteration {start_iteration}: expected less than --num_iterations "
-                            f"({s2.num_iterations})")
+            raise UserError(
+                f"--start_iteration {start_iteration}: expected less than --num_iterations "
+                f"({s2.num_iterations})"
+            )
         if start_iteration > 0 and not complete(layout, start_iteration - 1):
             path = layout.diffusion_checkpoint(start_iteration - 1, "latest")
             state = "is missing" if not path.is_file() else "is not a finished iteration"
-            raise UserError(f"--start_iteration {start_iteration}: {path} {state}; finish iteration "
-                            f"{start_iteration - 1} first (or drop --start_iteration to continue where the "
-                            f"last run stopped)")
+            raise UserError(
+                f"--start_iteration {start_iteration}: {path} {state}; finish iteration "
+                f"{start_iteration - 1} first (or drop --start_iteration to continue where the "
+                f"last run stopped)"
+            )
         first = start_iteration
     else:
         first = 0
@@ -278,7 +352,9 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
         atomic.remove_stale_temps(layout.root)  # temp files of writes a kill interrupted
         record_run_fields(cfg, run_fields(cfg, s.facts.stage1))
     log_resume_point(s, first)
-    write_grid(s, None)  # the stage-1 model at stage 2's sampling steps: what the iterations' grids improve on
+    write_grid(
+        s, None
+    )  # the stage-1 model at stage 2's sampling steps: what the iterations' grids improve on
     refresh_report(s)
     for k in range(first, s2.num_iterations):
         if preempt.should_stop(acc.device):
@@ -305,8 +381,10 @@ def export_result(s: Stage2Setup) -> None:
         if not is_current(s.layout.pipeline, ckpt):
             ae = s.codec.ae_path if s.codec.ae_path is not None and Path(s.codec.ae_path).exists() else None
             export_pipeline(ckpt, s.layout.pipeline, autoencoder=ae)
-            s.log(f"pipeline folder written to {s.layout.pipeline} ({source.name}; "
-                  f"DiffusionPipeline.from_pretrained(..., trust_remote_code=True))")
+            s.log(
+                f"pipeline folder written to {s.layout.pipeline} ({source.name}; "
+                f"DiffusionPipeline.from_pretrained(..., trust_remote_code=True))"
+            )
     s.acc.wait_for_everyone()
 
 
@@ -318,12 +396,19 @@ def log_resume_point(s: Stage2Setup, first: int) -> None:
     if k is None:
         s.log(f"RESUMING {layout.root}: all {n_iter} iteration(s) finished earlier")
         return
-    parts = [f"{path.name} saved" for path in (layout.fake_latents(k), layout.real_latents(k)) if path.is_file()]
-    for label, path in (("discriminator state", layout.discriminator_state(k)),
-                        ("diffusion state", layout.diffusion_checkpoint(k, "latest"))):
+    parts = [
+        f"{path.name} saved" for path in (layout.fake_latents(k), layout.real_latents(k)) if path.is_file()
+    ]
+    for label, path in (
+        ("discriminator state", layout.discriminator_state(k)),
+        ("diffusion state", layout.diffusion_checkpoint(k, "latest")),
+    ):
         if path.is_file():
             parts.append(f"{label} {path.name}")
     if done or parts:
         finished = ", ".join(map(str, done)) or "none"
-        s.log(f"RESUMING {layout.root}: complete iteration(s): {finished}; iteration {k}: "
-              + (", ".join(parts) if parts else "nothing saved yet") + " (phases below say the step)")
+        s.log(
+            f"RESUMING {layout.root}: complete iteration(s): {finished}; iteration {k}: "
+            + (", ".join(parts) if parts else "nothing saved yet")
+            + " (phases below say the step)"
+        )

@@ -1,5 +1,6 @@
 """The record of a stage-2 folder's result-defining config fields (`stage2_run.json`): written when the
 folder's run starts, compared at every later start, so a resume never mixes two configs' results."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,29 @@ RUN_FORMAT = "advdiff.stage2-run"
 
 # Config fields that may change between the runs of one stage-2 folder: they change neither the data,
 # the models nor the maths (batching of inference, logging, where things go, how many iterations).
-RESUME_FREE = ("experiment.", "stage2.num_iterations", "stage2.generation_batch_size", "stage2.grid_samples",
-               "autoencoder.encode_batch_size", "autoencoder.training.", "autoencoder.model.",
-               "training.num_workers", "training.deterministic", "training.log_interval",
-               "training.mixed_precision", "training.use_amp", "training.max_steps", "training.eval_interval",
-               "training.sample_steps", "training.train_split", "training.split_seed", "unet.", "scheduler.", "performance.",
-               "training.max_nonfinite_steps")  # a tolerance: raising it to resume a stopped run must work
+RESUME_FREE = (
+    "experiment.",
+    "stage2.num_iterations",
+    "stage2.generation_batch_size",
+    "stage2.grid_samples",
+    "autoencoder.encode_batch_size",
+    "autoencoder.training.",
+    "autoencoder.model.",
+    "training.num_workers",
+    "training.deterministic",
+    "training.log_interval",
+    "training.mixed_precision",
+    "training.use_amp",
+    "training.max_steps",
+    "training.eval_interval",
+    "training.sample_steps",
+    "training.train_split",
+    "training.split_seed",
+    "unet.",
+    "scheduler.",
+    "performance.",
+    "training.max_nonfinite_steps",
+)  # a tolerance: raising it to resume a stopped run must work
 
 
 def _flatten(d, prefix=""):
@@ -50,15 +68,21 @@ def check_run_fields(cfg, stage1) -> dict:
     try:
         before = json.loads(path.read_text())["fields"]
     except Exception as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__}); it records the config this folder's run "
-                        f"started with") from None
+        raise UserError(
+            f"{path}: unreadable ({type(e).__name__}); it records the config this folder's run started with"
+        ) from None
     # a field added to advdiff after this folder's run started is unchanged while it keeps its default
     defaults = json.loads(json.dumps(dict(_flatten(Config().to_dict())), default=str))
-    changed = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}"
-               for k in sorted(set(before) | set(now)) if before.get(k, defaults.get(k)) != now.get(k)]
+    changed = [
+        f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}"
+        for k in sorted(set(before) | set(now))
+        if before.get(k, defaults.get(k)) != now.get(k)
+    ]
     if changed:
-        raise UserError(f"{cfg.out_dir}: this folder's stage-2 run was started with a different config "
-                        f"({'; '.join(changed)}); use a new experiment.save_path, or restore those fields")
+        raise UserError(
+            f"{cfg.out_dir}: this folder's stage-2 run was started with a different config "
+            f"({'; '.join(changed)}); use a new experiment.save_path, or restore those fields"
+        )
     return now
 
 
@@ -71,4 +95,6 @@ def record_run_fields(cfg, fields: dict) -> None:
     """Write the record once, when a folder's stage-2 run starts (main process; every check passed)."""
     path = RunLayout.of(cfg).run_record
     if not path.is_file():
-        atomic.write_text(json.dumps({"format": RUN_FORMAT, "fields": fields}, indent=1, sort_keys=True) + "\n", path)
+        atomic.write_text(
+            json.dumps({"format": RUN_FORMAT, "fields": fields}, indent=1, sort_keys=True) + "\n", path
+        )

@@ -3,6 +3,7 @@
 Our own rather than diffusers' EMAModel: that one reaches for DeepSpeed's ZeRO-3 gather on its own
 (and fails where DeepSpeed is not imported); here the caller gathers (engine.full_parameters).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,11 @@ class EMA:
             p.copy_(s.to(p.device, p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.cpu() for s in self.shadow]}
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "shadow": [s.cpu() for s in self.shadow],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.num_updates = state["decay"], state["num_updates"]

@@ -11,6 +11,7 @@ and stops the run with a UserError after `training.max_nonfinite_steps` skipped 
 leaving the checkpoint files from before them untouched. Tests inject NaN losses through
 trainer.core.faults (ADVDIFF_INJECT_NAN).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ def batch_indices(train_idx: np.ndarray, batch: int, step: int, seed: int, stage
     per_epoch = max(1, len(train_idx) // batch)
     epoch, j = divmod(step, per_epoch)
     perm = np.random.default_rng(derive_seed(seed, stage, "epoch", epoch)).permutation(len(train_idx))
-    take = perm[j * batch:(j + 1) * batch]
+    take = perm[j * batch : (j + 1) * batch]
     if len(take) < batch:  # fewer rows than one batch: wrap around
         take = np.resize(perm, batch)
     return train_idx[take]
@@ -66,7 +67,7 @@ def draw_local(positions: np.ndarray, n_local: int, step: int, per_epoch: int, *
 
 def rank_slice(global_batch, rank: int, world: int):
     r = shard_range(len(global_batch), rank, world)
-    return global_batch[r.start:r.stop]
+    return global_batch[r.start : r.stop]
 
 
 def local_weight(n_local: int, n_global: int, world: int) -> float:
@@ -84,9 +85,22 @@ class StepTrainer:
 
     history_fields: list[str] | None = None  # CSV column order (default: order of first appearance)
 
-    def __init__(self, accelerator, *, stage: str, state_path: Path, history_path: Path, max_steps: int,
-                 eval_interval: int, log_interval: int, seed: int, fingerprint: dict, metric: str = "val_loss",
-                 max_nonfinite_steps: int = 5, phase_label: str | None = None):
+    def __init__(
+        self,
+        accelerator,
+        *,
+        stage: str,
+        state_path: Path,
+        history_path: Path,
+        max_steps: int,
+        eval_interval: int,
+        log_interval: int,
+        seed: int,
+        fingerprint: dict,
+        metric: str = "val_loss",
+        max_nonfinite_steps: int = 5,
+        phase_label: str | None = None,
+    ):
         self.acc = accelerator
         self.stage, self.metric, self.phase_label = stage, metric, phase_label
         self.state_path, self.history_path = Path(state_path), Path(history_path)
@@ -149,7 +163,9 @@ class StepTrainer:
         `loss`: a tensor, or micro-batches (gradient accumulation): callables, each returning its loss share.
         """
         micro = [loss] if torch.is_tensor(loss) else list(loss)
-        for i, part in enumerate(micro):  # gradients add up; DDP all-reduces them on the last micro-batch only
+        for i, part in enumerate(
+            micro
+        ):  # gradients add up; DDP all-reduces them on the last micro-batch only
             with engine.grad_sync(self.acc, wrapped, i == len(micro) - 1):
                 part = part if torch.is_tensor(part) else part()
                 if faults.nan_injected(self.stage, self.step + 1, self.rank):
@@ -157,7 +173,9 @@ class StepTrainer:
                 bad = self._nonfinite_ranks(part)
                 if bad:
                     opt.zero_grad(set_to_none=True)
-                    self._skip_step(f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}")
+                    self._skip_step(
+                        f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+                    )
                     return False
                 self.acc.backward(part)
         deepspeed = engine.is_deepspeed(self.acc)
@@ -203,14 +221,21 @@ class StepTrainer:
         if self._bad_run == 0:
             self._bad_first = n
         self._bad_run += 1
-        self.log(f"warning: step {n}/{self.max_steps}: {what}; step skipped, no update "
-                 f"({self._bad_run} in a row, {self.nonfinite_skipped} in all)")
+        self.log(
+            f"warning: step {n}/{self.max_steps}: {what}; step skipped, no update "
+            f"({self._bad_run} in a row, {self.nonfinite_skipped} in all)"
+        )
         if self._bad_run >= self.max_nonfinite_steps:
-            kept = (f"last good checkpoint: {self.state_path} (step {self._saved_step})"
-                    if self._saved_step is not None else f"no {self.stage} checkpoint was written before them")
+            kept = (
+                f"last good checkpoint: {self.state_path} (step {self._saved_step})"
+                if self._saved_step is not None
+                else f"no {self.stage} checkpoint was written before them"
+            )
             steps = f"steps {self._bad_first}-{n}" if self._bad_first != n else f"step {n}"
-            raise UserError(f"{self.stage}: {self._bad_run} non-finite step{'s' if self._bad_run > 1 else ''} "
-                            f"in a row ({steps}); stopped without saving, {kept}")
+            raise UserError(
+                f"{self.stage}: {self._bad_run} non-finite step{'s' if self._bad_run > 1 else ''} "
+                f"in a row ({steps}); stopped without saving, {kept}"
+            )
 
     def optimizer_state(self, opt):
         """Optimizer state for the single-file state; under DeepSpeed it lives in the engine's checkpoint."""
@@ -246,21 +271,35 @@ class StepTrainer:
         try:  # weights only: a state from a folder someone else shared or changed can run no code
             state = self.unwrap_state(read.torch_load(self.state_path, "resume state", mmap=False))
         except Exception as e:
-            why = e if isinstance(e, UserError) else f"{self.state_path}: resume state unreadable ({type(e).__name__})"
+            why = (
+                e
+                if isinstance(e, UserError)
+                else f"{self.state_path}: resume state unreadable ({type(e).__name__})"
+            )
             raise UserError(f"{why}; delete it to restart {self.stage}") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("stage") != self.stage:
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != STATE_FORMAT
+            or state.get("stage") != self.stage
+        ):
             raise UserError(f"{self.state_path}: not a {self.stage} resume state")
         old, mine = state["fingerprint"], atomic.plain(self.fingerprint)  # mine as saved: paths as str, ...
         changed = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
         if changed:
-            raise UserError(f"{self.state_path}: the config changed since this state was written "
-                            f"({', '.join(changed)}); use a new experiment.save_path or restore the config")
+            raise UserError(
+                f"{self.state_path}: the config changed since this state was written "
+                f"({', '.join(changed)}); use a new experiment.save_path or restore the config"
+            )
         self.load_model_state(state["model"])
         if engine.is_deepspeed(self.acc):
             folder = self.engine_state_path
             if not folder.is_dir():
-                raise UserError(f"{folder}: DeepSpeed state missing beside {self.state_path}; delete both to restart")
-            read.check_torch_files(folder, "DeepSpeed state", f"; delete it and {self.state_path.name} to restart")
+                raise UserError(
+                    f"{folder}: DeepSpeed state missing beside {self.state_path}; delete both to restart"
+                )
+            read.check_torch_files(
+                folder, "DeepSpeed state", f"; delete it and {self.state_path.name} to restart"
+            )
             engine.load_engine_state(self.acc, folder)
         self.step, self.best, self.history = state["step"], state["best"], state["history"]
         # the saved sums are totals over ranks: rank 0 carries them, the others restart from zero
@@ -283,14 +322,31 @@ class StepTrainer:
         # Built on every rank: under ZeRO-3 reading the weights is a collective. The partial log
         # window's sums are reduced too, so a resume continues the same averages at any world size.
         keys = sorted(self._sums)
-        totals = all_reduce_sum(torch.tensor([self._sums[k] for k in keys], dtype=torch.float64,
-                                             device=self.acc.device)).tolist() if keys else []
-        blob = self.wrap_state({
-            "format": STATE_FORMAT, "stage": self.stage, "step": self.step, "best": self.best,
-            "history": self.history, "fingerprint": self.fingerprint, "complete": self.step >= self.max_steps,
-            "log_sums": dict(zip(keys, totals)), "log_count": self._count, "last_train": self._last_train,
-            "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_run": [self._bad_run, self._bad_first],
-            "checkpoint_due": self._checkpoint_due, "model": self.model_state()})
+        totals = (
+            all_reduce_sum(
+                torch.tensor([self._sums[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+            ).tolist()
+            if keys
+            else []
+        )
+        blob = self.wrap_state(
+            {
+                "format": STATE_FORMAT,
+                "stage": self.stage,
+                "step": self.step,
+                "best": self.best,
+                "history": self.history,
+                "fingerprint": self.fingerprint,
+                "complete": self.step >= self.max_steps,
+                "log_sums": dict(zip(keys, totals)),
+                "log_count": self._count,
+                "last_train": self._last_train,
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "nonfinite_run": [self._bad_run, self._bad_first],
+                "checkpoint_due": self._checkpoint_due,
+                "model": self.model_state(),
+            }
+        )
         if engine.is_deepspeed(self.acc):
             # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state that names it
             engine.save_engine_state(self.acc, self.engine_state_path)
@@ -349,15 +405,23 @@ class StepTrainer:
             if self.step % self.log_interval == 0 or self.step == self.max_steps:
                 if self._count:
                     keys = sorted(self._sums)
-                    red = all_reduce_sum(torch.tensor([self._sums[k] for k in keys], dtype=torch.float64,
-                                                      device=self.acc.device)) / (self._count * self.world)
+                    red = all_reduce_sum(
+                        torch.tensor(
+                            [self._sums[k] for k in keys], dtype=torch.float64, device=self.acc.device
+                        )
+                    ) / (self._count * self.world)
                     rate = self._count / max(1e-9, time.time() - t_last)
                     self._last_train = dict(zip(keys, red.tolist()))
-                    self.log(f"step {self.step}/{self.max_steps} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in self._last_train.items()) + f" ({rate:.2f} it/s)")
+                    self.log(
+                        f"step {self.step}/{self.max_steps} "
+                        + " ".join(f"{k}={v:.4g}" for k, v in self._last_train.items())
+                        + f" ({rate:.2f} it/s)"
+                    )
                 else:
                     self._last_train = {}
-                    self.log(f"step {self.step}/{self.max_steps}: every step since the last status line was skipped")
+                    self.log(
+                        f"step {self.step}/{self.max_steps}: every step since the last status line was skipped"
+                    )
                 self._sums, self._count, t_last = {}, 0, time.time()
             if self.step % self.eval_interval == 0 or self.step == self.max_steps:
                 self._checkpoint_due = True
@@ -378,8 +442,12 @@ class StepTrainer:
 
     def _checkpoint(self) -> None:
         metrics = self.evaluate()
-        row = {"step": self.step, **{f"train_{k}": v for k, v in self._last_train.items()},
-               **metrics, "nonfinite_skipped": self.nonfinite_skipped}
+        row = {
+            "step": self.step,
+            **{f"train_{k}": v for k, v in self._last_train.items()},
+            **metrics,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
         self.history.append(row)
         value, best = float(metrics[self.metric]), float(self.best["value"])
         # NaN is never better than a number, but the first validation always exports a "best", so a
@@ -391,8 +459,13 @@ class StepTrainer:
         self.export("latest", row)
         if self.acc.is_main_process:
             atomic.write_csv(self.history, self.history_path, self.history_fields)
-        self.acc.log({f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                     step=tracker_step(getattr(self, "cfg", None), self.stage, self.step))  # one step for the run
-        self.log(f"eval at step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                 + (" (best)" if improved else ""))
+        self.acc.log(
+            {f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+            step=tracker_step(getattr(self, "cfg", None), self.stage, self.step),
+        )  # one step for the run
+        self.log(
+            f"eval at step {self.step}: "
+            + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            + (" (best)" if improved else "")
+        )
         self.save_state()

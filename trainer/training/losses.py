@@ -12,6 +12,7 @@ A DiscriminatorLoss always scores the generator's own sample in the configured m
 rollouts (`rollout`) or one-step x0 predictions (`x0_pred`). Its key (`latent` or `pred_latent`)
 names that sample; it never scores the real latents, whose gradient with respect to the UNet is zero.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,13 @@ def r1_term(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tenso
     return 0.5 * grad.pow(2).flatten(1).sum(1).mean()
 
 
-def grad_norm_ratio(anchor: torch.Tensor, adversarial: torch.Tensor, parameter: torch.Tensor,
-                    max_ratio: float, eps: float = 1e-8) -> torch.Tensor:
+def grad_norm_ratio(
+    anchor: torch.Tensor,
+    adversarial: torch.Tensor,
+    parameter: torch.Tensor,
+    max_ratio: float,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """||d anchor / d parameter|| / ||d adversarial / d parameter||, clamped to [0, max_ratio] and detached:
     the factor that gives the adversarial term the anchor's gradient scale at `parameter` (usually the
     generator's last layer). Both graphs are kept for the backward that follows."""

@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules of the trainers."""
+
 from __future__ import annotations
 
 import math
