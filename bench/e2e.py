@@ -82,7 +82,8 @@ def main() -> int:
         covered += s
         print(f"| {r['phase']} | {r['iteration']} | {s:.1f} | {100 * s / wall:.0f}% |")
     print(
-        f"| start-up, data, plots and grids (the rest) | | {wall - covered:.1f} | {100 * (wall - covered) / wall:.0f}% |"
+        f"| start-up, data, plots and grids (the rest) | | "
+        f"{wall - covered:.1f} | {100 * (wall - covered) / wall:.0f}% |"
     )
     print(f"| **total wall** | | **{wall:.1f}** | 100% |")
     return 0

@@ -115,8 +115,8 @@ def main(argv=None) -> int:
     from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
     from trainer.diffusion import sampling
-    from trainer.parallel.accelerator import build_accelerator
     from trainer.diffusion.noise import per_sample_noise
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import generate_own
 
     torch.set_num_threads(args.threads)
@@ -225,7 +225,9 @@ def main(argv=None) -> int:
         for name in names:
             med = statistics.median(times[name, c])
             rate = [n / t for t in times[name, c]]
-            per_round = statistics.median(tp / t for t, tp in zip(times[name, c], times[plain_name, c]))
+            per_round = statistics.median(
+                tp / t for t, tp in zip(times[name, c], times[plain_name, c], strict=True)
+            )
             ratios[name, c] = plain_med / med
             print(
                 f"| {name:{width}} | {n / med:10.1f} | {min(rate):.1f}-{max(rate):.1f} | "
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
     ok = ratio >= TARGET
     print(
         f"\nratio ours/plain throughput (batch {base}): {ratio:.3f}x by {clock} time "
-        f"({ratios[ours_name, 'wall' if clock == 'cpu' else 'cpu']:.3f}x by {'wall' if clock == 'cpu' else 'cpu'} time)"
+        f"({ratios[ours_name, 'wall' if clock == 'cpu' else 'cpu']:.3f}x "
+        f"by {'wall' if clock == 'cpu' else 'cpu'} time)"
     )
     print(f"target ours/plain throughput >= {TARGET:.2f}x: {ratio:.3f}x: {'PASS' if ok else 'MISS'}")
     print(

@@ -1,6 +1,7 @@
 """The GPU path, measured through the trainer's own code (run by bench/gpu.sh, one part per process).
 
-  python bench/gpu_bench.py gen   --precision bf16 --n 5000 --steps 100 --batch 500 [--channels_last] [--compile]
+  python bench/gpu_bench.py gen   --precision bf16 --n 5000 --steps 100 --batch 500 \
+      [--channels_last] [--compile]
   python bench/gpu_bench.py train --precision bf16 [--no-tf32]
   python bench/gpu_bench.py repro
 
@@ -31,7 +32,8 @@ import torch  # noqa: E402
 def experiment(root: Path, n_real: int, preset: str, latent: tuple, overrides: dict):
     """Write a stage-1 checkpoint and a manifest of latent files; return the loaded config."""
     from models.autoencoder import LatentScaling
-    from models.unet import build_unet, preset as unet_preset, unet_config
+    from models.unet import build_unet, unet_config
+    from models.unet import preset as unet_preset
     from trainer.config.load import load_config
     from trainer.diffusion.checkpoints import export_blob
     from trainer.diffusion.schedule import Schedule

@@ -29,7 +29,8 @@ def main(path):
             ratio = f"{r['samples_per_s'] / base:.2f}x" if base else ""
             scaled = "" if r["n"] == 5000 else " (scaled)"
             print(
-                f"| {r['precision']} | {r['tf32']} | {r['batch']} | {r['channels_last']} | {r['compile']} | {r['n']} "
+                f"| {r['precision']} | {r['tf32']} | {r['batch']} | {r['channels_last']} | "
+                f"{r['compile']} | {r['n']} "
                 f"| {r['seconds_for_5000']}{scaled} | {r['samples_per_s']} | {ratio} | {gib(r['peak_gib'])} |"
             )
         print()
@@ -39,7 +40,8 @@ def main(path):
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in train:
             print(
-                f"| {r['part'][6:]} | {r['precision']} | {r['tf32']} | {r.get('channels_last', False)} | {r['batch']} "
+                f"| {r['part'][6:]} | {r['precision']} | {r['tf32']} | "
+                f"{r.get('channels_last', False)} | {r['batch']} "
                 f"| {r['steps_per_s']} | {gib(r['peak_gib'])} |"
             )
         print()
@@ -47,7 +49,8 @@ def main(path):
         if r.get("part") == "repro":
             print(
                 f"repro ({r['precision']}, deterministic={r['deterministic']}): generation bit-identical "
-                f"{r['generation_bitwise_equal']} (max diff {r['generation_max_abs_diff']:.3g}); 3 training steps "
+                f"{r['generation_bitwise_equal']} (max diff {r['generation_max_abs_diff']:.3g}); "
+                f"3 training steps "
                 f"bit-identical {r['training_bitwise_equal']} (max diff {r['training_max_abs_diff']:.3g})"
             )
     if rows:

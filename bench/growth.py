@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         t = timed(run(tiny, n, 10, shape), repeats)
         base = base or t / ns[0]
         print(
-            f"  N {n:>5}: {t:7.3f} s   {t / n * 1e3:6.2f} ms per fake   vs proportional to N: {t / (base * n):.2f}x"
+            f"  N {n:>5}: {t:7.3f} s   {t / n * 1e3:6.2f} ms per fake   "
+            f"vs proportional to N: {t / (base * n):.2f}x"
         )
 
     print(f"\n[steps] tiny UNet, latents {shape}, N 64, batch 32")
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     names = ["micro", "tiny"] if a.quick else ["micro", "tiny", "unet32_d3", "unet48_d3", "unet64_d4"]
     print(f"\n[size] latents {shape}, N 32, 4 DDIM steps, batch 32")
     print(
-        f"  {'preset':<10} {'params M':>8} {'GFLOP/sample-step':>17} {'ms/sample-step':>14} {'ms per GFLOP':>12}"
+        f"  {'preset':<10} {'params M':>8} {'GFLOP/sample-step':>17} "
+        f"{'ms/sample-step':>14} {'ms per GFLOP':>12}"
     )
     for name in names:
         unet = model(name, shape[0], shape[1])

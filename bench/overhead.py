@@ -68,12 +68,11 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
     from models.autoencoder import LatentScaling, build_autoencoder
     from models.discriminator import build_discriminator
     from models.unet import build_unet, preset, unet_config
-    from trainer.files import atomic
     from trainer.config.load import load_config
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2 import stratified_split
     from trainer.diffusion.checkpoints import export_blob
-    from trainer.stage2 import setup
+    from trainer.files import atomic
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2 import setup, stratified_split
 
     manifest = small_manifest(root / "data")
     ae = root / "autoencoder"
@@ -229,7 +228,7 @@ class Raw:
         decay = min(self.ema_decay, (1 + n) / (10 + n))
         self.ema_updates += 1
         with torch.no_grad():
-            for s, p in zip(self.ema_shadow, unet.parameters()):
+            for s, p in zip(self.ema_shadow, unet.parameters(), strict=True):
                 s.mul_(decay).add_(p.detach(), alpha=1 - decay)
         self.last_loss = loss.detach()
 
@@ -257,7 +256,7 @@ def measure(label: str, ours: Ours, raw: Raw, block: int, repeats: int, warmup: 
         a, b = times["ours", c], times["raw", c]
         m_ours, m_raw = statistics.median(a), statistics.median(b)
         # the median ratio of interleaved pairs: a second opinion, robust to slow drifts in load
-        pairs = sorted(x / y for x, y in zip(a, b))
+        pairs = sorted(x / y for x, y in zip(a, b, strict=True))
         pair = statistics.median(pairs)
         what = "process CPU time" if c == "cpu" else "wall time"
         print(f"  {what}{' (verdict)' if c == clock else ''}:")

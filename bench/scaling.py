@@ -2,18 +2,18 @@
 
     python bench/scaling.py [--quick] [--strict] [--repeats R] [--n N] [--steps S]
 
-Phase a: sharded DDIM generation of N fakes (trainer.stage2.generation.generate_own), gathered to the main
-process, written there and handed back per rank (trainer.stage2.generation.produce_gathered). Phase b: sharded AE encoding of N real digits
-images (trainer.data.latents.encode_local, scaled as stage 2's LatentCodec does), gathered and written the same
-way. Each launch is `ACCELERATE_USE_CPU=1 accelerate launch --num_processes P [--multi_gpu]` of this
-file in worker mode, one thread per process (OMP_NUM_THREADS=1, torch.set_num_threads(1)); timers
-inside the processes bracket each phase between barriers, so interpreter start-up, imports and
-accelerate's launch are reported separately and not counted. P=1 and P=2 launches alternate, R
-repeats each; medians are reported with (min-max).
+Phase a: sharded DDIM generation of N fakes (trainer.stage2.generate_own), gathered to the main process,
+written there and handed back per rank (trainer.stage2.produce_gathered). Phase b: sharded AE encoding of N
+real digits images (trainer.data.latents.encode_local, scaled as stage 2's LatentCodec does), gathered and
+written the same way. Each launch is `ACCELERATE_USE_CPU=1 accelerate launch --num_processes P [--multi_gpu]`
+of this file in worker mode, one thread per process (OMP_NUM_THREADS=1, torch.set_num_threads(1)); timers
+inside the processes bracket each phase between barriers, so interpreter start-up, imports and accelerate's
+launch are reported separately and not counted. P=1 and P=2 launches alternate, R repeats each; medians are
+reported with (min-max).
 
 Efficiency = T1 / (2 x T2) per phase and for a+b; target >= 90%. The gather and the write are
-timed by wrapping trainer.parallel.collectives.gather_shards and trainer.files.atomic.save_torch (the code under test is
-otherwise called unchanged); the gather's time is split into waiting for the slower rank (shard
+timed by wrapping trainer.parallel.collectives.gather_shards and trainer.files.atomic.save_torch (the code
+under test is otherwise called unchanged); the gather's time is split into waiting for the slower rank (shard
 imbalance) and the transfer itself. Exit status is 0 whether the targets pass or miss, unless
 --strict.
 """
@@ -41,15 +41,15 @@ def worker(a) -> int:
     torch.set_num_threads(1)
     import pandas as pd
 
-    from models.autoencoder import LatentScaling, build_autoencoder
-    from models.schedules import ddim_scheduler
-    from models.unet import build_unet, preset
     import trainer.files.atomic as tio
     import trainer.parallel.collectives as collectives
     import trainer.stage2 as shards
-    from trainer.parallel.collectives import barrier, shard_range
+    from models.autoencoder import LatentScaling, build_autoencoder
+    from models.schedules import ddim_scheduler
+    from models.unet import build_unet, preset
     from trainer.data.latents import encode_local
     from trainer.parallel.accelerator import build_accelerator
+    from trainer.parallel.collectives import barrier, shard_range
 
     t_imports = time.time()
     acc = build_accelerator("cpu")
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
         return [t[key] for t in T[P][ph]]
 
     def tot(P):
-        return [x["wall"] + y["wall"] for x, y in zip(T[P]["a"], T[P]["b"])]
+        return [x["wall"] + y["wall"] for x, y in zip(T[P]["a"], T[P]["b"], strict=True)]
 
     print("phase wall times, seconds, median (min-max):")
     for ph, name in (("a", "a generate+gather+write"), ("b", "b encode+gather+write")):
@@ -316,10 +316,11 @@ def main(argv=None) -> int:
         ("a+b", tot(1), tot(2)),
     ):
         eff = mp.med(t1) / (2 * mp.med(t2))
-        paired = [x / (2 * y) for x, y in zip(t1, t2)]
+        paired = [x / (2 * y) for x, y in zip(t1, t2, strict=True)]
         effs[ph] = eff
         print(
-            f"efficiency {ph:<3} = T1 / (2 x T2) = {eff:.1%}  (per repeat pair: {mp.spread(paired, '{:.1%}')})"
+            f"efficiency {ph:<3} = T1 / (2 x T2) = {eff:.1%}  "
+            f"(per repeat pair: {mp.spread(paired, '{:.1%}')})"
         )
     print()
     print("at P=2, share of the main process's phase wall time (median):")
@@ -330,7 +331,7 @@ def main(argv=None) -> int:
             ("wait", "gather wait (imbalance)"),
             ("write", "write"),
         ):
-            shares = [t[key] / w for t, w in zip(T[2][ph], walls)]
+            shares = [t[key] / w for t, w in zip(T[2][ph], walls, strict=True)]
             print(
                 f"  phase {ph} {label:<24} {mp.spread(shares, '{:.1%}')}  "
                 f"({mp.spread(col(2, ph, key), '{:.3f}')} s)"
@@ -361,7 +362,8 @@ def main(argv=None) -> int:
     }
     ceiling = mp.med(ctl[1]) / mp.med(ctl[2])
     print(
-        f"  machine ceiling (control: {control} UNet forwards of {a.gen_batch} per process, alone vs 2 at once): "
+        f"  machine ceiling (control: {control} UNet forwards of {a.gen_batch} per process, "
+        f"alone vs 2 at once): "
         f"T1 / T2 = {ceiling:.1%}  (P=1 {mp.spread(ctl[1])} s, P=2 {mp.spread(ctl[2])} s); "
         f"phase a+b efficiency relative to it = {effs['a+b'] / ceiling:.1%}"
     )
@@ -370,9 +372,11 @@ def main(argv=None) -> int:
     for P in (1, 2):
         recs = [r for run in results[P] for r in run if r["rank"] == 0]
         print(
-            f"not counted, P={P}: launcher+interpreter start {mp.spread([r['startup'] for r in recs], '{:.1f}')} s, "
+            f"not counted, P={P}: "
+            f"launcher+interpreter start {mp.spread([r['startup'] for r in recs], '{:.1f}')} s, "
             f"imports {mp.spread([r['imports'] for r in recs], '{:.1f}')} s, accelerator+models "
-            f"{mp.spread([r['setup'] for r in recs], '{:.1f}')} s; whole launch {mp.spread(launch_wall[P], '{:.1f}')} s"
+            f"{mp.spread([r['setup'] for r in recs], '{:.1f}')} s; "
+            f"whole launch {mp.spread(launch_wall[P], '{:.1f}')} s"
         )
     print()
     ok = effs["a+b"] >= 0.9

@@ -4,7 +4,7 @@ the demo's 25 steps, and discriminator guidance (no fine-tuning) at 25 steps.
 
     python bench/stage2_vs_control.py [--out runs/digits] [--seeds 1 2 3] [--steps 4 25]
                                       [--arms control offline online guidance] [--write]
-    python bench/stage2_vs_control.py --quick        # a smoke run of every arm on a tiny stage 1 (asserts nothing)
+    python bench/stage2_vs_control.py --quick        # every arm on a tiny stage 1 (asserts nothing)
 
 Builds the demo's stage 0/1 (and its digit classifier) under --out if needed (advdiff demo --no-stage2), runs
 each (K, arm, seed) into <out>_results/k<K>_<arm>_s<seed>, and prints, per K, a Markdown table of the last
@@ -112,8 +112,8 @@ def arm_flags(arm: str, k: int, seed: int, folder: Path, quick: bool) -> list[st
 
 
 def guidance_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> dict:
-    """Stage 1 sampled with discriminator guidance, its D being iteration 0's noise-conditioned D of the online
-    arm's run (trained on noised reals against noised stage-1 samples at K steps)."""
+    """Stage 1 sampled with discriminator guidance, its D being iteration 0's noise-conditioned D of the
+    online arm's run (trained on noised reals against noised stage-1 samples at K steps)."""
     d = folder / "discriminator_iter_0" / "discriminator_best.pt"
     out = folder / "guidance_row.json"
     if not out.is_file():

@@ -115,7 +115,7 @@ def config_scaling(ae: AutoencoderKL) -> LatentScaling:
 
 
 def scaling_from_config(config) -> LatentScaling:
-    """The latent scale and shift an AutoencoderKL config (dict or FrozenDict) stores (1 and 0 where unset)."""
+    """The latent scale and shift an AutoencoderKL config (dict or FrozenDict) stores (1 and 0 if unset)."""
     return LatentScaling(
         scale=float(config.get("scaling_factor", 1.0) or 1.0),
         shift=float(config.get("shift_factor", None) or 0.0),

@@ -33,8 +33,9 @@ def scheduler_config(kind: str, num_steps: int, prediction_type: str) -> dict:
 
 
 def full_scheduler_config(config: dict) -> dict:
-    """Any diffusers DDPM/DDIM-family scheduler config -> every field both the training (DDPM) and the sampling
-    (DDIM) scheduler read, defaults filled in, as plain JSON values (custom `trained_betas` included)."""
+    """Any diffusers DDPM/DDIM-family scheduler config -> every field both the training (DDPM) and the
+    sampling (DDIM) scheduler read, defaults filled in, as plain JSON values (custom `trained_betas`
+    included)."""
     given = {k: v for k, v in config.items() if not k.startswith("_")}
     if given.get("trained_betas") is not None:
         given["trained_betas"] = [float(b) for b in given["trained_betas"]]

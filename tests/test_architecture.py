@@ -289,6 +289,7 @@ def test_console_script_entry_point_is_callable():
     """`advdiff` (pyproject's [project.scripts]) must name a function: with trainer.cli a package,
     "trainer.cli:main" would name the submodule and the installed command would fail."""
     import importlib
+
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

@@ -8,7 +8,7 @@ imports only from packages above it in this list; `models/` holds the plain netw
     data/       manifest and images, the embedded digits, real latents (files or the frozen AE)
     diffusion/  schedule maths, one DDIM step and the sampler, noise/timestep draws, UNet spec, checkpoints
     training/   StepTrainer (evaluation, exports, exact resume, non-finite guard), optimizers, EMA, losses
-    quality/    sample quality: fixed-seed evaluation, FD / precision / recall, feature spaces, classifier, report
+    quality/    sample quality: fixed-seed evaluation, FD / precision / recall, feature spaces, run report
     stage0/ stage1/ stage2/   the three stages (`python -m trainer.stageN`); stage 2 as phases
     cli/        the `advdiff` command
 """

@@ -1,4 +1,5 @@
-"""Seeds derived from tuples of values: every random draw of a run is named, never taken from a running RNG."""
+"""Seeds derived from tuples of values: every random draw of a run is named, never taken from a running
+RNG."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def build_digits(out_dir: str | Path, size: int = 32) -> Path:
     digits = load_digits()
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines = ["image_path,label,is_empty,is_augmented"]
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         arr = (img / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
         big = np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
         rel = f"images/{i:04d}.png"

@@ -12,8 +12,8 @@ from trainer.core import faults
 from trainer.core.errors import UserError
 from trainer.core.progress import bar
 from trainer.data.manifest import ImageDataset
-from trainer.parallel.collectives import agree, gather_shards, shard_range
 from trainer.files.read import torch_load
+from trainer.parallel.collectives import agree, gather_shards, shard_range
 
 
 def load_latent_file(path: str, shape: tuple | None) -> torch.Tensor:
@@ -53,7 +53,7 @@ def encode_local(
         out = torch.empty((len(image_paths), *latent_shape))
     assert tuple(out.shape) == (len(image_paths), *latent_shape), (tuple(out.shape), len(image_paths))
     todo = []
-    for j, (img, lat) in enumerate(zip(image_paths, latent_paths)):
+    for j, (_img, lat) in enumerate(zip(image_paths, latent_paths, strict=True)):
         if isinstance(lat, str) and lat:
             out[j] = load_latent_file(lat, latent_shape)
         else:

@@ -12,7 +12,6 @@ import torch
 
 from trainer.core.errors import UserError
 
-
 # The suffixes of an image folder's files (any case). A fixed list, not Pillow's registry, so that the
 # rows of a folder do not depend on the Pillow build of the machine reading it.
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -126,7 +125,7 @@ def read_manifest(
     )
     for column in keep:
         out[column] = df[column].to_numpy()
-    for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"])):
+    for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"], strict=True)):
         if img is None and lat is None:
             raise UserError(
                 f"{manifest}: row {i}: empty '{image_column}'"

@@ -1,6 +1,6 @@
-"""The diffusion models stage 1 and stage 2 start from and export: advdiff's self-describing `.pt`, a diffusers
-`UNet2DModel` folder, or a diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`, optionally
-`vae/`) - reading them, and writing the `.pt` exports.
+"""The diffusion models stage 1 and stage 2 start from and export: advdiff's self-describing `.pt`, a
+diffusers `UNet2DModel` folder, or a diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`,
+optionally `vae/`) - reading them, and writing the `.pt` exports.
 
 An export stores the UNet as its full diffusers config (`unet_config`; exports written before that carry a
 preset-shaped `unet_spec`, which still loads), the noise schedule as its full scheduler config, the latent

@@ -4,7 +4,7 @@
       model_index.json     names the components and the pipeline class ["pipeline", "AdvdiffLatentPipeline"]
       pipeline.py          a copy of models/pipeline.py (the pipeline class; honours the VAE's shift_factor)
       unet/                UNet2DModel: config.json + diffusion_pytorch_model.safetensors (EMA weights)
-      scheduler/           DDIMScheduler: scheduler_config.json (the model's full schedule, custom betas included)
+      scheduler/           DDIMScheduler: scheduler_config.json (the model's full schedule, custom betas in)
       vae/                 AutoencoderKL with the latent scaling_factor and shift_factor (when an AE is known)
       advdiff.json         where it came from: the checkpoint's file name, step, metrics, sampling
 

@@ -4,7 +4,6 @@ samplers, the (noise, clean latent) predictions read off the UNet's output, and 
 from __future__ import annotations
 
 import torch
-
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from models.schedules import BETA_SCHEDULES, full_scheduler_config, scheduler_config
@@ -29,7 +28,8 @@ def model_target(noise_sched, latents, noise, t):
 class Schedule:
     """A diffusion model's noise schedule, stored as a full diffusers scheduler config (custom betas
     included), with its training scheduler (DDPM: add_noise, alphas_cumprod) built once and fresh DDIM
-    samplers on demand. `Schedule(kind, num_steps, prediction_type)` builds one of advdiff's named schedules."""
+    samplers on demand. `Schedule(kind, num_steps, prediction_type)` builds one of advdiff's
+    named schedules."""
 
     def __init__(
         self,

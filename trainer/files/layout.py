@@ -13,13 +13,13 @@
   {name}_metrics_iter_{k}.{csv,png}             fine-tune validation history
   {name}_summary.{csv,png}                      quality per iteration (row 0: stage 1)
   reference_{space}.npz                         held-out reals' feature mean/covariance (mu, sigma) per space
-  classifier.pt                                 `advdiff classifier`'s default output (the demo's feature space)
+  classifier.pt                                 `advdiff classifier`'s output (the demo's feature space)
   samples/{name}_iter_{k}.png                   decoded grid of iteration k
   samples/{name}_stage1.png                     the stage-1 model, sampled the same way
   samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
   pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
-                                                vae/ model_index.json pipeline.py; see trainer/diffusion/export)
-  report.html                                   one self-contained page: grids, quality, histories, time, config
+                                                vae/ model_index.json pipeline.py; diffusion/export)
+  report.html                                   one page: grids, quality, histories, time, config
   timings.csv  tracking/  slurm/
 """
 
@@ -118,7 +118,8 @@ class RunLayout:
         return self.iteration_folder(k) / "discriminator_online.pt"
 
     def online_engine_state(self, k: int) -> Path:
-        """Online mode under DeepSpeed: the online D's engine checkpoint beside the fine-tune's resume state."""
+        """Online mode under DeepSpeed: the online D's engine checkpoint beside the fine-tune's resume
+        state."""
         latest = self.diffusion_checkpoint(k, "latest")
         return latest.with_name(latest.stem + ".discriminator.deepspeed")
 
@@ -155,7 +156,8 @@ class RunLayout:
 
     @staticmethod
     def name_in(folder: Path) -> str | None:
-        """The experiment name of a run folder, read off the files stage 2 writes (None before it wrote any)."""
+        """The experiment name of a run folder, read off the files stage 2 writes (None before it wrote
+        any)."""
         import re
 
         folder = Path(folder)
@@ -197,7 +199,8 @@ class RunLayout:
 
     @property
     def comparison(self) -> Path:
-        """Three grids from the same seeds: stage 1 at stage 2's K steps, stage 2 at K, stage 1 at full steps."""
+        """Three grids from the same seeds: stage 1 at stage 2's K steps, stage 2 at K, stage 1 at full
+        steps."""
         return self.root / "samples" / f"{self.name}_comparison.png"
 
     @property

@@ -54,7 +54,7 @@ def _panels(csv_path, png_path, panels, xlabel, title, log_panels=()):
 
     # constrained layout keeps the figure title above the panels' titles (tight bbox alone lets them overlap)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), layout="constrained")
-    for ax, (name, keys) in zip(axes, panels):
+    for ax, (name, keys) in zip(axes, panels, strict=True):
         values = []
         for key in keys:
             xs, ys = _series(rows, key)

@@ -62,7 +62,7 @@ def gather_shards(
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -106,4 +106,4 @@ class Totals:
 
     def reduced(self) -> dict:
         """{name: total over every rank} (a collective: call on every rank)."""
-        return dict(zip(self.index, all_reduce_sum(self.values).tolist()))
+        return dict(zip(self.index, all_reduce_sum(self.values).tolist(), strict=True))

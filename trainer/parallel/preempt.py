@@ -14,6 +14,7 @@ import sys
 import threading
 
 import torch
+
 from trainer.files import atomic
 from trainer.parallel.collectives import barrier
 

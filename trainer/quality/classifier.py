@@ -165,7 +165,8 @@ def train_classifier(
     atomic.save_torch(classifier_export(model, **facts), out)
     shown = "n/a (no held-out rows)" if math.isnan(val_acc) else f"{val_acc:.4f}"
     log(
-        f"classifier: {len(train)} training rows, {num_classes} classes, {epochs} epochs, {facts['seconds']:.1f}s; "
+        f"classifier: {len(train)} training rows, {num_classes} classes, "
+        f"{epochs} epochs, {facts['seconds']:.1f}s; "
         f"held-out accuracy {shown} on {len(held)} rows -> {out}"
     )
     return facts

@@ -34,11 +34,11 @@ from trainer.core.seeds import derive_seed
 from trainer.data.manifest import split_indices
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample
-from trainer.parallel.accelerator import tracker_step
-from trainer.parallel.collectives import Totals, gather_shards, shard_range
 from trainer.files import atomic, plots
 from trainer.files.layout import picture_of, reference_stats_of
 from trainer.files.read import read_csv_rows
+from trainer.parallel.accelerator import tracker_step
+from trainer.parallel.collectives import Totals, gather_shards, shard_range
 from trainer.quality.feature_spaces import load_space
 from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
 
@@ -197,7 +197,7 @@ class Evaluator:
         names = {"latent": ("latent_fd", "precision", "recall")}.get(
             space, (f"{space}_fd", f"{space}_precision", f"{space}_recall")
         )
-        out = dict(zip(names, (fd, p, r)))
+        out = dict(zip(names, (fd, p, r), strict=True))
         if space in BOOTSTRAPPED and self.cfg.stage2.metric_bootstrap:
             fake_all = gather_shards(ff, self.m, to_all=False)  # the main process resamples
             if fake_all is not None:
@@ -223,7 +223,8 @@ class Evaluator:
                 pass
             buf = io.BytesIO()
             np.savez(buf, mu=mu, sigma=sigma, n=np.int64(moments.n.item()))
-            atomic.atomic_write(path, lambda f, data=buf.getvalue(): f.write(data))
+            data = buf.getvalue()
+            atomic.atomic_write(path, lambda f, data=data: f.write(data))
 
     def record(self, row: dict) -> None:
         rows = [r for r in read_csv_rows(self.path) if int(r["iteration"]) != row["iteration"]] + [row]

@@ -25,7 +25,8 @@ PREFIX = {"classifier": "cls", "inception": "inception"}  # column prefix and re
 
 
 def parse(value: str) -> tuple[str, str | None]:
-    """("raw", None), ("classifier", PATH) or ("inception", PATH); the config's check() has vetted the form."""
+    """("raw", None), ("classifier", PATH) or ("inception", PATH);
+    the config's check() has vetted the form."""
     kind, _, path = value.partition(":")
     return (kind, path) if kind in PREFIX else ("raw", None)
 

@@ -56,7 +56,8 @@ def _missing(v) -> bool:
 
 
 def compare_rows(a_rows: list[dict], b_rows: list[dict]):
-    """(iteration, column, a, b, b - a, "A"/"B"/"") for every quality value of A; the last names the better run."""
+    """(iteration, column, a, b, b - a, "A"/"B"/"") for every quality value of A; the last names the
+    better run."""
     b_by = {int(r["iteration"]): r for r in b_rows}
     for a in a_rows:
         k = int(a["iteration"])
@@ -76,7 +77,8 @@ def fmt(v) -> str:
     return "-" if _missing(v) else f"{v:.4g}"
 
 
-# -- reading a run folder (names and iterations: RunLayout.name_in, RunLayout.iterations_in) -------------------
+# -- reading a run folder (names and iterations: RunLayout.name_in, RunLayout.iterations_in)
+# -------------------
 def read_config(layout: RunLayout) -> dict | None:
     """The resolved config: the demo's config.yaml, else the one the newest checkpoint carries."""
     if layout.config.is_file():
@@ -85,8 +87,8 @@ def read_config(layout: RunLayout) -> dict | None:
             return data if isinstance(data, dict) else None
         except (OSError, yaml.YAMLError):
             return None
-    from trainer.files.read import torch_load
     from trainer.core.errors import UserError
+    from trainer.files.read import torch_load
 
     found = layout.found_diffusion_checkpoints("latest")
     candidates = [found[k] for k in sorted(found, reverse=True)] + [layout.stage1_checkpoint("best")]
@@ -111,13 +113,14 @@ def csv_table(path: Path) -> tuple[list[str], list[list[str]]]:
     return (rows[0], rows[1:]) if rows else ([], [])
 
 
-# -- HTML --------------------------------------------------------------------------------------------------------
+# -- HTML ------------------------------------------------------------------------------------------
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1400px;
 padding:0 24px 48px;color:#1d1d1f;line-height:1.45}
 h1{margin:24px 0 4px;font-size:26px}h2{margin:36px 0 10px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{margin:24px 0 8px}.muted{color:#666}.status{background:#f4f6f8;border-radius:6px;padding:10px 14px}
-nav a{margin-right:14px}.grids{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:14px}
+nav a{margin-right:14px}
+.grids{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:14px}
 figure{margin:0}figure img{width:100%;image-rendering:pixelated;border:1px solid #ddd;background:#fff}
 figcaption{font-size:13px;color:#444;margin-top:4px}.wide img{max-width:100%;border:1px solid #ddd}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:13px;margin:6px 0}
@@ -263,7 +266,8 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
         sections.append(("compare", "Comparison"))
     sections += [("iterations", "Iterations"), ("time", "Time"), ("config", "Config")]
     out = [
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>advdiff report: {html.escape(name)}"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>advdiff report: {html.escape(name)}"
         f"</title><style>{STYLE}</style></head><body>",
         f"<h1>advdiff run <code>{html.escape(name)}</code></h1>",
         f'<p class="muted">{html.escape(str(root.resolve()))} &middot; page written '
@@ -345,7 +349,7 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
     if header and "phase" in header and "seconds" in header:
         totals: dict[str, float] = {}
         for row in rows:
-            cell = dict(zip(header, row))
+            cell = dict(zip(header, row, strict=False))  # a short row (tolerant read) leaves cells missing
             phase = re.sub(r"\s+\d+$", "", cell.get("phase", ""))
             try:
                 totals[phase] = totals.get(phase, 0.0) + float(cell.get("seconds", "nan"))

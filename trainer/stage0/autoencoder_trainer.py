@@ -18,10 +18,10 @@ from trainer.core.errors import ConfigError
 from trainer.core.seeds import derive_seed
 from trainer.data.latents import encode_rows, latent_shape_of, measure_scaling
 from trainer.data.manifest import load_image, read_manifest, split_indices
-from trainer.parallel import engine
-from trainer.parallel.collectives import Totals, barrier, shard_range
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
+from trainer.parallel import engine
+from trainer.parallel.collectives import Totals, barrier, shard_range
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
 from trainer.training.optim import build_lr_schedule, build_optimizer
 

@@ -25,12 +25,12 @@ from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample, image_grid
 from trainer.diffusion.schedule import Schedule
-from trainer.parallel import engine
-from trainer.parallel.accelerator import fast_optimizer, prepare_module
-from trainer.parallel.collectives import Totals, shard_range
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load
+from trainer.parallel import engine
+from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.collectives import Totals, shard_range
 from trainer.training.ema import EMA, sync_eval_copy
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
 from trainer.training.optim import build_lr_schedule, build_optimizer
@@ -99,7 +99,8 @@ class DiffusionTrainer(StepTrainer):
         self.latents = self.scaling.to_model(raw)
         self.log(
             f"{len(rows)} rows, latents {tuple(self.latent_shape)}, scaled std "
-            f"{float(self.latents[self.train_idx].std()):.3f}; UNet {count_parameters(unet_from_config(self.unet_config)) / 1e6:.2f}M"
+            f"{float(self.latents[self.train_idx].std()):.3f}; "
+            f"UNet {count_parameters(unet_from_config(self.unet_config)) / 1e6:.2f}M"
         )
 
         torch.manual_seed(
@@ -124,7 +125,8 @@ class DiffusionTrainer(StepTrainer):
         self.ema_unet.to(accelerator.device)
 
     def _dataset_latents(self, rows, size):
-        """Encode every row once (sharded), cached under stage1/ for resumes. The cache is read weights only; one
+        """Encode every row once (sharded), cached under stage1/ for resumes. The cache is read weights only;
+        one
         that is unreadable or refused (it could run code) is encoded again and replaced."""
         cache = self.layout.stage1_latent_cache
         key = atomic.plain(

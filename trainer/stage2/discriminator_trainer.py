@@ -1,4 +1,5 @@
-"""The discriminator phase of a stage-2 iteration: train a latent discriminator, real vs fake, on per-rank shards.
+"""The discriminator phase of a stage-2 iteration: train a latent discriminator, real vs fake, on per-rank
+shards.
 
 Balance: every rank owns the same global index range of reals and of fakes, so its shard holds
 (up to one sample) equal numbers of each, and each step takes half of its batch from each class.
@@ -18,10 +19,10 @@ from models.discriminator import build_discriminator
 from trainer.core.errors import UserError
 from trainer.core.seeds import derive_seed
 from trainer.diffusion.noise import noised_inputs
+from trainer.files import atomic
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import Totals, shard_range
-from trainer.files import atomic
 from trainer.training.loop import StepTrainer, draw_local, local_weight
 from trainer.training.losses import d_loss, d_loss_terms, r1_term
 from trainer.training.optim import build_optimizer

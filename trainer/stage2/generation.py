@@ -21,9 +21,9 @@ from trainer.core.seeds import derive_seed
 from trainer.data.latents import load_latent_set
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample
+from trainer.files import atomic, timing
 from trainer.parallel import collectives
 from trainer.parallel.collectives import barrier, shard_range
-from trainer.files import atomic, timing
 
 
 @dataclass

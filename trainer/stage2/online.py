@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from trainer.core.errors import UserError
+from trainer.files import atomic
+from trainer.files.read import check_torch_files
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import all_reduce_sum
-from trainer.files import atomic
-from trainer.files.read import check_torch_files
 from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, d_inputs
 from trainer.training.losses import d_loss, r1_term
 from trainer.training.optim import build_optimizer

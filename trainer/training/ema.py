@@ -30,12 +30,12 @@ class EMA:
             self.shadow = [s.to(parameters[0].device) for s in self.shadow]
         d = self.current_decay()
         self.num_updates += 1
-        for s, p in zip(self.shadow, parameters):
+        for s, p in zip(self.shadow, parameters, strict=True):
             s.mul_(d).add_(p.detach().float(), alpha=1 - d)
 
     @torch.no_grad()
     def copy_to(self, parameters) -> None:
-        for s, p in zip(self.shadow, parameters):
+        for s, p in zip(self.shadow, parameters, strict=True):
             p.copy_(s.to(p.device, p.dtype))
 
     def state_dict(self) -> dict:
@@ -47,7 +47,7 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.shadow = [s.to(old.device) for s, old in zip(state["shadow"], self.shadow)]
+        self.shadow = [s.to(old.device) for s, old in zip(state["shadow"], self.shadow, strict=True)]
 
 
 def sync_eval_copy(ema: EMA | None, eval_model, acc, model):
