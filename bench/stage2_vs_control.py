@@ -12,8 +12,8 @@ summary row: mean (min-max) over seeds of the latent FD and the classifier FD (a
 beside stage 1 sampled with K steps and with 25 steps and the real-vs-real floor. Every stage-2 arm (the
 control too) keeps the best checkpoint by latent FD and continues from it (stage2.best_metric val_latent_fd,
 continue_from best), so an iteration never undoes the one before. "Separated" below a table means the
-arm's worst seed beats the control's best. --write puts the tables into README.md and docs/RESULTS.md between
-their `stage2-bench` markers.
+arm's worst seed beats the control's best. --write puts the tables into docs/RESULTS.md between its
+`stage2-bench` markers.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def main() -> int:
         "--quick", action="store_true", help="a tiny stage 1, one seed, K = 2 (against 3): a smoke run"
     )
     p.add_argument("--full", type=int, default=FULL_STEPS, help="DDIM steps of the stage-1 reference row")
-    p.add_argument("--write", action="store_true", help="write the tables into README.md and docs/RESULTS.md")
+    p.add_argument("--write", action="store_true", help="write the tables into docs/RESULTS.md")
     p.add_argument(
         "--collect",
         action="store_true",
@@ -354,8 +354,7 @@ def main() -> int:
     (results_dir / "table.md").write_text(text + "\n")
     print("\n" + text)
     if args.write and not args.quick:
-        for path in (REPO / "README.md", REPO / "docs" / "RESULTS.md"):
-            write_between_markers(path, text)
+        write_between_markers(REPO / "docs" / "RESULTS.md", text)  # README keeps a 3-line headline
     return 0
 
 

@@ -295,3 +295,12 @@ def test_console_script_entry_point_is_callable():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["advdiff"].partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_readme_is_short_and_ci_runs_its_lint_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert len(readme.splitlines()) < 350, "README.md: results and details belong in docs/"
+    lint = "ruff check . && ruff format --check ."
+    assert lint in readme and lint in ci
+    assert ci.index(lint) < ci.index("python3 -m pytest -q tests"), "CI lints before the tests"
