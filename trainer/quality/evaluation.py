@@ -34,11 +34,11 @@ from trainer.core.seeds import derive_seed
 from trainer.data.manifest import split_indices
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample
-from trainer.parallel.accelerator import tracker_step
-from trainer.parallel.collectives import Totals, gather_shards, shard_range
 from trainer.files import atomic, plots
 from trainer.files.layout import picture_of, reference_stats_of
 from trainer.files.read import read_csv_rows
+from trainer.parallel.accelerator import tracker_step
+from trainer.parallel.collectives import Totals, gather_shards, shard_range
 from trainer.quality.feature_spaces import load_space
 from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
 
@@ -69,11 +69,15 @@ BOOTSTRAPPED = ("latent", "cls")  # spaces with an FD interval (low-dimensional:
 
 
 class Evaluator:
-    def __init__(self, acc, cfg, path, rows, encode, decode, schedule, latent_shape: tuple, log):
+    def __init__(
+        self, acc, cfg, path, rows, encode, decode, schedule, latent_shape: tuple, log, read_only=False
+    ):
         """path: the summary CSV; rows: the filtered manifest; encode(rows) -> model-space latents (a
         collective); decode(latents) -> images, or None to skip the pixel and feature-space metrics;
-        schedule: the model's noise schedule (fresh DDIM samplers)."""
+        schedule: the model's noise schedule (fresh DDIM samplers); read_only: measure only, never write
+        beside the summary (a command that reads a run)."""
         self.cfg, self.acc, self.path, self.rows = cfg, acc, path, rows
+        self.read_only = read_only
         self.encode, self.decode, self.schedule, self.latent_shape, self.log = (
             encode,
             decode,
@@ -197,7 +201,7 @@ class Evaluator:
         names = {"latent": ("latent_fd", "precision", "recall")}.get(
             space, (f"{space}_fd", f"{space}_precision", f"{space}_recall")
         )
-        out = dict(zip(names, (fd, p, r)))
+        out = dict(zip(names, (fd, p, r), strict=True))
         if space in BOOTSTRAPPED and self.cfg.stage2.metric_bootstrap:
             fake_all = gather_shards(ff, self.m, to_all=False)  # the main process resamples
             if fake_all is not None:
@@ -209,8 +213,8 @@ class Evaluator:
 
     def write_references(self) -> None:
         """reference_{space}.npz beside the summary (main process): mu and sigma (float64) of the held-out
-        reals' features; rewritten only when they changed (so once per run)."""
-        if not self.acc.is_main_process:
+        reals' features; rewritten only when they changed (so once per run). Never when read-only."""
+        if not self.acc.is_main_process or self.read_only:
             return
         for space, moments in self._real_moments.items():
             mu, sigma = (t.cpu().numpy() for t in moments.mean_cov())
@@ -223,9 +227,12 @@ class Evaluator:
                 pass
             buf = io.BytesIO()
             np.savez(buf, mu=mu, sigma=sigma, n=np.int64(moments.n.item()))
-            atomic.atomic_write(path, lambda f, data=buf.getvalue(): f.write(data))
+            data = buf.getvalue()
+            atomic.atomic_write(path, lambda f, data=data: f.write(data))
 
     def record(self, row: dict) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.path}: a read-only evaluator records no summary row")
         rows = [r for r in read_csv_rows(self.path) if int(r["iteration"]) != row["iteration"]] + [row]
         rows.sort(key=lambda r: r["iteration"])
         faults.scope(f"summary{int(row['iteration'])}", self.path.with_suffix(".png"))
