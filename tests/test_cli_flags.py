@@ -9,8 +9,8 @@ from unittest import mock
 
 import pytest
 import yaml
-
 from helpers import run_cli
+
 from trainer.cli.main import COMMANDS, main
 
 
@@ -135,10 +135,11 @@ def test_version():
 
 
 def test_version_of_a_source_tree_that_is_not_installed():
-    import tomllib
     from importlib import metadata
 
+    import tomllib
     from helpers import REPO
+
     from trainer.cli.main import version
 
     def absent(name):
@@ -225,3 +226,103 @@ def test_validate_checks_the_stage2_only_flags(argv, line, config, capsys):
     """They act in validate as in stage 2, before the config's files are looked at."""
     assert main(["validate", str(config), *argv]) == 2
     assert capsys.readouterr().err.splitlines() == [f"advdiff: error: {line}"]
+
+
+# Flags in trainer/cli/ whose names are config field names but which set no config field: the command
+# takes no config, or the value means something else there. Anything else named like a config field (or
+# a table flag) must come from trainer.cli.flags.FLAGS.
+NOT_CONFIG_FLAGS = {
+    ("sample.py", "seed"): "sample i's noise seed; sample loads a checkpoint, no config",
+    ("sample.py", "eta"): "the sampler's eta; no config",
+    ("sample.py", "batch_size"): "samples per UNet pass; no config",
+    ("export.py", "eta"): "the exported pipeline's default eta; no config",
+    ("evaluate.py", "checkpoint"): "the diffusion checkpoint to measure, not autoencoder.checkpoint",
+    ("classifier.py", "epochs"): "the classifier's epochs, not discriminator.training.epochs",
+    ("manifest.py", "image_column"): "the column the written CSV names; no config",
+    ("presets.py", "latent_channels"): "the latents the listed presets are sized for; no config",
+}
+
+
+def config_leaf_names() -> set[str]:
+    from trainer.config.schema import walk_fields
+    from trainer.config.sections import Config
+
+    paths = [p for p, _ in walk_fields(Config)]
+    leaves = [p for p in paths if not any(q.startswith(p + ".") or q.startswith(p + "[") for q in paths)]
+    return {p.rsplit(".", 1)[-1].removesuffix("[]") for p in leaves}
+
+
+def flags_declared_by_hand(folder) -> list[tuple[str, str]]:
+    """(file, flag name) of every literal long flag in an add_argument call under `folder` that is named
+    like a config field leaf or a table flag."""
+    import ast
+    from pathlib import Path
+
+    from trainer.cli.flags import FLAGS
+
+    names = config_leaf_names() | set(FLAGS)
+    found = []
+    for path in sorted(Path(folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"):
+                continue
+            for a in node.args:
+                if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--"):
+                    name = a.value[2:].replace("-", "_")
+                    if name in names:
+                        found.append((path.name, name))
+    return found
+
+
+def test_config_flags_are_declared_once_in_the_table():
+    from helpers import REPO
+
+    found = flags_declared_by_hand(REPO / "trainer" / "cli")
+    assert [f for f in found if f not in NOT_CONFIG_FLAGS] == []
+    assert sorted(set(found)) == sorted(NOT_CONFIG_FLAGS), "a NOT_CONFIG_FLAGS entry is stale"
+
+
+def test_hand_declared_config_flag_check_can_fail(tmp_path):
+    (tmp_path / "probe.py").write_text(
+        'p.add_argument("--generation-steps", type=int)\n'
+        'g.add_argument("--learning_rate", type=float)\n'
+        'p.add_argument("--out")\n'
+    )
+    assert flags_declared_by_hand(tmp_path) == [
+        ("probe.py", "generation_steps"),
+        ("probe.py", "learning_rate"),
+    ]
+
+
+def test_every_table_flag_sets_a_config_field_and_the_commands_take_it_from_the_table():
+    from trainer.cli.flags import FLAGS, flag_help
+    from trainer.config.schema import walk_fields
+    from trainer.config.sections import Config
+
+    fields = dict(walk_fields(Config))
+    for name, flag in FLAGS.items():
+        assert flag.path in fields, f"--{name}: {flag.path} is not a config field"
+    for command, (module, _) in COMMANDS.items():
+        for action in parser_of(command)._actions:
+            d = action.dest
+            if d in FLAGS and (module.rsplit(".", 1)[-1] + ".py", d) not in NOT_CONFIG_FLAGS:
+                assert action.help == flag_help(d), f"advdiff {command} --{d}"
+                assert set(action.option_strings) == {f"--{d}", other_spelling(f"--{d}")}
+
+
+@pytest.mark.parametrize("command", ["stage2", "validate", "evaluate", "classifier"])
+def test_table_flags_override_their_fields(command, config, capsys):
+    from trainer.cli.flags import FLAGS
+
+    taken = {a.dest for a in parser_of(command)._actions if a.dest in FLAGS and not FLAGS[a.dest].by_command}
+    values = {"mixed_precision": "bf16", "generator_loss_mode": "x0_pred", "eta": 0.5, "output_dir": "/tmp/x"}
+    argv = [str(config), "--dry-run"]
+    for name in sorted(taken):
+        argv += [f"--{name.replace('_', '-')}", str(values.get(name, 7))]
+    assert main([command, *argv]) == 0, capsys.readouterr().err
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    for name in taken:
+        node = cfg
+        for part in FLAGS[name].path.split("."):
+            node = node[part]
+        assert node == values.get(name, 7), f"advdiff {command} --{name}"

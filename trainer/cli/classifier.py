@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from trainer.cli.common import run_main
-from trainer.cli.flags import Parser
+from trainer.cli.flags import Parser, add_flags
 from trainer.core.errors import UserError
 from trainer.files.layout import RunLayout
 from trainer.quality import DEFAULT_EPOCHS
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--label_column", default="label", metavar="COL", help="manifest column of integer class labels"
     )
-    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    add_flags(p, ["seed"])
     p.add_argument(
         "--set",
         dest="overrides",

@@ -6,9 +6,8 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 
-from trainer.cli.flags import Parser
+from trainer.cli.flags import CONFIG_FLAGS, Parser, add_flags, flag_overrides
 from trainer.config.load import dump_config, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.parallel import preempt
@@ -17,14 +16,7 @@ from trainer.parallel.accelerator import apply_performance, build_accelerator, f
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """The arguments that shape the config (shared by the stage commands and `advdiff validate`)."""
-    p.add_argument(
-        "--mixed_precision",
-        "--mixed-precision",
-        default=None,
-        choices=("no", "fp16", "bf16"),
-        help="overrides training.mixed_precision",
-    )
-    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    add_flags(p, CONFIG_FLAGS)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -48,12 +40,7 @@ def stage_parser(
         help="cuda, cpu, or auto (cuda when visible)",
     )
     add_config_args(p)
-    p.add_argument(
-        "--output_dir",
-        default=None,
-        metavar="DIR",
-        help="overrides experiment.save_path (a relative DIR is relative to the current folder)",
-    )
+    add_flags(p, ["output_dir"])
     p.add_argument(
         "--stop_after_steps",
         type=int,
@@ -77,21 +64,15 @@ def is_main_launch_rank() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
-def config_overrides(args, extra: dict | None = None) -> dict:
-    """{config path: value} of --set, the flags that shadow a config field, then `extra`."""
+def config_overrides(args) -> dict:
+    """{config path: value} of --set, then of the table's flags that were given (trainer.cli.flags)."""
     overrides = dict(parse_override(o) for o in args.overrides)
-    if getattr(args, "seed", None) is not None:
-        overrides["training.seed"] = args.seed
-    if getattr(args, "mixed_precision", None) is not None:
-        overrides["training.mixed_precision"] = args.mixed_precision
-    if getattr(args, "output_dir", None) is not None:  # a flag's path is the shell's, not the YAML's
-        overrides["experiment.save_path"] = str(Path(args.output_dir).expanduser().absolute())
-    overrides.update(extra or {})
+    overrides.update(flag_overrides(args))
     return overrides
 
 
-def load_from_args(args, extra: dict | None = None):
-    overrides = config_overrides(args, extra)
+def load_from_args(args):
+    overrides = config_overrides(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = load_config(args.config, overrides)
@@ -103,14 +84,13 @@ def load_from_args(args, extra: dict | None = None):
     return cfg
 
 
-def run_main(parser, argv, body, extra_overrides=None) -> int:
+def run_main(parser, argv, body) -> int:
     """Parse, load the config, run `body(cfg, args)`; user errors become one line and exit 2."""
     args = parser.parse_args(argv)
 
     def call():
         try:
-            extra = extra_overrides(args) if extra_overrides else None
-            cfg = load_from_args(args, extra)
+            cfg = load_from_args(args)
             if args.dry_run:
                 return 0
             preempt.install()

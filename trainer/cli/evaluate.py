@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from trainer.cli.common import add_config_args, run_main
-from trainer.cli.flags import Parser
+from trainer.cli.flags import Parser, add_flags
 from trainer.cli.sample import load_guidance_discriminator
 from trainer.core.errors import UserError
 from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="diffusion checkpoint to measure (default: the config's stage-1 checkpoint)",
     )
-    p.add_argument("--generation_steps", type=int, default=None, help="overrides stage2.generation_steps")
+    add_flags(p, ["generation_steps"])
     p.add_argument(
         "--device",
         default="auto",
@@ -55,16 +55,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv=None) -> int:
-    def extra(args):
-        return {"stage2.generation_steps": args.generation_steps} if args.generation_steps is not None else {}
-
-    return run_main(parser(), argv, body, extra_overrides=extra)
+    return run_main(parser(), argv, body)
 
 
 def body(cfg, args) -> None:
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
-    from trainer.parallel.accelerator import build_accelerator
     from trainer.files import atomic
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import setup
 
     if not math.isfinite(args.guidance_weight):
@@ -75,7 +72,7 @@ def body(cfg, args) -> None:
             f"{args.guidance_t_min}, {args.guidance_t_max}"
         )
     acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
-    s = setup(cfg, acc)  # every input check of stage 2, before any compute
+    s = setup(cfg, acc, read_only=True)  # the input checks of stage 2, before any compute; writes nothing
     path = Path(args.checkpoint) if args.checkpoint else s.stage1.path
     if not path.exists():
         raise UserError(f"--checkpoint: {path}: not found")

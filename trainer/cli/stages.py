@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from trainer.cli.common import accelerator_for, run_main, stage_main, stage_parser
-from trainer.cli.flags import add_stage2_flags, flag_overrides
+from trainer.cli.flags import STAGE2_FLAGS, add_flags
 from trainer.config.sections import Config
 from trainer.core.errors import UserError
 
@@ -46,13 +46,7 @@ def build_stage2_parser(
 ) -> argparse.ArgumentParser:
     """The stage-2 flag set; `advdiff validate` builds its parser from this one, so they cannot drift."""
     p = stage_parser(prog, description, **config_arg)
-    add_stage2_flags(p)
-    p.add_argument(
-        "--adversarial_weight",
-        type=float,
-        default=None,
-        help="weight of every DiscriminatorLoss term (overrides training.loss)",
-    )
+    add_flags(p, STAGE2_FLAGS)
     p.add_argument(
         "--control",
         action="store_true",
@@ -87,4 +81,4 @@ def stage2_main(argv=None) -> int:
         finally:
             acc.end_training()
 
-    return run_main(build_stage2_parser(), argv, body, extra_overrides=flag_overrides)
+    return run_main(build_stage2_parser(), argv, body)

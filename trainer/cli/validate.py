@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from trainer.cli.common import config_overrides, load_from_args
-from trainer.cli.flags import flag_overrides
 from trainer.cli.stages import apply_stage2_args, build_stage2_parser
 from trainer.config.load import DEMO_CONFIG, load_config
 from trainer.core.errors import UserError
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
                 raise UserError(f"--out {out}: exists and is not a folder")
             if args.output_dir is not None:
                 raise UserError("--output_dir: not with --demo (the demo's folder is --out)")
-            overrides = config_overrides(args, flag_overrides(args))
+            overrides = config_overrides(args)
             existing = out / "config.yaml"
             cfg = load_config(existing if existing.is_file() else DEMO_CONFIG, overrides)
             cfg.source = str(existing.resolve())  # relative paths resolve inside the demo's folder
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
         else:
             if args.config is None:
                 raise UserError("validate: expected a CONFIG path, or --demo")
-            cfg = load_from_args(args, flag_overrides(args))
+            cfg = load_from_args(args)
             if args.dry_run:
                 return 0
             pipeline, name = args.stage == "all", args.config

@@ -69,11 +69,15 @@ BOOTSTRAPPED = ("latent", "cls")  # spaces with an FD interval (low-dimensional:
 
 
 class Evaluator:
-    def __init__(self, acc, cfg, path, rows, encode, decode, schedule, latent_shape: tuple, log):
+    def __init__(
+        self, acc, cfg, path, rows, encode, decode, schedule, latent_shape: tuple, log, read_only=False
+    ):
         """path: the summary CSV; rows: the filtered manifest; encode(rows) -> model-space latents (a
         collective); decode(latents) -> images, or None to skip the pixel and feature-space metrics;
-        schedule: the model's noise schedule (fresh DDIM samplers)."""
+        schedule: the model's noise schedule (fresh DDIM samplers); read_only: measure only, never write
+        beside the summary (a command that reads a run)."""
         self.cfg, self.acc, self.path, self.rows = cfg, acc, path, rows
+        self.read_only = read_only
         self.encode, self.decode, self.schedule, self.latent_shape, self.log = (
             encode,
             decode,
@@ -209,8 +213,8 @@ class Evaluator:
 
     def write_references(self) -> None:
         """reference_{space}.npz beside the summary (main process): mu and sigma (float64) of the held-out
-        reals' features; rewritten only when they changed (so once per run)."""
-        if not self.acc.is_main_process:
+        reals' features; rewritten only when they changed (so once per run). Never when read-only."""
+        if not self.acc.is_main_process or self.read_only:
             return
         for space, moments in self._real_moments.items():
             mu, sigma = (t.cpu().numpy() for t in moments.mean_cov())
@@ -227,6 +231,8 @@ class Evaluator:
             atomic.atomic_write(path, lambda f, data=data: f.write(data))
 
     def record(self, row: dict) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.path}: a read-only evaluator records no summary row")
         rows = [r for r in read_csv_rows(self.path) if int(r["iteration"]) != row["iteration"]] + [row]
         rows.sort(key=lambda r: r["iteration"])
         faults.scope(f"summary{int(row['iteration'])}", self.path.with_suffix(".png"))

@@ -1,20 +1,22 @@
 """Everything that can be checked before compute, for `advdiff validate` and for every stage-2 start.
 
-    advdiff validate CONFIG [--stage 2|all] [stage-2 flags]   # a user's stage-2 config
-    advdiff validate --demo [--out DIR]                       # the embedded default, as `advdiff demo` runs it
+    advdiff validate CONFIG [--stage 2|all] [stage-2 flags]  # a user's stage-2 config
+    advdiff validate --demo [--out DIR]                      # the embedded default, as the demo runs it
 
 Each problem is one line naming the field or file and what was expected. `validate` prints every
 problem it finds (exit 2); a training run stops at the first one, before any compute and before
 anything is written.
 
 What is checked (stage 2): the output folder is a folder and writable; the stage-1 checkpoint and
-the AE exist and load; the manifest (a CSV or a folder of images) exists, parses and has the configured columns; the filters leave
-rows, and enough of them for --num_samples; the AE's latent channels and size match the UNet's and
-the discriminator's; the discriminator's depth fits the latent size; DDIM steps fit the schedule;
-the stage2.metric_features file loads and reads the AE's channels;
+the AE exist and load; the manifest (a CSV or a folder of images) exists, parses and has the
+configured columns; the filters leave rows, and enough of them for --num_samples; the AE's latent
+channels and size match the UNet's and the discriminator's; the discriminator's depth fits the latent
+size; DDIM steps fit the schedule; the stage2.metric_features file loads and reads the AE's channels;
 every image or latent file the run will read exists and decodes (sharded across processes at a
 training start); latents already saved in the output folder have the right shape; and a folder that
-already holds a stage-2 run was started with the same result-defining config fields.
+already holds a stage-2 run was started with the same result-defining config fields. A command that
+only reads a run (`advdiff evaluate`: read_only) skips the checks of the folder itself (writable, saved
+latents, recorded fields): it may measure with other fields and writes nothing there.
 
 With `--stage all` (and `--demo`), files that an earlier stage of the same pipeline writes (the AE
 of stage 0, the checkpoint of stage 1) may be missing: their facts come from the config instead.
@@ -36,9 +38,8 @@ from trainer.data.manifest import read_manifest
 from trainer.diffusion.checkpoints import Source, read_source
 from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.diffusion.schedule import Schedule
-from trainer.parallel.collectives import agree
 from trainer.files.layout import RunLayout
-from trainer.files.read import torch_load
+from trainer.parallel.collectives import agree
 from trainer.quality.feature_spaces import check_metric_features
 from trainer.stage2.generation import choose_real_rows
 from trainer.stage2.run_record import check_run_fields
@@ -72,10 +73,12 @@ class _Checker:
 
 
 # -- single checks ---------------------------------------------------------------------------------
-def check_out_dir(out: Path) -> None:
-    """The output folder is a folder (or can be made) and writable; nothing is created."""
+def check_out_dir(out: Path, writable: bool = True) -> None:
+    """The output folder is a folder (or can be made) and, unless only read, writable; nothing is created."""
     if out.exists() and not out.is_dir():
         raise UserError(f"experiment.save_path: {out} exists and is not a folder")
+    if not writable:
+        return
     probe = out
     while not probe.exists():
         if probe.parent == probe:
@@ -163,7 +166,8 @@ def check_schedule(cfg, stage1) -> None:
 def read_rows(cfg):
     if cfg.dataset.manifest is None:
         raise ConfigError(
-            f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV or a folder of images, got null"
+            f"{cfg.source or '<config>'}: dataset.manifest: expected a manifest CSV or a folder of images, "
+            f"got null"
         )
     rows = read_manifest(
         cfg.resolve_path(cfg.dataset.manifest),
@@ -229,13 +233,17 @@ def needs_ae(cfg, rows) -> bool:
     )
 
 
-def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = False) -> Facts:
+def check_stage2(
+    cfg, *, collect: bool = False, shard=None, pipeline: bool = False, read_only: bool = False
+) -> Facts:
     """All stage-2 checks. collect=True keeps going and lists every problem in Facts.problems;
     otherwise the first one raises. shard=(rank, world) checks only this rank's share of the
-    input files. pipeline=True accepts a missing AE / stage-1 checkpoint that stages 0/1 will write."""
+    input files. pipeline=True accepts a missing AE / stage-1 checkpoint that stages 0/1 will write.
+    read_only=True is a command that only reads the run (`advdiff evaluate`): the checks that guard the
+    run's own folder for a run (writable, the recorded config fields, the saved latents) are skipped."""
     c = _Checker(collect)
     facts = Facts()
-    c.run(check_out_dir, cfg.out_dir)
+    c.run(check_out_dir, cfg.out_dir, writable=not read_only)
     stage1_file = (
         cfg.resolve_path(cfg.diffusion.stage1_checkpoint) if cfg.diffusion.stage1_checkpoint else None
     )
@@ -276,9 +284,10 @@ def check_stage2(cfg, *, collect: bool = False, shard=None, pipeline: bool = Fal
             positions = positions[rank::world]
         channels = facts.ae["in_channels"] if facts.ae is not None else 0
         c.run(check_inputs, facts.rows, positions, facts.latent_shape, channels)
-    c.run(check_run_fields, cfg, facts.stage1)
-    if facts.latent_shape is not None:
-        c.run(check_saved_latents, cfg, facts.latent_shape)
+    if not read_only:
+        c.run(check_run_fields, cfg, facts.stage1)
+        if facts.latent_shape is not None:
+            c.run(check_saved_latents, cfg, facts.latent_shape)
     facts.problems = c.problems
     return facts
 
@@ -323,7 +332,8 @@ def check_pipeline_rows(cfg) -> None:
 
 
 # -- at a training start, on every rank ----------------------------------------------------------------
-def start_checks(cfg, acc) -> Facts:
+def start_checks(cfg, acc, read_only: bool = False) -> Facts:
     """The stage-2 checks at a run's start: the same as `advdiff validate`, input files sharded. Writes
-    nothing (the run records its fields with record_run_fields once every check has passed)."""
-    return agree(acc, check_stage2, cfg, shard=(acc.process_index, acc.num_processes))
+    nothing (the run records its fields with record_run_fields once every check has passed).
+    read_only: for a command that only reads the run (check_stage2)."""
+    return agree(acc, check_stage2, cfg, shard=(acc.process_index, acc.num_processes), read_only=read_only)

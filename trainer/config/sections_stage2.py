@@ -1,0 +1,234 @@
+"""Config sections of stage 2, the adversarial fine-tuning: the latent discriminator (architecture and
+training) and the iterations' own knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from trainer.config.schema import error_at, option
+
+
+@dataclass
+class DiscriminatorArch:
+    latent_channels: int = option(4, "Channels of the latents D scores; must equal the AE's.", ge=1)
+    base_channels: int = option(64, "Channels of D's first layer; doubled at each level.", ge=1)
+    num_layers: int = option(
+        3, "Stride-2 conv levels; the latent side must be divisible by 2**num_layers.", ge=1
+    )
+    max_channels: int = option(512, "Cap on channels per level.", ge=1)
+    norm: str = option(
+        "group",
+        "Normalisation that is safe under DDP (statistics never depend on the batch).",
+        choices=("none", "group"),
+    )
+    use_batch_norm: Optional[bool] = option(
+        None,
+        "Compatibility field of older configs: true selects norm 'group' "
+        "(batch norm is not batch-independent, so it is not offered).",
+    )
+    noise_conditioned: bool = option(False, "Condition D on the diffusion timestep of its input.")
+    dropout: float = option(0.0, "Dropout before D's output layer.", ge=0, le=1)
+
+
+@dataclass
+class DiscriminatorTraining:
+    loss: str = option(
+        "bce",
+        "D loss: BCE-with-logits, non-saturating (same D side, softplus generator side), or hinge.",
+        choices=("bce", "non_saturating", "hinge"),
+    )
+    r1_gamma: float = option(0.0, "R1 gradient penalty weight on real latents (0 disables).", ge=0)
+    epochs: int = option(50, "Epochs over D's training split per iteration (--discriminator_epochs).", ge=1)
+    max_steps: Optional[int] = option(None, "Cap on D steps per iteration (--discriminator_max_steps).", ge=1)
+    batch_size: int = option(
+        64, "Global D batch, half real and half fake (--discriminator_batch_size).", ge=2
+    )
+    eval_interval: Optional[int] = option(
+        None, "D steps between validations; default once per epoch (--discriminator_eval_interval).", ge=1
+    )
+    learning_rate: float = option(2e-4, "D learning rate (AdamW).", gt=0)
+    weight_decay: float = option(0.0, "D weight decay.", ge=0)
+    betas: list[float] = option(doc="D Adam betas.", factory=lambda: [0.5, 0.999])
+    max_grad_norm: float = option(0.0, "D gradient clipping norm (0 disables).", ge=0)
+    train_split: float = option(
+        0.8, "Fraction of each class (real, fake) D trains on; the rest validates.", gt=0, lt=1
+    )
+    warm_start: bool = option(
+        False,
+        "Start each iteration's D from the previous iteration's best D (online "
+        "mode: the previous iteration's final online D).",
+    )
+    mode: str = option(
+        "offline",
+        "offline: one D per iteration, trained on the saved fakes, then frozen during the "
+        "fine-tune. online: that D is the warm start, and during the fine-tune D takes n_critic "
+        "steps per generator step on fresh rollouts of the current model against the iteration's "
+        "reals (rollout mode only); D is frozen during each generator step.",
+        choices=("offline", "online"),
+    )
+    n_critic: int = option(1, "Online mode: D steps per generator step.", ge=1)
+    online_batch_size: Optional[int] = option(
+        None,
+        "Online mode: global D batch per D step, half real and half fresh fakes; default batch_size.",
+        ge=2,
+    )
+    noise_inputs: bool = option(
+        False,
+        "Forward-noise D's inputs (both classes, and the generated samples it scores "
+        "in the generator loss) to a random timestep t < noise_max_timestep x num_steps "
+        "and pass t; needs discriminator.config.noise_conditioned.",
+    )
+    noise_max_timestep: float = option(
+        0.5, "noise_inputs: timesteps are drawn uniformly from [0, this x num_steps).", gt=0, le=1
+    )
+
+
+@dataclass
+class DiscriminatorConfig:
+    config: DiscriminatorArch = option(doc="Discriminator architecture.", factory=DiscriminatorArch)
+    training: DiscriminatorTraining = option(
+        doc="Discriminator training in stage 2.", factory=DiscriminatorTraining
+    )
+
+    def check(self, where, prefix):
+        if self.training.noise_inputs and not self.config.noise_conditioned:
+            raise error_at(
+                where,
+                f"{prefix}.config.noise_conditioned",
+                "true when training.noise_inputs is true",
+                self.config.noise_conditioned,
+            )
+
+
+@dataclass
+class Stage2Config:
+    num_samples: int = option(5000, "Real and fake latents per iteration (--num_samples).", ge=2)
+    num_iterations: int = option(3, "Adversarial iterations (--num_iterations).", ge=1)
+    diffusion_epochs: int = option(
+        50, "Epochs over the reals' training split per iteration (--diffusion_epochs).", ge=1
+    )
+    diffusion_max_steps: Optional[int] = option(
+        None, "Cap on diffusion steps per iteration (--diffusion_max_steps).", ge=1
+    )
+    diffusion_eval_interval: Optional[int] = option(
+        None,
+        "Diffusion steps between validations (a metrics row and checkpoints); default once per epoch.",
+        ge=1,
+    )
+    generation_batch_size: int = option(
+        32, "Fakes per DDIM batch, per process (--generation_batch_size).", ge=1
+    )
+    generation_steps: int = option(
+        100, "DDIM steps for fakes, rollouts and grids (--generation_steps).", ge=1
+    )
+    eta: float = option(0.0, "DDIM eta (0: deterministic).", ge=0, le=1)
+    generator_loss_mode: str = option(
+        "rollout",
+        "What D scores in the generator loss: full DDIM rollouts (as D "
+        "was trained on), or one-step x0 predictions from noised reals (and D is "
+        "then trained on those).",
+        choices=("rollout", "x0_pred"),
+    )
+    rollout_grad_steps: int = option(
+        1, "Rollout mode: back-propagate through this many final DDIM steps.", ge=1
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        "Gradient checkpointing for the fine-tune only (training."
+        "gradient_checkpointing: stages 1 and 2): activations are recomputed in "
+        "backward instead of stored, so back-propagating through many rollout "
+        "steps (rollout_grad_steps = K for a K-step sampler) fits in memory on "
+        "big models, for about one more forward per step.",
+    )
+    rollout_batch_size: Optional[int] = option(
+        None, "Rollout mode: generated samples per step (global); default training.batch_size.", ge=1
+    )
+    x0_pred_max_timestep: float = option(
+        1.0, "x0_pred mode: timesteps are drawn from [0, this x num_steps).", gt=0, le=1
+    )
+    continue_from: str = option(
+        "latest",
+        "Iteration k+1 starts from iteration k's latest or best checkpoint.",
+        choices=("latest", "best"),
+    )
+    best_metric: str = option(
+        "val_loss",
+        "Validation metric that picks the best checkpoint of an iteration (D is "
+        "fixed within an iteration, so it is comparable there). val_latent_fd: the latent FD "
+        "of metric_samples fixed-seed samples at generation_steps against held-out reals, "
+        "measured at every validation and on the starting weights, so an iteration that only "
+        "regresses keeps its start as best.",
+        choices=("val_loss", "val_mse", "val_adv", "val_latent_fd"),
+    )
+    learning_rate: Optional[float] = option(
+        None, "Fine-tuning learning rate; default training.learning_rate.", gt=0
+    )
+    warmup_steps: int = option(0, "Fine-tuning LR warm-up steps per iteration.", ge=0)
+    val_samples: int = option(
+        64, "Fixed-seed generated samples scored by D at each validation (d_prob_fake).", ge=1
+    )
+    sample_with_replacement: bool = option(
+        False, "Allow drawing reals with replacement when num_samples exceeds the manifest rows."
+    )
+    grid_samples: int = option(64, "Decoded samples in each iteration's grid (fixed seeds).", ge=0)
+    metric_samples: int = option(
+        1000,
+        "Generated samples (and at most as many held-out reals) for the per-iteration quality summary.",
+        ge=2,
+    )
+    metric_k: int = option(3, "k of the k-NN precision and recall.", ge=1)
+    metric_features: str = option(
+        "raw",
+        "Extra feature space of the summary, beside raw latents and pixels: raw "
+        "(none); classifier:PATH, the penultimate layer of an advdiff classifier "
+        "(`advdiff classifier` trains one; cls_fd, cls_precision, cls_recall); or "
+        "inception:PATH, a TorchScript file (torch.jit.save) or exported program "
+        "(torch.export.save, dynamic batch) mapping images in [-1, 1], (N, 3, 299, 299), "
+        "to Inception-v3 pool features (inception_* columns; grey images are repeated to "
+        "3 channels). Both score decoded fakes against "
+        "AE-reconstructed held-out reals; PATH is relative to the config's folder; "
+        "nothing is downloaded.",
+    )
+    metric_bootstrap: int = option(
+        100,
+        "Resamples of the generated set for the 95% bootstrap intervals "
+        "latent_fd_lo/hi and cls_fd_lo/hi (main process; per row on a CPU about "
+        "0.1 s at 64 dimensions, 0.6 s at 256, 20 s at 1024); 0 disables.",
+        ge=0,
+    )
+    adaptive_weight: bool = option(
+        False,
+        "Scale the adversarial weight at each validation to keep D's accuracy "
+        "on (held-out reals, generated samples) inside adaptive_band.",
+    )
+    adaptive_band: list[float] = option(
+        doc="Target band of D accuracy for adaptive_weight.", factory=lambda: [0.5, 0.7]
+    )
+    adaptive_factor: float = option(
+        1.5, "Multiplier applied to the weight per validation outside the band.", gt=1
+    )
+    grad_ratio_weight: bool = option(
+        False,
+        "Scale the adversarial term at every step by the ratio of the MSE "
+        "term's gradient norm to the adversarial term's, both at the UNet's last "
+        "layer (as in VQGAN and CTM), clamped to grad_ratio_max and averaged over "
+        "processes; the configured weight multiplies it. Column train_adv_ratio. "
+        "Not under DeepSpeed (it takes gradients outside the engine's backward).",
+    )
+    grad_ratio_max: float = option(10.0, "Upper clamp of the gradient-norm ratio.", gt=0)
+
+    def check(self, where, prefix):
+        lo_hi = self.adaptive_band
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+            raise error_at(where, f"{prefix}.adaptive_band", "two numbers 0 <= low < high <= 1", lo_hi)
+        kind, sep, path = self.metric_features.partition(":")
+        if self.metric_features != "raw" and not (
+            kind in ("classifier", "inception") and sep and path.strip()
+        ):
+            raise error_at(
+                where,
+                f"{prefix}.metric_features",
+                "raw, classifier:PATH or inception:PATH",
+                self.metric_features,
+            )
