@@ -8,8 +8,7 @@ from pathlib import Path
 from trainer.cli.flags import Parser
 from trainer.files.layout import RunLayout
 from trainer.files.read import read_csv_rows
-from trainer.quality import SUMMARY_FIELDS
-from trainer.quality import COLUMNS, compare_rows, fmt
+from trainer.quality import COLUMNS, SUMMARY_FIELDS, compare_rows, fmt
 
 
 def find_summary(run: Path) -> Path:

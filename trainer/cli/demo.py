@@ -12,9 +12,9 @@ from trainer.cli.flags import Parser
 from trainer.config.load import DEMO_CONFIG, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.data.digits import build_digits
-from trainer.parallel.accelerator import build_accelerator
 from trainer.files import atomic, timing
 from trainer.files.layout import RunLayout
+from trainer.parallel.accelerator import build_accelerator
 
 
 def prepare(out: Path, is_main: bool) -> Path:
@@ -31,8 +31,8 @@ def prepare(out: Path, is_main: bool) -> Path:
 def train_metric_classifier(cfg, is_main: bool) -> None:
     """The classifier stage2.metric_features names (the demo's: classifier.pt beside config.yaml), trained
     on the main process unless it is there already."""
-    from trainer.quality import train_classifier
     from trainer.quality import parse_metric_features as parse
+    from trainer.quality import train_classifier
 
     kind, path = parse(cfg.stage2.metric_features)
     if kind != "classifier" or not is_main:
@@ -73,7 +73,8 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
         cfg2 = load_config(cfg_path, overrides)
         run_stage2(cfg2, acc)
         if cfg2.stage2.generation_steps < cfg2.training.sample_steps:  # few-step stage 2: show what it bought
-            from trainer.stage2 import refresh_report, setup as stage2_setup, write_comparison
+            from trainer.stage2 import refresh_report, write_comparison
+            from trainer.stage2 import setup as stage2_setup
 
             s = stage2_setup(cfg2, acc)
             write_comparison(s, cfg2.training.sample_steps)
