@@ -76,7 +76,7 @@ def test_a_registered_term_joins_loss_validation_and_history(
     assert parts_b["mae"] == pytest.approx(by_hand, rel=1e-6) and by_hand > 0
     assert parts_b["mse"] == parts_a["mse"] and parts_b["adv"] == parts_a["adv"]
     assert "mae" not in parts_a
-    assert float(loss_b) == pytest.approx(float(loss_a) + 0.5 * by_hand, rel=1e-6)
+    assert float(loss_b.detach()) == pytest.approx(float(loss_a.detach()) + 0.5 * by_hand, rel=1e-6)
 
     # validation: its own column, and its weighted share of val_loss
     row_a, row_b = plain.evaluate(), plus.evaluate()

@@ -51,7 +51,7 @@ def check_grad_ratio_supported(acc, s2, micro_batches: int = 1) -> None:
         )
 
 
-def history_fields(loss: CompositeLoss) -> list[str]:
+def finetune_columns(loss: CompositeLoss) -> list[str]:
     """The fine-tune history's columns; the loss names its parts' (train_mse, train_adv, val_mse, ...)."""
     return [
         "epoch",
@@ -166,7 +166,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         )
         self.quality = quality
         self.loss = CompositeLoss.from_config(t.loss, balance=s2)
-        self.history_fields = history_fields(self.loss)
+        self.history_fields = finetune_columns(self.loss)
         if quality is not None:
             self.history_fields = self.history_fields + ["val_latent_fd"]
         elif s2.best_metric == "val_latent_fd":
@@ -260,13 +260,13 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         )  # mb: all if of == 1
         x0, noise, t = (v[mb].to(self.acc.device) for v in (x0, noise, t))
         x_t = self.schedule.add_noise(x0, noise, t)
-        adv, adv_share = self.loss.needs_generated, 1.0
+        generated, generated_share = self.loss.needs_generated, 1.0
         inputs, ts = [x_t], [t]
-        rollout = adv and s2.generator_loss_mode == "rollout"
+        rollout = generated and s2.generator_loss_mode == "rollout"
         if rollout:
             every = list(shard_range(s2.rollout_batch_size or self.batch, self.rank, self.world))
             mine = np.array_split(np.asarray(every, dtype=np.int64), of)[i].tolist()
-            adv_share = len(mine) / max(len(every), 1)
+            generated_share = len(mine) / max(len(every), 1)
             x_r, t_last, gens = self.rollouts.start(
                 engine.forward_module(self.acc, self.ddp_unet, self.unet),
                 mine,
@@ -288,15 +288,15 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
                 "generated",
                 step,
             )
-        elif adv:
+        elif generated:
             keep = self.rollouts.x0_pred_mask(t)
             outputs["generated"] = outputs["pred_latent"][keep]
             outputs["generated_t"] = t[keep]
-            adv_share = int(keep.sum()) / max(kept, 1)  # of the batch's samples in the x0_pred range
+            generated_share = int(keep.sum()) / max(kept, 1)  # of the batch's samples in the x0_pred range
         loss, parts = self.loss(
             outputs,
             self.loss_context(),
-            shares={"batch": n / len(pos), "generated": adv_share},
+            shares={"batch": n / len(pos), "generated": generated_share},
             ratio_at=self.unet.conv_out.weight,
             world=self.world,
         )

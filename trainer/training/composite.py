@@ -56,10 +56,6 @@ class CompositeLoss:
 
     # -- what it contributes ---------------------------------------------------------------------
     @property
-    def parts(self) -> list[str]:
-        return list(self.part_types)
-
-    @property
     def needs_discriminator(self) -> bool:
         return any(t.needs_discriminator for t in self.terms)
 
