@@ -25,6 +25,7 @@ def digits_manifest(tmp_path_factory):
 def small_ae(tmp_path_factory):
     """A freshly initialised (untrained) 32x32x1 -> 8x8x4 AutoencoderKL as a diffusers folder."""
     import torch
+
     from models.autoencoder import build_autoencoder
 
     torch.manual_seed(0)

@@ -237,7 +237,8 @@ def number(text: str) -> float:
 
 
 def rounding(text: str) -> float:
-    """Half a unit in the last printed digit of `text`: how far the printed number may be from the true one."""
+    """Half a unit in the last printed digit of `text`: how far the printed number may be from the true
+    one."""
     return 0.5 * 10.0 ** -(len(text.split(".")[1]) if "." in text else 0)
 
 

@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 import yaml
-
 from helpers import run_cli, stage2_config
 
 FAST = ["--device", "cpu"]

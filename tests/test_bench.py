@@ -7,7 +7,6 @@ agrees with the number and the stated target; and the benches' correctness check
 import re
 
 import pytest
-
 from helpers import NUM, bench_targets, number, ratio_bounds, rounding, run_cli, within_rounding
 
 

@@ -7,7 +7,6 @@ and the stated target."""
 import re
 
 import pytest
-
 from helpers import NUM, bench_targets, ratio_bounds, run_cli, within_rounding
 
 pytestmark = pytest.mark.slow  # multi-process benchmark runs

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-
 from helpers import stage2_config
+
 from trainer.config.load import load_config
 from trainer.training.loop import StepTrainer
 

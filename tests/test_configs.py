@@ -5,12 +5,12 @@ import warnings
 
 import pytest
 import yaml
-
 from helpers import REPO, run_cli
-from trainer.config.sections import Config
+
 from trainer.config.load import load_config
-from trainer.core.errors import ConfigError
 from trainer.config.schema import ConfigWarning, walk_fields
+from trainer.config.sections import Config
+from trainer.core.errors import ConfigError
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
@@ -83,7 +83,8 @@ def test_every_field_has_a_doc():
         ({"dataset": "manifest.csv"}, 'x.yaml: dataset: expected a mapping, got "manifest.csv"'),
         (
             {"autoencoder": {"model": {"block_out_channels": [16, 30]}}},
-            "x.yaml: autoencoder.model.block_out_channels[1]: expected a positive multiple of norm_num_groups (8), got 30",
+            "x.yaml: autoencoder.model.block_out_channels[1]: "
+            "expected a positive multiple of norm_num_groups (8), got 30",
         ),
     ],
 )

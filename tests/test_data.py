@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer.core.errors import UserError
 from trainer.data.manifest import load_image, read_manifest, split_indices
 from trainer.parallel.collectives import shard_range
-from trainer.core.errors import UserError
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import csv
 
 import pytest
 import torch
-
 from helpers import stage2_config
+
 from trainer.config.load import load_config
 
 pytestmark = pytest.mark.slow  # three 2-iteration stage-2 runs

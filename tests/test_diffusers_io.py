@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from helpers import accelerate_launch, stage2_config
 
 ATTN_UNET = dict(
@@ -264,7 +263,8 @@ def test_export_command_bad_inputs_are_one_line(tmp_path, stage1_ckpt, capsys):
 
 @pytest.mark.slow
 def test_diffusers_pipeline_in_stage2_at_two_processes_and_out(tmp_path, digits_manifest):
-    """The issue's must-show: a diffusers UNet2DModel with attention at two levels, a custom-beta DDPMScheduler
+    """The issue's must-show: a diffusers UNet2DModel with attention at two levels, a custom-beta
+    DDPMScheduler
     and a VAE (scale and shift) saved as a pipeline folder; stage 2 at 2 processes fine-tunes it; its result
     opens with DiffusionPipeline.from_pretrained and samples what advdiff's own sampler samples."""
     from diffusers import DiffusionPipeline

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import REPO, free_port, stage2_config
 
 SEED = int(os.environ.get("ADVDIFF_FAULT_SEED", "1234"))

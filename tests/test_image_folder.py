@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import run_cli, stage2_config
 from PIL import Image
 
-from helpers import run_cli, stage2_config
 from trainer.core.errors import UserError
 from trainer.data.manifest import list_images, read_manifest
 
@@ -143,8 +143,8 @@ def test_manifest_command_writes_the_folder_rows_relative_to_the_csv(folder, tmp
 
 
 def test_folder_and_its_csv_train_the_same_stage0(folder, tmp_path):
-    from trainer.parallel.accelerator import build_accelerator
     from trainer.config.load import load_config
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
 
     assert _manifest(folder) == 0
@@ -238,7 +238,8 @@ def test_stage2_validate_and_real_latents_from_a_folder_equal_its_csv(
     assert not torch.equal(latents[0][0], latents[0][1])  # distinct images, so the order is tested too
 
 
-# -- bad input: one line naming the folder or field, exit code 2 -----------------------------------------------
+# -- bad input: one line naming the folder or field, exit code 2
+# -----------------------------------------------
 def _stage0_config(tmp_path, manifest, filters=None):
     path = tmp_path / "bad.yaml"
     path.write_text(
@@ -256,7 +257,10 @@ def _stage0_config(tmp_path, manifest, filters=None):
     return path
 
 
-SUFFIXES = "expected .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff or .webp, any case; hidden files and folders are skipped"
+SUFFIXES = (
+    "expected .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff or .webp, any case; "
+    "hidden files and folders are skipped"
+)
 
 
 def _no_images(path):

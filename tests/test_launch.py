@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, launch, run_batch_script, submit_with_fake_sbatch, write_config
+
 from trainer.parallel.slurm import SlurmError, expand_nodelist, launch_args, main_process_port
 
 HOSTS = ["gpu07", "gpu08", "gpu09"]
@@ -357,7 +357,8 @@ def test_bad_usage_is_one_line_and_exit_2(tmp_path, argv, message):
     assert proc.stdout == ""
 
 
-# ---- the batch script itself, with stand-ins for the SLURM commands (the fake_slurm fixture, conftest.py) ----
+# ---- the batch script itself, with stand-ins for the SLURM commands (the fake_slurm fixture, conftest.py)
+# ----
 
 
 def test_submission_writes_the_script_and_prints_the_job_id(fake_slurm):

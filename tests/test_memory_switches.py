@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import accelerate_launch, run_cli, stage2_config, tiny_config
+
 from trainer.config.load import load_config
 
 # 3 stage-1 steps, one validation at the end; no clipping, so a gradient scaled by N shows in Adam's moments
@@ -41,14 +41,15 @@ def _gradient_error(a: dict, b: dict) -> float:
 
 
 def _update_error(a: dict, b: dict, key: str = "weights") -> float:
-    """|b - a| / |a - start| over all weights (L2): how far apart the runs ended against how far they moved."""
+    """|b - a| / |a - start| over all weights (L2): how far apart the runs ended against how far they
+    moved."""
     wa, wb, w0 = _flat(a[key]), _flat(b[key]), _flat(a[f"start_{key}"])
     return float((wa - wb).norm() / (wa - w0).norm())
 
 
 def _same_update(a: dict, b: dict) -> bool:
-    """a, b: {"weights", "start_weights", "ema", "start_ema", "optimizer" (state_dict), "logs"}: whether b made
-    a's update up to float noise."""
+    """a, b: {"weights", "start_weights", "ema", "start_ema", "optimizer" (state_dict), "logs"}: whether b
+    made a's update up to float noise."""
     return (
         _gradient_error(a, b) <= GRAD_ATOL
         and _update_error(a, b) <= UPDATE_RTOL
@@ -108,7 +109,8 @@ def test_stage1_accumulation_gives_the_same_update(
 
     monkeypatch.setattr(engine, "grad_sync", spy_sync)
     micro = _stage1(tmp_path / "n4", digits_manifest, small_ae, spy, gradient_accumulation_steps=4)
-    # the field reached the trainer: each of the 3 steps ran 4 micro-batches of 16 / 4, DDP syncing on the last only
+    # the field reached the trainer: each of the 3 steps ran 4 micro-batches of 16 / 4, DDP syncing on the
+    # last only
     assert seen["batches"] == [4] * 12
     assert seen["sync"] == [False, False, False, True] * 3
     assert _same_update(
@@ -178,8 +180,8 @@ def _finetune(root, manifest, ae, ckpt, mode, micro, wrap_terms=None, steps=2, *
             "weight": 0.5,
         },
     ]
-    # rollout: 6 rollouts in 4 micro-batches (2, 2, 1, 1), noised for D; x0_pred: D scores only t < 500, so the
-    # micro-batches hold different numbers of scored samples
+    # rollout: 6 rollouts in 4 micro-batches (2, 2, 1, 1), noised for D; x0_pred: D scores only t < 500, so
+    # the micro-batches hold different numbers of scored samples
     stage2 = (
         {"generator_loss_mode": "rollout", "rollout_grad_steps": 2, "rollout_batch_size": 6}
         if mode == "rollout"
@@ -219,8 +221,10 @@ class Summed:
     to N times the batch's (the bug the comparisons must catch)."""
 
     def __init__(self, term, n: int):
-        self.term, self.n = term, n
-        self.weight, self.needs_discriminator = term.weight, term.needs_discriminator
+        self.term, self.n, self.weight = term, n, term.weight
+
+    def __getattr__(self, name):  # what the term declares: part, role, samples, needs_discriminator
+        return getattr(self.term, name)
 
     def __call__(self, outputs, ctx):
         return self.term(outputs, ctx) * self.n
@@ -273,6 +277,7 @@ def test_finetune_gradient_checkpointing_from_either_field(tmp_path, digits_mani
 # -- refusals ----------------------------------------------------------------------------------------------
 def test_refusals_name_the_field():
     from accelerate.utils import DistributedType
+
     from trainer.core.errors import UserError
     from trainer.parallel.engine import check_accumulation
     from trainer.stage2.finetune_trainer import check_grad_ratio_supported
@@ -338,8 +343,8 @@ def test_two_processes_with_accumulation(tmp_path, digits_manifest, small_ae, pl
 
 @pytest.mark.slow
 def test_two_processes_finetune_with_accumulation(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    """The stage-2 fine-tune under DDP at 2 processes (rollouts back-propagated through 2 steps, the first on the
-    unwrapped UNet): 2 micro-batches per process make the update of 1 (its draws are per process, so the
+    """The stage-2 fine-tune under DDP at 2 processes (rollouts back-propagated through 2 steps, the first on
+    the unwrapped UNet): 2 micro-batches per process make the update of 1 (its draws are per process, so the
     reference is the 2-process plain run, not a 1-process one)."""
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
 

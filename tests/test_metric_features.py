@@ -293,7 +293,8 @@ def test_classifier_command_bad_manifests_are_one_line(tmp_path, digits_manifest
         assert not (tmp_path / "c.pt").exists()
     cfg.write_text(yaml.safe_dump({"stage2": {"metric_features": "classifier"}}))
     assert _cli_error(capsys, ["classifier", str(cfg)]) == (
-        f"advdiff: error: {cfg}: stage2.metric_features: expected raw, classifier:PATH or inception:PATH, got "
+        f"advdiff: error: {cfg}: stage2.metric_features: "
+        "expected raw, classifier:PATH or inception:PATH, got "
         f'"classifier"'
     )
 

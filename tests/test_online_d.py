@@ -5,8 +5,8 @@ exactly, in one process, under DDP at 2 processes and under DeepSpeed ZeRO-2 at 
 import pandas as pd
 import pytest
 import torch
-
 from helpers import stage2_config
+
 from trainer.config.load import load_config
 
 ONLINE = {"mode": "online", "n_critic": 2, "noise_inputs": True, "r1_gamma": 0.1, "max_steps": 3}

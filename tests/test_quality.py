@@ -6,7 +6,6 @@ import sys
 
 import pandas as pd
 import pytest
-
 from helpers import REPO, run_cli, stage2_config
 
 SMALL = ["--num_samples", "24", "--discriminator_epochs", "1", "--diffusion_epochs", "2", "--device", "cpu"]

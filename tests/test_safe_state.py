@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO, stage2_config, tiny_config
 
 
@@ -184,6 +183,7 @@ def test_deepspeed_plain_data_classes_are_allowed(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is an extra")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+
     from trainer.files.read import check_torch_files
 
     torch.save(
@@ -193,7 +193,8 @@ def test_deepspeed_plain_data_classes_are_allowed(tmp_path):
     check_torch_files(tmp_path, "DeepSpeed state")
 
 
-# -- writing states a weights-only load reads back ------------------------------------------------------------
+# -- writing states a weights-only load reads back
+# ------------------------------------------------------------
 class Mode(enum.IntEnum):
     A = 3
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import yaml
-
 from helpers import LAUNCH_PROBE, REPO, free_port, run_cli, stage2_config
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import yaml
-
 from helpers import run_cli
+
 from trainer.cli.main import main
 from trainer.config.load import load_config
 
@@ -85,7 +85,8 @@ def test_seed_words_load_into_the_advdiff_config(tmp_path):
     assert sorted(said) == sorted(
         [
             f"{path}: scheduler.type: CosineScheduler read as cosine (write scheduler.type: cosine)",
-            f"{path}: training.scheduler.type: CosineScheduler read as cosine (write training.scheduler.type: cosine)",
+            f"{path}: training.scheduler.type: CosineScheduler read as cosine "
+            "(write training.scheduler.type: cosine)",
             f"{path}: unet.cond_channels: 0 is what advdiff always does; key ignored",
             f"{path}: unet.fusion_mode: none is what advdiff always does; key ignored",
             f"{path}: training.use_weighted_sampling: false is what advdiff always does; key ignored",
@@ -125,7 +126,8 @@ def test_seed_words_through_overrides_and_the_cli(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert yaml.safe_load(out)["scheduler"]["type"] == "linear"
     assert err.splitlines() == [
-        f"advdiff: warning: {path}: scheduler.type: LinearScheduler read as linear (write scheduler.type: linear)",
+        f"advdiff: warning: {path}: scheduler.type: LinearScheduler read as linear "
+        "(write scheduler.type: linear)",
         f"advdiff: warning: {path}: unet.fusion_mode: none is what advdiff always does; key ignored",
     ]
 

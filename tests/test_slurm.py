@@ -15,7 +15,6 @@ from datetime import datetime
 
 import pytest
 import torch
-
 from helpers import (
     REPO,
     accelerate_launch,

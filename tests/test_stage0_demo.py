@@ -3,8 +3,8 @@
 import pytest
 import torch
 import yaml
-
 from helpers import run_cli
+
 from trainer.config.load import load_config
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import LAUNCH_PROBE, accelerate_launch, tiny_config
+
 from trainer.config.load import load_config
 
 
@@ -51,6 +51,7 @@ def test_resume_refuses_a_changed_config(tmp_path, digits_manifest, small_ae):
 
 def test_stage1_outputs_and_sample_grid(tmp_path, digits_manifest, small_ae):
     from PIL import Image
+
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
 
     out = _train(tiny_config(tmp_path, digits_manifest, small_ae))

@@ -4,8 +4,8 @@ gradient in both modes, loud resume, and resume equivalence of the diffusion pha
 import numpy as np
 import pytest
 import torch
-
 from helpers import LAUNCH_PROBE, accelerate_launch, files_under, run_cli, spec_layout, stage2_config
+
 from trainer.config.load import load_config
 
 SPEC_FLAGS = [
@@ -32,8 +32,8 @@ SPEC_FLAGS = [
 
 def extras(name: str, iterations: int) -> set:
     """Files beyond the documented layout: the best D, D's resume state, the per-iteration sample grid (and
-    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run started with, the time by phase, the result
-    as a pipeline folder, and the run's report page."""
+    the stage-1 model's, sampled the same way), the quality summary, the record of the config fields the run
+    started with, the time by phase, the result as a pipeline folder, and the run's report page."""
     paths = {
         f"{name}_summary.csv",
         f"{name}_summary.png",
@@ -284,7 +284,8 @@ def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind=
 def test_adversarial_term_has_gradient_wrt_unet(
     tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, kind, conditioned
 ):
-    from trainer.training.losses import CompositeLoss, DiscriminatorLoss
+    from trainer.training.composite import CompositeLoss
+    from trainer.training.losses import DiscriminatorLoss
 
     trainer, d = _finetune_trainer(
         tmp_path, digits_manifest, small_ae, stage1_ckpt, mode, 1.0, kind, conditioned
@@ -305,9 +306,9 @@ def test_zero_weight_adversarial_term_is_left_out(tmp_path, digits_manifest, sma
         trainer, d = _finetune_trainer(tmp_path / mode, digits_manifest, small_ae, stage1_ckpt, mode, 0.0)
         assert not trainer.loss.needs_discriminator
         calls = []
-        d.register_forward_hook(lambda *a: calls.append(1))
+        d.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         forwards = []
-        trainer.unet.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+        trainer.unet.register_forward_hook(lambda m, i, o, seen=forwards: seen.append(i[0].shape[0]))
         loss, parts, n = trainer.compute_loss(0)
         assert calls == [] and parts["adv"] == 0.0
         assert forwards == [n], "no rollout: one UNet forward over the MSE batch alone"

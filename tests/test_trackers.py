@@ -4,17 +4,15 @@ and what TensorBoard and wandb (offline) actually recorded, read back with their
 with the CSVs the run wrote."""
 
 import csv
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
 from helpers import run_cli, stage2_config, write_config
+
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
 from trainer.parallel.accelerator import (
@@ -145,7 +143,7 @@ def _sequence(cfg, iterations: int) -> list[int]:
 def test_tracker_steps_increase_through_every_phase(tmp_path, overrides):
     cfg = load_config(write_config(tmp_path), overrides)
     steps = _sequence(cfg, 3)
-    assert all(b > a for a, b in zip(steps, steps[1:])) and steps[0] == 1
+    assert all(b > a for a, b in zip(steps, steps[1:], strict=False)) and steps[0] == 1
     # the only steps never logged: iterations 1 and 2's copy of the slot of the stage-1 summary row
     d, g = stage2_phase_steps(cfg)
     origin = cfg.autoencoder.training.max_steps + cfg.training.max_steps
@@ -161,8 +159,8 @@ def test_phase_steps_are_what_the_trainers_run(tmp_path, digits_manifest, small_
 
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
     from trainer.diffusion.schedule import Schedule
-    from trainer.parallel.accelerator import build_accelerator
     from trainer.files.layout import RunLayout
+    from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.discriminator_trainer import DiscriminatorTrainer
     from trainer.stage2.finetune_trainer import FinetuneTrainer
     from trainer.stage2.generation import stratified_split
@@ -340,7 +338,11 @@ def test_tensorboard_and_wandb_hold_every_csv_column_at_one_increasing_step(
                     got,
                     expected,
                 )
-                assert all(_close(a, b) for (_, a), (_, b) in zip(got, expected)), (tag, got, expected)
+                assert all(_close(a, b) for (_, a), (_, b) in zip(got, expected, strict=False)), (
+                    tag,
+                    got,
+                    expected,
+                )
             checked += 1
     assert checked >= 25
     # the phases end where the layout's next phase begins: the trainers ran the steps it reserves

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from trainer.training.composite import CompositeLoss
 from trainer.training.ema import EMA
 from trainer.training.losses import (
     REGISTRY,
-    CompositeLoss,
     DiscriminatorLoss,
     MSELoss,
     d_loss,
@@ -305,12 +305,12 @@ def test_ema_state_dict_round_trip():
     b = EMA([torch.zeros(3), torch.zeros(2, 2)], decay=0.5)
     b.load_state_dict(state)
     assert b.decay == 0.95 and b.num_updates == 4 and b.current_decay() == a.current_decay()
-    assert all(torch.equal(x, y) for x, y in zip(a.shadow, b.shadow))
+    assert all(torch.equal(x, y) for x, y in zip(a.shadow, b.shadow, strict=True))
     # and the two go on identically
     update = [torch.randn_like(p) for p in params]
     a.step(update)
     b.step(update)
-    assert all(torch.equal(x, y) for x, y in zip(a.shadow, b.shadow))
+    assert all(torch.equal(x, y) for x, y in zip(a.shadow, b.shadow, strict=True))
 
 
 def test_ema_follows_the_model_to_its_device():
@@ -339,7 +339,7 @@ def test_cosine_endpoints_and_midpoint():
     assert cosine_with_warmup(total + 10, warmup, total) == pytest.approx(0.0, abs=1e-12)  # and stays there
     assert cosine_with_warmup(5, warmup, total) == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
     decay = [cosine_with_warmup(s, warmup, total) for s in range(warmup, total + 1)]
-    assert all(x > y for x, y in zip(decay, decay[1:]))  # strictly decreasing
+    assert all(x > y for x, y in zip(decay, decay[1:], strict=False))  # strictly decreasing
 
 
 def test_cosine_without_warmup():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from trainer.config.loss_types import LOSS_TYPES
 from trainer.config.schema import error_at, option, to_dict
 from trainer.config.sections_io import DatasetConfig, DatasetOutputs, DiffusionConfig, ExperimentConfig
 from trainer.config.sections_models import (
@@ -30,12 +31,6 @@ from trainer.config.sections_stage2 import (
     Stage2Config,
 )
 
-# The loss terms a config may name, and the step outputs each may read (trainer.training.losses
-# implements them; a test checks the two agree).
-LOSS_TYPES = ("MSELoss", "DiscriminatorLoss")
-MSE_KEYS = ("pred_noise", "noise", "pred_latent", "latent", "model_output", "model_target")
-D_KEYS = ("latent", "pred_latent")
-
 
 @dataclass
 class LRScheduleConfig:
@@ -51,13 +46,13 @@ class LossTerm:
     weight: float = option(1.0, "Weight of the term in the sum.", ge=0)
 
     def check(self, where, prefix):
-        if self.type not in LOSS_TYPES:
+        rule = LOSS_TYPES.get(self.type)
+        if rule is None:
             raise error_at(where, f"{prefix}.type", "one of " + ", ".join(LOSS_TYPES), self.type)
-        keys = D_KEYS if self.type == "DiscriminatorLoss" else MSE_KEYS
-        if self.key not in keys:
-            raise error_at(where, f"{prefix}.key", "one of " + ", ".join(keys), self.key)
-        if self.type == "MSELoss" and self.target not in MSE_KEYS:
-            raise error_at(where, f"{prefix}.target", "one of " + ", ".join(MSE_KEYS), self.target)
+        if self.key not in rule.keys:
+            raise error_at(where, f"{prefix}.key", "one of " + ", ".join(rule.keys), self.key)
+        if rule.targets is not None and self.target not in rule.targets:
+            raise error_at(where, f"{prefix}.target", "one of " + ", ".join(rule.targets), self.target)
 
 
 @dataclass
@@ -229,7 +224,6 @@ __all__ = [
     "AutoencoderModelConfig",
     "AutoencoderTrainConfig",
     "Config",
-    "D_KEYS",
     "DatasetConfig",
     "DatasetOutputs",
     "DiffusionConfig",
@@ -241,7 +235,6 @@ __all__ = [
     "LRScheduleConfig",
     "LossConfig",
     "LossTerm",
-    "MSE_KEYS",
     "PerformanceConfig",
     "SchedulerConfig",
     "Stage2Config",

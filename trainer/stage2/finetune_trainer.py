@@ -9,6 +9,10 @@ The sample D scores comes from the distribution D was trained on:
 With `discriminator.training.mode: online` D is not frozen for the whole phase: before each generator
 step it takes n_critic steps on fresh rollouts of the current weights (stage2/online.py), and it is
 frozen only during the generator step itself.
+
+The loss, its logged parts, the gradient-norm ratio and the adaptive weight are the CompositeLoss's
+(trainer/training/composite.py); this module makes what it reads (the samples: rollouts.py) and steps.
+Validation is finetune_validation.py.
 """
 
 from __future__ import annotations
@@ -23,44 +27,23 @@ import torch
 from models.unet import unet_from_config, unet_sample_shape
 from trainer.core.errors import UserError
 from trainer.diffusion.checkpoints import export_blob
-from trainer.diffusion.noise import (
-    batch_noise_and_timesteps,
-    eta_generators,
-    noised_inputs,
-    per_sample_noise,
-    per_sample_timesteps,
-)
-from trainer.diffusion.sampling import ddim_step
+from trainer.diffusion.noise import batch_noise_and_timesteps
+from trainer.files import atomic
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
-from trainer.parallel.collectives import Totals, all_reduce_sum, shard_range
-from trainer.files import atomic
+from trainer.parallel.collectives import shard_range
+from trainer.stage2.finetune_validation import FinetuneValidation
 from trainer.stage2.online import OnlineDiscriminator
-from trainer.training.ema import EMA, sync_eval_copy
+from trainer.stage2.rollouts import Rollouts
+from trainer.training.composite import CompositeLoss
+from trainer.training.ema import EMA
 from trainer.training.loop import StepTrainer, draw_local, local_weight
-from trainer.training.losses import CompositeLoss, g_loss_terms, grad_norm_ratio
 from trainer.training.optim import build_lr_schedule, build_optimizer
-
-METRIC_FIELDS = [
-    "epoch",
-    "step",
-    "train_loss",
-    "train_mse",
-    "train_adv",
-    "val_loss",
-    "val_mse",
-    "val_adv",
-    "d_prob_fake",
-    "lr",
-    "seconds",
-    "d_val_acc",
-    "adv_weight",
-    "nonfinite_skipped",
-]
 
 
 def check_grad_ratio_supported(acc, s2, micro_batches: int = 1) -> None:
-    """The gradient-norm ratio takes whole-batch gradients outside the backward: not in DeepSpeed or micro-batches."""
+    """The gradient-norm ratio takes whole-batch gradients outside the backward: not in DeepSpeed or
+    micro-batches."""
     if s2.grad_ratio_weight and (engine.is_deepspeed(acc) or micro_batches > 1):
         raise UserError(
             "stage2.grad_ratio_weight: takes the whole batch's gradients outside the backward, which "
@@ -68,9 +51,25 @@ def check_grad_ratio_supported(acc, s2, micro_batches: int = 1) -> None:
         )
 
 
-class FinetuneTrainer(StepTrainer):
-    history_fields = METRIC_FIELDS
+def finetune_columns(loss: CompositeLoss) -> list[str]:
+    """The fine-tune history's columns; the loss names its parts' (train_mse, train_adv, val_mse, ...)."""
+    return [
+        "epoch",
+        "step",
+        "train_loss",
+        *loss.columns("train"),
+        "val_loss",
+        *loss.columns("val"),
+        "d_prob_fake",
+        "lr",
+        "seconds",
+        "d_val_acc",
+        "adv_weight",
+        "nonfinite_skipped",
+    ]
 
+
+class FinetuneTrainer(FinetuneValidation, StepTrainer):
     def __init__(
         self,
         acc,
@@ -166,8 +165,10 @@ class FinetuneTrainer(StepTrainer):
             layout.online_engine_state(k),
         )
         self.quality = quality
+        self.loss = CompositeLoss.from_config(t.loss, balance=s2)
+        self.history_fields = finetune_columns(self.loss)
         if quality is not None:
-            self.history_fields = METRIC_FIELDS + ["val_latent_fd"]
+            self.history_fields = self.history_fields + ["val_latent_fd"]
         elif s2.best_metric == "val_latent_fd":
             raise ValueError("best_metric val_latent_fd needs a quality measure")
 
@@ -192,11 +193,9 @@ class FinetuneTrainer(StepTrainer):
         self.sched = build_lr_schedule(opt, s2.warmup_steps, max_steps, t.scheduler.type)
         self.ddp_unet, self.opt = engine.prepare(acc, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(acc.device)
-        self.loss = CompositeLoss.from_config(t.loss)
         self.d = d
-        if s2.grad_ratio_weight:
-            check_grad_ratio_supported(acc, s2, t.gradient_accumulation_steps)
-            self.history_fields = self.history_fields + ["train_adv_ratio"]
+        check_grad_ratio_supported(acc, s2, t.gradient_accumulation_steps)
+        self.history_fields = self.history_fields + self.loss.ratio_columns
         self.online = None
         if self.online_mode:  # D trains beside the UNet; frozen only inside the generator step
             self.online = OnlineDiscriminator(acc, cfg, d)
@@ -205,50 +204,16 @@ class FinetuneTrainer(StepTrainer):
         elif d is not None:
             d.requires_grad_(False)  # frozen: gradients reach the UNet through D, never D itself
             self.d = d.to(acc.device).eval()
-        self.ddim = schedule.ddim()
+        self.rollouts = Rollouts(acc, cfg, schedule, self.latent_shape)
         self.t0 = time.time()
-
-    # -- sampling pieces -------------------------------------------------------------------------
-    def _rollout_start(self, model, idx, parts):
-        """Noise for rollout indices, DDIM up to the last step; the last K-1 steps keep gradients."""
-        s2 = self.cfg.stage2
-        x = per_sample_noise(idx, self.latent_shape, *parts).to(self.acc.device)
-        self.ddim.set_timesteps(s2.generation_steps, device=x.device)
-        steps = list(self.ddim.timesteps)
-        k = min(s2.rollout_grad_steps, len(steps))
-        gens = eta_generators(idx, *parts) if s2.eta > 0 else None
-        with torch.no_grad(), self.acc.autocast():
-            for t in steps[: len(steps) - k]:
-                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
-        with self.acc.autocast():
-            for t in steps[len(steps) - k : -1]:
-                # Earlier grad steps run on the unwrapped module; their parameter gradients are summed
-                # into the same leaves before DDP's hooks fire on the final, wrapped forward.
-                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
-        return x, steps[-1], gens
-
-    def _outputs(self, model_output, x_t, t, x0, noise):
-        pred_noise, pred_latent = self.schedule.predictions(model_output, x_t, t)
-        return {
-            "pred_noise": pred_noise,
-            "noise": noise,
-            "pred_latent": pred_latent,
-            "latent": x0,
-            "model_output": model_output,
-            "model_target": self.schedule.target(x0, noise, t),
-        }
-
-    def _x0_pred_mask(self, t):
-        return t < int(self.cfg.stage2.x0_pred_max_timestep * self.schedule.num_steps)
 
     # -- the step ----------------------------------------------------------------------------------
     def train_step(self, step):
         logs = self.critic_steps(step) if self.online is not None else {}
         of, done = self.cfg.training.gradient_accumulation_steps, []
 
-        def micro(
-            i,
-        ):  # micro-batch i's loss (the whole batch's without accumulation), run inside apply_update
+        # micro-batch i's loss (the whole batch's without accumulation), run inside apply_update
+        def micro(i):
             loss, parts, n = self.compute_loss(step, i, of)
             done.append((float(loss.detach()), parts))
             return loss * local_weight(n, self.batch, self.world)
@@ -263,48 +228,25 @@ class FinetuneTrainer(StepTrainer):
                 self.cfg.training.max_grad_norm,
                 self.ema,
             )
-        parts = {key: sum(p[key] for _, p in done) for key in done[0][1]}  # mse, adv (and adv_ratio)
+        parts = {key: sum(p[key] for _, p in done) for key in done[0][1]}  # the loss's parts, adv_ratio
         return {"loss": sum(x for x, _ in done), **parts, **logs}
 
     def critic_steps(self, step) -> dict:
-        """Online mode: n_critic D updates on fresh rollouts of the current weights against this rank's reals."""
-        td = self.cfg.discriminator.training
-        online, sums = self.online, {"d_loss": 0.0, "d_acc": 0.0}
-        mine = list(shard_range(online.half, self.rank, self.world))
-        model = engine.forward_module(self.acc, self.ddp_unet, self.unet)
-        for c in range(td.n_critic):
-            parts = (self.seed, self.stage, "critic", step, c)
-            with torch.no_grad():
-                x, t_last, gens = self._rollout_start(model, mine, (*parts, "rollout"))
-                with self.acc.autocast():
-                    fake = ddim_step(
-                        self.ddim, model(x, t_last).sample, t_last, x, self.cfg.stage2.eta, gens
-                    ).float()
+        """Online mode: the online D's n_critic updates before generator step `step`."""
+
+        def reals(n, draw):  # n of this rank's training reals, the phase's draw-th critic draw
             pos = draw_local(
-                self.tr,
-                len(mine),
-                step * td.n_critic + c,
-                self.per_epoch,
-                self.seed,
-                self.stage,
-                "critic-real",
-                self.rank,
+                self.tr, n, draw, self.per_epoch, self.seed, self.stage, "critic-real", self.rank
             )
-            real = self.real[pos].to(self.acc.device).float()
-            real_t = fake_t = None
-            if td.noise_inputs:
-                real, real_t = noised_inputs(self.schedule, real, mine, td.noise_max_timestep, *parts, "real")
-                fake, fake_t = noised_inputs(self.schedule, fake, mine, td.noise_max_timestep, *parts, "fake")
-            out = online.step(
-                real, real_t, fake, fake_t, local_weight(2 * len(mine), 2 * online.half, self.world)
-            )
-            for key in sums:
-                sums[key] += out[key] / td.n_critic
-        return sums
+            return self.real[pos].to(self.acc.device).float()
+
+        model = engine.forward_module(self.acc, self.ddp_unet, self.unet)
+        return self.online.critic_steps(step, model, self.rollouts, reals, self.seed, self.stage)
 
     def compute_loss(self, step, i=0, of=1):
-        """The composite loss of `step` on this rank: (loss, parts, local batch size); with of > 1, that of micro-batch
-        i of the same samples and draws, each term scaled by its share of the term's samples: they add up."""
+        """The composite loss of `step` on this rank: (loss, parts, local batch size); with of > 1, that of
+        micro-batch i of the same samples and draws, each term scaled by its share of the term's samples:
+        they add up."""
         s2 = self.cfg.stage2
         n_local = len(shard_range(self.batch, self.rank, self.world))
         pos = draw_local(self.tr, n_local, step, self.per_epoch, self.seed, self.stage, "epoch", self.rank)
@@ -314,18 +256,18 @@ class FinetuneTrainer(StepTrainer):
         )
         mb, kept = (
             np.array_split(np.arange(len(pos)), of)[i],
-            int(self._x0_pred_mask(t).sum()),
+            int(self.rollouts.x0_pred_mask(t).sum()),
         )  # mb: all if of == 1
         x0, noise, t = (v[mb].to(self.acc.device) for v in (x0, noise, t))
         x_t = self.schedule.add_noise(x0, noise, t)
-        adv = self.loss.needs_discriminator
+        generated, generated_share = self.loss.needs_generated, 1.0
         inputs, ts = [x_t], [t]
-        rollout = adv and s2.generator_loss_mode == "rollout"
+        rollout = generated and s2.generator_loss_mode == "rollout"
         if rollout:
             every = list(shard_range(s2.rollout_batch_size or self.batch, self.rank, self.world))
             mine = np.array_split(np.asarray(every, dtype=np.int64), of)[i].tolist()
-            adv_share = len(mine) / max(len(every), 1)
-            x_r, t_last, gens = self._rollout_start(
+            generated_share = len(mine) / max(len(every), 1)
+            x_r, t_last, gens = self.rollouts.start(
                 engine.forward_module(self.acc, self.ddp_unet, self.unet),
                 mine,
                 (self.seed, self.stage, "rollout", step),
@@ -336,174 +278,32 @@ class FinetuneTrainer(StepTrainer):
             # One wrapped forward for the MSE batch and the rollouts' last step: DDP sees one graph.
             out = self.ddp_unet(torch.cat(inputs), torch.cat(ts)).sample.float()
         n = x0.shape[0]
-        outputs = self._outputs(out[:n], x_t, t, x0, noise)
+        outputs = self.rollouts.outputs(out[:n], x_t, t, x0, noise)
         if rollout:
-            outputs["generated"] = ddim_step(self.ddim, out[n:], t_last, x_r, s2.eta, gens)
-            outputs["generated_t"] = None
-            td = self.cfg.discriminator.training
-            if (
-                td.noise_inputs
-            ):  # D scores the sample forward-noised, as it was trained (still differentiable)
-                outputs["generated"], outputs["generated_t"] = noised_inputs(
-                    self.schedule,
-                    outputs["generated"].float(),
-                    mine,
-                    td.noise_max_timestep,
-                    self.seed,
-                    self.stage,
-                    "generated",
-                    step,
-                )
-        elif adv:
-            keep = self._x0_pred_mask(t)
+            outputs["generated"], outputs["generated_t"] = self.rollouts.for_discriminator(
+                self.rollouts.last_step(out[n:], t_last, x_r, gens),
+                mine,
+                self.seed,
+                self.stage,
+                "generated",
+                step,
+            )
+        elif generated:
+            keep = self.rollouts.x0_pred_mask(t)
             outputs["generated"] = outputs["pred_latent"][keep]
             outputs["generated_t"] = t[keep]
-            adv_share = int(keep.sum()) / max(kept, 1)  # of the batch's samples in the x0_pred range
-        ctx = {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss}
-        if s2.grad_ratio_weight and adv:
-            anchor, adversarial = self.loss.parts(outputs, ctx)
-            if anchor is not None:
-                ratio = grad_norm_ratio(anchor, adversarial, self.unet.conv_out.weight, s2.grad_ratio_max)
-                ratio = all_reduce_sum(ratio.reshape(1).float()) / self.world  # every rank weighs alike
-                loss = anchor + ratio[0] * adversarial
-                # logged like CompositeLoss's parts: the terms' unweighted values
-                w_mse = sum(x.weight for x in self.loss.terms if not x.needs_discriminator)
-                w_adv = sum(x.weight for x in self.loss.terms if x.needs_discriminator)
-                return (
-                    loss,
-                    {
-                        "mse": float(anchor.detach()) / w_mse,
-                        "adv": float(adversarial.detach()) / w_adv,
-                        "adv_ratio": float(ratio[0]),
-                    },
-                    n,
-                )
-        loss, parts = 0.0, {"mse": 0.0, "adv": 0.0}
-        for (
-            term
-        ) in self.loss.terms:  # CompositeLoss's sum, each term scaled by its share (1 without accumulation)
-            value = term(outputs, ctx) * (adv_share if term.needs_discriminator else n / len(pos))
-            loss = loss + term.weight * value
-            parts["adv" if term.needs_discriminator else "mse"] += float(value.detach())
+            generated_share = int(keep.sum()) / max(kept, 1)  # of the batch's samples in the x0_pred range
+        loss, parts = self.loss(
+            outputs,
+            self.loss_context(),
+            shares={"batch": n / len(pos), "generated": generated_share},
+            ratio_at=self.unet.conv_out.weight,
+            world=self.world,
+        )
         return loss, parts, len(pos)
 
-    # -- validation --------------------------------------------------------------------------------
-    def _eval_model(self):
-        return sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
-
-    @torch.no_grad()
-    def evaluate(self):
-        if self.online is None:
-            return self._evaluate()
-        self.d.eval()
-        try:
-            return self._evaluate()
-        finally:
-            self.d.train()
-
-    def _evaluate(self):
-        s2 = self.cfg.stage2
-        model = self._eval_model()
-        # adv/prob/fake_correct over generated samples (n_gen), real_correct over reals (n_real)
-        sums = Totals(
-            [
-                "mse_weighted",
-                "mse_raw",
-                "n_val",
-                "adv",
-                "prob",
-                "n_gen",
-                "fake_correct",
-                "real_correct",
-                "n_real",
-            ],
-            self.acc.device,
-        )
-        mse_terms = [term for term in self.loss.terms if not term.needs_discriminator]
-        for s in range(0, len(self.va), 256):
-            pos = self.va[s : s + 256]
-            x0 = self.real[pos].to(self.acc.device)
-            idx = self.va_global[s : s + 256]
-            noise = per_sample_noise(idx, self.latent_shape, self.seed, "gval", self.k).to(x0.device)
-            t = per_sample_timesteps(idx, self.schedule.num_steps, self.seed, "gval-t", self.k).to(x0.device)
-            x_t = self.schedule.add_noise(x0, noise, t)
-            with self.acc.autocast():
-                out = model(x_t, t).sample.float()
-            outputs = self._outputs(out, x_t, t, x0, noise)
-            for term in mse_terms:
-                per = ((outputs[term.key].float() - outputs[term.target].float()) ** 2).flatten(1).mean(1)
-                sums.add("mse_weighted", term.weight * per.sum())
-                sums.add("mse_raw", per.sum())
-            sums.add("n_val", len(pos))
-            if self.d is not None and s2.generator_loss_mode == "x0_pred":
-                keep = self._x0_pred_mask(t)
-                self._score(outputs["pred_latent"][keep], t[keep], sums)
-                self._score_real(x0[keep], t[keep], sums)
-            elif self.d is not None:
-                self._score_real(x0, None, sums)
-        if self.d is not None and s2.generator_loss_mode == "rollout":
-            mine = list(shard_range(s2.val_samples, self.rank, self.world))
-            if mine:
-                x, t_last, gens = self._rollout_start(model, mine, (self.seed, "gval-rollout", self.k))
-                with self.acc.autocast():
-                    x = ddim_step(self.ddim, model(x, t_last).sample, t_last, x, s2.eta, gens)
-                self._score(x, None, sums)
-        s = sums.reduced()
-        n_val, n_gen, n_real = max(s["n_val"], 1), s["n_gen"], s["n_real"]
-        val_adv = s["adv"] / n_gen if n_gen else float("nan")
-        adv_weight = sum(term.weight for term in self.loss.terms if term.needs_discriminator)
-        d_acc = (
-            0.5 * (s["fake_correct"] / n_gen + s["real_correct"] / n_real)
-            if n_gen and n_real
-            else float("nan")
-        )
-        row = {
-            "epoch": round(self.step / self.per_epoch, 4),
-            "val_loss": s["mse_weighted"] / n_val + adv_weight * (val_adv if n_gen else 0.0),
-            "val_mse": s["mse_raw"] / n_val,
-            "val_adv": val_adv,
-            "d_prob_fake": s["prob"] / n_gen if n_gen else float("nan"),
-            "lr": self.sched.get_last_lr()[0],
-            "seconds": round(time.time() - self.t0, 2),
-            "d_val_acc": d_acc,
-            "adv_weight": adv_weight,
-        }
-        if self.quality is not None:
-            row["val_latent_fd"] = self.quality(model)
-        self._adapt(d_acc)
-        return row
-
-    @torch.no_grad()
-    def baseline(self):
-        """The starting weights' quality, when the best checkpoint is chosen by it."""
-        if self.quality is None or self.cfg.stage2.best_metric != "val_latent_fd":
-            return None
-        return {"val_latent_fd": self.quality(self._eval_model())}
-
-    def _adapt(self, d_acc: float) -> None:
-        """Keep D's accuracy in the band: push harder when D wins, ease off when it is fooled."""
-        s2 = self.cfg.stage2
-        if not s2.adaptive_weight or d_acc != d_acc:
-            return
-        low, high = s2.adaptive_band
-        factor = s2.adaptive_factor if d_acc > high else (1 / s2.adaptive_factor if d_acc < low else 1.0)
-        for term in self.loss.terms:
-            if term.needs_discriminator:
-                term.weight *= factor
-
-    def _score_real(self, z, t, sums):
-        if len(z):
-            sums.add("real_correct", (self.d(z, t) > 0).sum())
-            sums.add("n_real", len(z))
-
-    def _score(self, z, t, sums):
-        if len(z) == 0:
-            return
-        logits = self.d(z, t).float()
-        sums.add("adv", g_loss_terms(self.cfg.discriminator.training.loss, logits).sum())
-        sums.add("prob", torch.sigmoid(logits).sum())
-        sums.add("n_gen", len(z))
-        sums.add("fake_correct", (logits < 0).sum())
+    def loss_context(self) -> dict:
+        return {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss}
 
     # -- state and exports -------------------------------------------------------------------------
     def model_state(self):
@@ -511,7 +311,7 @@ class FinetuneTrainer(StepTrainer):
             "optimizer": self.optimizer_state(self.opt),
             "lr_scheduler": self.sched.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "adv_weights": [term.weight for term in self.loss.terms],
+            "loss": self.loss.state_dict(),
         }
         if self.online is not None:
             state["online_d"] = self.online.state(self.online_engine_path)
@@ -530,8 +330,8 @@ class FinetuneTrainer(StepTrainer):
                 )
             self.online.load_state(state["online_d"], self.online_engine_path)
         self.load_optimizer_state(self.opt, state["optimizer"])
-        for term, weight in zip(self.loss.terms, state.get("adv_weights", [])):
-            term.weight = weight
+        # states written before the loss kept its own state hold its weights in `adv_weights` here
+        self.loss.load_state_dict(state.get("loss", state))
         self.sched.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from trainer.core.errors import UserError
+from trainer.diffusion.noise import noised_inputs
 from trainer.files import atomic
 from trainer.files.read import check_torch_files
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
-from trainer.parallel.collectives import all_reduce_sum
+from trainer.parallel.collectives import all_reduce_sum, shard_range
 from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, d_inputs
+from trainer.training.loop import local_weight
 from trainer.training.losses import d_loss, r1_term
 from trainer.training.optim import build_optimizer
 
@@ -90,6 +92,29 @@ class OnlineDiscriminator:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"d_loss": float(loss.detach()), "d_acc": float(acc_)}
+
+    def critic_steps(self, step, model, rollouts, draw_reals, seed, stage) -> dict:
+        """The n_critic D updates before generator step `step` (call on every rank): each on fresh rollouts
+        of `model` (rollouts: stage2/rollouts.py) against reals, draw_reals(n, i) giving n of this rank's
+        reals for the phase's i-th critic draw. Returns the mean d_loss and d_acc."""
+        td = self.cfg.discriminator.training
+        world = self.main_acc.num_processes
+        sums = {"d_loss": 0.0, "d_acc": 0.0}
+        mine = list(shard_range(self.half, self.main_acc.process_index, world))
+        for c in range(td.n_critic):
+            parts = (seed, stage, "critic", step, c)
+            with torch.no_grad():
+                fake = rollouts.sample(model, mine, (*parts, "rollout")).float()
+            real = draw_reals(len(mine), step * td.n_critic + c)
+            real_t = fake_t = None
+            if td.noise_inputs:
+                schedule, top = rollouts.schedule, td.noise_max_timestep
+                real, real_t = noised_inputs(schedule, real, mine, top, *parts, "real")
+                fake, fake_t = noised_inputs(schedule, fake, mine, top, *parts, "fake")
+            out = self.step(real, real_t, fake, fake_t, local_weight(2 * len(mine), 2 * self.half, world))
+            for key in sums:
+                sums[key] += out[key] / td.n_critic
+        return sums
 
     # -- state -------------------------------------------------------------------------------------
     def state(self, engine_folder) -> dict:

@@ -5,11 +5,8 @@ All randomness in a step is derived from (seed, stage, step), never from a runni
 resumed at step k draws exactly what the uninterrupted run drew. The state is written by the main
 process only (under DDP every rank holds identical model and optimizer state), atomically.
 
-Non-finite steps: `StepTrainer.apply_update` skips a step whose loss (on any rank) or gradient norm
-is NaN/Inf, on every rank alike, counts it (`nonfinite_skipped`: resume state and history column)
-and stops the run with a UserError after `training.max_nonfinite_steps` skipped steps in a row,
-leaving the checkpoint files from before them untouched. Tests inject NaN losses through
-trainer.core.faults (ADVDIFF_INJECT_NAN).
+A step ends with `apply_update` (trainer/training/update.py), which skips non-finite steps; their
+counters are part of the resume state and the history (`nonfinite_skipped`).
 """
 
 from __future__ import annotations
@@ -26,22 +23,13 @@ from trainer.core.errors import UserError
 from trainer.core.log import Logger
 from trainer.core.progress import bar
 from trainer.core.seeds import derive_seed, generator
+from trainer.files import atomic, read
 from trainer.parallel import engine, preempt
 from trainer.parallel.accelerator import tracker_step
 from trainer.parallel.collectives import all_reduce_sum, barrier, shard_range
-from trainer.files import atomic, read
+from trainer.training.update import GuardedUpdate
 
 STATE_FORMAT = "advdiff.state"
-
-
-def grad_norm(parameters) -> torch.Tensor:
-    """The total L2 norm of the parameters' gradients (what clip_grad_norm_ returns), without clipping."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
 
 
 def batch_indices(train_idx: np.ndarray, batch: int, step: int, seed: int, stage: str) -> np.ndarray:
@@ -75,7 +63,7 @@ def local_weight(n_local: int, n_global: int, world: int) -> float:
     return n_local * world / n_global
 
 
-class StepTrainer:
+class StepTrainer(GuardedUpdate):
     """Subclasses implement train_step, evaluate, the state hooks and export.
 
     stage: the name in log lines, seeds and fault points (stage0, stage1, stage2_d0, stage2_g1, ...);
@@ -143,99 +131,6 @@ class StepTrainer:
         """Write the `tag` ("best" or "latest") export. Called on every rank (weights may need a
         gather); only the main process writes."""
         raise NotImplementedError
-
-    def apply_update(self, loss, wrapped, plain, opt, sched, max_grad_norm: float, ema=None) -> bool:
-        """Backward, clip (DeepSpeed clips inside its own step), step the optimizer and LR schedule (if
-        any), and update the EMA of `plain`'s weights (gathered first under ZeRO-3). Call on every rank.
-
-        Guarded against non-finite values; returns False when the step was skipped:
-        - loss: a per-rank NaN/Inf flag is all-reduced before backward, so if any rank's loss is
-          non-finite no rank runs backward or the optimizer step (DDP cannot hang on a missing
-          gradient all-reduce, and DeepSpeed never sees the step).
-        - gradient (not under DeepSpeed, nor with fp16's GradScaler): the total gradient norm after
-          backward (clip_grad_norm_'s, or computed when clipping is off) must be finite, else the
-          optimizer step is skipped. DeepSpeed owns its (possibly partitioned) gradients and its fp16
-          loss scaler skips overflowing steps itself; accelerate's GradScaler does the same for fp16
-          without DeepSpeed (an overflow there is routine, lowers the scale and is not counted).
-        A skipped step leaves weights, optimizer, LR schedule and EMA exactly as they were (the
-        schedule counts applied updates, as accelerate and DeepSpeed do for fp16 overflow skips);
-        the step counter still advances, so the data drawn later is that of an uninterrupted run.
-        `loss`: a tensor, or micro-batches (gradient accumulation): callables, each returning its loss share.
-        """
-        micro = [loss] if torch.is_tensor(loss) else list(loss)
-        for i, part in enumerate(
-            micro
-        ):  # gradients add up; DDP all-reduces them on the last micro-batch only
-            with engine.grad_sync(self.acc, wrapped, i == len(micro) - 1):
-                part = part if torch.is_tensor(part) else part()
-                if faults.nan_injected(self.stage, self.step + 1, self.rank):
-                    part = part * float("nan")
-                bad = self._nonfinite_ranks(part)
-                if bad:
-                    opt.zero_grad(set_to_none=True)
-                    self._skip_step(
-                        f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
-                    )
-                    return False
-                self.acc.backward(part)
-        deepspeed = engine.is_deepspeed(self.acc)
-        norm = None
-        if max_grad_norm > 0 and not deepspeed:
-            norm = self.acc.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
-        if not deepspeed and getattr(self.acc, "scaler", None) is None:
-            if norm is None:
-                norm = grad_norm(wrapped.parameters())
-            # Under DDP the gradients are already averaged (a NaN/Inf anywhere reaches every rank), so
-            # the norm agrees across ranks; the flag is all-reduced anyway (one scalar per rank), so
-            # the decision can never differ between ranks.
-            if self._nonfinite_ranks(norm):
-                opt.zero_grad(set_to_none=True)
-                self._skip_step(f"non-finite gradient norm ({float(norm):g})")
-                return False
-        opt.step()
-        if sched is not None:
-            sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            with engine.full_parameters(self.acc, plain):
-                ema.step(plain.parameters())
-        self._bad_run = 0
-        return True
-
-    def _nonfinite_ranks(self, value: torch.Tensor) -> list[int]:
-        """The ranks whose `value` holds a NaN or Inf; the same list on every rank (a collective when
-        there are several processes)."""
-        bad = (~torch.isfinite(value.detach())).any()
-        if self.world == 1:
-            return [0] if bool(bad) else []
-        flags = torch.zeros(self.world, dtype=torch.float32, device=self.acc.device)
-        flags[self.rank] = bad.to(flags.device, flags.dtype)
-        return torch.nonzero(all_reduce_sum(flags)).flatten().tolist()
-
-    def _skip_step(self, what: str) -> None:
-        """Count a skipped step, warn, and stop after max_nonfinite_steps of them in a row (on every
-        rank at the same step, since the decision is shared). Nothing is saved on the way out."""
-        n = self.step + 1  # the step number the log lines and history rows use
-        self._step_skipped = True
-        self.nonfinite_skipped += 1
-        if self._bad_run == 0:
-            self._bad_first = n
-        self._bad_run += 1
-        self.log(
-            f"warning: step {n}/{self.max_steps}: {what}; step skipped, no update "
-            f"({self._bad_run} in a row, {self.nonfinite_skipped} in all)"
-        )
-        if self._bad_run >= self.max_nonfinite_steps:
-            kept = (
-                f"last good checkpoint: {self.state_path} (step {self._saved_step})"
-                if self._saved_step is not None
-                else f"no {self.stage} checkpoint was written before them"
-            )
-            steps = f"steps {self._bad_first}-{n}" if self._bad_first != n else f"step {n}"
-            raise UserError(
-                f"{self.stage}: {self._bad_run} non-finite step{'s' if self._bad_run > 1 else ''} "
-                f"in a row ({steps}); stopped without saving, {kept}"
-            )
 
     def optimizer_state(self, opt):
         """Optimizer state for the single-file state; under DeepSpeed it lives in the engine's checkpoint."""
@@ -338,7 +233,7 @@ class StepTrainer:
                 "history": self.history,
                 "fingerprint": self.fingerprint,
                 "complete": self.step >= self.max_steps,
-                "log_sums": dict(zip(keys, totals)),
+                "log_sums": dict(zip(keys, totals, strict=True)),
                 "log_count": self._count,
                 "last_train": self._last_train,
                 "nonfinite_skipped": self.nonfinite_skipped,
@@ -348,7 +243,7 @@ class StepTrainer:
             }
         )
         if engine.is_deepspeed(self.acc):
-            # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state that names it
+            # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state naming it
             engine.save_engine_state(self.acc, self.engine_state_path)
         if self.acc.is_main_process:
             atomic.save_torch(atomic.plain(blob), self.state_path)  # read back with weights_only=True
@@ -411,7 +306,7 @@ class StepTrainer:
                         )
                     ) / (self._count * self.world)
                     rate = self._count / max(1e-9, time.time() - t_last)
-                    self._last_train = dict(zip(keys, red.tolist()))
+                    self._last_train = dict(zip(keys, red.tolist(), strict=True))
                     self.log(
                         f"step {self.step}/{self.max_steps} "
                         + " ".join(f"{k}={v:.4g}" for k, v in self._last_train.items())
@@ -420,7 +315,8 @@ class StepTrainer:
                 else:
                     self._last_train = {}
                     self.log(
-                        f"step {self.step}/{self.max_steps}: every step since the last status line was skipped"
+                        f"step {self.step}/{self.max_steps}: every step since the last status line was "
+                        "skipped"
                     )
                 self._sums, self._count, t_last = {}, 0, time.time()
             if self.step % self.eval_interval == 0 or self.step == self.max_steps:

@@ -1,5 +1,6 @@
-"""Losses as objects. The diffusion loss is a CompositeLoss of registered terms built from YAML;
-discriminator losses take logits. Everything here is computed in fp32.
+"""Losses. Discriminator losses take logits; the generator's loss is a CompositeLoss
+(trainer/training/composite.py) of the term types registered here, built from YAML. Everything here is
+computed in fp32.
 
 Keys a term may read (`outputs` of a fine-tuning step):
   pred_noise   the UNet's noise prediction (derived from its output for v-prediction)
@@ -16,11 +17,12 @@ names that sample; it never scores the real latents, whose gradient with respect
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from trainer.config.sections import LOSS_TYPES
+from trainer.config.loss_types import GENERATED_KEYS, OUTPUT_KEYS, accept_loss_type
 
 
 # -- discriminator side --------------------------------------------------------------------------
@@ -72,24 +74,62 @@ def grad_norm_ratio(
     return (g_anchor.norm() / (g_adv.norm() + eps)).clamp(0.0, max_ratio).detach()
 
 
-# -- generator side: the composite loss ---------------------------------------------------------
+# -- generator side: the term types -------------------------------------------------------------
 @dataclass
-class MSELoss:
+class Term:
+    """One weighted term of the generator's loss. A term type is a subclass that declares, as class
+    attributes, what it contributes:
+      part        the logged part it adds to: the history columns train_<part> and val_<part>
+      role        "anchor" or "adversarial": its side in the gradient-norm ratio (stage2.grad_ratio_weight);
+                  the adaptive weight (stage2.adaptive_weight) scales the adversarial terms
+      samples     what it reads: "batch" (the step's noised real latents, the keys above) or "generated"
+                  (the generator's own sample, outputs["generated"]); a micro-batch scales the term by its
+                  share of those samples, and validation measures it on those samples
+      needs_discriminator   whether it calls ctx["discriminator"] (the fine-tune makes D's samples for it)
+      keys, targets         what a config's `key` and `target` may name (targets None: it reads no target)
+    and implements per_sample: one value per sample (validation's measure). Its value in a step is their
+    mean unless it overrides __call__. A "generated" term's per_sample is a classmethod (its key and weight
+    do not change what it measures): validation measures a generated part once, weighted or not.
+
+    A new type is one such class and one `register_term(NewType)` call."""
+
     key: str
-    target: str
+    target: str | None
     weight: float
-    needs_discriminator = False
+    part: ClassVar[str] = "mse"
+    role: ClassVar[str] = "anchor"
+    samples: ClassVar[str] = "batch"
+    needs_discriminator: ClassVar[bool] = False
+    keys: ClassVar[tuple[str, ...]] = OUTPUT_KEYS
+    targets: ClassVar[tuple[str, ...] | None] = OUTPUT_KEYS
+
+    def per_sample(self, outputs: dict, ctx: dict) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, outputs: dict, ctx: dict) -> torch.Tensor:
+        return self.per_sample(outputs, ctx).mean()
+
+
+class MSELoss(Term):
+    def per_sample(self, outputs: dict, ctx: dict) -> torch.Tensor:
+        return ((outputs[self.key].float() - outputs[self.target].float()) ** 2).flatten(1).mean(1)
+
+    def __call__(self, outputs: dict, ctx: dict) -> torch.Tensor:
+        # the mean over every element at once (the mean of per-sample means rounds differently)
         return torch.mean((outputs[self.key].float() - outputs[self.target].float()) ** 2)
 
 
-@dataclass
-class DiscriminatorLoss:
-    key: str
-    target: object
-    weight: float
-    needs_discriminator = True
+class DiscriminatorLoss(Term):
+    part, role, samples, needs_discriminator = "adv", "adversarial", "generated", True
+    keys, targets = GENERATED_KEYS, None
+
+    @classmethod
+    def per_sample(cls, outputs: dict, ctx: dict) -> torch.Tensor:
+        """The generator loss of D's logits (outputs["generated_logits"] where validation has them)."""
+        logits = outputs.get("generated_logits")
+        if logits is None:
+            logits = ctx["discriminator"](outputs["generated"].float(), outputs.get("generated_t"))
+        return g_loss_terms(ctx["d_loss"], logits)
 
     def __call__(self, outputs: dict, ctx: dict) -> torch.Tensor:
         """ctx["discriminator"](z, t) returns logits (conditioning on t where D is noise-conditioned)."""
@@ -99,43 +139,17 @@ class DiscriminatorLoss:
         return g_loss(ctx["d_loss"], ctx["discriminator"](sample.float(), t))
 
 
-REGISTRY = {"MSELoss": MSELoss, "DiscriminatorLoss": DiscriminatorLoss}
-assert tuple(REGISTRY) == LOSS_TYPES, "config.sections.LOSS_TYPES names the registered terms"
+REGISTRY: dict[str, type[Term]] = {}
 
 
-class CompositeLoss:
-    """Weighted sum of terms. Zero-weight terms are dropped at build time, so they cost nothing."""
+def register_term(cls: type[Term]) -> type[Term]:
+    """Make `cls` a loss type a config may name (by its class name) and CompositeLoss builds."""
+    if cls.role not in ("anchor", "adversarial") or cls.samples not in ("batch", "generated"):
+        raise ValueError(f"{cls.__name__}: role must be anchor or adversarial, samples batch or generated")
+    accept_loss_type(cls.__name__, cls.keys, cls.targets)
+    REGISTRY[cls.__name__] = cls
+    return cls
 
-    def __init__(self, terms):
-        self.terms = [t for t in terms if t.weight > 0]
 
-    @classmethod
-    def from_config(cls, loss_cfg) -> "CompositeLoss":
-        terms = []
-        for term in loss_cfg.losses:
-            terms.append(REGISTRY[term.type](key=term.key, target=term.target, weight=term.weight))
-        return cls(terms)
-
-    @property
-    def needs_discriminator(self) -> bool:
-        return any(t.needs_discriminator for t in self.terms)
-
-    def parts(self, outputs: dict, ctx: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(weighted sum of the MSE terms, weighted sum of the discriminator terms); None where there is none."""
-        sums = {False: None, True: None}
-        for term in self.terms:
-            value = term.weight * term(outputs, ctx)
-            key = term.needs_discriminator
-            sums[key] = value if sums[key] is None else sums[key] + value
-        return sums[False], sums[True]
-
-    def __call__(self, outputs: dict, ctx: dict) -> tuple[torch.Tensor, dict]:
-        total, parts = None, {"mse": 0.0, "adv": 0.0}
-        for term in self.terms:
-            value = term(outputs, ctx)
-            name = "adv" if term.needs_discriminator else "mse"
-            parts[name] += float(value.detach())
-            total = term.weight * value if total is None else total + term.weight * value
-        if total is None:
-            raise ValueError("the composite loss has no term with a positive weight")
-        return total, parts
+register_term(MSELoss)
+register_term(DiscriminatorLoss)

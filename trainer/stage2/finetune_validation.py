@@ -1,0 +1,112 @@
+"""The fine-tune's validation (FinetuneTrainer's evaluate): the EMA weights on the held-out reals at fixed
+noise and timesteps, D's view of the generator's samples, and the history row.
+
+The loss's columns (val_loss, val_mse, val_adv, ...) come from the CompositeLoss, which measures its terms
+on the validation batch and on the generated samples; the rest of the row is D's accuracy and mean
+probability on those samples, and the run's counters. After the row, the composite adapts its weights to
+D's accuracy (stage2.adaptive_weight).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
+from trainer.parallel.collectives import Totals, shard_range
+from trainer.training.ema import sync_eval_copy
+
+
+class FinetuneValidation:
+    """Mixed into FinetuneTrainer; uses its data (real, va, va_global), models (ema, ema_unet, unet, d,
+    online), loss, rollouts and counters."""
+
+    def _eval_model(self):
+        return sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
+
+    @torch.no_grad()
+    def evaluate(self):
+        if self.online is None:
+            return self._evaluate()
+        self.d.eval()
+        try:
+            return self._evaluate()
+        finally:
+            self.d.train()
+
+    def _evaluate(self):
+        s2 = self.cfg.stage2
+        model = self._eval_model()
+        # prob/fake_correct over generated samples (n_gen), real_correct over reals (n_real)
+        sums = Totals(
+            [*self.loss.val_sums, "n_val", "prob", "n_gen", "fake_correct", "real_correct", "n_real"],
+            self.acc.device,
+        )
+        ctx = self.loss_context()
+        for s in range(0, len(self.va), 256):
+            pos = self.va[s : s + 256]
+            x0 = self.real[pos].to(self.acc.device)
+            idx = self.va_global[s : s + 256]
+            noise = per_sample_noise(idx, self.latent_shape, self.seed, "gval", self.k).to(x0.device)
+            t = per_sample_timesteps(idx, self.schedule.num_steps, self.seed, "gval-t", self.k).to(x0.device)
+            x_t = self.schedule.add_noise(x0, noise, t)
+            with self.acc.autocast():
+                out = model(x_t, t).sample.float()
+            outputs = self.rollouts.outputs(out, x_t, t, x0, noise)
+            self.loss.add_val_batch(outputs, ctx, sums)
+            sums.add("n_val", len(pos))
+            if self.d is not None and s2.generator_loss_mode == "x0_pred":
+                keep = self.rollouts.x0_pred_mask(t)
+                self._score(outputs["pred_latent"][keep], t[keep], sums, ctx)
+                self._score_real(x0[keep], t[keep], sums)
+            elif self.d is not None:
+                self._score_real(x0, None, sums)
+        if self.d is not None and s2.generator_loss_mode == "rollout":
+            mine = list(shard_range(s2.val_samples, self.rank, self.world))
+            if mine:
+                self._score(
+                    self.rollouts.sample(model, mine, (self.seed, "gval-rollout", self.k)), None, sums, ctx
+                )
+        s = sums.reduced()
+        n_val, n_gen, n_real = max(s["n_val"], 1), s["n_gen"], s["n_real"]
+        d_acc = (
+            0.5 * (s["fake_correct"] / n_gen + s["real_correct"] / n_real)
+            if n_gen and n_real
+            else float("nan")
+        )
+        row = {
+            "epoch": round(self.step / self.per_epoch, 4),
+            **self.loss.val_row(s, n_val, n_gen),
+            "d_prob_fake": s["prob"] / n_gen if n_gen else float("nan"),
+            "lr": self.sched.get_last_lr()[0],
+            "seconds": round(time.time() - self.t0, 2),
+            "d_val_acc": d_acc,
+            "adv_weight": self.loss.adversarial_weight,
+        }
+        if self.quality is not None:
+            row["val_latent_fd"] = self.quality(model)
+        self.loss.adapt(d_acc)
+        return row
+
+    @torch.no_grad()
+    def baseline(self):
+        """The starting weights' quality, when the best checkpoint is chosen by it."""
+        if self.quality is None or self.cfg.stage2.best_metric != "val_latent_fd":
+            return None
+        return {"val_latent_fd": self.quality(self._eval_model())}
+
+    def _score_real(self, z, t, sums):
+        if len(z):
+            sums.add("real_correct", (self.d(z, t) > 0).sum())
+            sums.add("n_real", len(z))
+
+    def _score(self, z, t, sums, ctx):
+        """D's view of generated samples; the loss measures its generated parts on the same logits."""
+        if len(z) == 0:
+            return
+        logits = self.d(z, t).float()
+        self.loss.add_val_generated({"generated": z, "generated_t": t, "generated_logits": logits}, ctx, sums)
+        sums.add("prob", torch.sigmoid(logits).sum())
+        sums.add("n_gen", len(z))
+        sums.add("fake_correct", (logits < 0).sum())

@@ -1,0 +1,71 @@
+"""The generator's samples in the fine-tune, and the outputs its loss terms read.
+
+Rollouts are DDIM from fresh noise with the current weights (stage2.generation_steps, eta): every step but
+the last K (stage2.rollout_grad_steps) runs without gradients. The noise, and eta's per-step noise, are
+drawn per sample index from the seed parts, so a sample is the same at any world size and batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.diffusion.noise import eta_generators, noised_inputs, per_sample_noise
+from trainer.diffusion.sampling import ddim_step
+
+
+class Rollouts:
+    def __init__(self, acc, cfg, schedule, latent_shape):
+        self.acc, self.cfg, self.schedule, self.latent_shape = acc, cfg, schedule, latent_shape
+        self.ddim = schedule.ddim()
+
+    def start(self, model, idx, parts):
+        """Noise for rollout indices, DDIM up to the last step; the last K-1 steps keep gradients.
+        Returns (x, the last timestep, eta's generators) for the last step, which the caller runs."""
+        s2 = self.cfg.stage2
+        x = per_sample_noise(idx, self.latent_shape, *parts).to(self.acc.device)
+        self.ddim.set_timesteps(s2.generation_steps, device=x.device)
+        steps = list(self.ddim.timesteps)
+        k = min(s2.rollout_grad_steps, len(steps))
+        gens = eta_generators(idx, *parts) if s2.eta > 0 else None
+        with torch.no_grad(), self.acc.autocast():
+            for t in steps[: len(steps) - k]:
+                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+        with self.acc.autocast():
+            for t in steps[len(steps) - k : -1]:
+                # Earlier grad steps run on the unwrapped module; their parameter gradients are summed
+                # into the same leaves before DDP's hooks fire on the final, wrapped forward.
+                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+        return x, steps[-1], gens
+
+    def last_step(self, model_output, t_last, x, gens):
+        return ddim_step(self.ddim, model_output, t_last, x, self.cfg.stage2.eta, gens)
+
+    def sample(self, model, idx, parts):
+        """Whole rollouts of `model` for the indices (the caller chooses whether gradients flow)."""
+        x, t_last, gens = self.start(model, idx, parts)
+        with self.acc.autocast():
+            return self.last_step(model(x, t_last).sample, t_last, x, gens)
+
+    def for_discriminator(self, sample, idx, *parts):
+        """(sample, t) as D scores it: forward-noised (still differentiable) where D was trained on noised
+        inputs (discriminator.training.noise_inputs), else as it is with t None."""
+        td = self.cfg.discriminator.training
+        if not td.noise_inputs:
+            return sample, None
+        return noised_inputs(self.schedule, sample.float(), idx, td.noise_max_timestep, *parts)
+
+    def outputs(self, model_output, x_t, t, x0, noise) -> dict:
+        """What the loss terms read (trainer/training/losses.py names the keys)."""
+        pred_noise, pred_latent = self.schedule.predictions(model_output, x_t, t)
+        return {
+            "pred_noise": pred_noise,
+            "noise": noise,
+            "pred_latent": pred_latent,
+            "latent": x0,
+            "model_output": model_output,
+            "model_target": self.schedule.target(x0, noise, t),
+        }
+
+    def x0_pred_mask(self, t):
+        """The timesteps whose one-step x0 predictions D scores in x0_pred mode."""
+        return t < int(self.cfg.stage2.x0_pred_max_timestep * self.schedule.num_steps)
