@@ -79,16 +79,17 @@ from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, prec
 acc = build_accelerator("cpu")
 g = torch.Generator().manual_seed(3)
 real, fake = torch.randn(37, 6, generator=g), torch.randn(41, 6, generator=g) * 1.5 + 0.3
-r, f = shard_range(37, acc.process_index, acc.num_processes), shard_range(41, acc.process_index,
-acc.num_processes)
-fd = fd_from_moments(Moments(6).add(real[r.start:r.stop]).reduced(),
-Moments(6).add(fake[f.start:f.stop]).reduced())
+rank, world = acc.process_index, acc.num_processes
+r, f = shard_range(37, rank, world), shard_range(41, rank, world)
+fd = fd_from_moments(
+    Moments(6).add(real[r.start:r.stop]).reduced(), Moments(6).add(fake[f.start:f.stop]).reduced()
+)
 p, rc = precision_recall(real[r.start:r.stop], fake[f.start:f.stop], 37, 41)
 # the classifier feature space (stage2.metric_features): each rank featurizes its own images
 torch.manual_seed(0)
 clf = ImageClassifier().eval()
-images_r, images_f = torch.rand(37, 1, 32, 32, generator=g) * 2 - 1, torch.rand(41, 1, 32, 32, generator=g) *
-2 - 1
+images_r = torch.rand(37, 1, 32, 32, generator=g) * 2 - 1
+images_f = torch.rand(41, 1, 32, 32, generator=g) * 2 - 1
 with torch.no_grad():
     cr, cf = clf.features(images_r[r.start:r.stop]), clf.features(images_f[f.start:f.stop])
 ref = Moments(64).add(cr).reduced()
