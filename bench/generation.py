@@ -112,10 +112,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
     from trainer.diffusion import sampling
     from trainer.diffusion.noise import per_sample_noise
+    from trainer.diffusion.schedule import Schedule
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import generate_own
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     spec = preset(args.preset, in_channels=shape[0], out_channels=shape[0], sample_size=shape[1])
     unet = build_unet(spec).eval()
     acc = build_accelerator("cpu")
-    ours_ddim = ddim_scheduler("cosine", 1000, "v_prediction")  # what Schedule.ddim() builds for stage 2
+    ours_ddim = Schedule("cosine", 1000, "v_prediction").ddim()  # as stage 2 builds its samplers
     sched = plain_scheduler()
     params = sum(p.numel() for p in unet.parameters())
     print(

@@ -47,15 +47,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
+    from trainer.diffusion.schedule import Schedule
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import generate_own
 
     print(machine_header(1), flush=True)
     repeats = a.repeats or (1 if a.quick else 3)
     acc = build_accelerator("cpu")
-    ddim = ddim_scheduler("cosine", 1000, "v_prediction")
+    ddim = Schedule("cosine", 1000, "v_prediction").ddim()
 
     def model(name: str, channels: int, size: int):
         torch.manual_seed(0)

@@ -61,7 +61,7 @@ def worker(a) -> int:
 
     torch.set_num_threads(1)
     import trainer.stage2 as shards
-    from models.schedules import ddim_scheduler
+    from trainer.diffusion.schedule import Schedule
     from trainer.parallel.accelerator import build_accelerator
     from trainer.parallel.collectives import barrier, shard_range
 
@@ -84,7 +84,7 @@ def worker(a) -> int:
         unet = build_unet(
             preset(a.model, in_channels=SHAPE[0], out_channels=SHAPE[0], sample_size=SHAPE[1])
         ).eval()
-    ddim = ddim_scheduler("cosine", 1000, "v_prediction")
+    ddim = Schedule("cosine", 1000, "v_prediction").ddim()
     n = a.n
     own = shard_range(n, rank, world)
     out = Path(a.out)

@@ -159,7 +159,6 @@ class Raw:
         import torch
         import torch.nn.functional as F
 
-        from trainer.diffusion.schedule import Schedule
         from trainer.training.optim import cosine_with_warmup
 
         cfg = ctx.cfg
@@ -179,7 +178,7 @@ class Raw:
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda st: cosine_with_warmup(st, s2.warmup_steps, max_steps, t.scheduler.type)
         )
-        sch = Schedule.from_dict(ctx.stage1.scheduler)
+        sch = ctx.schedule  # the run's schedule and timestep spacing, as the trainer samples
         self.noise_sched = sch.train
         self.ddim = sch.ddim()
         self.alphas_cumprod = self.noise_sched.alphas_cumprod

@@ -45,9 +45,9 @@ def worker(a) -> int:
     import trainer.parallel.collectives as collectives
     import trainer.stage2 as shards
     from models.autoencoder import LatentScaling, build_autoencoder
-    from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset
     from trainer.data.latents import encode_local
+    from trainer.diffusion.schedule import Schedule
     from trainer.parallel.accelerator import build_accelerator
     from trainer.parallel.collectives import barrier, shard_range
 
@@ -57,7 +57,7 @@ def worker(a) -> int:
     torch.manual_seed(0)
     unet = build_unet(preset(a.preset)).eval()
     ae = build_autoencoder().eval()
-    ddim = ddim_scheduler("cosine", 1000, "v_prediction")
+    ddim = Schedule("cosine", 1000, "v_prediction").ddim()
     scaling = LatentScaling(scale=1.3, shift=0.1)
     manifest = Path(a.manifest)
     paths = [str(manifest.parent / p) for p in pd.read_csv(manifest)["image_path"]]

@@ -1,4 +1,5 @@
-"""Noise schedules (diffusers) for training, and DDIM for sampling."""
+"""Noise schedules (diffusers): the configs advdiff stores. Training and DDIM sampling schedulers are built
+from them by trainer.diffusion.schedule.Schedule, the one place a DDIM sampler is made."""
 
 from __future__ import annotations
 
@@ -21,10 +22,6 @@ def scheduler_kwargs(kind: str, num_steps: int, prediction_type: str) -> dict:
 
 def training_scheduler(kind: str, num_steps: int, prediction_type: str) -> DDPMScheduler:
     return DDPMScheduler(**scheduler_kwargs(kind, num_steps, prediction_type))
-
-
-def ddim_scheduler(kind: str, num_steps: int, prediction_type: str) -> DDIMScheduler:
-    return DDIMScheduler(**scheduler_kwargs(kind, num_steps, prediction_type), set_alpha_to_one=True)
 
 
 def scheduler_config(kind: str, num_steps: int, prediction_type: str) -> dict:

@@ -161,8 +161,9 @@ def test_conditional_and_foreign_models_are_refused_in_one_line(tmp_path):
 def test_exports_written_before_full_configs_still_load(tmp_path, small_ae):
     """An export with a preset `unet_spec`, a {type, num_steps, prediction_type} schedule and an absolute AE
     path samples exactly like the preset model with the old DDIM settings."""
+    from diffusers import DDIMScheduler
+
     from models.autoencoder import LatentScaling
-    from models.schedules import ddim_scheduler
     from models.unet import build_unet, preset, spec_to_dict
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
     from trainer.diffusion.sampling import ddim_sample
@@ -188,7 +189,14 @@ def test_exports_written_before_full_configs_still_load(tmp_path, small_ae):
     assert ck.autoencoder == str(Path(small_ae).resolve()) and ck.latent_shape == (4, 8, 8)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = ddim_sample(ck.unet, Schedule.from_dict(ck.scheduler).ddim(), noise, 4)
-    before = ddim_sample(unet, ddim_scheduler("cosine", 1000, "v_prediction"), noise, 4)
+    old_ddim = DDIMScheduler(  # the DDIM such exports were sampled with (diffusers' leading spacing)
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+    before = ddim_sample(unet, old_ddim, noise, 4)
     assert torch.equal(ours, before)
 
 

@@ -88,3 +88,11 @@ class SchedulerConfig:
     prediction_type: str = option(
         "v_prediction", "What the UNet predicts.", choices=("v_prediction", "epsilon")
     )
+    timestep_spacing: Optional[str] = option(
+        None,
+        "DDIM timestep spacing, stored in the model's scheduler config: trailing starts K-step sampling "
+        "at t = T-1, leading (diffusers' default) at T - T/K. null: a new stage-1 model stores trailing; "
+        "stage 2 and the commands that read a checkpoint keep its own (leading for models written before "
+        "this field); a value overrides it.",
+        choices=("leading", "trailing", "linspace"),
+    )
