@@ -4,7 +4,8 @@
       model_index.json     names the components and the pipeline class ["pipeline", "AdvdiffLatentPipeline"]
       pipeline.py          a copy of models/pipeline.py (the pipeline class; honours the VAE's shift_factor)
       unet/                UNet2DModel: config.json + diffusion_pytorch_model.safetensors (EMA weights)
-      scheduler/           DDIMScheduler: scheduler_config.json (the model's full schedule, custom betas in)
+      scheduler/           DDIMScheduler: scheduler_config.json (the model's full schedule, custom betas and
+                           the timestep_spacing it samples with in)
       vae/                 AutoencoderKL with the latent scaling_factor and shift_factor (when an AE is known)
       advdiff.json         where it came from: the checkpoint's file name, step, metrics, sampling
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from trainer.core.errors import UserError
 from trainer.diffusion.checkpoints import DiffusionCheckpoint
+from trainer.diffusion.schedule import Schedule
 from trainer.files import atomic
 
 PIPELINE_MODULE = "pipeline"
@@ -56,12 +58,16 @@ def is_current(out: Path, ckpt: DiffusionCheckpoint) -> bool:
 
 
 def export_pipeline(
-    ckpt: DiffusionCheckpoint, out, autoencoder=None, steps: int | None = None, eta: float | None = None
+    ckpt: DiffusionCheckpoint,
+    out,
+    autoencoder=None,
+    steps: int | None = None,
+    eta: float | None = None,
+    timestep_spacing: str | None = None,
 ) -> Path:
     """Write `ckpt` (its EMA weights, or whichever weights it was loaded with) as a pipeline folder at `out`,
-    atomically. `autoencoder`: the AE folder or .pt to ship as `vae/` (None: no vae/, latents only)."""
-    from diffusers import DDIMScheduler
-
+    atomically. `autoencoder`: the AE folder or .pt to ship as `vae/` (None: no vae/, latents only);
+    `timestep_spacing`: the DDIM spacing scheduler/ samples with (None: the checkpoint's own)."""
     import models.pipeline as pipeline_module
     from models.autoencoder import AutoencoderLoadError, load_autoencoder
 
@@ -83,7 +89,7 @@ def export_pipeline(
     eta = float(eta if eta is not None else (ckpt.sampling or {}).get("eta", 0.0))
     pipe = pipeline_module.AdvdiffLatentPipeline(
         unet=ckpt.unet.to("cpu"),
-        scheduler=DDIMScheduler.from_config(ckpt.scheduler),
+        scheduler=Schedule.from_dict(ckpt.scheduler).with_spacing(timestep_spacing).ddim(),
         vae=vae,
         sampling_steps=steps,
         sampling_eta=eta,

@@ -24,7 +24,7 @@ from trainer.diffusion.checkpoints import export_blob, load_diffusion_checkpoint
 from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample, image_grid
-from trainer.diffusion.schedule import Schedule
+from trainer.diffusion.schedule import NEW_MODEL_SPACING, Schedule
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load
@@ -55,11 +55,14 @@ class DiffusionTrainer(StepTrainer):
         self.spec = unet_spec_from_config(cfg, self.latent_shape)
         self.unet_config = unet_config(self.spec)  # the full diffusers config the exports store
         s = cfg.scheduler
-        self.schedule = Schedule(s.type, s.num_steps, s.prediction_type)
+        # a new model: its DDIM samplers (the grid, every later stage) start at t = T-1 unless told otherwise
+        spacing = s.timestep_spacing or NEW_MODEL_SPACING
+        self.schedule = Schedule(s.type, s.num_steps, s.prediction_type, timestep_spacing=spacing)
         self.layout = RunLayout.of(cfg)
         fingerprint = {
             "unet": spec_to_dict(self.spec),
-            "scheduler": dict(s.__dict__),
+            # the sampler's spacing is not in it: training never samples, so a resume may change it
+            "scheduler": {k: v for k, v in s.__dict__.items() if k != "timestep_spacing"},
             "seed": t.seed,
             "batch_size": t.batch_size,
             "learning_rate": t.learning_rate,

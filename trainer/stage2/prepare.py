@@ -32,7 +32,7 @@ class Stage2Setup:
     layout: RunLayout
     log: Logger
     stage1: DiffusionCheckpoint  # the model stage 2 starts from (EMA weights)
-    schedule: Schedule  # the stage-1 model's noise schedule
+    schedule: Schedule  # the stage-1 model's noise schedule, sampled with the run's timestep spacing
     latent_shape: tuple
     rows: object  # the filtered manifest (DataFrame)
     codec: LatentCodec  # rows -> latents, latents -> pixels (frozen AE, loaded on first use)
@@ -123,7 +123,9 @@ def setup(cfg: Config, acc, read_only: bool = False) -> Stage2Setup:
         layout=RunLayout.of(cfg),
         log=Logger(acc, "stage2"),
         stage1=stage1,
-        schedule=Schedule.from_dict(stage1.scheduler),
+        # the stage-1 model's schedule; scheduler.timestep_spacing (null: the model's own) sets how every
+        # sampler of the run (fakes, rollouts, evaluation, grids) and every checkpoint it writes space K steps
+        schedule=Schedule.from_dict(stage1.scheduler).with_spacing(cfg.scheduler.timestep_spacing),
         latent_shape=latent_shape,
         rows=facts.rows,
         codec=codec,

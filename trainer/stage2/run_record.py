@@ -7,10 +7,12 @@ import json
 
 from trainer.config.sections import Config
 from trainer.core.errors import UserError
+from trainer.diffusion.schedule import NEW_MODEL_SPACING, effective_spacing
 from trainer.files import atomic
 from trainer.files.layout import RunLayout
 
 RUN_FORMAT = "advdiff.stage2-run"
+SPACING = "scheduler.timestep_spacing"  # recorded as the spacing in effect, never null
 
 # Config fields that may change between the runs of one stage-2 folder: they change neither the data,
 # the models nor the maths (batching of inference, logging, where things go, how many iterations).
@@ -33,7 +35,7 @@ RESUME_FREE = (
     "training.train_split",
     "training.split_seed",
     "unet.",
-    "scheduler.",
+    "scheduler.",  # the stage-1 model's; the timestep spacing the run samples with is recorded as SPACING
     "performance.",
     "training.max_nonfinite_steps",
 )  # a tolerance: raising it to resume a stopped run must work
@@ -56,7 +58,16 @@ def run_fields(cfg, stage1) -> dict:
             fields[key] = str(cfg.resolve_path(fields[key]).resolve())
     if stage1 is not None and not cfg.autoencoder.checkpoint and stage1.autoencoder:
         fields["autoencoder.checkpoint"] = str(cfg.resolve_path(stage1.autoencoder).resolve())
+    fields[SPACING] = run_spacing(cfg, stage1)
     return json.loads(json.dumps(fields, default=str))
+
+
+def run_spacing(cfg, stage1) -> str:
+    """The DDIM timestep spacing the run samples with: scheduler.timestep_spacing, else the starting model's
+    own (stage1 None: stage 1 of the same pipeline has yet to write it, and a new model stores trailing)."""
+    if stage1 is None:
+        return cfg.scheduler.timestep_spacing or NEW_MODEL_SPACING
+    return effective_spacing(stage1.scheduler, cfg.scheduler.timestep_spacing)
 
 
 def check_run_fields(cfg, stage1) -> dict:
@@ -71,8 +82,10 @@ def check_run_fields(cfg, stage1) -> dict:
         raise UserError(
             f"{path}: unreadable ({type(e).__name__}); it records the config this folder's run started with"
         ) from None
-    # a field added to advdiff after this folder's run started is unchanged while it keeps its default
+    # a field added to advdiff after this folder's run started is unchanged while it keeps its default;
+    # a run recorded before the spacing was recorded sampled with its starting model's own
     defaults = json.loads(json.dumps(dict(_flatten(Config().to_dict())), default=str))
+    defaults[SPACING] = effective_spacing(stage1.scheduler, None) if stage1 is not None else NEW_MODEL_SPACING
     changed = [
         f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}"
         for k in sorted(set(before) | set(now))
