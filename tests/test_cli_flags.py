@@ -315,7 +315,13 @@ def test_table_flags_override_their_fields(command, config, capsys):
     from trainer.cli.flags import FLAGS
 
     taken = {a.dest for a in parser_of(command)._actions if a.dest in FLAGS and not FLAGS[a.dest].by_command}
-    values = {"mixed_precision": "bf16", "generator_loss_mode": "x0_pred", "eta": 0.5, "output_dir": "/tmp/x"}
+    values = {
+        "mixed_precision": "bf16",
+        "generator_loss_mode": "x0_pred",
+        "eta": 0.5,
+        "output_dir": "/tmp/x",
+        "timestep_spacing": "trailing",
+    }
     argv = [str(config), "--dry-run"]
     for name in sorted(taken):
         argv += [f"--{name.replace('_', '-')}", str(values.get(name, 7))]

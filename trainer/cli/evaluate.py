@@ -1,16 +1,18 @@
 """`advdiff evaluate CONFIG`: the quality row of the stage-2 summary for any diffusion checkpoint, optionally
 sampled with discriminator guidance, without training or writing into the run.
 
-    advdiff evaluate CONFIG [--checkpoint PATH] [--generation_steps K] [--seed S] [--set PATH=VALUE ...]
+    advdiff evaluate CONFIG [--checkpoint PATH] [--generation_steps K] [--timestep_spacing S] [--seed S]
+                     [--set PATH=VALUE ...]
                      [--discriminator D.pt --guidance_weight W --guidance_t_min F --guidance_t_max F]
                      [--json OUT.json]
 
 The row is measured exactly as the summary's rows are (quality/evaluation.py): stage2.metric_samples samples
 from the same fixed seeds, at stage2.generation_steps, against the same held-out reals, in every feature
 space the config names (latent, pixel, stage2.metric_features). Default checkpoint: the config's stage-1
-model. With --discriminator the sampler's UNet output is corrected at each DDIM step by
-w * grad log(D / (1 - D)) (trainer/diffusion/guidance.py); that is how discriminator guidance is measured
-against fine-tuning.
+model. The DDIM timesteps are spaced as the measured checkpoint's scheduler config says, unless
+--timestep_spacing (scheduler.timestep_spacing) overrides it; the row names the spacing used. With
+--discriminator the sampler's UNet output is corrected at each DDIM step by w * grad log(D / (1 - D))
+(trainer/diffusion/guidance.py); that is how discriminator guidance is measured against fine-tuning.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="diffusion checkpoint to measure (default: the config's stage-1 checkpoint)",
     )
-    add_flags(p, ["generation_steps"])
+    add_flags(p, ["generation_steps", "timestep_spacing"])
     p.add_argument(
         "--device",
         default="auto",
@@ -60,6 +62,7 @@ def evaluate_main(argv=None) -> int:
 
 def body(cfg, args) -> None:
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+    from trainer.diffusion.schedule import Schedule
     from trainer.files import atomic
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import setup
@@ -95,11 +98,15 @@ def body(cfg, args) -> None:
         )
     evaluator = s.evaluator()
     evaluator.guidance = guided
+    # sampled as the measured checkpoint says (a stage-2 one records its run's spacing), or as
+    # scheduler.timestep_spacing / --timestep_spacing overrides
+    evaluator.schedule = Schedule.from_dict(ckpt.scheduler).with_spacing(cfg.scheduler.timestep_spacing)
     row = evaluator.measure(0, unet, None)
     row.pop("iteration", None)
     row.update(
         checkpoint=str(path),
         generation_steps=cfg.stage2.generation_steps,
+        timestep_spacing=evaluator.schedule.timestep_spacing,
         guidance=None
         if guided is None
         else {

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from trainer.cli.common import one_line_errors
-from trainer.cli.flags import Parser
+from trainer.cli.flags import Parser, add_flags
 from trainer.core.errors import UserError
 from trainer.files.layout import RunLayout
 
@@ -54,6 +54,7 @@ def build_parser() -> Parser:
         help="the pipeline's default DDIM steps (default: the steps the model was trained for)",
     )
     p.add_argument("--eta", type=float, default=None, metavar="X", help="the pipeline's default DDIM eta")
+    add_flags(p, ["timestep_spacing"])
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     return p
 
@@ -121,7 +122,9 @@ def export(args) -> None:
             f"--steps: at most {ckpt.scheduler['num_train_timesteps']} (the model's schedule), "
             f"got {args.steps}"
         )
-    written = export_pipeline(ckpt, out, autoencoder=ae, steps=args.steps, eta=args.eta)
+    written = export_pipeline(
+        ckpt, out, autoencoder=ae, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing
+    )
     vae = f"vae/ from {ae}" if ae is not None else "no vae/"
     print(
         f"advdiff export: {source} -> {written} (unet/, scheduler/, {vae}); open with "

@@ -68,6 +68,11 @@ FLAGS = {
     ),
     "eta": Flag("stage2.eta", float, "DDIM eta"),
     "generator_loss_mode": Flag("stage2.generator_loss_mode", str, "what D scores in the generator loss"),
+    "timestep_spacing": Flag(
+        "scheduler.timestep_spacing",
+        str,
+        "DDIM timestep spacing (unset: the checkpoint's own)",
+    ),
     "adversarial_weight": Flag(
         "training.loss.losses[].weight",
         float,

@@ -1,5 +1,6 @@
 """`advdiff sample CHECKPOINT --out PREFIX`: DDIM samples of a diffusion checkpoint, optionally with
-discriminator guidance; writes PREFIX.pt (model-space latents) and, with an autoencoder, PREFIX.png."""
+discriminator guidance; writes PREFIX.pt (model-space latents) and, with an autoencoder, PREFIX.png. The
+DDIM timesteps are spaced as the checkpoint's scheduler config says unless --timestep_spacing overrides it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from trainer.cli.common import one_line_errors
-from trainer.cli.flags import Parser
+from trainer.cli.flags import Parser, add_flags
 from trainer.core.errors import UserError
 from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
 
@@ -29,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    add_flags(p, ["timestep_spacing"])
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per UNet forward pass")
@@ -174,7 +176,7 @@ def sample(args) -> None:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = load_diffusion_checkpoint(args.checkpoint, use_ema=not args.raw)
     shape = ckpt.latent_shape
-    schedule = Schedule.from_dict(ckpt.scheduler)
+    schedule = Schedule.from_dict(ckpt.scheduler).with_spacing(args.timestep_spacing)
     if args.steps > schedule.num_steps:
         raise UserError(
             f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}"
@@ -241,7 +243,8 @@ def sample(args) -> None:
         )
     )
     print(
-        f"advdiff sample: {args.num} samples, {args.steps} DDIM steps, eta {args.eta}, {what}: "
+        f"advdiff sample: {args.num} samples, {args.steps} DDIM steps ({schedule.timestep_spacing} "
+        f"spacing), eta {args.eta}, {what}: "
         f"{', '.join(written)}"
     )
 
