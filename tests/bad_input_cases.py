@@ -338,6 +338,24 @@ def c_changed_model_field(c):
     )
 
 
+def c_bad_timestep_spacing(c):
+    p = c.config()
+    expected = 'scheduler.timestep_spacing: expected one of leading, trailing, linspace, got "uniform"'
+    return ["--set", "scheduler.timestep_spacing=uniform"], p, f"{p}: {expected}", True
+
+
+def c_changed_timestep_spacing(c):
+    p = c.config()  # the run sampled with its stage-1 model's own spacing: trailing (a new model's)
+    changed = 'scheduler.timestep_spacing: "trailing" -> "leading"'
+    return (
+        ["--set", "scheduler.timestep_spacing=leading"],
+        p,
+        f"{c.out}: this folder's stage-2 run was started with a different config ({changed}); use a new "
+        f"experiment.save_path, or restore those fields",
+        True,
+    )
+
+
 def c_corrupt_saved_latents(c):
     run = c.tmp / "copy"
     shutil.copytree(c.out, run)
