@@ -357,3 +357,26 @@ def test_stage2_samples_records_and_exports_one_spacing(tmp_path, digits_manifes
     want = ddim_sample(ck.unet, Schedule.from_dict(ck.scheduler).ddim(), noise, 3)
     leading = ddim_sample(ck.unet, Schedule.from_dict(ck.scheduler).with_spacing("leading").ddim(), noise, 3)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, leading, atol=1e-3)
+
+
+def test_the_bench_prints_both_spacings_side_by_side(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, capsys
+):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spacing_bench", REPO / "bench" / "timestep_spacing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
+    argv = ["--checkpoint", str(stage1_ckpt), "--config", str(cfg), "--steps", "1", "2", "--seeds", "1", "2"]
+    with samplers_used() as seen:
+        assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| K (DDIM steps) | leading: latent FD | trailing: latent FD | trailing / leading |" in out
+    assert len([ln for ln in out.splitlines() if ln.startswith(("| 1 | ", "| 2 | "))]) == 2
+    assert sorted({(s, tuple(t)) for s, t in seen}) == [
+        ("leading", (0,)),
+        ("leading", (500, 0)),
+        ("trailing", (999,)),
+        ("trailing", (999, 499)),
+    ]
