@@ -75,7 +75,10 @@ def c_unknown_loss(c):
     return (
         [],
         p,
-        (f'{p}: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L3Loss"'),
+        (
+            f"{p}: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, "
+            'DistributionMatchingLoss, got "L3Loss"'
+        ),
         True,
     )
 

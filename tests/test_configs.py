@@ -69,7 +69,8 @@ def test_every_field_has_a_doc():
         ({"training": {"batch_size": 2.5}}, "x.yaml: training.batch_size: expected an integer >= 1, got 2.5"),
         (
             {"training": {"loss": {"losses": [{"type": "L1Loss"}]}}},
-            'x.yaml: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, got "L1Loss"',
+            "x.yaml: training.loss.losses[0].type: expected one of MSELoss, DiscriminatorLoss, "
+            'DistributionMatchingLoss, got "L1Loss"',
         ),
         (
             {"scheduler": {"type": "sigmoid"}},

@@ -117,7 +117,8 @@ def test_the_config_accepts_registered_names_only(tmp_path, digits_manifest, sma
     with pytest.raises(ConfigError) as e:
         load_config(bad)
     assert str(e.value) == (
-        f"{bad}: training.loss.losses[2].type: expected one of MSELoss, DiscriminatorLoss, MAELoss, "
+        f"{bad}: training.loss.losses[2].type: expected one of MSELoss, DiscriminatorLoss, "
+        "DistributionMatchingLoss, MAELoss, "
         f'got "L3Loss"'
     )
     key = stage2_config(
@@ -128,7 +129,7 @@ def test_the_config_accepts_registered_names_only(tmp_path, digits_manifest, sma
 
 
 def test_the_registries_agree_and_refuse_a_changed_declaration():
-    assert list(REGISTRY) == list(LOSS_TYPES) == ["MSELoss", "DiscriminatorLoss"]
+    assert list(REGISTRY) == list(LOSS_TYPES) == ["MSELoss", "DiscriminatorLoss", "DistributionMatchingLoss"]
     for name, kind in REGISTRY.items():
         assert (LOSS_TYPES[name].keys, LOSS_TYPES[name].targets) == (kind.keys, kind.targets)
 

@@ -33,3 +33,4 @@ def accept_loss_type(name: str, keys, targets=None) -> None:
 
 accept_loss_type("MSELoss", OUTPUT_KEYS, OUTPUT_KEYS)
 accept_loss_type("DiscriminatorLoss", GENERATED_KEYS)
+accept_loss_type("DistributionMatchingLoss", ("latent",))

@@ -28,6 +28,7 @@ from trainer.config.sections_stage2 import (
     DiscriminatorArch,
     DiscriminatorConfig,
     DiscriminatorTraining,
+    DistributionMatchingConfig,
     Stage2Config,
 )
 
@@ -200,6 +201,21 @@ class Config:
                 "online",
             )
 
+        for i, term in enumerate(self.training.loss.losses):
+            if term.type != "DistributionMatchingLoss":
+                continue
+            if term.weight <= 0:  # its fake score costs n_fake updates per step: leave the term out instead
+                path = f"training.loss.losses[{i}].weight"
+                raise error_at(where, path, "a positive weight (drop the term to turn it off)", term.weight)
+            if self.stage2.generator_loss_mode != "rollout":
+                raise error_at(
+                    where,
+                    f"training.loss.losses[{i}].type",
+                    "another term when stage2.generator_loss_mode is x0_pred (distribution matching "
+                    "moves the generator's own K-step samples, which only rollout mode makes)",
+                    term.type,
+                )
+
     def resolve_path(self, value: Optional[str]) -> Optional[Path]:
         """Resolve a path from the config: absolute as is, relative against the YAML's folder."""
         if value is None:
@@ -230,6 +246,7 @@ __all__ = [
     "DiscriminatorArch",
     "DiscriminatorConfig",
     "DiscriminatorTraining",
+    "DistributionMatchingConfig",
     "ExperimentConfig",
     "LOSS_TYPES",
     "LRScheduleConfig",

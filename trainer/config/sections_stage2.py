@@ -102,6 +102,39 @@ class DiscriminatorConfig:
 
 
 @dataclass
+class DistributionMatchingConfig:
+    """The DistributionMatchingLoss term's fake score (docs/STAGE2.md#distribution-matching)."""
+
+    learning_rate: float = option(1e-4, "Fake score learning rate (AdamW).", gt=0)
+    betas: list[float] = option(doc="Fake score Adam betas.", factory=lambda: [0.0, 0.99])
+    weight_decay: float = option(0.0, "Fake score weight decay.", ge=0)
+    max_grad_norm: float = option(1.0, "Fake score gradient clipping norm (0 disables).", ge=0)
+    n_fake: int = option(
+        5,
+        "Fake score updates per generator step, each on fresh K-step samples of the current generator.",
+        ge=1,
+    )
+    batch_size: Optional[int] = option(
+        None,
+        "Global batch of each fake score update; default stage2.rollout_batch_size (or training.batch_size).",
+        ge=1,
+    )
+    t_min: float = option(
+        0.02,
+        "Generator signal: noise levels t are drawn uniformly from [t_min, t_max) x num_steps.",
+        gt=0,
+        le=1,
+    )
+    t_max: float = option(0.98, "Upper end of the generator signal's noise levels (see t_min).", gt=0, le=1)
+
+    def check(self, where, prefix):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise error_at(where, f"{prefix}.betas", "two numbers in [0, 1)", self.betas)
+        if not self.t_min < self.t_max:
+            raise error_at(where, f"{prefix}.t_max", f"a number > t_min ({self.t_min})", self.t_max)
+
+
+@dataclass
 class Stage2Config:
     num_samples: int = option(5000, "Real and fake latents per iteration (--num_samples).", ge=2)
     num_iterations: int = option(3, "Adversarial iterations (--num_iterations).", ge=1)
@@ -217,6 +250,16 @@ class Stage2Config:
         "Not under DeepSpeed (it takes gradients outside the engine's backward).",
     )
     grad_ratio_max: float = option(10.0, "Upper clamp of the gradient-norm ratio.", gt=0)
+    distribution_matching: DistributionMatchingConfig = option(
+        doc="The fake score of a DistributionMatchingLoss term in training.loss (rollout mode only).",
+        factory=DistributionMatchingConfig,
+    )
+    mse_skip_sampler_timesteps: bool = option(
+        False,
+        "Train the MSE batch on no timestep the K-step sampler visits (generation_steps, "
+        "scheduler.timestep_spacing): a drawn timestep that is one is redrawn, per sample, "
+        "uniformly from the others. Validation keeps every timestep.",
+    )
 
     def check(self, where, prefix):
         lo_hi = self.adaptive_band

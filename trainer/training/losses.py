@@ -9,6 +9,10 @@ Keys a term may read (`outputs` of a fine-tuning step):
   latent       the real clean latent (for MSELoss); for DiscriminatorLoss, see below
   model_output / model_target   the UNet's raw output and its training target (the stage-1 objective)
 
+A "generated" term reads the generator's own sample instead: `generated` (as D scores it) and `generated_t`;
+in rollout mode also `generated_sample` (the rollout itself), `generated_index` (its global indices) and
+`generated_seed` (the seed parts of per-sample draws made on it).
+
 A DiscriminatorLoss always scores the generator's own sample in the configured mode: full DDIM
 rollouts (`rollout`) or one-step x0 predictions (`x0_pred`). Its key (`latent` or `pred_latent`)
 names that sample; it never scores the real latents, whose gradient with respect to the UNet is zero.
@@ -139,6 +143,45 @@ class DiscriminatorLoss(Term):
         return g_loss(ctx["d_loss"], ctx["discriminator"](sample.float(), t))
 
 
+def distribution_matching_loss(
+    samples: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Per-sample distribution-matching loss of the generator's `samples` (docs/STAGE2.md#distribution-
+    matching): p_real and p_fake are the teacher's and the fake score's x0 predictions from the samples
+    noised to one level. With g = (p_fake - p_real) / w, w = mean |samples - p_real| per sample (detached,
+    at least eps), the value is 0.5 * mean (x - stopgrad(x - g))^2 per sample: its gradient with respect
+    to x is g / (elements per sample), so descending it moves x toward the teacher's prediction and away
+    from the fake score's. The value is 0.5 * mean g^2."""
+    x = samples.float()
+    p_real, p_fake = p_real.detach().float(), p_fake.detach().float()
+    w = (x.detach() - p_real).abs().flatten(1).mean(1).clamp_min(eps)
+    g = (p_fake - p_real) / w.view(-1, *([1] * (x.dim() - 1)))
+    return 0.5 * (x - (x - g).detach()).pow(2).flatten(1).mean(1)
+
+
+class DistributionMatchingLoss(Term):
+    """Distribution matching (DMD-style) on the generator's own rollouts: the frozen stage-1 teacher's
+    score against a fake score trained on the generator's samples (trainer/stage2/distribution_matching.py,
+    ctx["distribution_matching"]), which also draws the noise level of each sample from its index
+    (outputs["generated_index"]) and the step's seed parts (outputs["generated_seed"])."""
+
+    part, samples = "dm", "generated"
+    keys, targets = ("latent",), None
+
+    @classmethod
+    def per_sample(cls, outputs: dict, ctx: dict) -> torch.Tensor:
+        x = outputs["generated_sample"]
+        p_real, p_fake = ctx["distribution_matching"].predictions(
+            x, outputs["generated_index"], outputs["generated_seed"]
+        )
+        return distribution_matching_loss(x, p_real, p_fake)
+
+    def __call__(self, outputs: dict, ctx: dict) -> torch.Tensor:
+        if outputs["generated_sample"].shape[0] == 0:  # a process with no rollout of its own
+            return outputs["generated_sample"].sum() * 0.0
+        return self.per_sample(outputs, ctx).mean()
+
+
 REGISTRY: dict[str, type[Term]] = {}
 
 
@@ -153,3 +196,4 @@ def register_term(cls: type[Term]) -> type[Term]:
 
 register_term(MSELoss)
 register_term(DiscriminatorLoss)
+register_term(DistributionMatchingLoss)
