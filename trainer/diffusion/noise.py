@@ -33,6 +33,23 @@ def batch_noise_and_timesteps(shape: tuple, t_max: int, *seed_parts) -> tuple[to
     return noise, t
 
 
+def avoid_timesteps(t: torch.Tensor, banned, t_max: int, *seed_parts) -> torch.Tensor:
+    """`t` (timesteps in [0, t_max)) with every entry that is one of `banned` redrawn uniformly from the
+    others, entry i's redraw from (seed_parts, i): uniform draws stay uniform over the allowed timesteps,
+    and entries not banned are unchanged."""
+    banned = torch.as_tensor(banned, dtype=torch.long).unique()
+    hit = torch.isin(t, banned.to(t.device))
+    if not bool(hit.any()):
+        return t
+    keep = torch.ones(t_max, dtype=torch.bool)
+    keep[banned[(banned >= 0) & (banned < t_max)]] = False
+    allowed = torch.nonzero(keep).flatten()
+    rows = torch.nonzero(hit).flatten().tolist()
+    out = t.clone()
+    out[rows] = allowed[per_sample_timesteps(rows, len(allowed), *seed_parts)].to(t.device, t.dtype)
+    return out
+
+
 def eta_generators(indices, *seed_parts) -> list:
     """Per-sample generators of DDIM's eta > 0 step noise."""
     return [generator(*seed_parts, "eta", int(i)) for i in indices]

@@ -114,6 +114,12 @@ class Schedule:
         """A new DDIM sampler (its timesteps are state: each user sets its own)."""
         return DDIMScheduler.from_config(self.config)
 
+    def sampler_timesteps(self, steps: int) -> torch.Tensor:
+        """The timesteps a `steps`-step DDIM sampler of this schedule visits (with its spacing)."""
+        ddim = self.ddim()
+        ddim.set_timesteps(steps)
+        return ddim.timesteps.clone().long()
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.train.add_noise(x0, noise, t)
 

@@ -27,11 +27,12 @@ import torch
 from models.unet import unet_from_config, unet_sample_shape
 from trainer.core.errors import UserError
 from trainer.diffusion.checkpoints import export_blob
-from trainer.diffusion.noise import batch_noise_and_timesteps
+from trainer.diffusion.noise import avoid_timesteps, batch_noise_and_timesteps
 from trainer.files import atomic
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import shard_range
+from trainer.stage2 import distribution_matching as dmatch
 from trainer.stage2.finetune_validation import FinetuneValidation
 from trainer.stage2.online import OnlineDiscriminator
 from trainer.stage2.rollouts import Rollouts
@@ -126,6 +127,10 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         }
         if s2.grad_ratio_weight:
             fingerprint["grad_ratio_max"] = s2.grad_ratio_max
+        if dmatch.enabled(cfg):  # (older states have none of these keys)
+            fingerprint["distribution_matching"] = dmatch.fingerprint(cfg)
+        if s2.mse_skip_sampler_timesteps:
+            fingerprint["mse_skip_sampler_timesteps"] = True
         td = cfg.discriminator.training
         self.online_mode = td.mode == "online" and d is not None and s2.generator_loss_mode == "rollout"
         if self.online_mode or td.noise_inputs:  # (older states have neither key)
@@ -205,11 +210,19 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             d.requires_grad_(False)  # frozen: gradients reach the UNet through D, never D itself
             self.d = d.to(acc.device).eval()
         self.rollouts = Rollouts(acc, cfg, schedule, self.latent_shape)
+        self.dm = None  # the teacher and the fake score of a DistributionMatchingLoss term
+        if dmatch.enabled(cfg):
+            self.dm = dmatch.DistributionMatching(acc, cfg, base, schedule, self.latent_shape)
+            self.history_fields = self.history_fields + ["train_fake_loss"]
+        self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)  # mse_skip_sampler_timesteps
         self.t0 = time.time()
 
     # -- the step ----------------------------------------------------------------------------------
     def train_step(self, step):
         logs = self.critic_steps(step) if self.online is not None else {}
+        if self.dm is not None:  # the fake score's n_fake updates on the current weights' samples
+            model = engine.forward_module(self.acc, self.ddp_unet, self.unet)
+            logs.update(self.dm.fake_steps(step, model, self.rollouts, self.seed, self.stage))
         of, done = self.cfg.training.gradient_accumulation_steps, []
 
         # micro-batch i's loss (the whole batch's without accumulation), run inside apply_update
@@ -254,6 +267,10 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         noise, t = batch_noise_and_timesteps(
             x0.shape, self.schedule.num_steps, self.seed, self.stage, step, self.rank
         )
+        if s2.mse_skip_sampler_timesteps:  # a timestep the sampler visits is redrawn from the others
+            t = avoid_timesteps(
+                t, self.sampler_t, self.schedule.num_steps, self.seed, self.stage, step, self.rank
+            )
         mb, kept = (
             np.array_split(np.arange(len(pos)), of)[i],
             int(self.rollouts.x0_pred_mask(t).sum()),
@@ -280,14 +297,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         n = x0.shape[0]
         outputs = self.rollouts.outputs(out[:n], x_t, t, x0, noise)
         if rollout:
-            outputs["generated"], outputs["generated_t"] = self.rollouts.for_discriminator(
-                self.rollouts.last_step(out[n:], t_last, x_r, gens),
-                mine,
-                self.seed,
-                self.stage,
-                "generated",
-                step,
-            )
+            sample = self.rollouts.last_step(out[n:], t_last, x_r, gens)
+            outputs.update(self.rollouts.generated(sample, mine, self.seed, self.stage, step))
         elif generated:
             keep = self.rollouts.x0_pred_mask(t)
             outputs["generated"] = outputs["pred_latent"][keep]
@@ -303,7 +314,11 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         return loss, parts, len(pos)
 
     def loss_context(self) -> dict:
-        return {"discriminator": self.d, "d_loss": self.cfg.discriminator.training.loss}
+        return {
+            "discriminator": self.d,
+            "d_loss": self.cfg.discriminator.training.loss,
+            "distribution_matching": self.dm,
+        }
 
     # -- state and exports -------------------------------------------------------------------------
     def model_state(self):
@@ -313,6 +328,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "loss": self.loss.state_dict(),
         }
+        if self.dm is not None:
+            state["distribution_matching"] = self.dm.state()
         if self.online is not None:
             state["online_d"] = self.online.state(self.online_engine_path)
             if (
@@ -329,6 +346,10 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
                     f"iteration {self.k}'s fine-tune"
                 )
             self.online.load_state(state["online_d"], self.online_engine_path)
+        if self.dm is not None:
+            if "distribution_matching" not in state:  # (the fingerprint names the term's fields first)
+                raise UserError(f"{self.state_path}: written without a fake score; delete it to restart")
+            self.dm.load_state(state["distribution_matching"])
         self.load_optimizer_state(self.opt, state["optimizer"])
         # states written before the loss kept its own state hold its weights in `adv_weights` here
         self.loss.load_state_dict(state.get("loss", state))

@@ -65,9 +65,10 @@ class FinetuneValidation:
         if self.d is not None and s2.generator_loss_mode == "rollout":
             mine = list(shard_range(s2.val_samples, self.rank, self.world))
             if mine:
-                self._score(
-                    self.rollouts.sample(model, mine, (self.seed, "gval-rollout", self.k)), None, sums, ctx
-                )
+                z = self.rollouts.sample(model, mine, (self.seed, "gval-rollout", self.k))
+                seed = (self.seed, "gval-dm", self.k)  # the distribution-matching term's draws on them
+                extra = {"generated_sample": z, "generated_index": mine, "generated_seed": seed}
+                self._score(z, None, sums, ctx, extra)
         s = sums.reduced()
         n_val, n_gen, n_real = max(s["n_val"], 1), s["n_gen"], s["n_real"]
         d_acc = (
@@ -101,12 +102,14 @@ class FinetuneValidation:
             sums.add("real_correct", (self.d(z, t) > 0).sum())
             sums.add("n_real", len(z))
 
-    def _score(self, z, t, sums, ctx):
-        """D's view of generated samples; the loss measures its generated parts on the same logits."""
+    def _score(self, z, t, sums, ctx, extra=None):
+        """D's view of generated samples; the loss measures its generated parts on the same logits (and on
+        `extra`: what rollouts give the other generated terms, trainer/stage2/rollouts.py)."""
         if len(z) == 0:
             return
         logits = self.d(z, t).float()
-        self.loss.add_val_generated({"generated": z, "generated_t": t, "generated_logits": logits}, ctx, sums)
+        outputs = {"generated": z, "generated_t": t, "generated_logits": logits, **(extra or {})}
+        self.loss.add_val_generated(outputs, ctx, sums)
         sums.add("prob", torch.sigmoid(logits).sum())
         sums.add("n_gen", len(z))
         sums.add("fake_correct", (logits < 0).sum())

@@ -54,6 +54,19 @@ class Rollouts:
             return sample, None
         return noised_inputs(self.schedule, sample.float(), idx, td.noise_max_timestep, *parts)
 
+    def generated(self, sample, idx, seed, stage, step) -> dict:
+        """What the "generated" terms read of the rollouts `sample` (global indices idx) of `step`: the
+        sample as D scores it (generated, generated_t) and as it is (generated_sample), with its indices and
+        the seed parts of the draws a term makes on it (the distribution-matching noise levels)."""
+        z, t = self.for_discriminator(sample, idx, seed, stage, "generated", step)
+        return {
+            "generated": z,
+            "generated_t": t,
+            "generated_sample": sample,
+            "generated_index": list(idx),
+            "generated_seed": (seed, stage, "dm", step),
+        }
+
     def outputs(self, model_output, x_t, t, x0, noise) -> dict:
         """What the loss terms read (trainer/training/losses.py names the keys)."""
         pred_noise, pred_latent = self.schedule.predictions(model_output, x_t, t)

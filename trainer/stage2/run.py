@@ -23,6 +23,7 @@ from trainer.parallel import engine, preempt
 from trainer.parallel.accelerator import prepare_module
 from trainer.quality.evaluation import Evaluator
 from trainer.stage2.discriminator_trainer import check_r1_supported, load_discriminator
+from trainer.stage2.distribution_matching import check_distribution_matching_supported
 from trainer.stage2.finetune_trainer import check_grad_ratio_supported
 from trainer.stage2.generation import iteration_shard, stratified_split, x0_pred_fakes
 from trainer.stage2.outputs import export_result, refresh_report, write_grid
@@ -128,6 +129,7 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
     s = setup(cfg, acc)
     check_r1_supported(acc, cfg.discriminator.training)
     check_grad_ratio_supported(acc, cfg.stage2, cfg.training.gradient_accumulation_steps)
+    check_distribution_matching_supported(acc, cfg)
     engine.check_accumulation(acc, cfg.training.gradient_accumulation_steps, cfg.training.batch_size)
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:

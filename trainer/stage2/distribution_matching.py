@@ -1,0 +1,152 @@
+"""The two scores behind a DistributionMatchingLoss term (docs/STAGE2.md#distribution-matching).
+
+The real score is the frozen stage-1 teacher: the EMA weights of the stage-1 checkpoint the run started
+from (the same teacher in every iteration), in eval mode, never trained. The fake score is a trainable copy
+of it that tracks the generator: before each generator step it takes `n_fake` denoising steps (the stage-1
+objective, t uniform over the schedule) on fresh K-step samples of the current weights, made without
+gradient. The generator's signal is the difference of the two scores' x0 predictions on its own samples,
+noised to a level in [t_min, t_max) x num_steps (trainer/training/losses.py, distribution_matching_loss).
+
+Every draw is per sample index, from (seed, stage, step, update, index), so the fake score's samples, their
+noise and timesteps are the same at any world size and after any resume. Under DDP the fake score is a
+second DDP module of the same Accelerator, as the online discriminator is (stage2/online.py); its weights
+and optimizer are part of the fine-tune's resume state. Not under DeepSpeed (refused before any compute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from trainer.core.errors import UserError
+from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
+from trainer.parallel import engine
+from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.collectives import all_reduce_sum, shard_range
+from trainer.training.loop import local_weight
+from trainer.training.optim import build_optimizer
+
+TERM = "DistributionMatchingLoss"
+
+
+def enabled(cfg) -> bool:
+    """Whether training.loss has a distribution-matching term (the config refuses one of weight 0)."""
+    return any(t.type == TERM for t in cfg.training.loss.losses)
+
+
+def check_distribution_matching_supported(acc, cfg) -> None:
+    """One line, before any compute, where the term cannot run: under DeepSpeed."""
+    if enabled(cfg) and engine.is_deepspeed(acc):
+        i = next(i for i, t in enumerate(cfg.training.loss.losses) if t.type == TERM)
+        raise UserError(
+            f"training.loss.losses[{i}]: {TERM} is not supported under DeepSpeed (its fake score would be a "
+            "third engine beside the UNet and an online D); train it with DDP"
+        )
+
+
+def fingerprint(cfg) -> dict:
+    """The fields that define a fine-tune with the term (its resume fingerprint's `distribution_matching`)."""
+    return dict(vars(cfg.stage2.distribution_matching))
+
+
+@torch.no_grad()
+def score_predictions(schedule, real, fake, x_t, t, autocast=None):
+    """(p_real, p_fake): the x0 predictions of the real and fake score models at (x_t, t), in fp32."""
+    preds = []
+    for model in (real, fake):
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out = model(x_t, t).sample.float()
+        preds.append(schedule.predictions(out, x_t, t)[1])
+    return preds[0], preds[1]
+
+
+class DistributionMatching:
+    """The teacher, the fake score, its optimizer and the Accelerator that owns its (DDP) wrapper."""
+
+    def __init__(self, acc, cfg, base, schedule, latent_shape):
+        """base: the stage-1 checkpoint the run started from (its EMA weights are the teacher)."""
+        check_distribution_matching_supported(acc, cfg)
+        dm, s2 = cfg.stage2.distribution_matching, cfg.stage2
+        self.cfg, self.main_acc, self.schedule, self.latent_shape = cfg, acc, schedule, latent_shape
+        self.batch = dm.batch_size or s2.rollout_batch_size or cfg.training.batch_size
+        self.teacher = base.new_unet(base.weights).to(acc.device).eval().requires_grad_(False)
+        fake = prepare_module(base.new_unet(base.weights).to(acc.device).train(), cfg.performance, acc)
+        opt = build_optimizer(
+            fake.parameters(),
+            dm.learning_rate,
+            dm.weight_decay,
+            "AdamW",
+            dm.betas,
+            **fast_optimizer(cfg.performance, acc),
+        )
+        self.fake = fake
+        self.acc, self.wrapped, self.opt = engine.prepare_second(acc, fake, opt, self.batch, dm.max_grad_norm)
+        self.skipped = 0
+
+    # -- the generator's signal ----------------------------------------------------------------------
+    def predictions(self, x, idx, parts):
+        """(p_real, p_fake) of the generator's samples x (global indices idx), each noised to its own level
+        t in [t_min, t_max) x num_steps with its own noise, both drawn from (parts, index); no gradient."""
+        dm, n = self.cfg.stage2.distribution_matching, self.schedule.num_steps
+        lo = min(int(dm.t_min * n), n - 1)
+        hi = max(lo + 1, int(dm.t_max * n))
+        x = x.detach().float()
+        noise = per_sample_noise(idx, tuple(x.shape[1:]), *parts, "noise").to(x.device)
+        t = (per_sample_timesteps(idx, hi - lo, *parts, "t") + lo).to(x.device)
+        x_t = self.schedule.add_noise(x, noise, t)
+        fake = engine.forward_module(self.acc, self.wrapped, self.fake)
+        return score_predictions(self.schedule, self.teacher, fake, x_t, t, self.main_acc.autocast)
+
+    # -- the fake score's updates --------------------------------------------------------------------
+    def fake_steps(self, step, model, rollouts, seed, stage) -> dict:
+        """The n_fake fake-score updates before generator step `step` (call on every rank), each on fresh
+        rollouts of `model` (no gradient). Returns the mean denoising loss (fake_loss)."""
+        dm, world = self.cfg.stage2.distribution_matching, self.main_acc.num_processes
+        mine = list(shard_range(self.batch, self.main_acc.process_index, world))
+        total = 0.0
+        for c in range(dm.n_fake):
+            parts = (seed, stage, "fake-score", step, c)
+            with torch.no_grad():
+                x0 = rollouts.sample(model, mine, (*parts, "rollout")).float()
+            total += self.update(x0, mine, parts, local_weight(len(mine), self.batch, world)) / dm.n_fake
+        return {"fake_loss": total}
+
+    def update(self, x0, idx, parts, weight: float) -> float:
+        """One denoising step of the fake score on this rank's samples x0 (global indices idx); weight turns
+        the local mean into this rank's share of the global mean. A non-finite loss on any rank skips the
+        update on every rank."""
+        dm, device = self.cfg.stage2.distribution_matching, self.main_acc.device
+        noise = per_sample_noise(idx, tuple(self.latent_shape), *parts, "noise").to(device)
+        t = per_sample_timesteps(idx, self.schedule.num_steps, *parts, "t").to(device)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        with self.main_acc.autocast():
+            out = self.wrapped(x_t, t).sample.float()
+        target = self.schedule.target(x0, noise, t).float()
+        loss = F.mse_loss(out, target) if len(idx) else out.sum() * 0.0
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1).to(device))
+        if float(bad) > 0:
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return float("nan")
+        self.acc.backward(loss * weight)
+        if dm.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):
+            self.acc.clip_grad_norm_(self.wrapped.parameters(), dm.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Weights and optimizer for the fine-tune's resume state (call on every rank)."""
+        return {
+            "fake": engine.state_dict(self.acc, self.fake),
+            "optimizer": self.opt.state_dict(),
+            "skipped": self.skipped,
+        }
+
+    def load_state(self, state: dict) -> None:
+        engine.load_state_dict(self.acc, self.fake, state["fake"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.skipped = int(state.get("skipped", 0))
