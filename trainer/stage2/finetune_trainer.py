@@ -10,6 +10,9 @@ With `discriminator.training.mode: online` D is not frozen for the whole phase: 
 step it takes n_critic steps on fresh rollouts of the current weights (stage2/online.py), and it is
 frozen only during the generator step itself.
 
+A DistributionMatchingLoss term brings a teacher and a fake score (stage2/distribution_matching.py); the
+fake score takes n_fake steps before each generator step, as the online D does.
+
 The loss, its logged parts, the gradient-norm ratio and the adaptive weight are the CompositeLoss's
 (trainer/training/composite.py); this module makes what it reads (the samples: rollouts.py) and steps.
 Validation is finetune_validation.py.
