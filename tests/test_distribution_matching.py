@@ -1,8 +1,8 @@
 """The distribution-matching generator signal (DistributionMatchingLoss,
 trainer/stage2/distribution_matching.py): its maths against exact Gaussian scores, a fine-tune with it
 alone (no MSE term) end to end with its history columns, exact resume of the fake score, 2 processes
-against 1, the config's refusals, and the MSE term kept off the sampler's own timesteps
-(stage2.mse_skip_sampler_timesteps)."""
+against 1, DeepSpeed ZeRO-2 at 2 processes, the refusals, and the MSE term kept off the sampler's own
+timesteps (stage2.mse_skip_sampler_timesteps)."""
 
 from types import SimpleNamespace
 
@@ -236,20 +236,74 @@ def test_bad_settings_are_one_line(tmp_path, digits_manifest, small_ae, stage1_c
     assert "\n" not in str(e.value)
 
 
-def test_deepspeed_is_refused_before_compute():
+def test_deepspeed_beside_an_online_d_is_refused_before_compute():
     from accelerate.utils import DistributedType
 
     from trainer.stage2 import check_distribution_matching_supported
 
-    cfg = SimpleNamespace(training=SimpleNamespace(loss=SimpleNamespace(losses=[SimpleNamespace(**MSE)])))
+    def cfg(mode, *terms):
+        loss = SimpleNamespace(losses=[SimpleNamespace(**t) for t in terms])
+        return SimpleNamespace(
+            training=SimpleNamespace(loss=loss),
+            discriminator=SimpleNamespace(training=SimpleNamespace(mode=mode)),
+        )
+
     ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
-    check_distribution_matching_supported(ds, cfg)  # no DM term: fine
-    cfg.training.loss.losses.append(SimpleNamespace(**DM))
-    check_distribution_matching_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), cfg)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    check_distribution_matching_supported(ds, cfg("online", MSE))  # no DM term: fine
+    check_distribution_matching_supported(ds, cfg("offline", MSE, DM))  # the fake score: the second engine
+    check_distribution_matching_supported(ddp, cfg("online", MSE, DM))  # DDP: any number of modules
     with pytest.raises(
-        UserError, match=r"^training\.loss\.losses\[1\]: DistributionMatchingLoss is not supported"
+        UserError, match=r"^training\.loss\.losses\[1\]: DistributionMatchingLoss beside an online"
     ):
-        check_distribution_matching_supported(ds, cfg)
+        check_distribution_matching_supported(ds, cfg("online", MSE, DM))
+
+
+def _ds_launch(config, nproc, *args):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"), "--num_processes", str(nproc)]
+    cmd += ["--main_process_port", str(free_port()), "-m", "trainer.stage2", str(config), "--device", "cpu"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_the_fake_score_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    """ZeRO-2 at 2 processes: the fake score is a second engine beside the UNet's; stopped and resumed
+    mid-phase, both land where the uninterrupted run does."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
+    for name in ("a", "b"):
+        _config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt, loss=(DM, MSE))
+    proc = _ds_launch(tmp_path / "a" / "stage2.yaml", 2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, "--stop_after_steps", "1")
+    assert first.returncode == 0 and "stopped inside iteration 0" in first.stdout, first.stderr[-3000:]
+    second = _ds_launch(tmp_path / "b" / "stage2.yaml", 2)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "at step 1/3" in second.stdout
+    out_b = tmp_path / "b" / "out"
+    assert (out_b / "checkpoints" / "t2_iter_0_checkpoint_latest.fake_score.deepspeed").is_dir()
+    a, b = _latest(tmp_path / "a" / "out"), _latest(out_b)
+    fake_a = a["state"]["model"]["distribution_matching"]["fake"]
+    fake_b = b["state"]["model"]["distribution_matching"]["fake"]
+    stage1 = torch.load(stage1_ckpt, weights_only=True)["state_dict"]
+    assert any(not torch.equal(stage1[k], fake_a[k]) for k in stage1)  # the fake score trained
+    for x, y in (
+        (a["raw_state_dict"], b["raw_state_dict"]),
+        (a["state_dict"], b["state_dict"]),
+        (fake_a, fake_b),
+    ):
+        for k in x:
+            assert torch.allclose(x[k], y[k], atol=1e-6), k
+    history = pd.read_csv(out_b / "t2_metrics_iter_0.csv")
+    assert history[["train_dm", "val_dm", "train_fake_loss"]].notna().all().all()
 
 
 # -- the MSE term off the sampler's timesteps ----------------------------------------------------------------

@@ -123,6 +123,12 @@ class RunLayout:
         latest = self.diffusion_checkpoint(k, "latest")
         return latest.with_name(latest.stem + ".discriminator.deepspeed")
 
+    def fake_score_engine_state(self, k: int) -> Path:
+        """Distribution matching under DeepSpeed: the fake score's engine checkpoint beside the fine-tune's
+        resume state."""
+        latest = self.diffusion_checkpoint(k, "latest")
+        return latest.with_name(latest.stem + ".fake_score.deepspeed")
+
     @property
     def pipeline(self) -> Path:
         """The run's result (the last iteration's continue_from checkpoint) as a diffusers pipeline folder."""

@@ -2,10 +2,11 @@
 
 Design: each phase trains one model (stage 1: the UNet; stage 2: D in the discriminator phase, then
 the UNet in the fine-tune phase with D frozen and unwrapped), so one Accelerator prepares one DeepSpeed
-engine at a time and `free_memory()` destroys it before the next phase. The exception is the online
-discriminator, trained beside the UNet in the fine-tune phase: it gets a second Accelerator on a second
-plugin (prepare_second). Batch size and clipping are set in the DeepSpeed config before each prepare
-(there are no DataLoaders for accelerate to read them from).
+engine at a time and `free_memory()` destroys it before the next phase. The exception is a second
+model trained beside the UNet in the fine-tune phase (the online discriminator, or the distribution-
+matching fake score; not both): it gets a second Accelerator on a second plugin (prepare_second).
+Batch size and clipping are set in the DeepSpeed config before each prepare (there are no DataLoaders
+for accelerate to read them from).
 Under ZeRO-3 a module's parameters are partitioned: full copies are gathered (a collective, on
 every rank) only to read or write weights, and forwards go through the engine.
 Gradient accumulation (`training.gradient_accumulation_steps`) is the trainers' own: N micro-batches'

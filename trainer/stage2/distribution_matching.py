@@ -9,19 +9,23 @@ noised to a level in [t_min, t_max) x num_steps (trainer/training/losses.py, dis
 
 Every draw is per sample index, from (seed, stage, step, update, index), so the fake score's samples, their
 noise and timesteps are the same at any world size and after any resume. Under DDP the fake score is a
-second DDP module of the same Accelerator, as the online discriminator is (stage2/online.py); its weights
-and optimizer are part of the fine-tune's resume state. Not under DeepSpeed (refused before any compute).
+second DDP module of the same Accelerator, as the online discriminator is (stage2/online.py), and under
+DeepSpeed a second engine behind a second Accelerator (engine.prepare_second), which the online D would need
+too: that combination is refused before any compute. Its weights and optimizer are part of the fine-tune's
+resume state (under DeepSpeed the optimizer partitions are in the engine's own checkpoint beside it).
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from trainer.core.errors import UserError
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
+from trainer.files.read import check_torch_files
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import all_reduce_sum, shard_range
@@ -37,12 +41,15 @@ def enabled(cfg) -> bool:
 
 
 def check_distribution_matching_supported(acc, cfg) -> None:
-    """One line, before any compute, where the term cannot run: under DeepSpeed."""
-    if enabled(cfg) and engine.is_deepspeed(acc):
+    """One line, before any compute, where the term cannot run: under DeepSpeed beside an online D (the
+    fake score and the online D would each need the one second engine)."""
+    online = cfg.discriminator.training.mode == "online"
+    if enabled(cfg) and online and engine.is_deepspeed(acc):
         i = next(i for i, t in enumerate(cfg.training.loss.losses) if t.type == TERM)
         raise UserError(
-            f"training.loss.losses[{i}]: {TERM} is not supported under DeepSpeed (its fake score would be a "
-            "third engine beside the UNet and an online D); train it with DDP"
+            f"training.loss.losses[{i}]: {TERM} beside an online discriminator is not supported under "
+            "DeepSpeed (each needs the one second engine); set discriminator.training.mode to offline "
+            "or train with DDP"
         )
 
 
@@ -138,15 +145,27 @@ class DistributionMatching:
         return float(loss.detach())
 
     # -- state -----------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        """Weights and optimizer for the fine-tune's resume state (call on every rank)."""
-        return {
-            "fake": engine.state_dict(self.acc, self.fake),
-            "optimizer": self.opt.state_dict(),
-            "skipped": self.skipped,
-        }
+    def state(self, engine_folder) -> dict:
+        """Weights and optimizer for the fine-tune's resume state (call on every rank). Under DeepSpeed
+        the optimizer partitions go to the engine's own checkpoint in `engine_folder`."""
+        if engine.is_deepspeed(self.acc):
+            engine.save_engine_state(self.acc, engine_folder)
+            opt = None
+        else:
+            opt = self.opt.state_dict()
+        return {"fake": engine.state_dict(self.acc, self.fake), "optimizer": opt, "skipped": self.skipped}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, engine_folder) -> None:
         engine.load_state_dict(self.acc, self.fake, state["fake"])
-        self.opt.load_state_dict(state["optimizer"])
+        if engine.is_deepspeed(self.acc):
+            # DeepSpeed unpickles its files unrestricted: each must pass a weights-only load first
+            then = (
+                "; delete it and the fine-tune's latest checkpoint beside it to restart the diffusion phase"
+            )
+            if not Path(engine_folder).is_dir():
+                raise UserError(f"{engine_folder}: the fake score's DeepSpeed state is missing{then}")
+            check_torch_files(engine_folder, "DeepSpeed state", then)
+            engine.load_engine_state(self.acc, engine_folder)
+        else:
+            self.opt.load_state_dict(state["optimizer"])
         self.skipped = int(state.get("skipped", 0))

@@ -172,6 +172,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             layout.discriminator_online(k),
             layout.online_engine_state(k),
         )
+        self.fake_engine_path = layout.fake_score_engine_state(k)
         self.quality = quality
         self.loss = CompositeLoss.from_config(t.loss, balance=s2)
         self.history_fields = finetune_columns(self.loss)
@@ -332,7 +333,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             "loss": self.loss.state_dict(),
         }
         if self.dm is not None:
-            state["distribution_matching"] = self.dm.state()
+            state["distribution_matching"] = self.dm.state(self.fake_engine_path)
         if self.online is not None:
             state["online_d"] = self.online.state(self.online_engine_path)
             if (
@@ -352,7 +353,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         if self.dm is not None:
             if "distribution_matching" not in state:  # (the fingerprint names the term's fields first)
                 raise UserError(f"{self.state_path}: written without a fake score; delete it to restart")
-            self.dm.load_state(state["distribution_matching"])
+            self.dm.load_state(state["distribution_matching"], self.fake_engine_path)
         self.load_optimizer_state(self.opt, state["optimizer"])
         # states written before the loss kept its own state hold its weights in `adv_weights` here
         self.loss.load_state_dict(state.get("loss", state))
