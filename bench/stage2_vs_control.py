@@ -56,6 +56,7 @@ QUICK_DEMO = [
     "training.max_steps=10",
     "training.eval_interval=10",
     "training.sample_steps=2",
+    "unet.preset=micro",
 ]
 QUICK_STAGE2 = [
     "stage2.num_samples=48",

@@ -13,12 +13,55 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from helpers import FAKE_SRUN, tiny_config, write_config  # noqa: E402
 
+# Under pytest-xdist (pyproject's addopts: one worker per core, at most 4) every worker is one process on
+# one core: torch and every subprocess a test starts use one thread, so that two workers never fight over
+# the cores (OpenMP threads that spin-wait for a busy core are many times slower than one thread).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist the slow tests go first (a stable sort, the same in every worker): the longest runs
+    start while the short ones can still fill the other workers, rather than one of them ending the run
+    alone."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def shared(tmp_path_factory, name: str, build):
+    """build(folder) -> a path, run once per test session however many xdist workers there are: the first
+    worker to ask builds it under a file lock, in a folder every worker of the session shares, and the
+    others reuse it. Without xdist: built in a fresh temporary folder."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own
+    folder, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if done.is_file():
+            return Path(done.read_text())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        result = build(folder)
+        done.write_text(str(result))
+        return result
+
 
 @pytest.fixture(scope="session")
 def digits_manifest(tmp_path_factory):
     from trainer.data.digits import build_digits
 
-    return build_digits(tmp_path_factory.mktemp("digits"))
+    return shared(tmp_path_factory, "digits", build_digits)
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +71,12 @@ def small_ae(tmp_path_factory):
 
     from models.autoencoder import build_autoencoder
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ae") / "autoencoder"
-    build_autoencoder().save_pretrained(str(path))
-    return path
+    def build(folder):
+        torch.manual_seed(0)
+        build_autoencoder().save_pretrained(str(folder / "autoencoder"))
+        return folder / "autoencoder"
+
+    return shared(tmp_path_factory, "ae", build)
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +86,12 @@ def stage1_ckpt(tmp_path_factory, digits_manifest, small_ae):
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
-    root = tmp_path_factory.mktemp("stage1")
-    cfg = load_config(tiny_config(root, digits_manifest, small_ae))
-    DiffusionTrainer(cfg, build_accelerator("cpu")).fit()
-    return cfg.out_dir / "stage1" / "checkpoint_best.pt"
+    def build(root):
+        cfg = load_config(tiny_config(root, digits_manifest, small_ae))
+        DiffusionTrainer(cfg, build_accelerator("cpu")).fit()
+        return cfg.out_dir / "stage1" / "checkpoint_best.pt"
+
+    return shared(tmp_path_factory, "stage1", build)
 
 
 @pytest.fixture()

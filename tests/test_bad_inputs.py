@@ -10,6 +10,9 @@ import yaml
 from bad_input_cases import CASES, Case
 from helpers import run_cli, stage2_config
 
+# pytest-xdist: a module fixture: its tests run on one worker, so the fixture is built once
+pytestmark = pytest.mark.xdist_group("test_bad_inputs")
+
 FAST = ["--device", "cpu"]
 
 

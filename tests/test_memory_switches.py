@@ -20,6 +20,9 @@ from helpers import accelerate_launch, run_cli, stage2_config, tiny_config
 
 from trainer.config.load import load_config
 
+# pytest-xdist: a module fixture: its tests run on one worker, so the fixture is built once
+pytestmark = pytest.mark.xdist_group("test_memory_switches")
+
 # 3 stage-1 steps, one validation at the end; no clipping, so a gradient scaled by N shows in Adam's moments
 FAST = {"max_steps": 3, "eval_interval": 3, "log_interval": 3, "max_grad_norm": 0.0, "sample_steps": 1}
 GRAD_ATOL = 1e-5  # x the largest first moment

@@ -15,6 +15,9 @@ import yaml
 from trainer.config.load import load_config
 from trainer.core.errors import ConfigError, UserError
 
+# pytest-xdist: a module fixture: its tests run on one worker, so the fixture is built once
+pytestmark = pytest.mark.xdist_group("test_metric_features")
+
 
 def _config(folder, manifest, **stage2):
     folder.mkdir(parents=True, exist_ok=True)

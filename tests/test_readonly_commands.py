@@ -12,6 +12,9 @@ import pytest
 import yaml
 from helpers import stage2_config
 
+# pytest-xdist: a module fixture: its tests run on one worker, so the fixture is built once
+pytestmark = pytest.mark.xdist_group("test_readonly_commands")
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, digits_manifest, small_ae, stage1_ckpt):

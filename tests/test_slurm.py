@@ -1,6 +1,6 @@
-"""launch.sh --slurm on a real one-node SLURM cluster (tests/tools/slurm_cluster.py): a tiny stage-2 run
-on 2 CPU processes, and a preempted run that requeues itself and ends with the same weights as an
-uninterrupted one.
+"""launch.sh --slurm on a real one-node SLURM cluster (tests/tools/slurm_cluster.py): a tiny stage-2 job on
+2 CPU processes that is preempted, requeues itself, and ends with the spec's layout and the same weights as
+an uninterrupted run (one job: the plain 2-process path is the same submission, up to the preemption).
 
 Skipped where no cluster can be brought up (not root, no apt); with CI=true that is a failure."""
 
@@ -25,6 +25,9 @@ from helpers import (
     submit_with_fake_sbatch,
 )
 from tools import slurm_cluster
+
+# pytest-xdist: the one SLURM test cluster: its tests run on one worker, one after the other
+pytestmark = pytest.mark.xdist_group("slurm")
 
 TERMINAL = {
     "COMPLETED",
@@ -172,26 +175,12 @@ class Job:
 
 
 @pytest.mark.slow
-def test_slurm_job_runs_stage2_on_two_processes(slurm, tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
-    out = tmp_path / "out"
-    with Job(submit(cfg)) as job:
-        info = job.wait(300)
-    log = logs(out)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.diagnostics(out)
-    found = files_under(out)
-    assert spec_layout("t2", 1) <= found, spec_layout("t2", 1) - found
-    assert "stage 2 complete: 1 iteration(s)" in log
-    assert "generating 24 fakes (3 DDIM steps, 2 process(es))" in log
-    assert "--num_machines 1 --machine_rank 0 --num_processes 2" in log
-    assert (out / "slurm" / "advdiff_stage2.sbatch").exists()
-    assert not (out / ".advdiff_stop").exists() and not (out / ".advdiff_requeue").exists()
-
-
-@pytest.mark.slow
 def test_preempted_job_requeues_and_matches_an_uninterrupted_run(
     slurm, tmp_path, digits_manifest, small_ae, stage1_ckpt
 ):
+    """One job through the whole path: launch.sh submits it, it runs stage 2 on two processes, is preempted
+    (USR1), saves, requeues itself, resumes, completes with the spec's layout, and lands where an
+    uninterrupted run outside SLURM does."""
     import pandas as pd
 
     kw = dict(stage2={"num_samples": 40, "diffusion_epochs": 20})  # 80 diffusion steps
@@ -213,6 +202,14 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(
     log = logs(out)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.diagnostics(out)
     assert int(info["Restarts"]) >= 1, info
+    # the job ran stage 2 on the requested layout and left the spec's files, and no stop or requeue marker
+    found = files_under(out)
+    assert spec_layout("t2", 1) <= found, spec_layout("t2", 1) - found
+    assert "stage 2 complete: 1 iteration(s)" in log
+    assert "generating 40 fakes (3 DDIM steps, 2 process(es))" in log
+    assert "--num_machines 1 --machine_rank 0 --num_processes 2" in log
+    assert (out / "slurm" / "advdiff_stage2.sbatch").exists()
+    assert not (out / ".advdiff_stop").exists() and not (out / ".advdiff_requeue").exists()
     for expected in (
         "received USR1",
         "preempted at step",

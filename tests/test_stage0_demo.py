@@ -85,6 +85,10 @@ SMALL_DEMO = [
     "stage2.val_samples=4",
     "--set",
     "stage2.grid_samples=4",
+    "--set",
+    "stage2.metric_samples=32",
+    "--set",
+    "unet.preset=micro",
 ]
 
 

@@ -12,6 +12,7 @@ from trainer.training.ema import EMA
 from trainer.training.losses import (
     REGISTRY,
     DiscriminatorLoss,
+    DistributionMatchingLoss,
     MSELoss,
     d_loss,
     d_loss_terms,
@@ -224,7 +225,11 @@ def test_composite_loss_without_a_positive_term_raises():
 
 
 def test_composite_loss_from_config_builds_registered_terms():
-    assert REGISTRY == {"MSELoss": MSELoss, "DiscriminatorLoss": DiscriminatorLoss}
+    assert REGISTRY == {
+        "MSELoss": MSELoss,
+        "DiscriminatorLoss": DiscriminatorLoss,
+        "DistributionMatchingLoss": DistributionMatchingLoss,
+    }
     cfg = SimpleNamespace(
         losses=[
             SimpleNamespace(type="MSELoss", key="pred_noise", target="noise", weight=1.0),
