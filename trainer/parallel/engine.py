@@ -155,3 +155,29 @@ def save_engine_state(acc, folder: Path) -> None:
 
 def load_engine_state(acc, folder: Path) -> None:
     acc.load_state(str(folder))
+
+
+# -- a second model's optimizer in a phase's resume state (the online D, the fake score) ----------------
+def second_optimizer_state(acc, opt, engine_folder):
+    """The optimizer's part of a resume state (call on every rank): its state dict, or None under DeepSpeed,
+    whose partitions go to the engine's own checkpoint in `engine_folder`."""
+    if is_deepspeed(acc):
+        save_engine_state(acc, Path(engine_folder))
+        return None
+    return opt.state_dict()
+
+
+def load_second_optimizer_state(acc, opt, saved, engine_folder, what: str) -> None:
+    """Restore what second_optimizer_state saved; `what` names the model in the error of a missing state."""
+    if not is_deepspeed(acc):
+        if saved is not None:
+            opt.load_state_dict(saved)
+        return
+    from trainer.files.read import check_torch_files
+
+    then = "; delete it and the fine-tune's latest checkpoint beside it to restart the diffusion phase"
+    if not Path(engine_folder).is_dir():
+        raise UserError(f"{engine_folder}: the {what}'s DeepSpeed state is missing{then}")
+    # DeepSpeed unpickles its files unrestricted: each must pass a weights-only load first
+    check_torch_files(engine_folder, "DeepSpeed state", then)
+    load_engine_state(acc, Path(engine_folder))

@@ -18,14 +18,12 @@ resume state (under DeepSpeed the optimizer partitions are in the engine's own c
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from trainer.core.errors import UserError
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
-from trainer.files.read import check_torch_files
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import all_reduce_sum, shard_range
@@ -146,26 +144,13 @@ class DistributionMatching:
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, engine_folder) -> dict:
-        """Weights and optimizer for the fine-tune's resume state (call on every rank). Under DeepSpeed
-        the optimizer partitions go to the engine's own checkpoint in `engine_folder`."""
-        if engine.is_deepspeed(self.acc):
-            engine.save_engine_state(self.acc, engine_folder)
-            opt = None
-        else:
-            opt = self.opt.state_dict()
+        """Weights and optimizer for the fine-tune's resume state (call on every rank)."""
+        opt = engine.second_optimizer_state(self.acc, self.opt, engine_folder)
         return {"fake": engine.state_dict(self.acc, self.fake), "optimizer": opt, "skipped": self.skipped}
 
     def load_state(self, state: dict, engine_folder) -> None:
         engine.load_state_dict(self.acc, self.fake, state["fake"])
-        if engine.is_deepspeed(self.acc):
-            # DeepSpeed unpickles its files unrestricted: each must pass a weights-only load first
-            then = (
-                "; delete it and the fine-tune's latest checkpoint beside it to restart the diffusion phase"
-            )
-            if not Path(engine_folder).is_dir():
-                raise UserError(f"{engine_folder}: the fake score's DeepSpeed state is missing{then}")
-            check_torch_files(engine_folder, "DeepSpeed state", then)
-            engine.load_engine_state(self.acc, engine_folder)
-        else:
-            self.opt.load_state_dict(state["optimizer"])
+        engine.load_second_optimizer_state(
+            self.acc, self.opt, state["optimizer"], engine_folder, "fake score"
+        )
         self.skipped = int(state.get("skipped", 0))
