@@ -30,6 +30,7 @@ from trainer.config.sections_stage2 import (
     DiscriminatorTraining,
     DistributionMatchingConfig,
     Stage2Config,
+    check_feature_discriminator,
 )
 
 
@@ -167,7 +168,10 @@ class Config:
     autoencoder: AutoencoderConfig = option(
         doc="Frozen autoencoder (and its stage-0 training).", factory=AutoencoderConfig
     )
-    discriminator: DiscriminatorConfig = option(doc="Latent discriminator.", factory=DiscriminatorConfig)
+    discriminator: DiscriminatorConfig = option(
+        doc="Discriminator: on the latents, or a head on the fake score's UNet features.",
+        factory=DiscriminatorConfig,
+    )
     dataset: DatasetConfig = option(doc="Manifest and filters.", factory=DatasetConfig)
     unet: UNetConfig = option(doc="Diffusion UNet architecture.", factory=UNetConfig)
     scheduler: SchedulerConfig = option(doc="Noise schedule.", factory=SchedulerConfig)
@@ -215,6 +219,7 @@ class Config:
                     "moves the generator's own K-step samples, which only rollout mode makes)",
                     term.type,
                 )
+        check_feature_discriminator(self, where)
 
     def resolve_path(self, value: Optional[str]) -> Optional[Path]:
         """Resolve a path from the config: absolute as is, relative against the YAML's folder."""

@@ -11,6 +11,15 @@ from trainer.config.schema import error_at, option
 
 @dataclass
 class DiscriminatorArch:
+    type: str = option(
+        "latent",
+        "latent: a conv net on the latents (the fields below). unet_features: a small classifier "
+        "head on the distribution-matching fake score's UNet bottleneck (its mid-block output), "
+        "trained in the fake score's updates; needs a DistributionMatchingLoss term "
+        "(docs/STAGE2.md#feature-discriminator).",
+        choices=("latent", "unet_features"),
+    )
+    head_channels: int = option(64, "unet_features: channels of the head's two conv layers.", ge=1)
     latent_channels: int = option(4, "Channels of the latents D scores; must equal the AE's.", ge=1)
     base_channels: int = option(64, "Channels of D's first layer; doubled at each level.", ge=1)
     num_layers: int = option(
@@ -81,6 +90,27 @@ class DiscriminatorTraining:
     )
     noise_max_timestep: float = option(
         0.5, "noise_inputs: timesteps are drawn uniformly from [0, this x num_steps).", gt=0, le=1
+    )
+    feature_t_min: Optional[float] = option(
+        None,
+        "unet_features: the head's inputs (reals, fakes and the generator's samples) are noised to "
+        "t drawn uniformly from [feature_t_min, feature_t_max) x num_steps; default "
+        "stage2.distribution_matching.t_min.",
+        gt=0,
+        le=1,
+    )
+    feature_t_max: Optional[float] = option(
+        None,
+        "unet_features: upper end of that range; default stage2.distribution_matching.t_max.",
+        gt=0,
+        le=1,
+    )
+    feature_loss_weight: float = option(
+        0.01,
+        "unet_features: weight of the head's classification loss (with R1) beside the denoising loss in "
+        "each fake-score update. The head's own parameters learn at its learning rate whatever the "
+        "weight (AdamW); it sets how much the classification shapes the fake score's shared encoder.",
+        gt=0,
     )
 
 
@@ -275,3 +305,42 @@ class Stage2Config:
                 "raw, classifier:PATH or inception:PATH",
                 self.metric_features,
             )
+
+
+def feature_t_range(cfg) -> tuple[float, float]:
+    """(t_min, t_max) of the feature discriminator's noise levels: its own, else the DM term's."""
+    td, dm = cfg.discriminator.training, cfg.stage2.distribution_matching
+    lo = dm.t_min if td.feature_t_min is None else td.feature_t_min
+    return lo, dm.t_max if td.feature_t_max is None else td.feature_t_max
+
+
+def check_feature_discriminator(cfg, where) -> None:
+    """One line for what a unet_features discriminator cannot run with (the whole config is needed)."""
+    d, td = cfg.discriminator.config, cfg.discriminator.training
+    if d.type != "unet_features":
+        return
+    if not any(t.type == "DistributionMatchingLoss" for t in cfg.training.loss.losses):
+        raise error_at(
+            where,
+            "discriminator.config.type",
+            "latent when training.loss has no DistributionMatchingLoss term (unet_features classifies "
+            "the fake score's features, which only that term trains)",
+            d.type,
+        )
+    refusals = (
+        ("mode", "offline", "its head always trains in the fake score's updates, online by nature"),
+        ("noise_inputs", False, "its inputs are always noised, to feature_t_min..feature_t_max"),
+        ("warm_start", False, "each iteration's fake score, and the head on it, starts afresh"),
+    )
+    for field, expected, why in refusals:
+        if getattr(td, field) != expected:
+            shown = str(expected).lower() if isinstance(expected, bool) else expected
+            raise error_at(
+                where,
+                f"discriminator.training.{field}",
+                f"{shown} when discriminator.config.type is unet_features ({why})",
+                getattr(td, field),
+            )
+    lo, hi = feature_t_range(cfg)
+    if not lo < hi:
+        raise error_at(where, "discriminator.training.feature_t_max", f"a number > t_min ({lo})", hi)

@@ -135,6 +135,8 @@ def check_ae_fits(cfg, ae_config: dict, latent_shape: tuple) -> None:
 def check_discriminator(cfg, latent_shape: tuple) -> None:
     where = cfg.source or "<config>"
     d = cfg.discriminator.config
+    if d.type != "latent":  # the feature discriminator is built on the fake score's UNet
+        return
     channels, side = latent_shape[0], latent_shape[1]
     if d.latent_channels != channels:
         raise error_at(
