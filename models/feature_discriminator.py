@@ -1,0 +1,83 @@
+"""A discriminator on a diffusion UNet's own features: a small classifier head on the bottleneck (the
+mid-block output) of a diffusers UNet2DModel, which stage 2 puts on the distribution-matching fake score
+(trainer/stage2/feature_discriminator.py, docs/STAGE2.md#feature-discriminator).
+
+`unet_bottleneck` runs only the UNet's encoder half (time embedding, conv_in, down blocks, mid block), so
+scoring a sample costs about half a UNet forward; `ScoreWithHead` holds the UNet and the head as one
+module, so that one wrapper (DDP or a DeepSpeed engine) trains both in one backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+HEAD_FORMAT = "advdiff.feature_discriminator"
+
+
+def unet_bottleneck(unet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mid-block output of UNet2DModel `unet` at (x, t) (the last down block's where it has no mid
+    block); the same steps as the model's own forward up to there."""
+    if unet.config.center_input_sample:
+        x = 2 * x - 1.0
+    t = torch.as_tensor(t, device=x.device)
+    t = t.reshape(-1) * torch.ones(x.shape[0], dtype=t.dtype, device=x.device)
+    emb = unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
+    skip, h = x, unet.conv_in(x)
+    for block in unet.down_blocks:
+        if hasattr(block, "skip_conv"):
+            h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    return unet.mid_block(h, emb) if unet.mid_block is not None else h
+
+
+def bottleneck_channels(unet_config: dict) -> int:
+    return int(unet_config["block_out_channels"][-1])
+
+
+def _group_norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, ch), ch)  # per-sample statistics: no batch dependence under DDP
+
+
+class FeatureHead(nn.Module):
+    """Two 3x3 conv layers (GroupNorm, SiLU), a global average pool, a linear layer: one logit per sample."""
+
+    def __init__(self, in_channels: int, channels: int = 64):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "channels": channels}
+        self.body = nn.Sequential(
+            _group_norm(in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, channels, 3, padding=1),
+            _group_norm(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            _group_norm(channels),
+            nn.SiLU(),
+        )
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(features).mean(dim=(2, 3))).squeeze(1)
+
+
+class ScoreWithHead(nn.Module):
+    """A score UNet with a classifier head on its bottleneck. forward(x, t) is the UNet's own output (what
+    a caller of the bare UNet gets); forward(x, t, x_cls, t_cls) also classifies x_cls at t_cls and returns
+    (the UNet's output sample, the logits)."""
+
+    def __init__(self, unet, head: FeatureHead):
+        super().__init__()
+        self.unet, self.head = unet, head
+
+    def logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head(unet_bottleneck(self.unet, x, t))
+
+    def forward(self, x, t, x_cls=None, t_cls=None):
+        out = self.unet(x, t)
+        if x_cls is None:
+            return out
+        return out.sample, self.logits(x_cls, t_cls)
