@@ -36,6 +36,7 @@ from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import shard_range
 from trainer.stage2 import distribution_matching as dmatch
+from trainer.stage2.finetune_fingerprint import finetune_fingerprint
 from trainer.stage2.finetune_validation import FinetuneValidation
 from trainer.stage2.online import OnlineDiscriminator
 from trainer.stage2.rollouts import Rollouts
@@ -114,44 +115,9 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             max_steps = min(max_steps, s2.diffusion_max_steps)
         interval = s2.diffusion_eval_interval or self.per_epoch
         self.lr = s2.learning_rate or t.learning_rate
-        fingerprint = {
-            "unet": self.unet_config,
-            "scheduler": schedule.to_dict(),
-            "seed": t.seed,
-            "num_samples": s2.num_samples,
-            "mode": s2.generator_loss_mode,
-            "loss": [dict(x.__dict__) for x in t.loss.losses],
-            "lr": self.lr,
-            "batch_size": t.batch_size,
-            "generation_steps": s2.generation_steps,
-            "eta": s2.eta,
-            "rollout_grad_steps": s2.rollout_grad_steps,
-            "ema_decay": t.ema_decay,
-        }
-        if s2.grad_ratio_weight:
-            fingerprint["grad_ratio_max"] = s2.grad_ratio_max
-        if dmatch.enabled(cfg):  # (older states have none of these keys)
-            fingerprint["distribution_matching"] = dmatch.fingerprint(cfg)
-        if s2.mse_skip_sampler_timesteps:
-            fingerprint["mse_skip_sampler_timesteps"] = True
         td = cfg.discriminator.training
         self.online_mode = td.mode == "online" and d is not None and s2.generator_loss_mode == "rollout"
-        if self.online_mode or td.noise_inputs:  # (older states have neither key)
-            fingerprint["discriminator"] = {
-                k: getattr(td, k)
-                for k in (
-                    "mode",
-                    "n_critic",
-                    "online_batch_size",
-                    "noise_inputs",
-                    "noise_max_timestep",
-                    "loss",
-                    "r1_gamma",
-                    "learning_rate",
-                    "betas",
-                    "weight_decay",
-                )
-            }
+        fingerprint = finetune_fingerprint(cfg, self.unet_config, schedule, self.lr, self.online_mode)
         # the latest export is also the resume state
         super().__init__(
             acc,
