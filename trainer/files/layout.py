@@ -9,6 +9,7 @@
   discriminator_iter_{k}/                       per iteration: the latents D trains on and D
     real_latents.pt fake_latents.pt discriminator_{best,state}.pt discriminator_history.{csv,png}
     discriminator_online.pt                     online mode: D at the end of the fine-tune
+    discriminator_features.pt                   unet_features: fake score + head at the end of the fine-tune
   checkpoints/{name}_iter_{k}_checkpoint_{best,latest}.pt   fine-tuned diffusion (latest = resume state)
   {name}_metrics_iter_{k}.{csv,png}             fine-tune validation history
   {name}_summary.{csv,png}                      quality per iteration (row 0: stage 1)
@@ -116,6 +117,11 @@ class RunLayout:
     def discriminator_online(self, k: int) -> Path:
         """Online mode: D as it stands at the end of iteration k's fine-tune."""
         return self.iteration_folder(k) / "discriminator_online.pt"
+
+    def discriminator_features(self, k: int) -> Path:
+        """discriminator.config.type unet_features: the fake score's UNet and the head on its bottleneck at
+        the end of iteration k's fine-tune."""
+        return self.iteration_folder(k) / "discriminator_features.pt"
 
     def online_engine_state(self, k: int) -> Path:
         """Online mode under DeepSpeed: the online D's engine checkpoint beside the fine-tune's resume

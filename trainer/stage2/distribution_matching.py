@@ -13,6 +13,10 @@ second DDP module of the same Accelerator, as the online discriminator is (stage
 DeepSpeed a second engine behind a second Accelerator (engine.prepare_second), which the online D would need
 too: that combination is refused before any compute. Its weights and optimizer are part of the fine-tune's
 resume state (under DeepSpeed the optimizer partitions are in the engine's own checkpoint beside it).
+
+With a feature discriminator (discriminator.config.type unet_features, stage2/feature_discriminator.py) the
+trained module is the fake score with a classifier head on its bottleneck: one module, one wrapper, one
+optimizer (the head in its own parameter group), the head's loss added to each update's denoising loss.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from models.feature_discriminator import ScoreWithHead
 from trainer.core.errors import UserError
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import all_reduce_sum, shard_range
+from trainer.stage2 import feature_discriminator as features
+from trainer.stage2.discriminator_trainer import check_r1_supported
 from trainer.training.loop import local_weight
 from trainer.training.optim import build_optimizer
 
@@ -70,25 +77,49 @@ def score_predictions(schedule, real, fake, x_t, t, autocast=None):
 class DistributionMatching:
     """The teacher, the fake score, its optimizer and the Accelerator that owns its (DDP) wrapper."""
 
-    def __init__(self, acc, cfg, base, schedule, latent_shape):
-        """base: the stage-1 checkpoint the run started from (its EMA weights are the teacher)."""
+    def __init__(self, acc, cfg, base, schedule, latent_shape, reals=None):
+        """base: the stage-1 checkpoint the run started from (its EMA weights are the teacher); reals: (this
+        rank's reals, the global train mask), which a feature discriminator on the fake score reads."""
         check_distribution_matching_supported(acc, cfg)
         dm, s2 = cfg.stage2.distribution_matching, cfg.stage2
         self.cfg, self.main_acc, self.schedule, self.latent_shape = cfg, acc, schedule, latent_shape
         self.batch = dm.batch_size or s2.rollout_batch_size or cfg.training.batch_size
         self.teacher = base.new_unet(base.weights).to(acc.device).eval().requires_grad_(False)
-        fake = prepare_module(base.new_unet(base.weights).to(acc.device).train(), cfg.performance, acc)
+        module = fake = base.new_unet(base.weights).train()
+        groups = [{"params": list(fake.parameters())}]
+        self.features = None  # the feature discriminator: a head on the fake score's bottleneck
+        if features.enabled(cfg):
+            check_r1_supported(acc, cfg.discriminator.training)  # R1 on the head: a double backward
+            self.features = features.FeatureDiscriminator(acc, cfg, schedule, *reals, self.batch)
+            module = ScoreWithHead(fake, features.new_head(cfg, base.unet_config))
+            td = cfg.discriminator.training
+            head = {"lr": td.learning_rate, "betas": tuple(td.betas), "weight_decay": td.weight_decay}
+            groups.append({"params": list(module.head.parameters()), **head})
+        module = prepare_module(module.to(acc.device), cfg.performance, acc)
         opt = build_optimizer(
-            fake.parameters(),
+            groups,
             dm.learning_rate,
             dm.weight_decay,
             "AdamW",
             dm.betas,
             **fast_optimizer(cfg.performance, acc),
         )
-        self.fake = fake
-        self.acc, self.wrapped, self.opt = engine.prepare_second(acc, fake, opt, self.batch, dm.max_grad_norm)
+        self.module, self.fake = module, module.unet if self.features is not None else module
+        if self.features is not None:
+            self.features.module = module
+        second = engine.prepare_second(acc, module, opt, self.batch, dm.max_grad_norm)
+        self.acc, self.wrapped, self.opt = second
         self.skipped = 0
+
+    @property
+    def columns(self) -> list[str]:
+        """Its history columns: the fake score's denoising loss, and the feature head's loss and accuracy."""
+        return ["train_fake_loss"] + (["train_d_loss", "train_d_acc"] if self.features is not None else [])
+
+    def frozen(self):
+        """The fake score (and its head) take no gradient inside: the generator step, where the feature
+        discriminator's term back-propagates through them."""
+        return self.features.frozen() if self.features is not None else contextlib.nullcontext()
 
     # -- the generator's signal ----------------------------------------------------------------------
     def predictions(self, x, idx, parts):
@@ -107,50 +138,77 @@ class DistributionMatching:
     # -- the fake score's updates --------------------------------------------------------------------
     def fake_steps(self, step, model, rollouts, seed, stage) -> dict:
         """The n_fake fake-score updates before generator step `step` (call on every rank), each on fresh
-        rollouts of `model` (no gradient). Returns the mean denoising loss (fake_loss)."""
+        rollouts of `model` (no gradient). Returns the mean denoising loss (fake_loss), and with a feature
+        discriminator its mean loss and accuracy (d_loss, d_acc)."""
         dm, world = self.cfg.stage2.distribution_matching, self.main_acc.num_processes
         mine = list(shard_range(self.batch, self.main_acc.process_index, world))
-        total = 0.0
+        sums = {}
         for c in range(dm.n_fake):
             parts = (seed, stage, "fake-score", step, c)
             with torch.no_grad():
                 x0 = rollouts.sample(model, mine, (*parts, "rollout")).float()
-            total += self.update(x0, mine, parts, local_weight(len(mine), self.batch, world)) / dm.n_fake
-        return {"fake_loss": total}
+            weight = local_weight(len(mine), self.batch, world)
+            for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c).items():
+                sums[key] = sums.get(key, 0.0) + value / dm.n_fake
+        return sums
 
-    def update(self, x0, idx, parts, weight: float) -> float:
-        """One denoising step of the fake score on this rank's samples x0 (global indices idx); weight turns
-        the local mean into this rank's share of the global mean. A non-finite loss on any rank skips the
-        update on every rank."""
+    def update(self, x0, idx, parts, weight: float, draw: int = 0) -> dict:
+        """One denoising step of the fake score on this rank's samples x0 (global indices idx), with the
+        feature head's classification step (the phase's draw-th head batch) where there is one; weight
+        turns the local mean into this rank's share of the global mean. A non-finite loss on any rank
+        skips the update on every rank."""
         dm, device = self.cfg.stage2.distribution_matching, self.main_acc.device
         noise = per_sample_noise(idx, tuple(self.latent_shape), *parts, "noise").to(device)
         t = per_sample_timesteps(idx, self.schedule.num_steps, *parts, "t").to(device)
         x_t = self.schedule.add_noise(x0, noise, t)
-        with self.main_acc.autocast():
-            out = self.wrapped(x_t, t).sample.float()
+        if self.features is None:
+            with self.main_acc.autocast():
+                out = self.wrapped(x_t, t).sample.float()
+        else:
+            x_cls, t_cls, real_in = self.features.inputs(x0, idx, parts, draw)
+            with self.main_acc.autocast(), self.features.forward_context():
+                out, logits = self.wrapped(x_t, t, x_cls, t_cls)
+            out = out.float()
         target = self.schedule.target(x0, noise, t).float()
         loss = F.mse_loss(out, target) if len(idx) else out.sum() * 0.0
+        logs = {"fake_loss": float(loss.detach())}
+        if self.features is not None:
+            head_loss, head_logs = self.features.loss(logits, real_in)
+            loss, logs = loss + head_loss, {**logs, **head_logs}
         bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1).to(device))
         if float(bad) > 0:
             self.opt.zero_grad(set_to_none=True)
             self.skipped += 1
-            return float("nan")
+            return {key: float("nan") for key in logs}
         self.acc.backward(loss * weight)
         if dm.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):
             self.acc.clip_grad_norm_(self.wrapped.parameters(), dm.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return logs
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, engine_folder) -> dict:
         """Weights and optimizer for the fine-tune's resume state (call on every rank)."""
         opt = engine.second_optimizer_state(self.acc, self.opt, engine_folder)
-        return {"fake": engine.state_dict(self.acc, self.fake), "optimizer": opt, "skipped": self.skipped}
+        state = {"fake": engine.state_dict(self.acc, self.fake), "optimizer": opt, "skipped": self.skipped}
+        if self.features is not None:
+            state["head"] = engine.state_dict(self.acc, self.module.head)
+        return state
 
     def load_state(self, state: dict, engine_folder) -> None:
         engine.load_state_dict(self.acc, self.fake, state["fake"])
+        if self.features is not None:
+            if "head" not in state:  # (the fingerprint names the head's fields first)
+                raise UserError(f"{engine_folder}: a resume state without the feature discriminator's head")
+            engine.load_state_dict(self.acc, self.module.head, state["head"])
         engine.load_second_optimizer_state(
             self.acc, self.opt, state["optimizer"], engine_folder, "fake score"
         )
         self.skipped = int(state.get("skipped", 0))
+
+    def export_features(self, path, unet_config: dict, k: int, step: int) -> None:
+        """The feature discriminator (the fake score's UNet and the head) at the end of the phase (call on
+        every rank; main writes)."""
+        unet, head = engine.state_dict(self.acc, self.fake), engine.state_dict(self.acc, self.module.head)
+        self.features.export(path, unet, head, unet_config, k, step)

@@ -8,6 +8,7 @@ before them still resume.
 from __future__ import annotations
 
 from trainer.stage2 import distribution_matching as dmatch
+from trainer.stage2 import feature_discriminator as features
 
 # the online (or noise-conditioned) discriminator's training fields
 _ONLINE_D_KEYS = (
@@ -48,4 +49,6 @@ def finetune_fingerprint(cfg, unet_config: dict, schedule, lr: float, online_mod
         fingerprint["mse_skip_sampler_timesteps"] = True
     if online_mode or td.noise_inputs:
         fingerprint["discriminator"] = {k: getattr(td, k) for k in _ONLINE_D_KEYS}
+    if features.enabled(cfg):
+        fingerprint["feature_discriminator"] = features.fingerprint(cfg)
     return fingerprint

@@ -11,7 +11,8 @@ step it takes n_critic steps on fresh rollouts of the current weights (stage2/on
 frozen only during the generator step itself.
 
 A DistributionMatchingLoss term brings a teacher and a fake score (stage2/distribution_matching.py); the
-fake score takes n_fake steps before each generator step, as the online D does.
+fake score takes n_fake steps before each generator step, as the online D does. With
+`discriminator.config.type: unet_features` D is a head on the fake score (stage2/feature_discriminator.py).
 
 The loss, its logged parts, the gradient-norm ratio and the adaptive weight are the CompositeLoss's
 (trainer/training/composite.py); this module makes what it reads (the samples: rollouts.py) and steps.
@@ -139,6 +140,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             layout.online_engine_state(k),
         )
         self.fake_engine_path = layout.fake_score_engine_state(k)
+        self.feature_path = layout.discriminator_features(k)
         self.quality = quality
         self.loss = CompositeLoss.from_config(t.loss, balance=s2)
         self.history_fields = finetune_columns(self.loss)
@@ -181,9 +183,11 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             self.d = d.to(acc.device).eval()
         self.rollouts = Rollouts(acc, cfg, schedule, self.latent_shape)
         self.dm = None  # the teacher and the fake score of a DistributionMatchingLoss term
-        if dmatch.enabled(cfg):
-            self.dm = dmatch.DistributionMatching(acc, cfg, base, schedule, self.latent_shape)
-            self.history_fields = self.history_fields + ["train_fake_loss"]
+        if dmatch.enabled(cfg):  # with a feature discriminator, its head is on the fake score: the D here
+            reals = (real, real_train)
+            self.dm = dmatch.DistributionMatching(acc, cfg, base, schedule, self.latent_shape, reals)
+            self.history_fields = self.history_fields + self.dm.columns
+            self.d = self.dm.features or self.d
         self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)  # mse_skip_sampler_timesteps
         self.t0 = time.time()
 
@@ -201,7 +205,9 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             done.append((float(loss.detach()), parts))
             return loss * local_weight(n, self.batch, self.world)
 
-        with self.online.frozen() if self.online is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as frozen:  # the online D and the fake score (its feature head)
+            for model in (m for m in (self.online, self.dm) if m is not None):
+                frozen.enter_context(model.frozen())
             self.apply_update(
                 [lambda i=i: micro(i) for i in range(of)],
                 self.ddp_unet,
@@ -300,6 +306,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         }
         if self.dm is not None:
             state["distribution_matching"] = self.dm.state(self.fake_engine_path)
+            if self.dm.features is not None and self.step >= self.max_steps:  # written before the state
+                self.dm.export_features(self.feature_path, self.unet_config, self.k, self.step)
         if self.online is not None:
             state["online_d"] = self.online.state(self.online_engine_path)
             if (

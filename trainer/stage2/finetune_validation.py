@@ -61,14 +61,16 @@ class FinetuneValidation:
                 self._score(outputs["pred_latent"][keep], t[keep], sums, ctx)
                 self._score_real(x0[keep], t[keep], sums)
             elif self.d is not None:
-                self._score_real(x0, None, sums)
+                z, t_d = self.rollouts.for_validation(x0, idx, self.seed, "gval-d-real", self.k)
+                self._score_real(z, t_d, sums)
         if self.d is not None and s2.generator_loss_mode == "rollout":
             mine = list(shard_range(s2.val_samples, self.rank, self.world))
             if mine:
                 z = self.rollouts.sample(model, mine, (self.seed, "gval-rollout", self.k))
                 seed = (self.seed, "gval-dm", self.k)  # the distribution-matching term's draws on them
                 extra = {"generated_sample": z, "generated_index": mine, "generated_seed": seed}
-                self._score(z, None, sums, ctx, extra)
+                z_d, t_d = self.rollouts.for_validation(z, mine, self.seed, "gval-d-fake", self.k)
+                self._score(z_d, t_d, sums, ctx, extra)
         s = sums.reduced()
         n_val, n_gen, n_real = max(s["n_val"], 1), s["n_gen"], s["n_real"]
         d_acc = (

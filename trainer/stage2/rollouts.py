@@ -11,6 +11,7 @@ import torch
 
 from trainer.diffusion.noise import eta_generators, noised_inputs, per_sample_noise
 from trainer.diffusion.sampling import ddim_step
+from trainer.stage2.feature_discriminator import noised_for_head
 
 
 class Rollouts:
@@ -48,11 +49,21 @@ class Rollouts:
 
     def for_discriminator(self, sample, idx, *parts):
         """(sample, t) as D scores it: forward-noised (still differentiable) where D was trained on noised
-        inputs (discriminator.training.noise_inputs), else as it is with t None."""
+        inputs (discriminator.training.noise_inputs, or the feature discriminator), else as it is with t
+        None."""
         td = self.cfg.discriminator.training
+        if self.cfg.discriminator.config.type == "unet_features":  # always noised, to its own t range
+            return noised_for_head(self.cfg, self.schedule, sample, idx, *parts)
         if not td.noise_inputs:
             return sample, None
         return noised_inputs(self.schedule, sample.float(), idx, td.noise_max_timestep, *parts)
+
+    def for_validation(self, sample, idx, *parts):
+        """(sample, t) as validation has D score it: noised for the feature discriminator (which only knows
+        noised inputs), as it is (t None) for a latent D."""
+        if self.cfg.discriminator.config.type == "unet_features":
+            return noised_for_head(self.cfg, self.schedule, sample, idx, *parts)
+        return sample, None
 
     def generated(self, sample, idx, seed, stage, step) -> dict:
         """What the "generated" terms read of the rollouts `sample` (global indices idx) of `step`: the

@@ -39,6 +39,17 @@ from trainer.stage2.prepare import (
 from trainer.stage2.run_record import record_run_fields, run_fields
 
 
+def latent_d(cfg) -> bool:
+    """Whether the run has a latent D (trained offline, and scoring the summary's samples); the feature
+    discriminator (discriminator.config.type unet_features) lives on the fine-tune's fake score instead."""
+    return cfg.discriminator.config.type == "latent"
+
+
+def offline_d(cfg, path):
+    """The latent D saved at `path`, or None without one."""
+    return load_discriminator(path) if latent_d(cfg) else None
+
+
 def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     """Run (or finish) iteration k. Returns False if it stopped early as asked."""
     cfg, acc, log, layout = s.cfg, s.acc, s.log, s.layout
@@ -69,26 +80,44 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
             acc, cfg, s.schedule, gen_unet, shard.real, shard.own, k, s.latent_shape
         )
         fake_t = real_t
-    warm = iteration_discriminator(layout, k - 1) if k > 0 and cfg.discriminator.training.warm_start else None
-    d_trainer = s.discriminator_trainer(
-        k, shard.real, fake_for_d, real_train, fake_train, real_t=real_t, fake_t=fake_t, warm_start_from=warm
-    )
-    with timing.phase(acc, layout.timings, "discriminator", k):
-        d_trainer.fit()
-    acc.free_memory()
-    del d_trainer
-    if acc.is_main_process:
-        history = layout.discriminator_history(k)
-        plots.plot_d_history(history, picture_of(history), k)
+    if latent_d(cfg):
+        warm = (
+            iteration_discriminator(layout, k - 1)
+            if k > 0 and cfg.discriminator.training.warm_start
+            else None
+        )
+        d_trainer = s.discriminator_trainer(
+            k,
+            shard.real,
+            fake_for_d,
+            real_train,
+            fake_train,
+            real_t=real_t,
+            fake_t=fake_t,
+            warm_start_from=warm,
+        )
+        with timing.phase(acc, layout.timings, "discriminator", k):
+            d_trainer.fit()
+        acc.free_memory()
+        del d_trainer
+        if acc.is_main_process:
+            history = layout.discriminator_history(k)
+            plots.plot_d_history(history, picture_of(history), k)
+    else:
+        log(
+            f"iteration {k}: no offline discriminator phase (discriminator.config.type unet_features: "
+            "the head on the fake score trains during the fine-tune; the summary's d_acc and "
+            "d_prob_fake stay empty)"
+        )
     evaluator = s.evaluator()
     if k == 0 and 0 not in evaluator.done():
         # the stage-1 baseline row, scored by the D fit to its samples
         with timing.phase(acc, layout.timings, "quality summary", 0):
-            evaluator.record(evaluator.measure(0, gen_unet, load_discriminator(layout.discriminator_best(k))))
+            evaluator.record(evaluator.measure(0, gen_unet, offline_d(cfg, layout.discriminator_best(k))))
     del gen_unet
 
     g_trainer = s.finetune_trainer(
-        k, shard.real, real_train, load_discriminator(layout.discriminator_best(k)), init, evaluator
+        k, shard.real, real_train, offline_d(cfg, layout.discriminator_best(k)), init, evaluator
     )
     g_trainer.stop_after = stop_after
     with timing.phase(acc, layout.timings, "diffusion", k):
@@ -111,14 +140,14 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
     if k == 0 and 0 not in evaluator.done():  # a run interrupted before the baseline row was written
         evaluator.record(
             evaluator.measure(
-                0, new_unet(s, s.stage1.weights), load_discriminator(layout.discriminator_best(0))
+                0, new_unet(s, s.stage1.weights), offline_d(s.cfg, layout.discriminator_best(0))
             )
         )
     if k + 1 not in evaluator.done():
         unet = new_unet(s, weights_of(result(s, k))["ema"])
         with timing.phase(s.acc, layout.timings, "quality summary", k + 1):
             evaluator.record(
-                evaluator.measure(k + 1, unet, load_discriminator(iteration_discriminator(layout, k)))
+                evaluator.measure(k + 1, unet, offline_d(s.cfg, iteration_discriminator(layout, k)))
             )
     if s.acc.is_main_process:
         plots.redraw_stale(evaluator.path, plots.plot_summary)
