@@ -1,27 +1,29 @@
 """Does stage 2 make the model better than simply training longer? The embedded digits, side by side, over
 seeds: the MSE-only control against the spec's offline D and the online D, at few-step sampling (K = 4) and at
-the demo's 25 steps, and discriminator guidance (no fine-tuning) at 25 steps.
+the demo's 25 steps, discriminator guidance (no fine-tuning) at 25 steps, and at few steps distribution
+matching (DM) alone, beside an MSE term kept off the sampler's timesteps, and with the feature discriminator.
 
-    python bench/stage2_vs_control.py [--out runs/digits] [--seeds 1 2 3] [--steps 4 25]
-                                      [--arms control offline online guidance] [--write]
+    python bench/stage2_vs_control.py [--out runs/digits] [--seeds 1 2 3] [--steps 1 2 4 25]
+        [--arms control offline online guidance dm dm_mse dm_features] [--write]
     python bench/stage2_vs_control.py --quick        # every arm on a tiny stage 1 (asserts nothing)
 
 Builds the demo's stage 0/1 (and its digit classifier) under --out if needed (advdiff demo --no-stage2), runs
 each (K, arm, seed) into <out>_results/k<K>_<arm>_s<seed>, and prints, per K, a Markdown table of the last
 summary row: mean (min-max) over seeds of the latent FD and the classifier FD (and its precision/recall),
-beside stage 1 sampled with K steps and with 25 steps and the real-vs-real floor. Every stage-2 arm (the
-control too) keeps the best checkpoint by latent FD and continues from it (stage2.best_metric val_latent_fd,
-continue_from best), so an iteration never undoes the one before. "Separated" below a table means the
-arm's worst seed beats the control's best. --write puts the tables into docs/RESULTS.md between its
-`stage2-bench` markers.
+beside stage 1 sampled with K steps and with 25 steps and the real-vs-real floor. The control, offline and
+online arms keep the best checkpoint by latent FD and continue from it (stage2.best_metric val_latent_fd,
+continue_from best), so an iteration never undoes the one before; the DM arms run 4 iterations that each
+continue from the last one's latest weights, so nothing picks the best for them. "Separated" below a table
+means the arm's worst seed beats the control's best; "worst seed ÷ stage 1 at full steps" is the largest
+per-seed ratio to the teacher at 25 steps on the same metric noise; the cost is the mean wall time per
+iteration (generation, encoding, D, diffusion) over the offline D's. --write puts the tables into
+docs/RESULTS.md between its `stage2-bench` markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,15 +32,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stage2_table import table, write_between_markers  # noqa: E402
+
 from trainer.files.read import read_csv_rows  # noqa: E402
 
-ARMS = ("control", "offline", "online", "guidance")
-COLS = [
-    ("latent_fd", "latent FD"),
-    ("cls_fd", "classifier FD"),
-    ("cls_precision", "cls precision"),
-    ("cls_recall", "cls recall"),
-]
+ARMS = ("control", "offline", "online", "guidance", "dm", "dm_mse", "dm_features")
+DM_ARMS = ("dm", "dm_mse", "dm_features")
 FULL_STEPS = 25
 # Adversarial weight per regime: few-step sampling is far from the data and takes a strong term; at 25 steps
 # the demo's own weight.
@@ -49,6 +48,18 @@ ONLINE = [
     "discriminator.training.noise_inputs=true",
     "discriminator.config.noise_conditioned=true",
 ]
+# Distribution matching (issue 22): the teacher is stage 1's EMA; the recipe of the standalone probe (300
+# generator steps of batch 64, lr 1e-4, the fake score 5x per step, gradients through the whole rollout), as
+# 4 iterations of 75 steps that each continue from the last one's latest weights: nothing picks the best.
+DM_TERM = "{type: DistributionMatchingLoss, key: latent, target: null, weight: 1.0}"
+DM_LOSSES = {
+    "dm": [DM_TERM],
+    # the regression term kept off the K timesteps the sampler visits
+    "dm_mse": [DM_TERM, "{type: MSELoss, key: pred_noise, target: noise, weight: 0.25}"],
+    # DMD2's GAN term: a head on the fake score's bottleneck, noised inputs
+    "dm_features": [DM_TERM, "{type: DiscriminatorLoss, key: latent, target: null, weight: 0.01}"],
+}
+DM_RUN = {"num_iterations": 4, "diffusion_max_steps": 75, "rollout_batch_size": 64}
 GUIDANCE = {"weight": 2.0, "t_min": 0.1, "t_max": 0.5}  # w: the upper end of the published 1-2
 QUICK_DEMO = [
     "autoencoder.training.max_steps=10",
@@ -104,12 +115,33 @@ def arm_flags(arm: str, k: int, seed: int, folder: Path, quick: bool) -> list[st
     flags += sets([f"stage2.rollout_grad_steps={k if regime == 'few' else 1}"])
     if quick:
         flags += sets(QUICK_STAGE2)
+    if arm in DM_ARMS:
+        return flags + sets(dm_sets(arm, quick))
     if arm == "control":
         return flags + ["--adversarial_weight", "0"]
     flags += ["--adversarial_weight", str(ADV_WEIGHT[regime])]
     if arm in ("online", "guidance"):
         flags += sets(ONLINE)
     return flags
+
+
+def dm_sets(arm: str, quick: bool) -> list[str]:
+    items = [
+        f"training.loss.losses=[{', '.join(DM_LOSSES[arm])}]",
+        "stage2.continue_from=latest",
+        "stage2.best_metric=val_loss",
+        "stage2.diffusion_epochs=1000",
+        "training.scheduler.type=constant",  # the probe's constant lr: no decay to 0 in each iteration
+    ]
+    if not quick:
+        items += [f"stage2.{key}={value}" for key, value in DM_RUN.items()]
+    else:
+        items += ["stage2.num_iterations=2", "stage2.distribution_matching.n_fake=2"]
+    if arm == "dm_mse":
+        items.append("stage2.mse_skip_sampler_timesteps=true")
+    if arm == "dm_features":
+        items.append("discriminator.config.type=unet_features")
+    return items
 
 
 def guidance_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> dict:
@@ -146,8 +178,10 @@ def guidance_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> 
     return json.loads(out.read_text())
 
 
-def last_iteration(config: Path, quick: bool) -> int:
+def last_iteration(config: Path, quick: bool, arm: str) -> int:
     """The summary row a finished run ends with (= stage2.num_iterations)."""
+    if arm in DM_ARMS:
+        return 2 if quick else DM_RUN["num_iterations"]
     if quick:
         return 1
     import yaml
@@ -173,94 +207,6 @@ def stage1_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> di
             )
         )
     return json.loads(out.read_text())
-
-
-def fmt(values) -> str:
-    values = [float(v) for v in values if v not in (None, "") and not math.isnan(float(v))]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.3g}"
-    return f"{mean:.3g} ({min(values):.3g}–{max(values):.3g})"
-
-
-def trajectory(runs: list[list[dict]]) -> str:
-    """Mean latent FD per iteration over seeds: 41 → 13 → 12."""
-    n = min(len(r) for r in runs)
-    return " → ".join(f"{statistics.fmean(float(r[i]['latent_fd']) for r in runs):.3g}" for i in range(n))
-
-
-def separation(arm_rows: list[dict], control_rows: list[dict], col: str) -> str:
-    a = [float(r[col]) for r in arm_rows if r.get(col) not in (None, "")]
-    c = [float(r[col]) for r in control_rows if r.get(col) not in (None, "")]
-    if not a or not c:
-        return "-"
-    return "yes" if max(a) < min(c) else "no"
-
-
-def table(k: int, results: dict, full_stage1: list[dict], full_k: int, seeds) -> str:
-    cols = [
-        (c, name)
-        for c, name in COLS
-        if any(
-            r.get(c) not in (None, "") for rs in results.values() for run_rows in rs for r in run_rows[-1:]
-        )
-    ]
-    head = [
-        "arm",
-        *[name for _, name in cols],
-        "latent FD per iteration",
-        "separated from control (latent, cls)",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    first = next(iter(results.values()))
-    lines.append(
-        f"| stage 1, {k} steps | "
-        + " | ".join(fmt(r[0].get(c) for r in first) for c, _ in cols)
-        + " | - | - |"
-    )
-    if full_stage1 and k != full_k:
-        lines.append(
-            f"| stage 1, {full_k} steps | "
-            + " | ".join(fmt(r.get(c) for r in full_stage1) for c, _ in cols)
-            + " | - | - |"
-        )
-    names = {
-        "control": "control: MSE only",
-        "offline": "offline D (the spec's)",
-        "online": "online D",
-        "guidance": "stage 1 + discriminator guidance",
-    }
-    control = [r[-1] for r in results.get("control", [])]
-    for arm, runs in results.items():
-        last = [r[-1] for r in runs]
-        traj = trajectory(runs) if arm != "guidance" else "-"
-        sep = (
-            "-"
-            if arm == "control"
-            else ", ".join(separation(last, control, c) for c in ("latent_fd", "cls_fd"))
-        )
-        lines.append(
-            f"| {names[arm]} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | "
-            + " | ".join(fmt(r.get(c) for r in last) for c, _ in cols)
-            + f" | {traj} | {sep} |"
-        )
-    return (
-        f"**K = {k} DDIM steps**, seeds {list(seeds)}: mean (min–max) of the last iteration\n\n"
-        + "\n".join(lines)
-    )
-
-
-def write_between_markers(path: Path, text: str) -> None:
-    start, end = "<!-- stage2-bench:start -->", "<!-- stage2-bench:end -->"
-    body = path.read_text()
-    if start not in body or end not in body:
-        print(f"{path}: no stage2-bench markers; not written", file=sys.stderr)
-        return
-    head, rest = body.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def real_vs_real(config: Path) -> float:
@@ -315,6 +261,7 @@ def main() -> int:
     config = out / "config.yaml"
     results_dir = Path(str(out) + "_results")
     tables = []
+    folders: dict[tuple[int, str], list[Path]] = {}
     full_k = max(args.full, *args.steps)
     # the reference every regime is held against: stage 1 sampled with the most steps, on each seed's noise
     full_stage1 = [
@@ -328,11 +275,14 @@ def main() -> int:
             for arm in args.arms:
                 if arm == "guidance" and k < FULL_STEPS and not args.quick:
                     continue  # guidance is the full-step regime's option
+                if arm in DM_ARMS and k >= FULL_STEPS:
+                    continue  # distribution matching is the few-step regime's option
                 source = "online" if arm == "guidance" else arm
                 folder = results_dir / f"k{k}_{source}_s{seed}"
                 summary = folder / "digits_summary.csv"
+                last = last_iteration(config, args.quick, arm)
                 finished = summary.is_file() and any(
-                    int(r["iteration"]) == last_iteration(config, args.quick) for r in read_csv_rows(summary)
+                    int(r["iteration"]) == last for r in read_csv_rows(summary)
                 )
                 if args.collect:
                     if not finished or (arm == "guidance" and not (folder / "guidance_row.json").is_file()):
@@ -343,9 +293,10 @@ def main() -> int:
                 if arm == "guidance":
                     rows = [rows[0], guidance_row(config, folder, k, seed, args.quick)]
                 results.setdefault(arm, []).append(rows)
+                folders.setdefault((k, arm), []).append(folder)
         if not results:
             continue
-        tables.append((k, table(k, results, full_stage1, full_k, args.seeds)))
+        tables.append((k, table(k, results, full_stage1, full_k, args.seeds, folders)))
     floor = real_vs_real(config)
     text = "\n\n".join(t for _, t in sorted(tables)) + (
         f"\n\nReal vs real latent FD (held-out reals vs as many training reals): {floor:.3g}. "

@@ -132,6 +132,9 @@ def test_stage2_vs_control_quick_runs(tmp_path):
             "offline D (the spec's)",
             "online D",
             "stage 1 + discriminator guidance",
+            "distribution matching (DM)",
+            "DM + MSE off the sampler's t",
+            "DM + feature D",
             f"stage 1, {k} steps",
         } <= set(rows), block
         header = [c.strip() for c in block.splitlines()[0].split("|")[1:-1]]
@@ -139,5 +142,18 @@ def test_stage2_vs_control_quick_runs(tmp_path):
         for name, cells in rows.items():
             for cell in cells[:2]:  # latent FD and classifier FD: a finite number, or a mean (min-max)
                 assert re.fullmatch(rf"{G}( \({G}–{G}\))?", cell), (name, cell)
+        assert header[-2:] == [
+            "worst seed ÷ stage 1 at full steps (latent, cls)",
+            "s / iteration vs offline D",
+        ]
+        for name, cells in rows.items():
+            if re.fullmatch(r"stage 1, \d+ steps", name):
+                continue
+            assert re.fullmatch(rf"{G}, {G}", cells[-2]), (name, cells)  # its worst seed against the teacher
+            if name != "stage 1 + discriminator guidance":
+                assert re.fullmatch(r"\d+\.\d\d×", cells[-1]), (name, cells)  # its cost against the offline D
+        for name in ("distribution matching (DM)", "DM + MSE off the sampler's t", "DM + feature D"):
+            # stage 1 and its 2 iterations (continue_from: latest)
+            assert rows[name][-4].count("→") == 2, rows[name]
     assert re.search(rf"^Real vs real latent FD .*: {G}\.", out, re.M), out
     assert (tmp_path / "digits_results" / "table.md").is_file()
