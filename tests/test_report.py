@@ -233,3 +233,32 @@ def test_plots_use_whole_ticks_log_fd_and_keep_the_title_clear(tmp_path):
     for ax in fig.axes:
         assert title_box.y0 >= ax.title.get_window_extent(renderer).y1 - 0.5
     plt.close("all")
+
+
+def test_fine_tune_plot_shows_the_distribution_matching_and_feature_d_terms_only_when_present(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from trainer.files import plots
+
+    made = []
+    real_save = plots._save
+    plots._save = lambda fig, plt_, path: made.append(fig)
+    try:
+        plain = tmp_path / "plain.csv"
+        plain.write_text("epoch,train_loss,train_mse,val_loss\n1,0.2,0.2,0.21\n2,0.19,0.19,0.2\n")
+        plots.plot_metrics(plain, tmp_path / "p.png", 0)
+        dm = tmp_path / "dm.csv"
+        dm.write_text(
+            "epoch,train_loss,train_dm,val_dm,train_fake_loss,train_d_loss,train_d_acc\n"
+            "1,0.03,0.02,0.025,0.2,1.38,0.55\n2,0.03,0.023,0.022,0.21,1.37,0.53\n"
+        )
+        plots.plot_metrics(dm, tmp_path / "d.png", 1)
+    finally:
+        plots._save = real_save
+    titles = [[ax.get_title() for ax in fig.axes] for fig in made]
+    assert titles[0] == ["loss", "MSE", "adversarial", "D on samples"]
+    assert titles[1] == ["loss", "MSE", "adversarial", "D on samples", "distribution matching", "feature D"]
+    labels = [line.get_label() for line in made[1].axes[4].get_lines()]
+    assert labels == ["train_dm", "val_dm", "train_fake_loss"]
+    plt.close("all")

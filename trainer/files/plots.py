@@ -97,7 +97,17 @@ def plot_d_history(csv_path, png_path, k: int):
     )
 
 
+# panels a fine-tune history gets only when it has their columns (the distribution-matching term's fake score,
+# the feature discriminator trained in its updates)
+OPTIONAL_METRIC_PANELS = [
+    ("distribution matching", ["train_dm", "val_dm", "train_fake_loss"]),
+    ("feature D", ["train_d_loss", "train_d_acc"]),
+]
+
+
 def plot_metrics(csv_path, png_path, k: int):
+    rows = read_csv_rows(csv_path)
+    present = set(rows[0]) if rows else set()
     _panels(
         csv_path,
         png_path,
@@ -106,7 +116,8 @@ def plot_metrics(csv_path, png_path, k: int):
             ("MSE", ["train_mse", "val_mse"]),
             ("adversarial", ["train_adv", "val_adv"]),
             ("D on samples", ["d_prob_fake", "adv_weight"]),
-        ],
+        ]
+        + [(name, keys) for name, keys in OPTIONAL_METRIC_PANELS if present & set(keys)],
         "epoch",
         f"diffusion fine-tune, iteration {k}",
     )
