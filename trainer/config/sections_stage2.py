@@ -228,6 +228,12 @@ class Stage2Config:
         None, "Fine-tuning learning rate; default training.learning_rate.", gt=0
     )
     warmup_steps: int = option(0, "Fine-tuning LR warm-up steps per iteration.", ge=0)
+    lr_schedule: Optional[str] = option(
+        None,
+        "Fine-tuning LR schedule after warm-up, per iteration; default training.scheduler.type (stage 1's). "
+        "constant suits iterations that continue from the latest weights.",
+        choices=("cosine", "constant"),
+    )
     val_samples: int = option(
         64, "Fixed-seed generated samples scored by D at each validation (d_prob_fake).", ge=1
     )

@@ -167,7 +167,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             t.betas,
             **fast_optimizer(cfg.performance, acc),
         )
-        self.sched = build_lr_schedule(opt, s2.warmup_steps, max_steps, t.scheduler.type)
+        self.sched = build_lr_schedule(opt, s2.warmup_steps, max_steps, s2.lr_schedule or t.scheduler.type)
         self.ddp_unet, self.opt = engine.prepare(acc, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(acc.device)
         self.d = d
