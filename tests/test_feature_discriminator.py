@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import accelerate_launch, stage2_config
+from helpers import accelerate_launch, run_cli, stage2_config
 
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
@@ -326,3 +326,39 @@ def test_r1_under_deepspeed_is_refused_before_compute():
     ) as e:
         check_r1_supported(ds, SimpleNamespace(r1_gamma=0.1))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_the_fake_score_and_head_carry_over_to_the_next_iteration(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt
+):
+    """stage2.distribution_matching.carry_over (the default): iteration 1's fake score and head start from
+    iteration 0's last weights, which track the generator iteration 1 continues from; off, from the
+    stage-1 EMA and a fresh head. A missing state is one line naming the file."""
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.generation import stratified_split
+    from trainer.stage2.prepare import weights_of
+    from trainer.stage2.run import carried_fake_score, setup
+
+    cfg = _config(tmp_path, digits_manifest, small_ae, stage1_ckpt, num_iterations=2)
+    proc = run_cli("-m", "trainer.stage2", str(cfg), "--device", "cpu", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "iteration 1: the fake score continues from iteration 0's last weights" in proc.stdout
+    out = tmp_path / "out"
+    last0 = out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt"
+    carried, source = carried_fake_score(last0)
+    assert source == last0
+    s = setup(load_config(cfg), build_accelerator("cpu"))
+    real, mask = torch.randn(24, 4, 8, 8), stratified_split(24, 0.8, 0, 1, "real")
+    init = weights_of(last0)
+    t = s.finetune_trainer(1, real, mask, None, {**init, "dm": (carried, source)})
+    for name, v in t.dm.fake.state_dict().items():
+        assert torch.equal(v, carried["fake"][name]), name
+    for name, v in t.dm.module.head.state_dict().items():
+        assert torch.equal(v, carried["head"][name]), name
+    fresh = s.finetune_trainer(1, real, mask, None, init)  # what carry_over: false gives
+    stage1 = torch.load(stage1_ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, stage1[n]) for n, v in fresh.dm.fake.state_dict().items())
+    assert any(not torch.equal(v, carried["fake"][n]) for n, v in fresh.dm.fake.state_dict().items())
+    with pytest.raises(UserError, match=r"^.*nope\.pt: no fake score to continue from"):
+        carried_fake_score(tmp_path / "nope.pt")

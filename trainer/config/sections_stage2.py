@@ -156,6 +156,11 @@ class DistributionMatchingConfig:
         le=1,
     )
     t_max: float = option(0.98, "Upper end of the generator signal's noise levels (see t_min).", gt=0, le=1)
+    carry_over: bool = option(
+        True,
+        "Iteration k+1's fake score (and feature head) starts from iteration k's last weights, which track "
+        "the generator it continues from; false: from the stage-1 EMA weights in every iteration.",
+    )
 
     def check(self, where, prefix):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -336,7 +341,11 @@ def check_feature_discriminator(cfg, where) -> None:
     refusals = (
         ("mode", "offline", "its head always trains in the fake score's updates, online by nature"),
         ("noise_inputs", False, "its inputs are always noised, to feature_t_min..feature_t_max"),
-        ("warm_start", False, "each iteration's fake score, and the head on it, starts afresh"),
+        (
+            "warm_start",
+            False,
+            "no offline phase warms it; its head carries over with the fake score",
+        ),
     )
     for field, expected, why in refusals:
         if getattr(td, field) != expected:

@@ -196,6 +196,15 @@ class DistributionMatching:
             state["head"] = engine.state_dict(self.acc, self.module.head)
         return state
 
+    def load_weights(self, state: dict, source) -> None:
+        """The fake score's (and head's) weights of an earlier iteration's resume state, `source` its file:
+        where stage2.distribution_matching.carry_over starts iteration k+1 (its optimizer starts afresh)."""
+        engine.load_state_dict(self.acc, self.fake, state["fake"])
+        if self.features is not None:
+            if "head" not in state:
+                raise UserError(f"{source}: no feature discriminator head to continue from")
+            engine.load_state_dict(self.acc, self.module.head, state["head"])
+
     def load_state(self, state: dict, engine_folder) -> None:
         engine.load_state_dict(self.acc, self.fake, state["fake"])
         if self.features is not None:

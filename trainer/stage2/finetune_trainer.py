@@ -94,7 +94,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         """base: the stage-1 model's facts (DiffusionCheckpoint: spec, latent scaling); schedule: its noise
         schedule; autoencoder: the frozen AE's path (recorded in exports); real: this rank's real latents
         (own global range); real_train: global train mask; d: the iteration's best D (frozen here);
-        init: {"raw": state_dict, "ema": state_dict}; quality: model -> latent FD on fixed seeds (a
+        init: {"raw": state_dict, "ema": state_dict, and with a carried-over fake score "dm": (its resume
+        state, its file)}; quality: model -> latent FD on fixed seeds (a
         collective), measured at each validation (column val_latent_fd) where given."""
         self.cfg, self.k, self.schedule = cfg, k, schedule
         self.unet_config, self.scaling, self.autoencoder = base.unet_config, base.scaling, autoencoder
@@ -186,6 +187,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         if dmatch.enabled(cfg):  # with a feature discriminator, its head is on the fake score: the D here
             reals = (real, real_train)
             self.dm = dmatch.DistributionMatching(acc, cfg, base, schedule, self.latent_shape, reals)
+            if "dm" in init:  # carry_over: the last iteration's fake score (a resume state replaces it)
+                self.dm.load_weights(*init["dm"])
             self.history_fields = self.history_fields + self.dm.columns
             self.d = self.dm.features or self.d
         self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)  # mse_skip_sampler_timesteps

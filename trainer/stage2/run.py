@@ -22,6 +22,7 @@ from trainer.files.layout import picture_of
 from trainer.parallel import engine, preempt
 from trainer.parallel.accelerator import prepare_module
 from trainer.quality.evaluation import Evaluator
+from trainer.stage2 import distribution_matching as dmatch
 from trainer.stage2.discriminator_trainer import check_r1_supported, load_discriminator
 from trainer.stage2.distribution_matching import check_distribution_matching_supported
 from trainer.stage2.finetune_trainer import check_grad_ratio_supported
@@ -50,6 +51,15 @@ def offline_d(cfg, path):
     return load_discriminator(path) if latent_d(cfg) else None
 
 
+def carried_fake_score(path) -> tuple[dict, object]:
+    """The fake score's (and head's) weights in an iteration's last resume state, and the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state"]["model"]
+        return state["distribution_matching"], path
+    except (OSError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: no fake score to continue from ({type(e).__name__})") from None
+
+
 def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     """Run (or finish) iteration k. Returns False if it stopped early as asked."""
     cfg, acc, log, layout = s.cfg, s.acc, s.log, s.layout
@@ -64,6 +74,9 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
         source = result(s, k - 1)
         init = weights_of(source)
         log(f"iteration {k}: starting from {source} ({s2.continue_from} of iteration {k - 1})")
+        if dmatch.enabled(cfg) and s2.distribution_matching.carry_over:
+            init["dm"] = carried_fake_score(layout.diffusion_checkpoint(k - 1, "latest"))
+            log(f"iteration {k}: the fake score continues from iteration {k - 1}'s last weights")
     gen_unet = prepare_module(new_unet(s, init["ema"]).to(acc.device).eval(), cfg.performance, acc)
     sampler = torch.compile(gen_unet) if cfg.performance.compile_generation else gen_unet
     shard = iteration_shard(
