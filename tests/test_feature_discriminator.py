@@ -332,15 +332,18 @@ def test_r1_under_deepspeed_is_refused_before_compute():
 def test_the_fake_score_and_head_carry_over_to_the_next_iteration(
     tmp_path, digits_manifest, small_ae, stage1_ckpt
 ):
-    """stage2.distribution_matching.carry_over (the default): iteration 1's fake score and head start from
-    iteration 0's last weights, which track the generator iteration 1 continues from; off, from the
-    stage-1 EMA and a fresh head. A missing state is one line naming the file."""
+    """stage2.distribution_matching.carry_over: true: iteration 1's fake score and head start from
+    iteration 0's last weights, which track the generator iteration 1 continues from; false (the default):
+    from the stage-1 EMA and a fresh head. A missing state is one line naming the file."""
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.generation import stratified_split
     from trainer.stage2.prepare import weights_of
     from trainer.stage2.run import carried_fake_score, setup
 
-    cfg = _config(tmp_path, digits_manifest, small_ae, stage1_ckpt, num_iterations=2)
+    dm = {"n_fake": 2, "batch_size": 2, "carry_over": True}
+    cfg = _config(
+        tmp_path, digits_manifest, small_ae, stage1_ckpt, num_iterations=2, distribution_matching=dm
+    )
     proc = run_cli("-m", "trainer.stage2", str(cfg), "--device", "cpu", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "iteration 1: the fake score continues from iteration 0's last weights" in proc.stdout
