@@ -384,21 +384,3 @@ def test_mse_skips_the_sampler_timesteps_only_when_asked(
         "mse_skip_sampler_timesteps" in on.fingerprint and "mse_skip_sampler_timesteps" not in off.fingerprint
     )
     assert "distribution_matching" not in off.fingerprint  # an MSE-only run's fingerprint is as before
-
-
-@pytest.mark.parametrize(("lr_schedule", "constant"), [(None, False), ("constant", True), ("cosine", False)])
-def test_stage2_lr_schedule_overrides_stage_1s(
-    tmp_path, digits_manifest, small_ae, stage1_ckpt, lr_schedule, constant
-):
-    """stage2.lr_schedule: constant keeps the fine-tune's lr flat whatever training.scheduler.type (cosine
-    here, stage 1's); unset, the fine-tune follows training.scheduler.type."""
-    path = _config(
-        tmp_path, digits_manifest, small_ae, stage1_ckpt, diffusion_epochs=50, lr_schedule=lr_schedule
-    )
-    assert load_config(path).training.scheduler.type == "cosine"
-    trainer = _trainer(path)
-    total = trainer.max_steps
-    assert total >= 3, total
-    factors = [trainer.sched.lr_lambdas[0](step) for step in (0, total // 3, 2 * total // 3)]
-    assert (factors == [1.0, 1.0, 1.0]) == constant, factors
-    assert factors[0] == 1.0 and (constant or 0.0 < factors[2] < factors[1] < 1.0), factors

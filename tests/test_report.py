@@ -2,6 +2,7 @@
 `advdiff report`, readable for finished, stopped and empty runs; and the plots it embeds."""
 
 import base64
+import contextlib
 import csv
 import io
 import re
@@ -199,6 +200,19 @@ def test_report_stays_readable_for_ten_iterations(tmp_path):
     assert "iterations finished: <b>10</b>" in text
 
 
+@contextlib.contextmanager
+def _figures_drawn():
+    """The figures the plot functions draw, kept instead of saved."""
+    from trainer.files import plots
+
+    made, real_save = [], plots._save
+    plots._save = lambda fig, plt_, path: made.append(fig)
+    try:
+        yield made
+    finally:
+        plots._save = real_save
+
+
 def test_plots_use_whole_ticks_log_fd_and_keep_the_title_clear(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib
@@ -208,18 +222,13 @@ def test_plots_use_whole_ticks_log_fd_and_keep_the_title_clear(tmp_path):
 
     from trainer.files import plots
 
-    made = []
-    real_save = plots._save
-    plots._save = lambda fig, plt_, path: made.append(fig)
-    try:
+    with _figures_drawn() as made:
         path = tmp_path / "s_summary.csv"
         path.write_text("iteration,latent_fd,cls_fd,precision\n0,40,210,0.4\n1,12,31,0.7\n2,11,30,0.75\n")
         plots.plot_summary(path, tmp_path / "s.png")
         flat = tmp_path / "f_summary.csv"
         flat.write_text("iteration,latent_fd,precision\n0,12,0.4\n1,11,0.7\n")
         plots.plot_summary(flat, tmp_path / "f.png")
-    finally:
-        plots._save = real_save
     fig, flat_fig = made
     fd, _, _ = fig.axes[:3]
     assert fd.get_yscale() == "log"  # 11 .. 210 spans more than 10x
@@ -241,10 +250,7 @@ def test_fine_tune_plot_shows_the_distribution_matching_and_feature_d_terms_only
 
     from trainer.files import plots
 
-    made = []
-    real_save = plots._save
-    plots._save = lambda fig, plt_, path: made.append(fig)
-    try:
+    with _figures_drawn() as made:
         plain = tmp_path / "plain.csv"
         plain.write_text("epoch,train_loss,train_mse,val_loss\n1,0.2,0.2,0.21\n2,0.19,0.19,0.2\n")
         plots.plot_metrics(plain, tmp_path / "p.png", 0)
@@ -254,8 +260,6 @@ def test_fine_tune_plot_shows_the_distribution_matching_and_feature_d_terms_only
             "1,0.03,0.02,0.025,0.2,1.38,0.55\n2,0.03,0.023,0.022,0.21,1.37,0.53\n"
         )
         plots.plot_metrics(dm, tmp_path / "d.png", 1)
-    finally:
-        plots._save = real_save
     titles = [[ax.get_title() for ax in fig.axes] for fig in made]
     assert titles[0] == ["loss", "MSE", "adversarial", "D on samples"]
     assert titles[1] == ["loss", "MSE", "adversarial", "D on samples", "distribution matching", "feature D"]

@@ -1,0 +1,53 @@
+"""stage2.lr_schedule: the fine-tune's own LR schedule, apart from stage 1's training.scheduler.type."""
+
+import pytest
+import torch
+from helpers import stage2_config
+
+from trainer.config.load import load_config
+
+MSE = {"type": "MSELoss", "key": "model_output", "target": "model_target", "weight": 1.0}
+
+
+def _config(root, manifest, ae, ckpt, **stage2):
+    return stage2_config(
+        root,
+        manifest,
+        ae,
+        ckpt,
+        loss=[MSE],
+        stage2={"num_samples": 24, "diffusion_max_steps": 3, "val_samples": 4, "grid_samples": 0, **stage2},
+    )
+
+
+def _trainer(path):
+    """The fine-tune phase of iteration 0 alone, on 24 random latents with a fresh D (seeded alike)."""
+    from models.discriminator import build_discriminator
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.generation import stratified_split
+    from trainer.stage2.run import setup
+
+    s = setup(load_config(path), build_accelerator("cpu"))
+    torch.manual_seed(0)
+    real = torch.randn(24, 4, 8, 8)
+    d = build_discriminator(s.cfg.discriminator.config)
+    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
+    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
+
+
+@pytest.mark.parametrize(("lr_schedule", "constant"), [(None, False), ("constant", True), ("cosine", False)])
+def test_stage2_lr_schedule_overrides_stage_1s(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, lr_schedule, constant
+):
+    """stage2.lr_schedule: constant keeps the fine-tune's lr flat whatever training.scheduler.type (cosine
+    here, stage 1's); unset, the fine-tune follows training.scheduler.type."""
+    path = _config(
+        tmp_path, digits_manifest, small_ae, stage1_ckpt, diffusion_epochs=50, lr_schedule=lr_schedule
+    )
+    assert load_config(path).training.scheduler.type == "cosine"
+    trainer = _trainer(path)
+    total = trainer.max_steps
+    assert total >= 3, total
+    factors = [trainer.sched.lr_lambdas[0](step) for step in (0, total // 3, 2 * total // 3)]
+    assert (factors == [1.0, 1.0, 1.0]) == constant, factors
+    assert factors[0] == 1.0 and (constant or 0.0 < factors[2] < factors[1] < 1.0), factors
