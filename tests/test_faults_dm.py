@@ -28,7 +28,8 @@ STATE = "checkpoints/t2_iter_0_checkpoint_latest.pt"
 
 
 def dm_config(root, manifest, ae, ckpt):
-    """One iteration, N=16, a 6-step fine-tune with a state every 2 steps; 2 fake-score updates per step."""
+    """One iteration, N=16, a 6-step fine-tune with a state every 2 steps; 2 fake-score updates per step,
+    after a 2-update warm start on the saved fakes."""
     return stage2_config(
         root,
         manifest,
@@ -46,7 +47,7 @@ def dm_config(root, manifest, ae, ckpt):
             "val_samples": 4,
             "grid_samples": 0,
             "metric_samples": 8,
-            "distribution_matching": {"n_fake": 2, "batch_size": 4},
+            "distribution_matching": {"n_fake": 2, "batch_size": 4, "warm_start_steps": 2},
         },
         discriminator={"max_steps": 2},
     )

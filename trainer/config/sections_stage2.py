@@ -156,6 +156,13 @@ class DistributionMatchingConfig:
         le=1,
     )
     t_max: float = option(0.98, "Upper end of the generator signal's noise levels (see t_min).", gt=0, le=1)
+    warm_start_steps: int = option(
+        0,
+        "Fake score (and feature head) updates on the iteration's N saved fakes before the fine-tune's "
+        "first generator step, so the generator's first signal comes from a fake score that has seen its "
+        "samples (0: none).",
+        ge=0,
+    )
     carry_over: bool = option(
         False,
         "Iteration k+1's fake score (and feature head) starts from iteration k's last weights instead of "

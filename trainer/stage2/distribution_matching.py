@@ -31,10 +31,10 @@ from trainer.core.errors import UserError
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
-from trainer.parallel.collectives import all_reduce_sum, shard_range
+from trainer.parallel.collectives import all_reduce_sum, gather_shards, shard_range
 from trainer.stage2 import feature_discriminator as features
 from trainer.stage2.discriminator_trainer import check_r1_supported
-from trainer.training.loop import local_weight
+from trainer.training.loop import local_weight, walk_rows
 from trainer.training.optim import build_optimizer
 
 TERM = "DistributionMatchingLoss"
@@ -151,6 +151,28 @@ class DistributionMatching:
             for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c).items():
                 sums[key] = sums.get(key, 0.0) + value / dm.n_fake
         return sums
+
+    def warm_start(self, fake_local, n: int, seed, stage) -> dict:
+        """stage2.distribution_matching.warm_start_steps updates of the fake score (and its head) on the
+        iteration's N saved fakes (this rank's shard_range block `fake_local`), before the first generator
+        step of a fine-tune that starts afresh (call on every rank). Update s takes the slots of the s-th
+        batch of a walk over per-epoch permutations of the N fakes: the same at any world size. Returns the
+        losses of the first and the last update, {"first": logs, "last": logs}, on this rank."""
+        steps, device = self.cfg.stage2.distribution_matching.warm_start_steps, self.main_acc.device
+        if not steps:
+            return {}
+        fakes = gather_shards(fake_local.to(device).float(), n).cpu()
+        world = self.main_acc.num_processes
+        mine = list(shard_range(self.batch, self.main_acc.process_index, world))
+        weight = local_weight(len(mine), self.batch, world)
+        warm = f"{stage}:warm-start"
+        out = {}
+        for s in range(steps):
+            x0 = fakes[walk_rows(n, mine, s, self.batch, seed, warm, "fake")].to(device)
+            logs = self.update(x0, mine, (seed, warm, s), weight, s)
+            out.setdefault("first", logs)
+            out["last"] = logs
+        return out
 
     def update(self, x0, idx, parts, weight: float, draw: int = 0) -> dict:
         """One denoising step of the fake score on this rank's samples x0 (global indices idx), with the

@@ -34,6 +34,7 @@ from trainer.core.seeds import derive_seed
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.files import atomic
 from trainer.parallel.collectives import gather_shards
+from trainer.training.loop import walk_rows
 from trainer.training.losses import d_loss, r1_term
 
 
@@ -92,14 +93,8 @@ class FeatureDiscriminator:
     def draw_reals(self, idx, draw: int, seed, stage) -> torch.Tensor:
         """The reals of slots idx in the phase's draw-th head batch: slot i takes place draw x batch + i of
         a walk over per-epoch permutations of the training reals (the same at any world size)."""
-        n, rows, perms = len(self.train_idx), [], {}
-        for i in idx:
-            epoch, j = divmod(draw * self.batch + int(i), n)
-            if epoch not in perms:
-                rng = np.random.default_rng(derive_seed(seed, stage, "feature-real", epoch))
-                perms[epoch] = rng.permutation(n)
-            rows.append(self.train_idx[perms[epoch][j]])
-        return self.reals[np.asarray(rows, dtype=np.int64)]
+        walk = walk_rows(len(self.train_idx), idx, draw, self.batch, seed, stage, "feature-real")
+        return self.reals[self.train_idx[walk]]
 
     def inputs(self, fake, idx, parts, draw: int):
         """(x, t, real_in): the head's batch of this rank's slots idx, reals then fakes, both noised; real_in

@@ -191,8 +191,22 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
                 self.dm.load_weights(*init["dm"])
             self.history_fields = self.history_fields + self.dm.columns
             self.d = self.dm.features or self.d
+        self.warm_fakes = None  # (this rank's saved fakes, N): the fake score's warm start (fit)
         self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)  # mse_skip_sampler_timesteps
         self.t0 = time.time()
+
+    # -- the fake score's warm start -----------------------------------------------------------------
+    def fit(self):
+        """The phase; a distribution-matching fine-tune that starts afresh (no resume state on disk: a
+        resume state holds the fake score as it stood) first warm-starts its fake score on the iteration's
+        saved fakes (`warm_fakes`: this rank's block and N, set by the iteration)."""
+        if self.dm is not None and self.warm_fakes is not None and not self.state_path.is_file():
+            steps = self.cfg.stage2.distribution_matching.warm_start_steps
+            logs = self.dm.warm_start(*self.warm_fakes, self.seed, self.stage)
+            if logs:
+                first, last = (" ".join(f"{k}={v:.4g}" for k, v in logs[x].items()) for x in logs)
+                self.log(f"fake score warm start: {steps} updates on the saved fakes: {first} -> {last}")
+        return super().fit()
 
     # -- the step ----------------------------------------------------------------------------------
     def train_step(self, step):

@@ -133,6 +133,7 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
         k, shard.real, real_train, offline_d(cfg, layout.discriminator_best(k)), init, evaluator
     )
     g_trainer.stop_after = stop_after
+    g_trainer.warm_fakes = (shard.fake, shard.n)  # distribution_matching.warm_start_steps
     with timing.phase(acc, layout.timings, "diffusion", k):
         g_trainer.fit()
     done = g_trainer.step >= g_trainer.max_steps

@@ -53,6 +53,19 @@ def draw_local(positions: np.ndarray, n_local: int, step: int, per_epoch: int, *
     return positions[np.resize(np.roll(perm, -j * n_local), n_local)]
 
 
+def walk_rows(n: int, slots, draw: int, batch: int, *seed_parts) -> np.ndarray:
+    """Rows of 0..n-1 for the slots of the draw-th global batch of `batch`: slot i takes place
+    draw x batch + i of a walk over per-epoch permutations (seeded from seed_parts and the epoch), so a
+    slot's row is the same at any world size and after any resume."""
+    rows, perms = [], {}
+    for i in slots:
+        epoch, j = divmod(draw * batch + int(i), n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng(derive_seed(*seed_parts, epoch)).permutation(n)
+        rows.append(perms[epoch][j])
+    return np.asarray(rows, dtype=np.int64)
+
+
 def rank_slice(global_batch, rank: int, world: int):
     r = shard_range(len(global_batch), rank, world)
     return global_batch[r.start : r.stop]
