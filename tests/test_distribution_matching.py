@@ -264,7 +264,7 @@ def test_deepspeed_beside_an_online_d_is_refused_before_compute():
         check_distribution_matching_supported(ds, cfg("online", MSE, DM))
 
 
-def _ds_launch(config, nproc, *args):
+def _ds_launch(config, nproc, *args, zero="deepspeed_zero2.yaml"):
     import os
     import subprocess
     import sys
@@ -274,7 +274,7 @@ def _ds_launch(config, nproc, *args):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"), "--num_processes", str(nproc)]
+    cmd += [str(REPO / "accelerate_configs" / zero), "--num_processes", str(nproc)]
     cmd += ["--main_process_port", str(free_port()), "-m", "trainer.stage2", str(config), "--device", "cpu"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
@@ -282,15 +282,17 @@ def _ds_launch(config, nproc, *args):
 @pytest.mark.slow
 def test_deepspeed_zero2_trains_the_fake_score_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     """ZeRO-2 at 2 processes: the fake score is a second engine beside the UNet's; stopped and resumed
-    mid-phase, both land where the uninterrupted run does."""
+    mid-phase, both land where the uninterrupted run does (ZeRO-3: the feature discriminator's test, whose
+    second engine is the fake score with its head)."""
+    zero = "deepspeed_zero2.yaml"
     pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
     for name in ("a", "b"):
         _config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt, loss=(DM, MSE))
-    proc = _ds_launch(tmp_path / "a" / "stage2.yaml", 2)
+    proc = _ds_launch(tmp_path / "a" / "stage2.yaml", 2, zero=zero)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, "--stop_after_steps", "1")
+    first = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, "--stop_after_steps", "1", zero=zero)
     assert first.returncode == 0 and "stopped inside iteration 0" in first.stdout, first.stderr[-3000:]
-    second = _ds_launch(tmp_path / "b" / "stage2.yaml", 2)
+    second = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, zero=zero)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "at step 1/3" in second.stdout
     out_b = tmp_path / "b" / "out"

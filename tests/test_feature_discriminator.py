@@ -217,19 +217,21 @@ def test_two_processes_match_one(tmp_path, digits_manifest, small_ae, stage1_ckp
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_trains_the_head_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    """ZeRO-2 at 2 processes: the fake score with its head is the second engine; stopped and resumed
-    mid-phase, generator, fake score and head land where the uninterrupted run does."""
+@pytest.mark.parametrize("zero", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_trains_the_head_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt, zero):
+    """ZeRO-2 and ZeRO-3 at 2 processes: the fake score with its head is the second engine (under ZeRO-3
+    partitioned, as the UNet is); stopped and resumed mid-phase, generator, fake score and head land where
+    the uninterrupted run does."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
     from test_distribution_matching import _ds_launch
 
     for name in ("a", "b"):
         _config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt)
-    proc = _ds_launch(tmp_path / "a" / "stage2.yaml", 2)
+    proc = _ds_launch(tmp_path / "a" / "stage2.yaml", 2, zero=zero)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, "--stop_after_steps", "1")
+    first = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, "--stop_after_steps", "1", zero=zero)
     assert first.returncode == 0 and "stopped inside iteration 0" in first.stdout, first.stderr[-3000:]
-    second = _ds_launch(tmp_path / "b" / "stage2.yaml", 2)
+    second = _ds_launch(tmp_path / "b" / "stage2.yaml", 2, zero=zero)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "at step 1/3" in second.stdout
     a, b = _latest(tmp_path / "a" / "out"), _latest(tmp_path / "b" / "out")

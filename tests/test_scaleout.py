@@ -1,6 +1,7 @@
 """Scale-out on CPU: DeepSpeed ZeRO-2 (2 processes; the online D a second engine beside the UNet) and ZeRO-3
 (1 process) for both models, with
-save, resume and DeepSpeed-free exports; and the mixed-precision switch, checked by forward dtypes."""
+save, resume and DeepSpeed-free exports; and the mixed-precision switch, checked by forward dtypes (the
+distribution-matching fake score and its feature head too)."""
 
 import json
 import os
@@ -166,6 +167,34 @@ def test_mixed_precision_switch_acts(tmp_path, digits_manifest, small_ae, stage1
         ].dtype
         == torch.float32
     )
+
+
+@pytest.mark.slow
+def test_mixed_precision_reaches_the_fake_score_and_its_head(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt
+):
+    """Distribution matching with the feature discriminator under bf16: the fake score and its head run in
+    bf16 (their updates and the generator's terms), the run finishes with finite losses, and the fake
+    score and head it saves are fp32."""
+    import test_feature_discriminator as feat
+
+    cfg = feat._config(tmp_path, digits_manifest, small_ae, stage1_ckpt, diffusion_max_steps=2)
+    seen, _ = _probe(tmp_path, cfg, "--num_samples", "16", "--mixed_precision", "bf16")
+    assert "torch.bfloat16" in seen["unet"] and seen["feature_head"] == ["torch.bfloat16"]
+    assert seen["ae_encode"] == ["torch.float32"]
+    out = tmp_path / "out"
+    history = _history(out / "t2_metrics_iter_0.csv")
+    for column in ("train_dm", "train_adv", "train_fake_loss", "train_d_loss"):
+        assert all(v == v and abs(v) < 1e6 for v in history[column]), (column, history[column])
+    blob = torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True)
+    dm = blob["state"]["model"]["distribution_matching"]
+    assert all(v.dtype == torch.float32 for part in ("fake", "head") for v in dm[part].values())
+
+
+def _history(path):
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict(orient="list")
 
 
 @pytest.mark.slow
