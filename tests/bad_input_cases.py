@@ -305,6 +305,27 @@ def c_generation_steps(c):
     )
 
 
+def c_train_steps_beyond(c):
+    p = c.config()
+    return (
+        ["--set", "stage2.train_steps=[1, 5000]"],
+        p,
+        f"{p}: stage2.train_steps: expected step counts of at most 1000 (the stage-1 schedule's steps), "
+        "got [1, 5000]",
+        True,
+    )
+
+
+def c_train_steps_empty(c):
+    p = c.config(_set("stage2.train_steps", []))
+    return (
+        [],
+        p,
+        f"{p}: stage2.train_steps: expected a non-empty list of integers >= 1 (or null), got []",
+        True,
+    )
+
+
 def c_bad_precision(c):
     p = c.config()
     return (

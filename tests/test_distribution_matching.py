@@ -168,13 +168,19 @@ def test_dm_alone_fine_tunes_and_resumes_bit_for_bit(tmp_path, digits_manifest, 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     """Only the DM term: every draw of the fine-tune (the fake score's warm start on the saved fakes
-    included) is per sample index, so 2 processes make the 1-process update up to the all-reduce's
-    summation order."""
+    and the rollouts' step counts included) is per sample index or per batch, so 2 processes make the
+    1-process update up to the all-reduce's summation order."""
     runs = {}
     dm = {"n_fake": 2, "batch_size": 2, "warm_start_steps": 2}  # the warm start on the saved fakes too
     for nproc in (1, 2):
+        # train_steps: each rollout batch draws its K (from its seed parts: alike on every rank)
         cfg = _config(
-            tmp_path / f"p{nproc}", digits_manifest, small_ae, stage1_ckpt, distribution_matching=dm
+            tmp_path / f"p{nproc}",
+            digits_manifest,
+            small_ae,
+            stage1_ckpt,
+            distribution_matching=dm,
+            train_steps=[1, 2],
         )
         proc = accelerate_launch(nproc, "-m", "trainer.stage2", str(cfg), "--device", "cpu", timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -198,6 +198,13 @@ class Stage2Config:
         100, "DDIM steps for fakes, rollouts and grids (--generation_steps).", ge=1
     )
     eta: float = option(0.0, "DDIM eta (0: deterministic).", ge=0, le=1)
+    train_steps: Optional[list[int]] = option(
+        None,
+        "Rollout mode: the DDIM step counts the fine-tune trains at. Each rollout batch (the generator's, "
+        "and each fake-score or online-D update's) draws its K from this list, so one fine-tune makes a "
+        "student for several step counts (e.g. [1, 4]); the fakes, validation, the summary and the grids "
+        "stay at generation_steps. Default: [generation_steps].",
+    )
     generator_loss_mode: str = option(
         "rollout",
         "What D scores in the generator loss: full DDIM rollouts (as D "
@@ -310,6 +317,11 @@ class Stage2Config:
     )
 
     def check(self, where, prefix):
+        ks = self.train_steps
+        if ks is not None and (
+            not isinstance(ks, list) or not ks or not all(isinstance(k, int) and k >= 1 for k in ks)
+        ):
+            raise error_at(where, f"{prefix}.train_steps", "a non-empty list of integers >= 1 (or null)", ks)
         lo_hi = self.adaptive_band
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
             raise error_at(where, f"{prefix}.adaptive_band", "two numbers 0 <= low < high <= 1", lo_hi)

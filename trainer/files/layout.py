@@ -17,7 +17,7 @@
   classifier.pt                                 `advdiff classifier`'s output (the demo's feature space)
   samples/{name}_iter_{k}.png                   decoded grid of iteration k
   samples/{name}_stage1.png                     the stage-1 model, sampled the same way
-  samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at K, stage 1 at full steps
+  samples/{name}_comparison.png                 demo: stage 1 at K, stage 2 at each trained K, stage 1 full
   pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
                                                 vae/ model_index.json pipeline.py; diffusion/export)
   report.html                                   one page: grids, quality, histories, time, config
@@ -211,8 +211,8 @@ class RunLayout:
 
     @property
     def comparison(self) -> Path:
-        """Three grids from the same seeds: stage 1 at stage 2's K steps, stage 2 at K, stage 1 at full
-        steps."""
+        """Grids from the same seeds (comparison_panels): stage 1 at stage 2's K steps, stage 2 at each step
+        count it trained at, stage 1 at full steps."""
         return self.root / "samples" / f"{self.name}_comparison.png"
 
     @property
@@ -264,7 +264,10 @@ class RunLayout:
                 (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
                 (self.grid("*"), "decoded grid per stage-2 iteration"),
                 (self.start_grid, "the stage-1 model sampled like the iterations' grids"),
-                (self.comparison, "few-step demo: stage 1 at K | stage 2 at K | stage 1 at full steps"),
+                (
+                    self.comparison,
+                    "few-step demo: stage 1 at K | stage 2 at each trained K | stage 1 at full",
+                ),
                 (self.report, "one page with all of it (open in a browser)"),
             ]
         return [
@@ -282,3 +285,12 @@ def reference_stats_of(summary_csv: Path, space: str) -> Path:
 def picture_of(csv_path: Path) -> Path:
     """The picture drawn from a CSV lies beside it."""
     return Path(csv_path).with_suffix(".png")
+
+
+def comparison_panels(stage2: dict, full_steps) -> list[tuple[str, int]]:
+    """The comparison picture's panels, left to right, as (model, DDIM steps): stage 1 at stage 2's
+    generation_steps K, the result at each step count it trained at (stage2.train_steps, ascending; K
+    without them), stage 1 at `full_steps`. `stage2`: the config's stage2 section as a dict."""
+    k = stage2.get("generation_steps")
+    trained = sorted(set(stage2.get("train_steps") or [k]))
+    return [("stage 1", k), *(("stage 2", x) for x in trained), ("stage 1", full_steps)]

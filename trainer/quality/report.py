@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from trainer.files import atomic
-from trainer.files.layout import RunLayout, picture_of
+from trainer.files.layout import RunLayout, comparison_panels, picture_of
 from trainer.files.read import read_csv_rows
 
 # the summary's quality columns; lower is better for FD, higher for precision and recall
@@ -300,13 +300,15 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
     )
     if layout.comparison.is_file():
         own = ((config or {}).get("training") or {}).get("sample_steps")
-        k_steps, full = (f"{steps} steps" if steps else "K steps"), (f"{own} steps" if own else "full steps")
+        panels = comparison_panels((config or {}).get("stage2") or {}, own)
+        unknown = ["K steps"] * (len(panels) - 1) + ["full steps"]  # a config without the counts
+        caption = " | ".join(
+            f"{model} at {f'{k} steps' if k else fallback}"
+            for (model, k), fallback in zip(panels, unknown, strict=True)
+        )
         out.append(
             '<h3>What stage 2 bought</h3><div class="wide">'
-            + _figure(
-                layout.comparison,
-                f"the same seeds: stage 1 at {k_steps} | stage 2 at {k_steps} | stage 1 at {full}",
-            )
+            + _figure(layout.comparison, f"the same seeds: {caption}")
             + "</div>"
         )
 

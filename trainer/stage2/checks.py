@@ -163,6 +163,21 @@ def check_schedule(cfg, stage1) -> None:
             f"at most {n} (the stage-1 schedule's steps)",
             cfg.stage2.generation_steps,
         )
+    ks = cfg.stage2.train_steps or []
+    if ks and max(ks) > n:
+        raise error_at(
+            cfg.source or "<config>",
+            "stage2.train_steps",
+            f"step counts of at most {n} (the stage-1 schedule's steps)",
+            ks,
+        )
+    if ks and cfg.stage2.generator_loss_mode != "rollout":
+        raise error_at(
+            cfg.source or "<config>",
+            "stage2.train_steps",
+            "null when stage2.generator_loss_mode is x0_pred (it has no rollouts to sample at K steps)",
+            ks,
+        )
 
 
 def read_rows(cfg):

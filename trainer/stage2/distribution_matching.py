@@ -146,7 +146,7 @@ class DistributionMatching:
         for c in range(dm.n_fake):
             parts = (seed, stage, "fake-score", step, c)
             with torch.no_grad():
-                x0 = rollouts.sample(model, mine, (*parts, "rollout")).float()
+                x0 = rollouts.train_sample(model, mine, (*parts, "rollout")).float()
             weight = local_weight(len(mine), self.batch, world)
             for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c).items():
                 sums[key] = sums.get(key, 0.0) + value / dm.n_fake

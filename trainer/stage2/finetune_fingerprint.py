@@ -41,6 +41,8 @@ def finetune_fingerprint(cfg, unet_config: dict, schedule, lr: float, online_mod
         "rollout_grad_steps": s2.rollout_grad_steps,
         "ema_decay": t.ema_decay,
     }
+    if s2.train_steps:
+        fingerprint["train_steps"] = list(s2.train_steps)
     if s2.grad_ratio_weight:
         fingerprint["grad_ratio_max"] = s2.grad_ratio_max
     if dmatch.enabled(cfg):

@@ -192,7 +192,9 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             self.history_fields = self.history_fields + self.dm.columns
             self.d = self.dm.features or self.d
         self.warm_fakes = None  # (this rank's saved fakes, N): the fake score's warm start (fit)
-        self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)  # mse_skip_sampler_timesteps
+        # mse_skip_sampler_timesteps: every timestep a sampler of generation_steps or train_steps visits
+        ks = sorted({s2.generation_steps, *(s2.train_steps or [])})
+        self.sampler_t = torch.unique(torch.cat([schedule.sampler_timesteps(k) for k in ks]))
         self.t0 = time.time()
 
     # -- the fake score's warm start -----------------------------------------------------------------
@@ -277,10 +279,12 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             every = list(shard_range(s2.rollout_batch_size or self.batch, self.rank, self.world))
             mine = np.array_split(np.asarray(every, dtype=np.int64), of)[i].tolist()
             generated_share = len(mine) / max(len(every), 1)
+            parts = (self.seed, self.stage, "rollout", step)
             x_r, t_last, gens = self.rollouts.start(
                 engine.forward_module(self.acc, self.ddp_unet, self.unet),
                 mine,
-                (self.seed, self.stage, "rollout", step),
+                parts,
+                self.rollouts.steps_for(parts),
             )
             inputs.append(x_r)
             ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))

@@ -101,7 +101,7 @@ class OnlineDiscriminator:
         for c in range(td.n_critic):
             parts = (seed, stage, "critic", step, c)
             with torch.no_grad():
-                fake = rollouts.sample(model, mine, (*parts, "rollout")).float()
+                fake = rollouts.train_sample(model, mine, (*parts, "rollout")).float()
             real = draw_reals(len(mine), step * td.n_critic + c)
             real_t = fake_t = None
             if td.noise_inputs:

@@ -11,6 +11,7 @@ from trainer.diffusion.checkpoints import load_diffusion_checkpoint
 from trainer.diffusion.noise import per_sample_noise
 from trainer.diffusion.sampling import ddim_sample, image_grid
 from trainer.files import atomic
+from trainer.files.layout import comparison_panels
 from trainer.parallel.accelerator import log_images, tracker_step
 from trainer.stage2.prepare import Stage2Setup, new_unet, result, weights_of
 
@@ -50,28 +51,28 @@ def write_grid(s: Stage2Setup, k: int | None) -> None:
 
 def write_comparison(s: Stage2Setup, full_steps: int):
     """One picture of what stage 2 bought, from the grids' fixed seeds: the stage-1 model at stage 2's
-    generation_steps (K), the last iteration's result at K, and the stage-1 model at `full_steps`, side by
-    side (white gaps). Main process; returns the path, or None without grid samples."""
+    generation_steps (K), the last iteration's result at each step count it trained at (K, or each of
+    stage2.train_steps), and the stage-1 model at `full_steps`, side by side (white gaps; comparison_panels).
+    Main process; returns the path, or None without grid samples."""
     s.check_writable("comparison picture")
     import numpy as np
 
-    n, k = s.cfg.stage2.grid_samples, s.cfg.stage2.generation_steps
+    n = s.cfg.stage2.grid_samples
     if not n or not s.acc.is_main_process:
         return None
     noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
-    stage1 = s.stage1.weights
-    final = weights_of(result(s, s.cfg.stage2.num_iterations - 1))["ema"]
-    panels = []
-    for weights, steps in ((stage1, k), (final, k), (stage1, full_steps)):
-        unet = new_unet(s, weights).to(s.acc.device).eval()
+    weights = {
+        "stage 1": s.stage1.weights,
+        "stage 2": weights_of(result(s, s.cfg.stage2.num_iterations - 1))["ema"],
+    }
+    panels, names = [], comparison_panels(vars(s.cfg.stage2), full_steps)
+    for model, steps in names:
+        unet = new_unet(s, weights[model]).to(s.acc.device).eval()
         panels.append(image_grid(s.codec.decode(ddim_sample(unet, s.schedule.ddim(), noise, steps)), nrow=8))
     gap = np.full((panels[0].shape[0], 12, *panels[0].shape[2:]), 255, dtype=np.uint8)
-    picture = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+    picture = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
     path = atomic.save_png(picture, s.layout.comparison)
-    s.log(
-        f"comparison written to {path}: stage 1 at {k} steps | stage 2 at {k} steps | stage 1 at "
-        f"{full_steps} steps"
-    )
+    s.log(f"comparison written to {path}: " + " | ".join(f"{m} at {k} steps" for m, k in names))
     return path
 
 

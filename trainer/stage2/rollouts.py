@@ -3,12 +3,15 @@
 Rollouts are DDIM from fresh noise with the current weights (stage2.generation_steps, eta): every step but
 the last K (stage2.rollout_grad_steps) runs without gradients. The noise, and eta's per-step noise, are
 drawn per sample index from the seed parts, so a sample is the same at any world size and batch size.
+The training rollouts (`train_sample`, and the generator's `start(..., steps_for(parts))`) sample at a step
+count drawn per batch from stage2.train_steps, from the batch's seed parts alone (the same on every rank).
 """
 
 from __future__ import annotations
 
 import torch
 
+from trainer.core.seeds import derive_seed
 from trainer.diffusion.noise import eta_generators, noised_inputs, per_sample_noise
 from trainer.diffusion.sampling import ddim_step
 from trainer.stage2.feature_discriminator import noised_for_head
@@ -19,12 +22,21 @@ class Rollouts:
         self.acc, self.cfg, self.schedule, self.latent_shape = acc, cfg, schedule, latent_shape
         self.ddim = schedule.ddim()
 
-    def start(self, model, idx, parts):
-        """Noise for rollout indices, DDIM up to the last step; the last K-1 steps keep gradients.
-        Returns (x, the last timestep, eta's generators) for the last step, which the caller runs."""
+    def steps_for(self, parts) -> int:
+        """The step count of a training rollout batch with seed parts `parts`: drawn from
+        stage2.train_steps (generation_steps without one)."""
+        ks = self.cfg.stage2.train_steps
+        if not ks:
+            return self.cfg.stage2.generation_steps
+        return ks[derive_seed(*parts, "train-steps") % len(ks)]
+
+    def start(self, model, idx, parts, steps: int | None = None):
+        """Noise for rollout indices, DDIM (`steps` steps; default generation_steps) up to the last step;
+        the last K-1 steps keep gradients. Returns (x, the last timestep, eta's generators) for the last
+        step, which the caller runs."""
         s2 = self.cfg.stage2
         x = per_sample_noise(idx, self.latent_shape, *parts).to(self.acc.device)
-        self.ddim.set_timesteps(s2.generation_steps, device=x.device)
+        self.ddim.set_timesteps(steps or s2.generation_steps, device=x.device)
         steps = list(self.ddim.timesteps)
         k = min(s2.rollout_grad_steps, len(steps))
         gens = eta_generators(idx, *parts) if s2.eta > 0 else None
@@ -41,11 +53,15 @@ class Rollouts:
     def last_step(self, model_output, t_last, x, gens):
         return ddim_step(self.ddim, model_output, t_last, x, self.cfg.stage2.eta, gens)
 
-    def sample(self, model, idx, parts):
+    def sample(self, model, idx, parts, steps: int | None = None):
         """Whole rollouts of `model` for the indices (the caller chooses whether gradients flow)."""
-        x, t_last, gens = self.start(model, idx, parts)
+        x, t_last, gens = self.start(model, idx, parts, steps)
         with self.acc.autocast():
             return self.last_step(model(x, t_last).sample, t_last, x, gens)
+
+    def train_sample(self, model, idx, parts):
+        """Whole rollouts at the batch's training step count (steps_for)."""
+        return self.sample(model, idx, parts, self.steps_for(parts))
 
     def for_discriminator(self, sample, idx, *parts):
         """(sample, t) as D scores it: forward-noised (still differentiable) where D was trained on noised
