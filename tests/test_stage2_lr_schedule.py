@@ -20,8 +20,8 @@ def _config(root, manifest, ae, ckpt, **stage2):
     )
 
 
-def _trainer(path):
-    """The fine-tune phase of iteration 0 alone, on 24 random latents with a fresh D (seeded alike)."""
+def _trainer(path, k=0):
+    """The fine-tune phase of iteration k alone, on 24 random latents with a fresh D (seeded alike)."""
     from models.discriminator import build_discriminator
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2.generation import stratified_split
@@ -32,7 +32,7 @@ def _trainer(path):
     real = torch.randn(24, 4, 8, 8)
     d = build_discriminator(s.cfg.discriminator.config)
     init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
+    return s.finetune_trainer(k, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
 
 
 @pytest.mark.parametrize(("lr_schedule", "constant"), [(None, False), ("constant", True), ("cosine", False)])
@@ -51,3 +51,24 @@ def test_stage2_lr_schedule_overrides_stage_1s(
     factors = [trainer.sched.lr_lambdas[0](step) for step in (0, total // 3, 2 * total // 3)]
     assert (factors == [1.0, 1.0, 1.0]) == constant, factors
     assert factors[0] == 1.0 and (constant or 0.0 < factors[2] < factors[1] < 1.0), factors
+
+
+def test_cosine_run_is_one_curve_over_every_iteration(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+    """cosine_run: iteration k's steps are the k-th slice of one cosine over all iterations' steps, so each
+    iteration starts where the last one ended and only the last one ends at 0."""
+    from trainer.training.optim import cosine_with_warmup
+
+    path = _config(
+        tmp_path, digits_manifest, small_ae, stage1_ckpt, num_iterations=3, lr_schedule="cosine_run"
+    )
+    curves = []
+    for k in range(3):
+        trainer = _trainer(path, k)
+        n = trainer.max_steps
+        curves.append([trainer.sched.lr_lambdas[0](step) for step in range(n + 1)])
+    total = 3 * n
+    whole = [cosine_with_warmup(step, 0, total) for step in range(total + 1)]
+    for k, curve in enumerate(curves):
+        assert curve == whole[k * n : (k + 1) * n + 1], k  # its slice of the one curve
+    assert curves[0][0] == 1.0 and curves[2][-1] == 0.0 and 0.0 < curves[1][0] < 1.0
+    assert curves[1][0] == curves[0][-1]  # iteration 1 starts where iteration 0 ended

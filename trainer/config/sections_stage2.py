@@ -250,8 +250,9 @@ class Stage2Config:
     lr_schedule: Optional[str] = option(
         None,
         "Fine-tuning LR schedule after warm-up, per iteration; default training.scheduler.type (stage 1's). "
-        "constant suits iterations that continue from the latest weights.",
-        choices=("cosine", "constant"),
+        "constant suits iterations that continue from the latest weights; cosine_run is one cosine over "
+        "all iterations' steps (iteration k continues the curve where k-1 left it, reaching 0 at the end).",
+        choices=("cosine", "constant", "cosine_run"),
     )
     val_samples: int = option(
         64, "Fixed-seed generated samples scored by D at each validation (d_prob_fake).", ge=1

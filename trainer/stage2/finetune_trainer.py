@@ -168,7 +168,10 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             t.betas,
             **fast_optimizer(cfg.performance, acc),
         )
-        self.sched = build_lr_schedule(opt, s2.warmup_steps, max_steps, s2.lr_schedule or t.scheduler.type)
+        kind, total, offset = s2.lr_schedule or t.scheduler.type, max_steps, 0
+        if kind == "cosine_run":  # one curve over every iteration's steps: iteration k is its k-th slice
+            kind, total, offset = "cosine", max_steps * s2.num_iterations, max_steps * k
+        self.sched = build_lr_schedule(opt, s2.warmup_steps, total, kind, offset)
         self.ddp_unet, self.opt = engine.prepare(acc, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(acc.device)
         self.d = d

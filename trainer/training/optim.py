@@ -24,7 +24,10 @@ def build_optimizer(params, lr: float, weight_decay: float, name: str = "AdamW",
     return cls(params, lr=lr, weight_decay=weight_decay, **extra)
 
 
-def build_lr_schedule(opt, warmup: int, total: int, kind: str = "cosine"):
+def build_lr_schedule(opt, warmup: int, total: int, kind: str = "cosine", offset: int = 0):
     """Linear warm-up then `kind`, stepped by hand once per applied optimizer step: the schedule is in
-    global steps whatever the world size."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total, kind))
+    global steps whatever the world size. `offset`: the curve's step at this optimizer's first step (a
+    schedule that spans several phases, each a slice of `total`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: cosine_with_warmup(step + offset, warmup, total, kind)
+    )
