@@ -118,8 +118,29 @@ def test_demo_chain_small(tmp_path):
         "digits_metrics_iter_1.csv",
         "classifier.pt",
         "reference_cls.npz",
+        "one_step/checkpoints/digits_iter_1_checkpoint_latest.pt",  # the companion run at K = 1
+        "one_step/digits_summary.csv",
+        "one_step/report.html",
     ):
         assert (out / rel).is_file(), rel
+    import json
+
+    from PIL import Image
+
+    # the comparison: stage 1 and the one-step run at 1 step, stage 1 and stage 2 at K = 2, stage 1 at 3
+    captions = json.loads((out / "samples/digits_comparison.json").read_text())
+    assert captions == [
+        "stage 1 at 1 step",
+        "stage 2 (1-step run) at 1 step",
+        "stage 1 at 2 steps",
+        "stage 2 at 2 steps",
+        "stage 1 at 3 steps",
+    ]
+    panel = Image.open(out / "samples/digits_stage1.png").size[0]  # one grid of the same seeds
+    assert Image.open(out / "samples/digits_comparison.png").size[0] == 5 * panel + 4 * 12
+    assert " | ".join(captions) in (out / "report.html").read_text()
+    fields = json.loads((out / "one_step" / "stage2_run.json").read_text())["fields"]
+    assert fields["stage2.generation_steps"] == 1 and fields["stage2.rollout_grad_steps"] == 1
     import pandas as pd
 
     summary = pd.read_csv(out / "digits_summary.csv")  # the demo's classifier features: cls_* columns
@@ -131,7 +152,8 @@ def test_demo_chain_small(tmp_path):
     # a rerun skips finished work
     again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already complete") == 4  # stage 0, stage 1, stage-2 iterations 0 and 1
+    # stage 0, stage 1, stage-2 iterations 0 and 1, and the one-step run's iterations 0 and 1
+    assert again.stdout.count("already complete") == 6
 
 
 def _one_line_error(proc):

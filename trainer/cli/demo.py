@@ -44,6 +44,28 @@ def train_metric_classifier(cfg, is_main: bool) -> None:
     train_classifier(cfg, full, log=lambda line: print(line, flush=True))
 
 
+ONE_STEP = "one_step"  # the companion run's folder under --out
+
+
+def run_one_step(cfg_path: Path, overrides: dict | None, acc) -> dict:
+    """The demo's stage 2 again at K = 1 (rollouts of one step, from t = T-1), in its own run folder
+    (--out/one_step: its own summary, grids and report); returns its result's EMA weights, which the
+    comparison picture shows at one step."""
+    from trainer.stage2 import run as run_stage2
+    from trainer.stage2 import setup as stage2_setup
+    from trainer.stage2.prepare import result, weights_of
+
+    one = {
+        **(overrides or {}),
+        "stage2.generation_steps": 1,
+        "stage2.rollout_grad_steps": 1,
+        "experiment.save_path": ONE_STEP,
+    }
+    cfg1 = load_config(cfg_path, one)
+    run_stage2(cfg1, acc)
+    return weights_of(result(stage2_setup(cfg1, acc), cfg1.stage2.num_iterations - 1))["ema"]
+
+
 def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: bool = True) -> Path:
     from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
@@ -76,8 +98,11 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
             from trainer.stage2 import refresh_report, write_comparison
             from trainer.stage2 import setup as stage2_setup
 
+            one_step = None
+            if cfg2.stage2.generation_steps > 1:  # and the same recipe at one step, as a companion run
+                one_step = run_one_step(cfg_path, overrides, acc)
             s = stage2_setup(cfg2, acc)
-            write_comparison(s, cfg2.training.sample_steps)
+            write_comparison(s, cfg2.training.sample_steps, one_step)
             refresh_report(s)  # with the comparison
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -93,6 +118,8 @@ def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: 
                 f"  {RunLayout.of(cfg).report}",
                 flush=True,
             )
+            if (out / ONE_STEP).is_dir():
+                print(f"The same stage 2 at one step, with its own page:\n  {out / ONE_STEP}", flush=True)
     acc.end_training()
     return cfg_path
 

@@ -216,6 +216,11 @@ class RunLayout:
         return self.root / "samples" / f"{self.name}_comparison.png"
 
     @property
+    def comparison_captions(self) -> Path:
+        """The comparison picture's panel captions, left to right (JSON list), for the report."""
+        return self.root / "samples" / f"{self.name}_comparison.json"
+
+    @property
     def start_grid(self) -> Path:
         """The stage-1 model sampled as stage 2 samples (generation_steps), from the grids' fixed seeds."""
         return self.root / "samples" / f"{self.name}_stage1.png"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import math
 import re
 import time
@@ -306,6 +307,8 @@ def build_report(root, config: dict | None = None, compare=None, name: str | Non
             f"{model} at {f'{k} steps' if k else fallback}"
             for (model, k), fallback in zip(panels, unknown, strict=True)
         )
+        if layout.comparison_captions.is_file():  # what the picture's writer drew (folders since 12-06)
+            caption = " | ".join(json.loads(layout.comparison_captions.read_text()))
         out.append(
             '<h3>What stage 2 bought</h3><div class="wide">'
             + _figure(layout.comparison, f"the same seeds: {caption}")

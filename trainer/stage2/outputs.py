@@ -4,6 +4,7 @@ setup (stage2.prepare)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trainer.core.log import warn
@@ -49,11 +50,13 @@ def write_grid(s: Stage2Setup, k: int | None) -> None:
     s.acc.wait_for_everyone()
 
 
-def write_comparison(s: Stage2Setup, full_steps: int):
+def write_comparison(s: Stage2Setup, full_steps: int, one_step: dict | None = None):
     """One picture of what stage 2 bought, from the grids' fixed seeds: the stage-1 model at stage 2's
     generation_steps (K), the last iteration's result at each step count it trained at (K, or each of
     stage2.train_steps), and the stage-1 model at `full_steps`, side by side (white gaps; comparison_panels).
-    Main process; returns the path, or None without grid samples."""
+    one_step: the weights of a companion run's result trained at K = 1 (the demo's), shown first beside
+    the stage-1 model at 1 step. The captions go beside it as JSON, for the report. Main process; returns
+    the path, or None without grid samples."""
     s.check_writable("comparison picture")
     import numpy as np
 
@@ -65,14 +68,20 @@ def write_comparison(s: Stage2Setup, full_steps: int):
         "stage 1": s.stage1.weights,
         "stage 2": weights_of(result(s, s.cfg.stage2.num_iterations - 1))["ema"],
     }
-    panels, names = [], comparison_panels(vars(s.cfg.stage2), full_steps)
+    names = comparison_panels(vars(s.cfg.stage2), full_steps)
+    if one_step is not None:
+        weights["stage 2 (1-step run)"] = one_step
+        names = [("stage 1", 1), ("stage 2 (1-step run)", 1), *names]
+    panels = []
     for model, steps in names:
         unet = new_unet(s, weights[model]).to(s.acc.device).eval()
         panels.append(image_grid(s.codec.decode(ddim_sample(unet, s.schedule.ddim(), noise, steps)), nrow=8))
     gap = np.full((panels[0].shape[0], 12, *panels[0].shape[2:]), 255, dtype=np.uint8)
     picture = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
+    captions = [f"{m} at {k} step{'s' if k != 1 else ''}" for m, k in names]
+    atomic.write_text(json.dumps(captions), s.layout.comparison_captions)
     path = atomic.save_png(picture, s.layout.comparison)
-    s.log(f"comparison written to {path}: " + " | ".join(f"{m} at {k} steps" for m, k in names))
+    s.log(f"comparison written to {path}: " + " | ".join(captions))
     return path
 
 
