@@ -3,7 +3,8 @@
     python bench/e2e.py [--quick] [--device cpu]
 
 Runs the demo in a fresh temporary folder as a user would, then prints its `timings.csv` (written by
-the trainer itself: one row per finished phase) with each phase's share of the wall time. What the
+the trainer itself: one row per finished phase; the one-step companion run's rows after them) with each
+phase's share of the wall time. What the
 phases do not cover is start-up (interpreter, imports, data preparation) and the plots and grids
 between phases. --quick shrinks every stage (about a minute) to check the script.
 """
@@ -69,6 +70,11 @@ def main() -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     rows = list(csv.DictReader(open(out / "timings.csv", newline="")))
+    companion = out / "one_step" / "timings.csv"  # the demo's stage 2 again at one step
+    if companion.is_file():
+        rows += [
+            {**r, "phase": f"one-step run: {r['phase']}"} for r in csv.DictReader(open(companion, newline=""))
+        ]
     print(
         f"machine: {machine()}; load average before/after: "
         f"{load_before:.2f}/{os.getloadavg()[0]:.2f} (above 0.5 the numbers are shared with other work)"
