@@ -118,6 +118,7 @@ def table(k: int, results: dict, full_stage1: list[dict], full_k: int, seeds, fo
         "dm": "distribution matching (DM)",
         "dm_mse": "DM + MSE off the sampler's t",
         "dm_features": "DM + feature D",
+        "dm_features_tuned": "DM + feature D at 0.5, lr cosine over the run",
     }
     control = [r[-1] for r in results.get("control", [])]
     for arm, runs in results.items():
