@@ -169,32 +169,54 @@ def test_mixed_precision_switch_acts(tmp_path, digits_manifest, small_ae, stage1
     )
 
 
-@pytest.mark.slow
 def test_mixed_precision_reaches_the_fake_score_and_its_head(
-    tmp_path, digits_manifest, small_ae, stage1_ckpt
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, monkeypatch
 ):
-    """Distribution matching with the feature discriminator under bf16: the fake score and its head run in
-    bf16 (their updates and the generator's terms), the run finishes with finite losses, and the fake
-    score and head it saves are fp32."""
+    """Distribution matching with the feature discriminator under bf16 (a fine-tune phase in this process):
+    the fake score's head and the UNets run in bf16, the losses stay finite, and the fake score and head in
+    the resume state are fp32."""
+    import diffusers
+    import pandas as pd
     import test_feature_discriminator as feat
+    from accelerate.state import AcceleratorState
 
+    from models.feature_discriminator import FeatureHead
+    from trainer.config.load import load_config
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.generation import stratified_split
+    from trainer.stage2.run import setup
+
+    seen = {"head": set(), "unet": set()}
+    for cls, key, pick in (
+        (FeatureHead, "head", lambda o: o),
+        (diffusers.UNet2DModel, "unet", lambda o: o.sample),
+    ):
+        original = cls.forward
+
+        def forward(self, *args, _original=original, _key=key, _pick=pick, **kwargs):
+            out = _original(self, *args, **kwargs)
+            seen[_key].add(_pick(out).dtype)
+            return out
+
+        monkeypatch.setattr(cls, "forward", forward)
     cfg = feat._config(tmp_path, digits_manifest, small_ae, stage1_ckpt, diffusion_max_steps=2)
-    seen, _ = _probe(tmp_path, cfg, "--num_samples", "16", "--mixed_precision", "bf16")
-    assert "torch.bfloat16" in seen["unet"] and seen["feature_head"] == ["torch.bfloat16"]
-    assert seen["ae_encode"] == ["torch.float32"]
-    out = tmp_path / "out"
-    history = _history(out / "t2_metrics_iter_0.csv")
+    AcceleratorState._reset_state(True)  # this process's earlier tests built an fp32 Accelerator
+    try:
+        s = setup(load_config(cfg), build_accelerator("cpu", "bf16"))
+        torch.manual_seed(0)
+        init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
+        split = stratified_split(24, 0.8, 0, 0, "real")
+        trainer = s.finetune_trainer(0, torch.randn(24, 4, 8, 8), split, None, init)
+        trainer.fit()
+    finally:
+        AcceleratorState._reset_state(True)  # the next test's Accelerator is its own again
+    assert seen["head"] == {torch.bfloat16} and torch.bfloat16 in seen["unet"], seen
+    history = pd.read_csv(trainer.history_path)
     for column in ("train_dm", "train_adv", "train_fake_loss", "train_d_loss"):
-        assert all(v == v and abs(v) < 1e6 for v in history[column]), (column, history[column])
-    blob = torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True)
+        assert history[column].notna().all() and (history[column].abs() < 1e6).all(), column
+    blob = torch.load(trainer.state_path, weights_only=True)
     dm = blob["state"]["model"]["distribution_matching"]
     assert all(v.dtype == torch.float32 for part in ("fake", "head") for v in dm[part].values())
-
-
-def _history(path):
-    import pandas as pd
-
-    return pd.read_csv(path).to_dict(orient="list")
 
 
 @pytest.mark.slow

@@ -25,10 +25,8 @@ def install_dtype_probe(out_path: str) -> None:
     import diffusers
 
     from models.discriminator import LatentDiscriminator
-    from models.feature_discriminator import FeatureHead
 
-    keys = ("unet", "discriminator", "feature_head", "ae_encode", "ae_decode")
-    seen = {key: set() for key in keys}
+    seen = {"unet": set(), "discriminator": set(), "ae_encode": set(), "ae_decode": set()}
 
     def wrap(cls, name, key, pick):
         original = getattr(cls, name)
@@ -42,7 +40,6 @@ def install_dtype_probe(out_path: str) -> None:
 
     wrap(diffusers.UNet2DModel, "forward", "unet", lambda o: o.sample.dtype)
     wrap(LatentDiscriminator, "forward", "discriminator", lambda o: o.dtype)
-    wrap(FeatureHead, "forward", "feature_head", lambda o: o.dtype)
     wrap(diffusers.AutoencoderKL, "encode", "ae_encode", lambda o: o.latent_dist.mean.dtype)
     wrap(diffusers.AutoencoderKL, "decode", "ae_decode", lambda o: o.sample.dtype)
 

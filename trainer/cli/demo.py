@@ -51,9 +51,9 @@ def run_one_step(cfg_path: Path, overrides: dict | None, acc) -> dict:
     """The demo's stage 2 again at K = 1 (rollouts of one step, from t = T-1), in its own run folder
     (--out/one_step: its own summary, grids and report); returns its result's EMA weights, which the
     comparison picture shows at one step."""
+    from trainer.stage2 import result_weights
     from trainer.stage2 import run as run_stage2
     from trainer.stage2 import setup as stage2_setup
-    from trainer.stage2.prepare import result, weights_of
 
     one = {
         **(overrides or {}),
@@ -63,7 +63,7 @@ def run_one_step(cfg_path: Path, overrides: dict | None, acc) -> dict:
     }
     cfg1 = load_config(cfg_path, one)
     run_stage2(cfg1, acc)
-    return weights_of(result(stage2_setup(cfg1, acc), cfg1.stage2.num_iterations - 1))["ema"]
+    return result_weights(stage2_setup(cfg1, acc))
 
 
 def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: bool = True) -> Path:

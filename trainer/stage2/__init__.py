@@ -8,7 +8,7 @@ from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, l
 from trainer.stage2.distribution_matching import check_distribution_matching_supported
 from trainer.stage2.finetune_trainer import check_grad_ratio_supported
 from trainer.stage2.generation import choose_real_rows, generate_own, produce_gathered, stratified_split
-from trainer.stage2.outputs import refresh_report, write_comparison
+from trainer.stage2.outputs import refresh_report, result_weights, write_comparison
 from trainer.stage2.prepare import Stage2Setup, complete, setup
 from trainer.stage2.run import run
 
@@ -25,6 +25,7 @@ __all__ = [
     "load_discriminator",
     "produce_gathered",
     "refresh_report",
+    "result_weights",
     "run",
     "setup",
     "stratified_split",

@@ -195,9 +195,12 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             self.history_fields = self.history_fields + self.dm.columns
             self.d = self.dm.features or self.d
         self.warm_fakes = None  # (this rank's saved fakes, N): the fake score's warm start (fit)
-        # mse_skip_sampler_timesteps: every timestep a sampler of generation_steps or train_steps visits
-        ks = sorted({s2.generation_steps, *(s2.train_steps or [])})
-        self.sampler_t = torch.unique(torch.cat([schedule.sampler_timesteps(k) for k in ks]))
+        # mse_skip_sampler_timesteps: the timesteps the K-step sampler visits, and with train_steps those
+        # of every listed step count too
+        self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)
+        if s2.train_steps:
+            ks = sorted({s2.generation_steps, *s2.train_steps})
+            self.sampler_t = torch.unique(torch.cat([schedule.sampler_timesteps(k) for k in ks]))
         self.t0 = time.time()
 
     # -- the fake score's warm start -----------------------------------------------------------------

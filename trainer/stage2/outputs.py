@@ -50,6 +50,11 @@ def write_grid(s: Stage2Setup, k: int | None) -> None:
     s.acc.wait_for_everyone()
 
 
+def result_weights(s: Stage2Setup) -> dict:
+    """The EMA weights of the run's result: the last iteration's stage2.continue_from checkpoint."""
+    return weights_of(result(s, s.cfg.stage2.num_iterations - 1))["ema"]
+
+
 def write_comparison(s: Stage2Setup, full_steps: int, one_step: dict | None = None):
     """One picture of what stage 2 bought, from the grids' fixed seeds: the stage-1 model at stage 2's
     generation_steps (K), the last iteration's result at each step count it trained at (K, or each of
@@ -64,10 +69,7 @@ def write_comparison(s: Stage2Setup, full_steps: int, one_step: dict | None = No
     if not n or not s.acc.is_main_process:
         return None
     noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
-    weights = {
-        "stage 1": s.stage1.weights,
-        "stage 2": weights_of(result(s, s.cfg.stage2.num_iterations - 1))["ema"],
-    }
+    weights = {"stage 1": s.stage1.weights, "stage 2": result_weights(s)}
     names = comparison_panels(vars(s.cfg.stage2), full_steps)
     if one_step is not None:
         weights["stage 2 (1-step run)"] = one_step
