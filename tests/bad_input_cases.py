@@ -295,37 +295,6 @@ def c_output_under_a_file(c):
     return [], p, f"experiment.save_path: {f / 'run'} cannot be created: {f} is a file", True
 
 
-def c_generation_steps(c):
-    p = c.config()
-    return (
-        ["--generation_steps", "5000"],
-        p,
-        f"{p}: stage2.generation_steps: expected at most 1000 (the stage-1 schedule's steps), got 5000",
-        True,
-    )
-
-
-def c_train_steps_beyond(c):
-    p = c.config()
-    return (
-        ["--set", "stage2.train_steps=[1, 5000]"],
-        p,
-        f"{p}: stage2.train_steps: expected step counts of at most 1000 (the stage-1 schedule's steps), "
-        "got [1, 5000]",
-        True,
-    )
-
-
-def c_train_steps_empty(c):
-    p = c.config(_set("stage2.train_steps", []))
-    return (
-        [],
-        p,
-        f"{p}: stage2.train_steps: expected a non-empty list of integers >= 1 (or null), got []",
-        True,
-    )
-
-
 def c_bad_precision(c):
     p = c.config()
     return (
@@ -358,24 +327,6 @@ def c_changed_model_field(c):
             f"(discriminator.config.base_channels: 8 -> 16); use a new experiment.save_path, or restore "
             f"those fields"
         ),
-        True,
-    )
-
-
-def c_bad_timestep_spacing(c):
-    p = c.config()
-    expected = 'scheduler.timestep_spacing: expected one of leading, trailing, linspace, got "uniform"'
-    return ["--set", "scheduler.timestep_spacing=uniform"], p, f"{p}: {expected}", True
-
-
-def c_changed_timestep_spacing(c):
-    p = c.config()  # the run sampled with its stage-1 model's own spacing: trailing (a new model's)
-    changed = 'scheduler.timestep_spacing: "trailing" -> "leading"'
-    return (
-        ["--set", "scheduler.timestep_spacing=leading"],
-        p,
-        f"{c.out}: this folder's stage-2 run was started with a different config ({changed}); use a new "
-        f"experiment.save_path, or restore those fields",
         True,
     )
 
@@ -414,5 +365,8 @@ def c_metric_features_missing_file(c):
 def c_missing_config(c):
     return [], c.tmp / "absent.yaml", f"{c.tmp / 'absent.yaml'}: config file not found", True
 
+
+# the sampler's cases (step counts, timestep spacing), in their own file; they use _set above
+from bad_input_cases_sampler import *  # noqa: E402, F403
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
