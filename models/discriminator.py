@@ -1,4 +1,6 @@
-"""A latent-space discriminator that returns logits, optionally conditioned on the noise level."""
+"""A latent-space discriminator that returns logits, optionally conditioned on the noise level and, for a
+class-conditional model, on the class label by projection: the logit gets the inner product of a learnt class
+embedding with D's pooled features (Miyato & Koyama, 2018), so D judges a (latent, label) pair."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class LatentDiscriminator(nn.Module):
         norm: str = "group",
         noise_conditioned: bool = False,
         dropout: float = 0.0,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.config = dict(
@@ -46,6 +49,8 @@ class LatentDiscriminator(nn.Module):
             noise_conditioned=noise_conditioned,
             dropout=dropout,
         )
+        if num_classes:  # stored only for a conditional D: configs of unconditional ones stay as they were
+            self.config["num_classes"] = num_classes
         self.stem = nn.Conv2d(latent_channels, base_channels, 3, padding=1)
         self.noise_conditioned = noise_conditioned
         if noise_conditioned:
@@ -71,19 +76,32 @@ class LatentDiscriminator(nn.Module):
             ch = out
         self.levels = nn.Sequential(*levels)
         self.head = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(ch, 1))
+        self.num_classes = num_classes
+        if num_classes:
+            self.class_embed = nn.Embedding(num_classes, ch)
+            nn.init.normal_(self.class_embed.weight, std=ch**-0.5)
 
-    def forward(self, z: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, timesteps: torch.Tensor | None = None, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.stem(z)
         if self.noise_conditioned:
             if timesteps is None:
                 timesteps = torch.zeros(z.shape[0], device=z.device)
             h = h + self.t_embed(timestep_embedding(timesteps, h.shape[1]))[:, :, None, None]
-        h = self.levels(h)
-        return self.head(h.mean(dim=(2, 3))).squeeze(1)
+        pooled = self.levels(h).mean(dim=(2, 3))
+        logit = self.head(pooled).squeeze(1)
+        if not self.num_classes:
+            return logit
+        if class_labels is None:
+            raise ValueError("a class-conditional discriminator needs the samples' class labels")
+        projection = (self.class_embed(class_labels.to(z.device)) * nn.functional.silu(pooled)).sum(dim=1)
+        return logit + projection.to(logit.dtype)
 
 
-def build_discriminator(cfg) -> LatentDiscriminator:
-    """Build from a `DiscriminatorArch`-like object or a dict of its fields."""
+def build_discriminator(cfg, num_classes: int = 0) -> LatentDiscriminator:
+    """Build from a `DiscriminatorArch`-like object or a dict of its fields (a saved config's `num_classes`,
+    or the argument, makes a class-conditional D)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     return LatentDiscriminator(
         latent_channels=get("latent_channels"),
@@ -93,4 +111,5 @@ def build_discriminator(cfg) -> LatentDiscriminator:
         norm=get("norm", "group"),
         noise_conditioned=get("noise_conditioned", False),
         dropout=get("dropout", 0.0),
+        num_classes=get("num_classes", 0) or num_classes,
     )

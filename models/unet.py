@@ -25,6 +25,9 @@ class UNetSpec:
     time_dim: int | None = None
     norm_groups: int = 8
     dropout: float = 0.0
+    num_class_embeds: int | None = (
+        None  # class-conditional: C + 1 embeddings (trainer/diffusion/conditioning.py)
+    )
 
     def block_out_channels(self) -> tuple[int, ...]:
         mult = self.channel_mult or tuple(2**i for i in range(self.depth))
@@ -82,6 +85,7 @@ def unet_config(spec: UNetSpec) -> dict:
             dropout=spec.dropout,
             time_embedding_dim=spec.time_dim,
             attention_head_dim=min(64, boc[-1]),
+            num_class_embeds=spec.num_class_embeds,
         )
     )
 
@@ -97,9 +101,12 @@ def full_unet_config(config: dict) -> dict:
 
     cls = config.get("_class_name", UNET_CLASS)
     if cls != UNET_CLASS:
-        raise ValueError(f"a {cls}, not an unconditional {UNET_CLASS} (conditioning is not supported)")
-    if config.get("num_class_embeds") or config.get("class_embed_type"):
-        raise ValueError("a class-conditional UNet2DModel (class conditioning is not supported)")
+        raise ValueError(f"a {cls}, not a {UNET_CLASS} (other models and conditioning are not supported)")
+    if config.get("class_embed_type") is not None:
+        raise ValueError(
+            f"class_embed_type {config['class_embed_type']!r}: only class labels through num_class_embeds "
+            "(class_embed_type null) are supported"
+        )
     import inspect
 
     params = inspect.signature(UNet2DModel.__init__).parameters

@@ -135,19 +135,21 @@ def test_unet_folder_takes_its_sibling_scheduler_or_the_fallback(tmp_path):
         read_source(alone)
 
 
-def test_conditional_and_foreign_models_are_refused_in_one_line(tmp_path):
+def test_other_conditioning_and_foreign_models_are_refused_in_one_line(tmp_path):
+    """Class labels through num_class_embeds load (tests/test_conditional_export.py); a UNet2DModel
+    conditioned another way (class_embed_type) and other model classes are refused."""
     from trainer.core.errors import UserError
     from trainer.diffusion.checkpoints import read_source
 
     conditional = write_pipeline_folder(
-        tmp_path / "c", unet_kwargs={**ATTN_UNET, "num_class_embeds": 10}, vae=False
+        tmp_path / "c", unet_kwargs={**ATTN_UNET, "class_embed_type": "timestep"}, vae=False
     )
-    with pytest.raises(UserError, match="class conditioning is not supported"):
+    with pytest.raises(UserError, match="class_embed_type 'timestep': only class labels through num_class"):
         read_source(conditional)
     cfg = json.loads((conditional / "unet" / "config.json").read_text())
     cfg["_class_name"] = "UNet2DConditionModel"
     (conditional / "unet" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="UNet2DConditionModel, not an unconditional UNet2DModel"):
+    with pytest.raises(UserError, match="UNet2DConditionModel, not a UNet2DModel"):
         read_source(conditional)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a diffusers UNet2DModel folder"):

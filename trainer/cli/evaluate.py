@@ -87,6 +87,11 @@ def body(cfg, args) -> None:
         )
     unet = ckpt.unet.to(acc.device).eval()
     guided = None
+    if args.discriminator is not None and s.labels is not None:
+        raise UserError(
+            f"--discriminator: discriminator guidance is for unconditional models; {s.stage1.path} is "
+            "class-conditional (stage2.guidance_scale sets its classifier-free guidance)"
+        )
     if args.discriminator is not None:
         d = load_guidance_discriminator(Path(args.discriminator), s.latent_shape, args.guidance_input)
         guided = Guidance(

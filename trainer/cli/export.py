@@ -7,6 +7,9 @@ stage2.continue_from), else stage 1's. Stage 2 also writes <save_path>/pipeline 
 stage 1 <save_path>/stage1/pipeline, so this command is for other checkpoints and for moved AEs.
 
     DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)(batch_size=8).images
+
+A class-conditional model's folder records its classes (model_index.json `conditioning`) and samples one
+class per image: `pipe(class_labels=[0, 0, 3], guidance_scale=2.0)`.
 """
 
 from __future__ import annotations
@@ -126,6 +129,9 @@ def export(args) -> None:
         ckpt, out, autoencoder=ae, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing
     )
     vae = f"vae/ from {ae}" if ae is not None else "no vae/"
+    c = ckpt.conditioning
+    if c is not None:  # a class-conditional model
+        vae += f"; {c.num_classes} classes{' and a null class' if c.null_class is not None else ''}"
     print(
         f"advdiff export: {source} -> {written} (unet/, scheduler/, {vae}); open with "
         f"DiffusionPipeline.from_pretrained('{written}', trust_remote_code=True)"

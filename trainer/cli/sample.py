@@ -1,6 +1,8 @@
 """`advdiff sample CHECKPOINT --out PREFIX`: DDIM samples of a diffusion checkpoint, optionally with
 discriminator guidance; writes PREFIX.pt (model-space latents) and, with an autoencoder, PREFIX.png. The
-DDIM timesteps are spaced as the checkpoint's scheduler config says unless --timestep_spacing overrides it."""
+DDIM timesteps are spaced as the checkpoint's scheduler config says unless --timestep_spacing overrides it.
+A class-conditional model samples the classes --class_labels names (default: each class in turn), under
+classifier-free guidance at --guidance_scale, and also writes PREFIX.labels.pt (each sample's class index)."""
 
 from __future__ import annotations
 
@@ -49,7 +51,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no_grid", action="store_true", help="latents only, no decoded grid")
     p.add_argument("--nrow", type=int, default=8, help="grid columns")
-    g = p.add_argument_group("discriminator guidance (Kim et al., 2022)")
+    c = p.add_argument_group("class-conditional models (classifier-free guidance)")
+    c.add_argument(
+        "--class_labels",
+        default=None,
+        metavar="LABELS",
+        help="the classes to sample: a comma list of class names or indices 0..C-1 that sample i takes in "
+        "turn (i mod the list's length; '3' alone: every sample a 3), or 'all' (the default: 0..C-1 in turn)",
+    )
+    c.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        metavar="W",
+        help="classifier-free guidance: null + W x (class - null) on the UNet's output (default 1: the "
+        "class's own output, no guidance); other scales need a model trained with a null class",
+    )
+    g = p.add_argument_group("discriminator guidance (Kim et al., 2022), unconditional models")
     g.add_argument(
         "--discriminator",
         default=None,
@@ -99,6 +117,55 @@ def check_args(args) -> None:
                 f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
                 f"{args.guidance_t_min}, {args.guidance_t_max}"
             )
+
+
+def resolve_class_labels(args, ckpt) -> tuple[torch.Tensor | None, float]:
+    """(each sample's class index, the guidance scale) for a class-conditional checkpoint, (None, 1) for an
+    unconditional one; flags that do not fit the model are one line."""
+    cond = ckpt.conditioning
+    if cond is None:
+        for flag in ("class_labels", "guidance_scale"):
+            if getattr(args, flag) is not None:
+                raise UserError(
+                    f"--{flag}: {ckpt.path} is an unconditional model; --{flag} is for class-conditional ones"
+                )
+        return None, 1.0
+    if args.discriminator is not None:
+        raise UserError(
+            f"--discriminator: {ckpt.path} is class-conditional; discriminator guidance is for unconditional "
+            f"models (classifier-free guidance: --guidance_scale)"
+        )
+    scale = 1.0 if args.guidance_scale is None else float(args.guidance_scale)
+    if not math.isfinite(scale):
+        raise UserError(f"--guidance_scale: expected a finite number, got {scale}")
+    if scale != 1.0 and cond.null_class is None:
+        raise UserError(
+            f"--guidance_scale: {ckpt.path} has no null class (no advdiff class record), so guidance is off: "
+            f"expected 1, got {scale}"
+        )
+    if scale != 1.0 and not cond.guidable():
+        print(
+            f"advdiff: warning: {ckpt.path} was trained without label dropout: its null class is untrained, "
+            f"so guidance at {scale} is not classifier-free guidance",
+            file=sys.stderr,
+        )
+    names, text = list(cond.class_names), (args.class_labels or "all").strip()
+    if text == "all":
+        chosen = list(range(cond.num_classes))
+    else:
+        chosen = []
+        for token in (t.strip() for t in text.split(",")):
+            if token in names:
+                chosen.append(names.index(token))
+            elif token.isdecimal() and int(token) < cond.num_classes:
+                chosen.append(int(token))
+            else:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise UserError(
+                    f"--class_labels: {token!r} is neither a class name nor an index 0.."
+                    f"{cond.num_classes - 1} of the model's {cond.num_classes} classes ({shown}), nor 'all'"
+                )
+    return torch.tensor([chosen[i % len(chosen)] for i in range(args.num)], dtype=torch.long), scale
 
 
 def load_guidance_discriminator(path: Path, latent_shape: tuple, guidance_input: str):
@@ -181,6 +248,7 @@ def sample(args) -> None:
         raise UserError(
             f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}"
         )
+    labels, scale = resolve_class_labels(args, ckpt)
     guidance = None
     if args.discriminator is not None:
         d = load_guidance_discriminator(Path(args.discriminator), shape, args.guidance_input)
@@ -217,9 +285,14 @@ def sample(args) -> None:
         gen_parts=(args.seed, "sample"),
         indices=list(range(args.num)),
         guidance=guidance,
+        class_labels=None if labels is None else labels.to(device),
+        guidance_scale=scale,
+        null_class=None if ckpt.conditioning is None else ckpt.conditioning.null_class,
     )
     pt = atomic.save_torch(z.cpu().contiguous(), prefix.with_name(prefix.name + ".pt"))
     written = [str(pt)]
+    if labels is not None:
+        written.append(str(atomic.save_torch(labels, prefix.with_name(prefix.name + ".labels.pt"))))
     if ae is not None:
         from models.autoencoder import decode
 
@@ -242,6 +315,11 @@ def sample(args) -> None:
             f"{schedule.num_steps}, D sees {guidance.input}"
         )
     )
+    if labels is not None:
+        what = (
+            f"{len(set(labels.tolist()))} of {ckpt.conditioning.num_classes} classes, classifier-free "
+            f"guidance scale {scale}"
+        )
     print(
         f"advdiff sample: {args.num} samples, {args.steps} DDIM steps ({schedule.timestep_spacing} "
         f"spacing), eta {args.eta}, {what}: "

@@ -128,6 +128,13 @@ class TrainingConfig:
     )
     log_interval: int = option(50, "Steps between status lines.", ge=1)
     sample_steps: int = option(25, "DDIM steps for the stage-1 sample grid.", ge=1)
+    label_dropout: float = option(
+        0.1,
+        "Class-conditional stage 1: the probability that a sample's label is replaced by the null "
+        "label, which classifier-free guidance (stage2.guidance_scale) needs; 0 trains no null label.",
+        ge=0,
+        lt=1,
+    )
     loss: LossConfig = option(doc="Diffusion loss (CompositeLoss).", factory=LossConfig)
 
     def check(self, where, prefix):

@@ -42,6 +42,12 @@ class DatasetConfig:
         "image_column.",
     )
     image_column: str = option("image_path", "Manifest column holding image paths.")
+    label_column: Optional[str] = option(
+        None,
+        "Manifest column of class labels, for a class-conditional model (unet.num_class_embeds). Integer "
+        "labels are class indices; other labels are sorted names. For a folder of images any name "
+        "reads each image's first sub-folder as its label.",
+    )
     outputs: DatasetOutputs = option(doc="Output columns of the manifest.", factory=DatasetOutputs)
     filters: dict[str, list[Any]] = option(doc="Keep rows whose column value is in the list.", factory=dict)
     resolution: Optional[int] = option(

@@ -77,6 +77,12 @@ class UNetConfig:
     norm_groups: Optional[int] = option(None, "GroupNorm groups.", ge=1)
     dropout: Optional[float] = option(None, "Dropout inside ResNet blocks.", ge=0, le=1)
     sample_size: Optional[int] = option(None, "Latent side; default: derived from the AE.", ge=1)
+    num_class_embeds: Optional[int] = option(
+        None,
+        "Class-conditional UNet: the number of classes C of dataset.label_column (the UNet gets C + 1 "
+        "class embeddings, the last the null label of training.label_dropout). null: unconditional.",
+        ge=1,
+    )
 
 
 @dataclass

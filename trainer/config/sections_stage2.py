@@ -38,6 +38,11 @@ class DiscriminatorArch:
     )
     noise_conditioned: bool = option(False, "Condition D on the diffusion timestep of its input.")
     dropout: float = option(0.0, "Dropout before D's output layer.", ge=0, le=1)
+    conditional: bool = option(
+        False,
+        "Class-conditional model: D scores (latent, label) pairs with a projection head (the inner "
+        "product of a class embedding with D's pooled features, added to its logit).",
+    )
 
 
 @dataclass
@@ -198,6 +203,13 @@ class Stage2Config:
         100, "DDIM steps for fakes, rollouts and grids (--generation_steps).", ge=1
     )
     eta: float = option(0.0, "DDIM eta (0: deterministic).", ge=0, le=1)
+    guidance_scale: Optional[float] = option(
+        None,
+        "Class-conditional model: classifier-free guidance scale of the fakes, rollouts, grids and "
+        "the summary's samples (1: the conditional model alone). null: 1. Refused for an "
+        "unconditional model.",
+        ge=0,
+    )
     train_steps: Optional[list[int]] = option(
         None,
         "Rollout mode: the DDIM step counts the fine-tune trains at. Each rollout batch (the generator's, "

@@ -67,15 +67,20 @@ def read_manifest(
     filters: dict | None = None,
     latent_column: str | None = None,
     keep: tuple[str, ...] = (),
+    label_column: str | None = None,
 ) -> pd.DataFrame:
     """Read and filter the manifest; returns rows with absolute `image_path`/`latent_path` columns, and
     the columns named in `keep` as they are (each must exist). `manifest` is a CSV (relative paths in it
     resolve against its folder) or a folder of images, read as the CSV `advdiff manifest` writes into it
-    would be: one column, `image_column`, of its `list_images` (so filters may name only that column)."""
+    would be: one column, `image_column`, of its `list_images` (so filters may name only that column).
+    `label_column` (dataset.label_column): its values come back as the column `label`; a folder's label
+    of an image is its first sub-folder's name (None for an image directly in the folder)."""
     manifest = Path(manifest)
     folder = manifest.is_dir()
     if folder:
         df = pd.DataFrame({image_column: pd.Series(image_folder_rows(manifest), dtype=object)})
+        if label_column:
+            df[label_column] = [p.split("/")[0] if "/" in p else None for p in df[image_column]]
     elif not manifest.is_file():
         raise UserError(f"{manifest}: manifest not found")
     else:
@@ -91,6 +96,11 @@ def read_manifest(
     if image_column not in df.columns and not has_latents:
         raise UserError(
             f"{manifest}: no column '{image_column}' (dataset.image_column); "
+            f"columns are: {', '.join(map(str, df.columns))}"
+        )
+    if label_column and label_column not in df.columns:
+        raise UserError(
+            f"{manifest}: no column '{label_column}' (dataset.label_column); "
             f"columns are: {', '.join(map(str, df.columns))}"
         )
     for column in keep:
@@ -125,6 +135,8 @@ def read_manifest(
     )
     for column in keep:
         out[column] = df[column].to_numpy()
+    if label_column:
+        out["label"] = pd.Series(list(df[label_column]), dtype=object)
     for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"], strict=True)):
         if img is None and lat is None:
             raise UserError(

@@ -21,6 +21,7 @@ import torch
 from models.autoencoder import LatentScaling, scaling_from_config
 from models.unet import full_unet_config, spec_from_dict, unet_config, unet_from_config, unet_sample_shape
 from trainer.core.errors import UserError
+from trainer.diffusion.conditioning import Conditioning
 from trainer.diffusion.schedule import Schedule
 from trainer.files.read import torch_load
 
@@ -42,6 +43,7 @@ class Source:
     metrics: dict = field(default_factory=dict)
     sampling: dict | None = None
     blob: dict | None = None  # the .pt's contents (advdiff exports only)
+    conditioning: Conditioning | None = None  # a class-conditional model's classes; None: unconditional
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -63,6 +65,7 @@ class DiffusionCheckpoint:
     metrics: dict
     sampling: dict | None
     blob: dict
+    conditioning: Conditioning | None = None  # a class-conditional model's classes; None: unconditional
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -122,10 +125,11 @@ def read_source(path, fallback_scheduler: dict | None = None) -> Source:
     config = blob["unet_config"] if "unet_config" in blob else unet_config(spec_from_dict(blob["unet_spec"]))
     ae = blob.get("autoencoder")
     ae = None if ae in (None, "", "None") else ae if os.path.isabs(ae) else os.path.normpath(path.parent / ae)
+    config = _unet_config(path, config)
     return Source(
         path=path,
         kind="advdiff",
-        unet_config=_unet_config(path, config),
+        unet_config=config,
         scheduler=Schedule.from_dict(blob["scheduler"]).to_dict(),
         scaling=LatentScaling(**blob["latent_scaling"]),
         autoencoder=ae,
@@ -133,6 +137,7 @@ def read_source(path, fallback_scheduler: dict | None = None) -> Source:
         metrics=blob.get("metrics", {}),
         sampling=blob.get("sampling"),
         blob=blob,
+        conditioning=Conditioning.of_unet_config(config, blob.get("conditioning")),
     )
 
 
@@ -143,8 +148,7 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
         if "unet" not in index or not (unet_dir / "config.json").is_file():
             raise _bad(
                 path,
-                "a pipeline folder without a unet/ (config.json): advdiff fine-tunes an unconditional "
-                "UNet2DModel",
+                "a pipeline folder without a unet/ (config.json): advdiff fine-tunes a UNet2DModel",
             )
         kind = "pipeline"
     elif (path / "config.json").is_file():
@@ -180,14 +184,40 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
             "steps": int(index["sampling_steps"]),
             "eta": float(index.get("sampling_eta", 0.0)),
         }
+    config = _unet_config(unet_dir / "config.json", config)
+    conditioning = Conditioning.of_unet_config(config)  # a UNet with M class embeddings: M classes, no null
+    record = index.get("conditioning") if kind == "pipeline" else None
+    if record is not None:  # an advdiff export's class record (models/pipeline.py)
+        where, embeds = path / "model_index.json", config.get("num_class_embeds") or 0
+        try:
+            names = record["class_names"]
+            conditioning = Conditioning.from_dict(record) if isinstance(names, list) else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            conditioning = None
+        if conditioning is None or len(conditioning.class_names) != conditioning.num_classes:
+            raise _bad(
+                where, "conditioning: expected {num_classes, class_names (a list of that many), null_class}"
+            )
+        if conditioning.null_class not in (None, conditioning.num_classes):
+            raise _bad(
+                where, f"conditioning: null_class must be num_classes ({conditioning.num_classes}) or null"
+            )
+        if conditioning.num_class_embeds != embeds:
+            raise _bad(
+                where,
+                f"conditioning: {conditioning.num_classes} classes"
+                f"{' and a null label' if conditioning.null_class is not None else ''} need num_class_embeds "
+                f"{conditioning.num_class_embeds}, unet/config.json has {embeds}",
+            )
     return Source(
         path=path,
         kind=kind,
-        unet_config=_unet_config(unet_dir / "config.json", config),
+        unet_config=config,
         scheduler=scheduler,
         scaling=scaling,
         autoencoder=ae,
         sampling=sampling,
+        conditioning=conditioning,
     )
 
 
@@ -239,6 +269,7 @@ def load_diffusion_checkpoint(
         metrics=src.metrics,
         sampling=src.sampling,
         blob=blob,
+        conditioning=src.conditioning,
     )
 
 
@@ -262,6 +293,7 @@ def export_blob(
     dest: Path,
     raw_weights=None,
     sampling: dict | None = None,
+    conditioning=None,
 ) -> dict:
     """A self-describing diffusion export to be written at `dest`; `weights` (EMA) and `raw_weights` are CPU
     state dicts, `unet_cfg` the UNet's full diffusers config, `schedule` the full scheduler config the weights
@@ -280,4 +312,6 @@ def export_blob(
     }
     if sampling is not None:
         blob["sampling"] = dict(sampling)
+    if conditioning is not None:  # a trainer.diffusion.conditioning.Conditioning
+        blob["conditioning"] = conditioning.to_dict()
     return blob

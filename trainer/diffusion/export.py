@@ -1,7 +1,9 @@
 """A diffusion checkpoint -> a diffusers pipeline folder that opens without advdiff.
 
     {out}/
-      model_index.json     names the components and the pipeline class ["pipeline", "AdvdiffLatentPipeline"]
+      model_index.json     names the components and the pipeline class ["pipeline", "AdvdiffLatentPipeline"];
+                           a class-conditional model's class record is its `conditioning` (num_classes,
+                           class_names, null_class, label_dropout)
       pipeline.py          a copy of models/pipeline.py (the pipeline class; honours the VAE's shift_factor)
       unet/                UNet2DModel: config.json + diffusion_pytorch_model.safetensors (EMA weights)
       scheduler/           DDIMScheduler: scheduler_config.json (the model's full schedule, custom betas and
@@ -10,7 +12,8 @@
       advdiff.json         where it came from: the checkpoint's file name, step, metrics, sampling
 
 Open it with `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)` (the class comes from
-`pipeline.py` inside the folder), or `models.pipeline.AdvdiffLatentPipeline.from_pretrained(out)`. The folder
+`pipeline.py` inside the folder), or `models.pipeline.AdvdiffLatentPipeline.from_pretrained(out)`; a
+class-conditional one samples with `pipe(class_labels=[...], guidance_scale=w)`. The folder
 holds no pickles and no absolute paths: it can be copied anywhere.
 """
 
@@ -87,13 +90,17 @@ def export_pipeline(
         )
     steps = int(steps or default_steps(ckpt))
     eta = float(eta if eta is not None else (ckpt.sampling or {}).get("eta", 0.0))
-    pipe = pipeline_module.AdvdiffLatentPipeline(
-        unet=ckpt.unet.to("cpu"),
-        scheduler=Schedule.from_dict(ckpt.scheduler).with_spacing(timestep_spacing).ddim(),
-        vae=vae,
-        sampling_steps=steps,
-        sampling_eta=eta,
-    )
+    try:
+        pipe = pipeline_module.AdvdiffLatentPipeline(
+            unet=ckpt.unet.to("cpu"),
+            scheduler=Schedule.from_dict(ckpt.scheduler).with_spacing(timestep_spacing).ddim(),
+            vae=vae,
+            sampling_steps=steps,
+            sampling_eta=eta,
+            conditioning=None if ckpt.conditioning is None else ckpt.conditioning.to_dict(),
+        )
+    except ValueError as e:  # a class record that does not fit the UNet
+        raise UserError(f"{ckpt.path}: {e}") from None
 
     def fill(tmp: Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True)

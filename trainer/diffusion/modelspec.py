@@ -26,6 +26,7 @@ def unet_spec_from_config(cfg: Config, latent_shape: tuple) -> UNetSpec:
         time_dim=u.time_dim,
         norm_groups=u.norm_groups,
         dropout=u.dropout,
+        num_class_embeds=None if u.num_class_embeds is None else u.num_class_embeds + 1,  # + the null label
         channel_mult=tuple(u.channel_mult)
         if u.channel_mult
         else (base.channel_mult if u.depth in (None, base.depth) else ()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trainer.diffusion.conditioning import model_output
 from trainer.diffusion.guidance import guided_output
 from trainer.diffusion.noise import eta_generators
 
@@ -38,6 +39,9 @@ def ddim_sample(
     gen_parts: tuple | None = None,
     indices=None,
     guidance=None,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
 ) -> torch.Tensor:
     """Run DDIM from `noise` in batches; returns latents on noise's device.
 
@@ -48,15 +52,22 @@ def ddim_sample(
     corrected by the discriminator's gradient before the step (guided_output); the loop then runs under
     no_grad with inference mode off, since the gradient needs autograd. Without it the loop runs in
     inference mode, exactly as before guidance existed.
+
+    `class_labels`: one class per noise row for a class-conditional model, sampled under classifier-free
+    guidance at `guidance_scale` with the model's `null_class` (trainer.diffusion.conditioning); the
+    discriminator guidance above is for unconditional models.
     """
+    cond = None if class_labels is None else (class_labels, guidance_scale, null_class)
+    if guidance is not None and cond is not None:
+        raise ValueError("discriminator guidance is for unconditional models")
     if guidance is None:
         with torch.inference_mode():
-            return _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, None)
+            return _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, None, cond)
     with torch.inference_mode(False), torch.no_grad():
-        return _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, guidance)
+        return _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, guidance, None)
 
 
-def _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, guidance) -> torch.Tensor:
+def _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, guidance, cond) -> torch.Tensor:
     out = []
     channels_last = CPU_CHANNELS_LAST and noise.device.type == "cpu" and noise.dim() == 4
     for s in range(0, noise.shape[0], batch_size):
@@ -67,8 +78,11 @@ def _ddim_loop(unet, ddim, noise, steps, eta, batch_size, gen_parts, indices, gu
         gens = None
         if eta > 0 and gen_parts is not None and indices is not None:
             gens = eta_generators(indices[s : s + batch_size], *gen_parts)
+        labels = None if cond is None else cond[0][s : s + batch_size]
         for t in ddim.timesteps:
-            if guidance is None:
+            if cond is not None:
+                x = ddim_step(ddim, model_output(unet, x, t, labels, cond[1], cond[2]), t, x, eta, gens)
+            elif guidance is None:
                 x = ddim_step(ddim, unet(x, t).sample, t, x, eta, gens)
             else:
                 x = ddim_step(ddim, guided_output(guidance, ddim, unet, x, t), t, x, eta, gens)

@@ -105,6 +105,10 @@ class RunLayout:
     def fake_latents(self, k: int) -> Path:
         return self.iteration_folder(k) / "fake_latents.pt"
 
+    def labels_of(self, latents: Path) -> Path:
+        """A class-conditional run's labels of a saved latent set (fake_labels.pt beside fake_latents.pt)."""
+        return latents.with_name(latents.name.replace("_latents", "_labels"))
+
     def discriminator_best(self, k: int) -> Path:
         return self.iteration_folder(k) / "discriminator_best.pt"
 

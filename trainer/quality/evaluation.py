@@ -16,7 +16,18 @@ latents: the rows stage 1 validated on, never trained on. Columns:
   d_acc, d_prob_fake             the D this model was trained against (row 0: iteration 0's D, fit to
                                  stage-1 samples): accuracy on held-out reals vs these samples, and
                                  its mean probability that the samples are real
-Columns of a feature space that is not configured are empty. The held-out reals' statistics of every
+  guidance_scale                 a class-conditional model: the classifier-free guidance scale its samples
+                                 used (stage2.guidance_scale; null: 1). Sample i is generated for the class
+                                 of held-out real i, so the samples have the reals' class counts exactly
+  class_fd, label_fidelity       a class-conditional model with classifier:PATH: the mean over classes of
+                                 the classifier-feature FD of a class's samples to its held-out reals
+                                 (classes with fewer than 2 held-out reals are skipped, and logged once;
+                                 trainer.quality.conditional), and the classifier's accuracy on the samples
+                                 against the classes they were generated for: only where the model's
+                                 classes are "0".."C-1" (the classifier's integer labels; otherwise empty,
+                                 and logged once)
+Columns of a feature space that is not configured, and the class columns of an unconditional model, are
+empty. The held-out reals' statistics of every
 space (mean `mu`, covariance `sigma`, float64) are written once beside the summary as
 reference_{latent,pixel,cls,inception}.npz, for comparing with other tools' FD.
 """
@@ -39,7 +50,8 @@ from trainer.files.layout import picture_of, reference_stats_of
 from trainer.files.read import read_csv_rows
 from trainer.parallel.accelerator import tracker_step
 from trainer.parallel.collectives import Totals, gather_shards, shard_range
-from trainer.quality.feature_spaces import load_space
+from trainer.quality.conditional import MIN_PER_CLASS, class_fd, integer_class_names, label_fidelity
+from trainer.quality.feature_spaces import ClassifierFeatures, load_space
 from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
 
 SUMMARY_FIELDS = [
@@ -57,11 +69,14 @@ SUMMARY_FIELDS = [
     "cls_fd_hi",
     "cls_precision",
     "cls_recall",
+    "class_fd",
+    "label_fidelity",
     "inception_fd",
     "inception_precision",
     "inception_recall",
     "d_acc",
     "d_prob_fake",
+    "guidance_scale",
     "samples",
     "seconds",
 ]
@@ -70,12 +85,25 @@ BOOTSTRAPPED = ("latent", "cls")  # spaces with an FD interval (low-dimensional:
 
 class Evaluator:
     def __init__(
-        self, acc, cfg, path, rows, encode, decode, schedule, latent_shape: tuple, log, read_only=False
+        self,
+        acc,
+        cfg,
+        path,
+        rows,
+        encode,
+        decode,
+        schedule,
+        latent_shape: tuple,
+        log,
+        read_only=False,
+        conditioning=None,
     ):
         """path: the summary CSV; rows: the filtered manifest; encode(rows) -> model-space latents (a
         collective); decode(latents) -> images, or None to skip the pixel and feature-space metrics;
         schedule: the model's noise schedule (fresh DDIM samplers); read_only: measure only, never write
-        beside the summary (a command that reads a run)."""
+        beside the summary (a command that reads a run); conditioning: a class-conditional model's
+        (trainer.diffusion.conditioning.Conditioning), whose rows carry each row's class index in an int
+        column `label_index`."""
         self.cfg, self.acc, self.path, self.rows = cfg, acc, path, rows
         self.read_only = read_only
         self.encode, self.decode, self.schedule, self.latent_shape, self.log = (
@@ -99,6 +127,16 @@ class Evaluator:
         self.m = len(pick)
         self.own = shard_range(self.m, self.acc.process_index, self.acc.num_processes)
         self.rows_pick = pick
+        self.conditioning = conditioning
+        self.labels = None  # the class of held-out real i, which sample i is generated for (all M)
+        self.guidance_scale = 1.0
+        self._told = set()  # the one-time log lines already written
+        if conditioning is not None:
+            if "label_index" not in rows.columns:
+                raise ValueError("a conditional Evaluator needs rows with a label_index column")
+            self.labels = np.asarray(rows["label_index"], dtype=np.int64)[pick]
+            scale = cfg.stage2.guidance_scale
+            self.guidance_scale = 1.0 if scale is None else float(scale)  # 0 is a scale, not "unset"
         self._real = None
         self.guidance = None  # a diffusion.guidance.Guidance: samples are drawn with discriminator guidance
         self._space = False  # the stage2.metric_features extractor, loaded on first use
@@ -150,10 +188,16 @@ class Evaluator:
         reals, fakes = self.real_features(), self._spaces_of(fake)
         for space in reals:
             row.update(self._scores(space, reals[space], fakes[space]))
+        if self.conditioning is not None:
+            row.update(self._class_scores(reals, fakes))
         self.write_references()
         if d is not None:
             d = d.to(acc.device).eval()
-            lr, lf = d(real).float(), d(fake).float()  # t = 0 where D is noise-conditioned
+            y = self._own_labels()  # a class-conditional run's: D scores (sample, label) pairs
+            lr, lf = (
+                d(z) if y is None else d(z, None, y) for z in (real, fake)
+            )  # t = 0 if noise-conditioned
+            lr, lf = lr.float(), lf.float()
             sums = Totals(["real_correct", "fake_correct", "prob_fake"], acc.device)
             sums.add("real_correct", (lr > 0).sum().double())
             sums.add("fake_correct", (lf < 0).sum().double())
@@ -178,7 +222,44 @@ class Evaluator:
                 cfg.stage2.generation_steps,
                 batch_size=cfg.stage2.generation_batch_size,
                 guidance=self.guidance,
+                class_labels=self._own_labels(),
+                guidance_scale=self.guidance_scale,
+                null_class=None if self.conditioning is None else self.conditioning.null_class,
             ).float()
+
+    def _own_labels(self) -> torch.Tensor | None:
+        """The classes of this rank's block of the M samples (None: an unconditional model)."""
+        if self.labels is None:
+            return None
+        return torch.from_numpy(self.labels[self.own.start : self.own.stop]).to(self.acc.device)
+
+    def _class_scores(self, reals: dict, fakes: dict) -> dict:
+        """guidance_scale, and with the classifier feature space class_fd and label_fidelity (module doc):
+        this rank's rows, reduced over ranks (a collective)."""
+        out = {"guidance_scale": self.guidance_scale}
+        space = self.space() if "cls" in fakes else None
+        if not isinstance(space, ClassifierFeatures):
+            return out
+        cond, labels = self.conditioning, self._own_labels()
+        out["class_fd"], fds = class_fd(reals["cls"], labels, fakes["cls"], labels, cond.num_classes)
+        if len(fds) < cond.num_classes:
+            self._tell(
+                f"class_fd: {cond.num_classes - len(fds)} of {cond.num_classes} classes have fewer than "
+                f"{MIN_PER_CLASS} held-out reals among the {self.m} and are left out of the mean"
+            )
+        if integer_class_names(cond.class_names, space.num_classes):
+            out["label_fidelity"] = label_fidelity(space.logits(fakes["cls"]), labels)
+        else:
+            self._tell(
+                f"label_fidelity: left empty: the model's {cond.num_classes} class names are not 0.."
+                f"{cond.num_classes - 1} within the classifier's integer labels 0..{space.num_classes - 1}"
+            )
+        return out
+
+    def _tell(self, line: str) -> None:
+        if line not in self._told:
+            self._told.add(line)
+            self.log(line)
 
     @torch.no_grad()
     def latent_fd(self, unet) -> float:

@@ -1,7 +1,8 @@
 """The feature space `stage2.metric_features` names, beside the raw latents and pixels of the summary:
 
     raw                  none: latent_* and pixel_* columns only
-    classifier:PATH      the penultimate layer of an advdiff classifier (`advdiff classifier`): cls_* columns
+    classifier:PATH      the penultimate layer of an advdiff classifier (`advdiff classifier`): cls_* columns;
+                         for a class-conditional model also class_fd, and label_fidelity from its logits
     inception:PATH       a module mapping images in [-1, 1], (N, 3, 299, 299), to Inception-v3 pool
                          features (N, 2048): inception_* columns. A TorchScript file (torch.jit.save), or
                          an exported program (torch.export.save, batch dimension dynamic): whatever
@@ -78,6 +79,18 @@ class ClassifierFeatures(FeatureSpace):
                 f"{x.shape[1]} channels"
             )
         return self.model.features(_resize(x, self.side))
+
+    @property
+    def num_classes(self) -> int:
+        """K: the classifier was trained on integer labels 0..K-1."""
+        return int(self.model.config["num_classes"])
+
+    @torch.no_grad()
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits (N, K) from feature rows this space returned (its output layer alone, no
+        second pass over the images)."""
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            return self.model.out(rows.float()).float()
 
 
 def _load_module(path, device):

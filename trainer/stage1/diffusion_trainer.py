@@ -18,9 +18,11 @@ from models.unet import count_parameters, spec_to_dict, unet_config, unet_from_c
 from trainer.config.sections import Config
 from trainer.core.errors import ConfigError, UserError
 from trainer.core.seeds import derive_seed
+from trainer.data.labels import dropped_labels
 from trainer.data.latents import encode_rows, latent_shape_of, load_frozen_ae, measure_scaling
 from trainer.data.manifest import read_manifest, split_indices
 from trainer.diffusion.checkpoints import export_blob, load_diffusion_checkpoint
+from trainer.diffusion.conditioning import model_output
 from trainer.diffusion.modelspec import unet_spec_from_config
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample, image_grid
@@ -31,6 +33,7 @@ from trainer.files.read import torch_load
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import Totals, shard_range
+from trainer.stage1.labels import check_labels_config, training_labels
 from trainer.training.ema import EMA, sync_eval_copy
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
 from trainer.training.optim import build_lr_schedule, build_optimizer
@@ -46,6 +49,7 @@ class DiffusionTrainer(StepTrainer):
             )
         if cfg.autoencoder.checkpoint is None:
             raise ConfigError(f"{cfg.source}: autoencoder.checkpoint: expected an AE folder or .pt, got null")
+        check_labels_config(cfg)
         engine.check_accumulation(
             accelerator, t.gradient_accumulation_steps, t.batch_size
         )  # before any compute
@@ -70,6 +74,8 @@ class DiffusionTrainer(StepTrainer):
             "autoencoder": str(cfg.resolve_path(cfg.autoencoder.checkpoint)),
             "manifest": str(cfg.resolve_path(cfg.dataset.manifest)),
         }
+        if cfg.dataset.label_column:  # a class-conditional model
+            fingerprint.update(label_column=cfg.dataset.label_column, label_dropout=t.label_dropout)
         super().__init__(
             accelerator,
             stage="stage1",
@@ -88,11 +94,13 @@ class DiffusionTrainer(StepTrainer):
             cfg.dataset.image_column,
             cfg.dataset.filters,
             cfg.dataset.outputs.latent,
+            label_column=cfg.dataset.label_column,
         )
         if len(rows) < 2:
             raise UserError(
                 f"{cfg.dataset.manifest}: {len(rows)} rows after filters; stage 1 needs at least 2"
             )
+        self.conditioning, self.labels = training_labels(cfg, rows)
         self.train_idx, self.val_idx = split_indices(len(rows), t.train_split, t.split_seed)
         raw = self._dataset_latents(rows, size)
         if cfg.autoencoder.scaling == "measure":
@@ -181,8 +189,9 @@ class DiffusionTrainer(StepTrainer):
             x0 = self.latents[batch[chunk]].to(self.acc.device)
             noise, ts = self.noised(x0, step, chunk)
             x_t = self.schedule.add_noise(x0, noise, ts)
+            y = self.batch_labels(batch[chunk], chunk, step)
             with self.acc.autocast():
-                pred = self.ddp_unet(x_t, ts).sample
+                pred = model_output(self.ddp_unet, x_t, ts, y)
             mse = torch.mean((pred.float() - self.schedule.target(x0, noise, ts)) ** 2)
             logged.append(mse.item() * len(chunk) / len(pos))
             return mse * local_weight(len(chunk), len(batch), self.world)
@@ -199,6 +208,15 @@ class DiffusionTrainer(StepTrainer):
         )
         return {"mse": sum(logged)}
 
+    def batch_labels(self, rows, positions, step):
+        """The class labels of these training rows (None for an unconditional model), each replaced by the
+        null label with probability training.label_dropout (coin i from (seed, stage, step, position i))."""
+        if self.labels is None:
+            return None
+        y = self.labels[rows].to(self.acc.device)
+        c = self.conditioning
+        return dropped_labels(y, positions, c.label_dropout, c.null_class, self.seed, self.stage, step)
+
     @torch.no_grad()
     def evaluate(self):
         sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
@@ -208,7 +226,8 @@ class DiffusionTrainer(StepTrainer):
             pos = list(range(s, min(s + 256, mine.stop)))
             x0 = self.latents[self.val_idx[pos]].to(self.acc.device)
             noise, ts = self.noised(x0, "val", pos)  # fixed noise: comparable across evaluations
-            pred = self.ema_unet(self.schedule.add_noise(x0, noise, ts), ts).sample.float()
+            y = None if self.labels is None else self.labels[self.val_idx[pos]].to(self.acc.device)
+            pred = model_output(self.ema_unet, self.schedule.add_noise(x0, noise, ts), ts, y).float()
             err = ((pred - self.schedule.target(x0, noise, ts)) ** 2).mean(dim=(1, 2, 3))
             sums.add("squared_error", err.sum().double())
             sums.add("n", len(pos))
@@ -244,6 +263,7 @@ class DiffusionTrainer(StepTrainer):
             dest=dest,
             raw_weights=engine.state_dict(self.acc, self.unet),
             sampling={"sampler": "ddim", "steps": self.cfg.training.sample_steps, "eta": 0.0},
+            conditioning=self.conditioning,
         )
         if self.acc.is_main_process:
             atomic.save_torch(blob, dest)
@@ -254,10 +274,15 @@ class DiffusionTrainer(StepTrainer):
         if self.acc.is_main_process and not grid_path.is_file():
             ck = load_diffusion_checkpoint(self.layout.stage1_checkpoint("best"))
             unet = ck.unet.to(self.acc.device)
-            noise = per_sample_noise(range(64), self.latent_shape, self.seed, "grid").to(self.acc.device)
-            z = ddim_sample(unet, self.schedule.ddim(), noise, self.cfg.training.sample_steps)
+            # a conditional model's grid: a column per class (at guidance scale 1)
+            c = self.conditioning
+            nrow = 8 if c is None else c.num_classes
+            n = 64 if c is None else c.num_classes * max(1, 64 // c.num_classes)
+            noise = per_sample_noise(range(n), self.latent_shape, self.seed, "grid").to(self.acc.device)
+            y = None if c is None else torch.arange(n) % c.num_classes
+            z = ddim_sample(unet, self.schedule.ddim(), noise, self.cfg.training.sample_steps, class_labels=y)
             images = decode(self.ae, self.scaling.from_model(z))
-            atomic.save_png(image_grid(images, nrow=8), grid_path)
+            atomic.save_png(image_grid(images, nrow=nrow), grid_path)
             self.log(f"sample grid written to {grid_path}")
         if self.acc.is_main_process:
             from trainer.diffusion.export import export_pipeline, is_current

@@ -9,7 +9,8 @@ anything is written.
 
 What is checked (stage 2): the output folder is a folder and writable; the stage-1 checkpoint and
 the AE exist and load; the manifest (a CSV or a folder of images) exists, parses and has the
-configured columns; the filters leave rows, and enough of them for --num_samples; the AE's latent
+configured columns; class labels agree with a class-conditional model (stage2/label_checks.py); the filters
+leave rows, and enough of them for --num_samples; the AE's latent
 channels and size match the UNet's and the discriminator's; the discriminator's depth fits the latent
 size; DDIM steps fit the schedule; the stage2.metric_features file loads and reads the AE's channels;
 every image or latent file the run will read exists and decodes (sharded across processes at a
@@ -42,6 +43,7 @@ from trainer.files.layout import RunLayout
 from trainer.parallel.collectives import agree
 from trainer.quality.feature_spaces import check_metric_features
 from trainer.stage2.generation import choose_real_rows
+from trainer.stage2.label_checks import check_labels
 from trainer.stage2.run_record import check_run_fields
 
 
@@ -191,6 +193,7 @@ def read_rows(cfg):
         cfg.dataset.image_column,
         cfg.dataset.filters,
         cfg.dataset.outputs.latent,
+        label_column=cfg.dataset.label_column,
     )
     if len(rows) == 0:
         raise UserError(f"{cfg.dataset.manifest}: no rows left after dataset.filters")
@@ -277,6 +280,8 @@ def check_stage2(
     if facts.latent_shape is not None:
         c.run(check_discriminator, cfg, facts.latent_shape)
     facts.rows = None if pipeline and not _manifest_exists(cfg) else c.run(read_rows, cfg)
+    if facts.stage1 is not None or (pipeline and stage1_file is not None and not stage1_file.exists()):
+        c.run(check_labels, cfg, facts.stage1, facts.rows)  # the rows get their classes (label_index)
     positions = None
     if facts.rows is not None:
         positions = c.run(rows_used, cfg, len(facts.rows))

@@ -103,11 +103,16 @@ class DiscriminatorTrainer(StepTrainer):
         fake_t=None,
         warm_start_from=None,
         schedule=None,
+        real_labels=None,
+        fake_labels=None,
+        num_classes: int = 0,
     ):
         """real/fake: this rank's shards (own global range); *_train: global boolean train masks;
         *_t: timesteps for a noise-conditioned D (x0_pred mode), else None (t = 0); layout: the run's
         RunLayout; warm_start_from: a D export to start from; schedule: the diffusion model's noise
-        schedule (needed by discriminator.training.noise_inputs)."""
+        schedule (needed by discriminator.training.noise_inputs); *_labels: a class-conditional run's
+        classes of this rank's rows, which D sees with its inputs (a projection D, num_classes > 0, uses
+        them)."""
         self.cfg, self.k, self.schedule = cfg, k, schedule
         td = cfg.discriminator.training
         if td.noise_inputs and (schedule is None or real_t is not None):
@@ -116,6 +121,7 @@ class DiscriminatorTrainer(StepTrainer):
         self.own_start = own.start
         self.real, self.fake = real, fake
         self.real_t, self.fake_t = real_t, fake_t
+        self.real_labels, self.fake_labels = real_labels, fake_labels
         local = np.arange(own.start, own.stop)
         self.tr_real = np.flatnonzero(real_train[local])
         self.tr_fake = np.flatnonzero(fake_train[local])
@@ -129,7 +135,8 @@ class DiscriminatorTrainer(StepTrainer):
         interval = td.eval_interval or self.per_epoch
         arch = cfg.discriminator.config
         fingerprint = {
-            "arch": dict(arch.__dict__),
+            # `conditional` only when set: states written before the field still resume
+            "arch": {k: v for k, v in arch.__dict__.items() if k != "conditional" or v},
             "training": _fingerprinted(td),
             "seed": cfg.training.seed,
             "num_samples": cfg.stage2.num_samples,
@@ -151,7 +158,7 @@ class DiscriminatorTrainer(StepTrainer):
         self.best_path = layout.discriminator_best(k)
         check_r1_supported(acc, td)
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "discriminator", k))
-        self.d = build_discriminator(arch)
+        self.d = build_discriminator(arch, num_classes=num_classes if arch.conditional else 0)
         if warm_start_from is not None:
             self.d.load_state_dict(load_discriminator(warm_start_from).state_dict())
             self.log(f"D warm-started from {warm_start_from}")
@@ -173,8 +180,13 @@ class DiscriminatorTrainer(StepTrainer):
         return draw_local(positions, n_local, step, self.per_epoch, self.seed, self.stage, label, self.rank)
 
     def _inputs(self, which: str, pos: np.ndarray, *noise_parts):
-        """D's inputs at this rank's positions; with noise_inputs, forward-noised from (noise_parts, class,
-        global index) draws."""
+        """D's inputs at this rank's positions (z, t, labels); with noise_inputs, forward-noised from
+        (noise_parts, class, global index) draws; labels None for an unconditional run."""
+        y = self.real_labels if which == "real" else self.fake_labels
+        y = None if y is None else y[pos].to(self.acc.device)
+        return (*self._latents(which, pos, *noise_parts), y)
+
+    def _latents(self, which: str, pos: np.ndarray, *noise_parts):
         z = (self.real if which == "real" else self.fake)[pos].to(self.acc.device)
         td = self.cfg.discriminator.training
         if td.noise_inputs:
@@ -195,14 +207,15 @@ class DiscriminatorTrainer(StepTrainer):
     def train_step(self, step):
         td = self.cfg.discriminator.training
         pr, pf = self._draw(self.tr_real, step, "real"), self._draw(self.tr_fake, step, "fake")
-        zr, tr = self._inputs("real", pr, step)
-        zf, tf = self._inputs("fake", pf, step)
+        zr, tr, yr = self._inputs("real", pr, step)
+        zf, tf, yf = self._inputs("fake", pf, step)
         if td.r1_gamma > 0:
             zr = zr.detach().requires_grad_(True)
         z = torch.cat([zr, zf])
         t = None if tr is None else torch.cat([tr, tf])
+        y = None if yr is None else torch.cat([yr, yf])
         with self.acc.autocast():
-            logits = self.ddp_d(z, t).float()  # one DDP forward for both classes
+            logits = self.ddp_d(z, t, y).float()  # one DDP forward for both classes
         lr_, lf = logits[: len(zr)], logits[len(zr) :]
         loss = d_loss(td.loss, lr_, lf)
         if td.r1_gamma > 0:
@@ -232,8 +245,8 @@ class DiscriminatorTrainer(StepTrainer):
         )
         for which, positions in (("real", self.va_real), ("fake", self.va_fake)):
             for s in range(0, len(positions), 256):
-                z, t = self._inputs(which, positions[s : s + 256], "val")
-                logits = self.d(z, t).float()
+                z, t, y = self._inputs(which, positions[s : s + 256], "val")
+                logits = self.d(z, t, y).float()
                 real = which == "real"
                 sums.add(f"loss_{which}", d_loss_terms(td.loss, logits, real=real).sum())
                 sums.add(f"correct_{which}", ((logits > 0) if real else (logits < 0)).sum())

@@ -41,6 +41,8 @@ def finetune_fingerprint(cfg, unet_config: dict, schedule, lr: float, online_mod
         "rollout_grad_steps": s2.rollout_grad_steps,
         "ema_decay": t.ema_decay,
     }
+    if cfg.dataset.label_column:  # a class-conditional run
+        fingerprint["labels"] = {"column": cfg.dataset.label_column, "guidance_scale": s2.guidance_scale}
     if s2.train_steps:
         fingerprint["train_steps"] = list(s2.train_steps)
     if s2.grad_ratio_weight:

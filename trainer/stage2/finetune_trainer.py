@@ -37,6 +37,7 @@ from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
 from trainer.parallel.collectives import shard_range
 from trainer.stage2 import distribution_matching as dmatch
+from trainer.stage2.finetune_columns import check_grad_ratio_supported, finetune_columns
 from trainer.stage2.finetune_fingerprint import finetune_fingerprint
 from trainer.stage2.finetune_validation import FinetuneValidation
 from trainer.stage2.online import OnlineDiscriminator
@@ -45,34 +46,6 @@ from trainer.training.composite import CompositeLoss
 from trainer.training.ema import EMA
 from trainer.training.loop import StepTrainer, draw_local, local_weight
 from trainer.training.optim import build_lr_schedule, build_optimizer
-
-
-def check_grad_ratio_supported(acc, s2, micro_batches: int = 1) -> None:
-    """The gradient-norm ratio takes whole-batch gradients outside the backward: not in DeepSpeed or
-    micro-batches."""
-    if s2.grad_ratio_weight and (engine.is_deepspeed(acc) or micro_batches > 1):
-        raise UserError(
-            "stage2.grad_ratio_weight: takes the whole batch's gradients outside the backward, which "
-            "DeepSpeed and training.gradient_accumulation_steps > 1 do not allow; set it to false there"
-        )
-
-
-def finetune_columns(loss: CompositeLoss) -> list[str]:
-    """The fine-tune history's columns; the loss names its parts' (train_mse, train_adv, val_mse, ...)."""
-    return [
-        "epoch",
-        "step",
-        "train_loss",
-        *loss.columns("train"),
-        "val_loss",
-        *loss.columns("val"),
-        "d_prob_fake",
-        "lr",
-        "seconds",
-        "d_val_acc",
-        "adv_weight",
-        "nonfinite_skipped",
-    ]
 
 
 class FinetuneTrainer(FinetuneValidation, StepTrainer):
@@ -90,13 +63,16 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         d,
         init: dict,
         quality=None,
+        labels=None,
+        real_labels=None,
     ):
         """base: the stage-1 model's facts (DiffusionCheckpoint: spec, latent scaling); schedule: its noise
         schedule; autoencoder: the frozen AE's path (recorded in exports); real: this rank's real latents
         (own global range); real_train: global train mask; d: the iteration's best D (frozen here);
         init: {"raw": state_dict, "ema": state_dict, and with a carried-over fake score "dm": (its resume
         state, its file)}; quality: model -> latent FD on fixed seeds (a
-        collective), measured at each validation (column val_latent_fd) where given."""
+        collective), measured at each validation (column val_latent_fd) where given; labels: a
+        class-conditional run's RunLabels (stage2/labels.py), real_labels its classes of `real`."""
         self.cfg, self.k, self.schedule = cfg, k, schedule
         self.unet_config, self.scaling, self.autoencoder = base.unet_config, base.scaling, autoencoder
         self.latent_shape = unet_sample_shape(base.unet_config)
@@ -106,7 +82,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         )  # before any compute of this phase
         own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
         local = np.arange(own.start, own.stop)
-        self.real = real
+        self.real, self.labels, self.real_labels = real, labels, real_labels
+        self.conditioning = base.conditioning
         self.tr = np.flatnonzero(real_train[local])
         self.va = np.flatnonzero(~real_train[local])
         self.va_global = local[self.va]
@@ -185,7 +162,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         elif d is not None:
             d.requires_grad_(False)  # frozen: gradients reach the UNet through D, never D itself
             self.d = d.to(acc.device).eval()
-        self.rollouts = Rollouts(acc, cfg, schedule, self.latent_shape)
+        self.rollouts = Rollouts(acc, cfg, schedule, self.latent_shape, labels)
         self.dm = None  # the teacher and the fake score of a DistributionMatchingLoss term
         if dmatch.enabled(cfg):  # with a feature discriminator, its head is on the fake score: the D here
             reals = (real, real_train)
@@ -252,7 +229,8 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             pos = draw_local(
                 self.tr, n, draw, self.per_epoch, self.seed, self.stage, "critic-real", self.rank
             )
-            return self.real[pos].to(self.acc.device).float()
+            y = None if self.real_labels is None else self.real_labels[pos].to(self.acc.device)
+            return self.real[pos].to(self.acc.device).float(), y
 
         model = engine.forward_module(self.acc, self.ddp_unet, self.unet)
         return self.online.critic_steps(step, model, self.rollouts, reals, self.seed, self.stage)
@@ -272,14 +250,20 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             t = avoid_timesteps(
                 t, self.sampler_t, self.schedule.num_steps, self.seed, self.stage, step, self.rank
             )
-        mb, kept = (
-            np.array_split(np.arange(len(pos)), of)[i],
-            int(self.rollouts.x0_pred_mask(t).sum()),
-        )  # mb: all if of == 1
+        y_true = y = None
+        if self.labels is not None:  # the reals' classes, each dropped to the null label as stage 1 did
+            y_true = self.real_labels[pos]
+            y = self.labels.dropped(y_true, range(len(pos)), self.seed, self.stage, step, self.rank, "mse")
+        in_range = (
+            self.rollouts.x0_pred_mask(t) if y is None else self.rollouts.x0_pred_mask(t) & (y == y_true)
+        )
+        mb, kept = np.array_split(np.arange(len(pos)), of)[i], int(in_range.sum())  # mb: all if of == 1
         x0, noise, t = (v[mb].to(self.acc.device) for v in (x0, noise, t))
+        if y is not None:
+            y, y_true, in_range = (v[mb].to(self.acc.device) for v in (y, y_true, in_range))
         x_t = self.schedule.add_noise(x0, noise, t)
         generated, generated_share = self.loss.needs_generated, 1.0
-        inputs, ts = [x_t], [t]
+        inputs, ts, ys = [x_t], [t], [y]
         rollout = generated and s2.generator_loss_mode == "rollout"
         if rollout:
             every = list(shard_range(s2.rollout_batch_size or self.batch, self.rank, self.world))
@@ -292,20 +276,31 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
                 parts,
                 self.rollouts.steps_for(parts),
             )
-            inputs.append(x_r)
-            ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))
+            y_r = self.rollouts.labels_for(mine, parts)
+            guided = y_r is not None and self.labels.scale != 1.0
+            for copy_ in (x_r, x_r) if guided else (x_r,):  # guidance: the null label's output too
+                inputs.append(copy_)
+                ts.append(t_last.reshape(1).expand(len(mine)).to(self.acc.device))
+            if y_r is not None:
+                ys += [y_r, torch.full_like(y_r, self.labels.null_class)] if guided else [y_r]
+        labels = None if ys[0] is None else torch.cat(ys)
         with self.acc.autocast():
             # One wrapped forward for the MSE batch and the rollouts' last step: DDP sees one graph.
-            out = self.ddp_unet(torch.cat(inputs), torch.cat(ts)).sample.float()
+            out = self.ddp_unet(torch.cat(inputs), torch.cat(ts), class_labels=labels).sample.float()
         n = x0.shape[0]
         outputs = self.rollouts.outputs(out[:n], x_t, t, x0, noise)
         if rollout:
-            sample = self.rollouts.last_step(out[n:], t_last, x_r, gens)
-            outputs.update(self.rollouts.generated(sample, mine, self.seed, self.stage, step))
-        elif generated:
-            keep = self.rollouts.x0_pred_mask(t)
+            last = out[n:]
+            if guided:  # classifier-free guidance of the last step (conditioning.model_output's formula)
+                cond, uncond = last[: len(mine)], last[len(mine) :]
+                last = uncond + self.labels.scale * (cond - uncond)
+            sample = self.rollouts.last_step(last, t_last, x_r, gens)
+            outputs.update(self.rollouts.generated(sample, mine, self.seed, self.stage, step, y_r))
+        elif generated:  # a dropped label's prediction is unconditional: D does not score it
+            keep = self.rollouts.x0_pred_mask(t) if y is None else in_range
             outputs["generated"] = outputs["pred_latent"][keep]
             outputs["generated_t"] = t[keep]
+            outputs["generated_labels"] = None if y is None else y_true[keep]
             generated_share = int(keep.sum()) / max(kept, 1)  # of the batch's samples in the x0_pred range
         loss, parts = self.loss(
             outputs,
@@ -377,6 +372,7 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
             dest=self.best_path,
             raw_weights=engine.state_dict(self.acc, self.unet),
             sampling={"sampler": "ddim", "steps": s2.generation_steps, "eta": s2.eta},
+            conditioning=self.conditioning,
         )
         blob.update(iteration=self.k, epoch=metrics.get("epoch"), stage="stage2")
         return blob

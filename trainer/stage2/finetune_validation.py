@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from trainer.diffusion.conditioning import model_output
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.parallel.collectives import Totals, shard_range
 from trainer.training.ema import sync_eval_copy
@@ -51,24 +52,28 @@ class FinetuneValidation:
             noise = per_sample_noise(idx, self.latent_shape, self.seed, "gval", self.k).to(x0.device)
             t = per_sample_timesteps(idx, self.schedule.num_steps, self.seed, "gval-t", self.k).to(x0.device)
             x_t = self.schedule.add_noise(x0, noise, t)
+            y = None if self.real_labels is None else self.real_labels[pos].to(x0.device)
             with self.acc.autocast():
-                out = model(x_t, t).sample.float()
+                out = model_output(model, x_t, t, y).float()
             outputs = self.rollouts.outputs(out, x_t, t, x0, noise)
             self.loss.add_val_batch(outputs, ctx, sums)
             sums.add("n_val", len(pos))
             if self.d is not None and s2.generator_loss_mode == "x0_pred":
                 keep = self.rollouts.x0_pred_mask(t)
-                self._score(outputs["pred_latent"][keep], t[keep], sums, ctx)
-                self._score_real(x0[keep], t[keep], sums)
+                y_keep = None if y is None else y[keep]
+                self._score(outputs["pred_latent"][keep], t[keep], sums, ctx, {"generated_labels": y_keep})
+                self._score_real(x0[keep], t[keep], sums, y_keep)
             elif self.d is not None:
                 z, t_d = self.rollouts.for_validation(x0, idx, self.seed, "gval-d-real", self.k)
-                self._score_real(z, t_d, sums)
+                self._score_real(z, t_d, sums, y)
         if self.d is not None and s2.generator_loss_mode == "rollout":
             mine = list(shard_range(s2.val_samples, self.rank, self.world))
             if mine:
-                z = self.rollouts.sample(model, mine, (self.seed, "gval-rollout", self.k))
+                parts = (self.seed, "gval-rollout", self.k)
+                z = self.rollouts.sample(model, mine, parts)
                 seed = (self.seed, "gval-dm", self.k)  # the distribution-matching term's draws on them
                 extra = {"generated_sample": z, "generated_index": mine, "generated_seed": seed}
+                extra["generated_labels"] = self.rollouts.labels_for(mine, parts)
                 z_d, t_d = self.rollouts.for_validation(z, mine, self.seed, "gval-d-fake", self.k)
                 self._score(z_d, t_d, sums, ctx, extra)
         s = sums.reduced()
@@ -99,9 +104,9 @@ class FinetuneValidation:
             return None
         return {"val_latent_fd": self.quality(self._eval_model())}
 
-    def _score_real(self, z, t, sums):
+    def _score_real(self, z, t, sums, y=None):
         if len(z):
-            sums.add("real_correct", (self.d(z, t) > 0).sum())
+            sums.add("real_correct", (self._d(z, t, y) > 0).sum())
             sums.add("n_real", len(z))
 
     def _score(self, z, t, sums, ctx, extra=None):
@@ -109,9 +114,13 @@ class FinetuneValidation:
         `extra`: what rollouts give the other generated terms, trainer/stage2/rollouts.py)."""
         if len(z) == 0:
             return
-        logits = self.d(z, t).float()
+        logits = self._d(z, t, (extra or {}).get("generated_labels")).float()
         outputs = {"generated": z, "generated_t": t, "generated_logits": logits, **(extra or {})}
         self.loss.add_val_generated(outputs, ctx, sums)
         sums.add("prob", torch.sigmoid(logits).sum())
         sums.add("n_gen", len(z))
         sums.add("fake_correct", (logits < 0).sum())
+
+    def _d(self, z, t, y=None):
+        """D's logits; with a class-conditional run's labels y, of the (sample, label) pairs."""
+        return self.d(z, t) if y is None else self.d(z, t, y)

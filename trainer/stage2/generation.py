@@ -19,6 +19,7 @@ from trainer.core.errors import UserError
 from trainer.core.progress import bar
 from trainer.core.seeds import derive_seed
 from trainer.data.latents import load_latent_set
+from trainer.diffusion.conditioning import model_output
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.diffusion.sampling import ddim_sample
 from trainer.files import atomic, timing
@@ -33,6 +34,8 @@ class Shard:
     real: torch.Tensor  # (len(own), C, H, W), model-space latents
     fake: torch.Tensor
     reused: bool
+    real_labels: torch.Tensor | None = None  # this rank's rows' classes (a class-conditional run)
+    fake_labels: torch.Tensor | None = None
 
 
 def choose_real_rows(n_rows: int, n: int, seed: int, k: int, replace: bool) -> np.ndarray:
@@ -64,9 +67,12 @@ def generate_own(
     eta: float,
     batch_size: int,
     out: torch.Tensor | None = None,
+    labels=None,
+    sampling: dict | None = None,
 ) -> torch.Tensor:
     """This rank's fakes: DDIM from per-sample noise, nothing decoded, written batch by batch into `out`
-    (len(own) rows, on any device; a new CPU tensor by default), which is returned."""
+    (len(own) rows, on any device; a new CPU tensor by default), which is returned. A class-conditional
+    model's: `labels` (trainer.stage2.labels.RunLabels) and the N fakes' labels in `sampling`."""
     if out is None:
         out = torch.empty(
             (len(own), *shape)
@@ -77,6 +83,7 @@ def generate_own(
         faults.point(f"gen:k{k}:b{s}")
         idx = list(range(s, min(s + batch_size, own.stop)))
         noise = per_sample_noise(idx, shape, seed, "fake", k).to(acc.device)
+        cond = {} if labels is None else labels.sampling(sampling[s - own.start : s - own.start + len(idx)])
         with acc.autocast():
             z = ddim_sample(
                 unet,
@@ -87,6 +94,7 @@ def generate_own(
                 batch_size=len(idx),
                 gen_parts=(seed, "fake", k),
                 indices=idx,
+                **cond,
             )
         out[s - own.start : s - own.start + len(idx)] = z.float().to(out.device)
         progress.update(len(idx))
@@ -94,13 +102,25 @@ def generate_own(
     return out
 
 
-def iteration_shard(acc, cfg, layout, k: int, gen_unet, ddim, latent_shape: tuple, rows, codec, log) -> Shard:
+def iteration_shard(
+    acc, cfg, layout, k: int, gen_unet, ddim, latent_shape: tuple, rows, codec, log, labels=None
+) -> Shard:
     """Load or produce this rank's reals and fakes for iteration k; the main process writes the sets.
     gen_unet/ddim: the model generating fakes and a fresh DDIM sampler; rows: the filtered manifest;
-    codec: encodes rows (trainer.data.latents.LatentCodec)."""
+    codec: encodes rows (trainer.data.latents.LatentCodec); labels: a class-conditional run's RunLabels
+    (the labels are drawn again on every start, the same ones, and written beside the sets)."""
     faults.phase(f"k{k}")
     n = cfg.stage2.num_samples
     own = shard_range(n, acc.process_index, acc.num_processes)
+    picked = choose_real_rows(len(rows), n, cfg.training.seed, k, cfg.stage2.sample_with_replacement)
+    fake_labels = real_labels = None
+    if labels is not None:
+        fake_labels, real_labels = labels.fakes(n, cfg.training.seed, k), labels.of_rows(picked)
+        if acc.is_main_process:
+            layout.iteration_folder(k).mkdir(parents=True, exist_ok=True)
+            for path, y in ((layout.fake_latents(k), fake_labels), (layout.real_latents(k), real_labels)):
+                if not layout.labels_of(path).is_file():
+                    atomic.save_torch(y.clone(), layout.labels_of(path))
     real_path, fake_path = layout.real_latents(k), layout.fake_latents(k)
     fake = _load_own(fake_path, n, own, latent_shape)
     real = _load_own(real_path, n, own, latent_shape)
@@ -129,10 +149,11 @@ def iteration_shard(acc, cfg, layout, k: int, gen_unet, ddim, latent_shape: tupl
                     eta=cfg.stage2.eta,
                     batch_size=cfg.stage2.generation_batch_size,
                     out=dest,
+                    labels=labels,
+                    sampling=None if fake_labels is None else fake_labels[own.start : own.stop],
                 ),
             )
     if real is None:
-        picked = choose_real_rows(len(rows), n, cfg.training.seed, k, cfg.stage2.sample_with_replacement)
         mine = rows.iloc[picked[own.start : own.stop]]
         log(f"iteration {k}: encoding {n} reals")
         with timing.phase(acc, layout.timings, "encoding", k):
@@ -141,11 +162,23 @@ def iteration_shard(acc, cfg, layout, k: int, gen_unet, ddim, latent_shape: tupl
             )
     if reused:
         log(f"iteration {k}: reusing saved latents in {layout.iteration_folder(k)}")
-    return Shard(n=n, own=own, real=real, fake=fake, reused=reused)
+    mine_of = (lambda y: None) if labels is None else (lambda y: y[own.start : own.stop])
+    return Shard(
+        n=n,
+        own=own,
+        real=real,
+        fake=fake,
+        reused=reused,
+        real_labels=mine_of(real_labels),
+        fake_labels=mine_of(fake_labels),
+    )
 
 
-def x0_pred_fakes(acc, cfg, schedule, unet, real: torch.Tensor, own: range, k: int, latent_shape: tuple):
-    """D's fakes in x0_pred mode: one-step x0 predictions of this rank's noised reals, with their t."""
+def x0_pred_fakes(
+    acc, cfg, schedule, unet, real: torch.Tensor, own: range, k: int, latent_shape: tuple, labels=None, y=None
+):
+    """D's fakes in x0_pred mode: one-step x0 predictions of this rank's noised reals, with their t; a
+    class-conditional model's (labels: RunLabels) predict with the reals' own classes `y`."""
     seed = cfg.training.seed
     t_max = int(cfg.stage2.x0_pred_max_timestep * schedule.num_steps)
     t = per_sample_timesteps(own, t_max, seed, "x0t", k)
@@ -158,7 +191,13 @@ def x0_pred_fakes(acc, cfg, schedule, unet, real: torch.Tensor, own: range, k: i
             tt = t[s : s + 256].to(x0.device)
             x_t = schedule.add_noise(x0, noise, tt)
             with acc.autocast():
-                out = unet(x_t, tt).sample.float()
+                if labels is None:
+                    out = unet(x_t, tt).sample.float()
+                else:
+                    c = labels.sampling(y[s : s + 256])
+                    out = model_output(
+                        unet, x_t, tt, c["class_labels"], labels.scale, labels.null_class
+                    ).float()
             fakes.append(schedule.predictions(out, x_t, tt)[1].cpu())
     return (torch.cat(fakes) if fakes else real[:0].clone()), t
 

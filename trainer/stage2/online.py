@@ -62,16 +62,18 @@ class OnlineDiscriminator:
         finally:
             self.d.requires_grad_(True)
 
-    def step(self, real, real_t, fake, fake_t, weight: float) -> dict:
-        """One D update on this rank's reals and fakes (t: None or per-sample timesteps); weight turns the
-        local mean into this rank's share of the global mean. Call on every rank."""
+    def step(self, real, real_t, fake, fake_t, weight: float, real_y=None, fake_y=None) -> dict:
+        """One D update on this rank's reals and fakes (t: None or per-sample timesteps; y: a
+        class-conditional run's labels, else None); weight turns the local mean into this rank's share of
+        the global mean. Call on every rank."""
         td = self.cfg.discriminator.training
         if td.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
         z = torch.cat([real, fake.detach()])
         t = None if real_t is None else torch.cat([real_t, fake_t])
+        y = None if real_y is None else torch.cat([real_y, fake_y])
         with self.main_acc.autocast():
-            logits = self.wrapped(z, t).float()
+            logits = self.wrapped(z, t, y).float()
         lr_, lf = logits[: len(real)], logits[len(real) :]
         loss = d_loss(td.loss, lr_, lf)
         if td.r1_gamma > 0:
@@ -93,7 +95,8 @@ class OnlineDiscriminator:
     def critic_steps(self, step, model, rollouts, draw_reals, seed, stage) -> dict:
         """The n_critic D updates before generator step `step` (call on every rank): each on fresh rollouts
         of `model` (rollouts: stage2/rollouts.py) against reals, draw_reals(n, i) giving n of this rank's
-        reals for the phase's i-th critic draw. Returns the mean d_loss and d_acc."""
+        reals (and their labels, or None) for the phase's i-th critic draw. Returns the mean d_loss and
+        d_acc."""
         td = self.cfg.discriminator.training
         world = self.main_acc.num_processes
         sums = {"d_loss": 0.0, "d_acc": 0.0}
@@ -102,13 +105,15 @@ class OnlineDiscriminator:
             parts = (seed, stage, "critic", step, c)
             with torch.no_grad():
                 fake = rollouts.train_sample(model, mine, (*parts, "rollout")).float()
-            real = draw_reals(len(mine), step * td.n_critic + c)
+            real, real_y = draw_reals(len(mine), step * td.n_critic + c)
+            fake_y = rollouts.labels_for(mine, (*parts, "rollout"))
             real_t = fake_t = None
             if td.noise_inputs:
                 schedule, top = rollouts.schedule, td.noise_max_timestep
                 real, real_t = noised_inputs(schedule, real, mine, top, *parts, "real")
                 fake, fake_t = noised_inputs(schedule, fake, mine, top, *parts, "fake")
-            out = self.step(real, real_t, fake, fake_t, local_weight(2 * len(mine), 2 * self.half, world))
+            weight = local_weight(2 * len(mine), 2 * self.half, world)
+            out = self.step(real, real_t, fake, fake_t, weight, real_y, fake_y)
             for key in sums:
                 sums[key] += out[key] / td.n_critic
         return sums

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from trainer.core.log import warn
 from trainer.diffusion.checkpoints import load_diffusion_checkpoint
 from trainer.diffusion.noise import per_sample_noise
@@ -41,13 +43,24 @@ def write_grid(s: Stage2Setup, k: int | None) -> None:
         weights = weights_of(result(s, k))["ema"] if k is not None else s.stage1.weights
         unet = new_unet(s, weights).to(s.acc.device).eval()
         noise = per_sample_noise(range(n), s.latent_shape, s.cfg.training.seed, "grid").to(s.acc.device)
-        z = ddim_sample(unet, s.schedule.ddim(), noise, s.cfg.stage2.generation_steps)
-        grid = image_grid(s.codec.decode(z), nrow=8)
+        labelled, nrow = grid_labels(s, n)
+        z = ddim_sample(unet, s.schedule.ddim(), noise, s.cfg.stage2.generation_steps, **labelled)
+        grid = image_grid(s.codec.decode(z), nrow=nrow)
         atomic.save_png(grid, path)
         if k is not None:
             log_images(s.acc, "samples", grid, tracker_step(s.cfg, "samples", k))
         s.log(f"{'iteration ' + str(k) if k is not None else 'stage 1'}: sample grid written to {path}")
     s.acc.wait_for_everyone()
+
+
+def grid_labels(s: Stage2Setup, n: int) -> tuple[dict, int]:
+    """(ddim_sample's label keywords, the grid's row length) of n grid samples: a class-conditional run's
+    sample i has class i mod C, at the run's guidance scale, and each of the grid's C columns is one class
+    (for C up to 16)."""
+    if s.labels is None:
+        return {}, 8
+    c = s.labels.conditioning.num_classes
+    return s.labels.sampling(torch.arange(n) % c), c if c <= 16 else 8
 
 
 def result_weights(s: Stage2Setup) -> dict:
@@ -75,9 +88,11 @@ def write_comparison(s: Stage2Setup, full_steps: int, one_step: dict | None = No
         weights["stage 2 (1-step run)"] = one_step
         names = [("stage 1", 1), ("stage 2 (1-step run)", 1), *names]
     panels = []
+    labelled, nrow = grid_labels(s, n)
     for model, steps in names:
         unet = new_unet(s, weights[model]).to(s.acc.device).eval()
-        panels.append(image_grid(s.codec.decode(ddim_sample(unet, s.schedule.ddim(), noise, steps)), nrow=8))
+        z = ddim_sample(unet, s.schedule.ddim(), noise, steps, **labelled)
+        panels.append(image_grid(s.codec.decode(z), nrow=nrow))
     gap = np.full((panels[0].shape[0], 12, *panels[0].shape[2:]), 255, dtype=np.uint8)
     picture = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
     captions = [f"{m} at {k} step{'s' if k != 1 else ''}" for m, k in names]

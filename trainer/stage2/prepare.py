@@ -21,6 +21,7 @@ from trainer.quality.evaluation import Evaluator
 from trainer.stage2.checks import ae_path, start_checks
 from trainer.stage2.discriminator_trainer import DiscriminatorTrainer
 from trainer.stage2.finetune_trainer import FinetuneTrainer
+from trainer.stage2.labels import RunLabels
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Stage2Setup:
     codec: LatentCodec  # rows -> latents, latents -> pixels (frozen AE, loaded on first use)
     facts: object  # what the checks learnt (stage2.checks.Facts)
     read_only: bool = False  # built for a command that only reads the run: nothing may write into it
+    labels: RunLabels | None = None  # a class-conditional run's labels (stage2/labels.py)
 
     def check_writable(self, what: str) -> None:
         """Refuse `what` (a write into the run folder) on a read-only setup."""
@@ -57,11 +59,12 @@ class Stage2Setup:
             real_train,
             fake_train,
             schedule=self.schedule,
+            num_classes=self.labels.conditioning.num_classes if self.labels is not None else 0,
             **kwargs,
         )
 
     def finetune_trainer(
-        self, k: int, real, real_train, d, init: dict, evaluator: Evaluator | None = None
+        self, k: int, real, real_train, d, init: dict, evaluator: Evaluator | None = None, real_labels=None
     ) -> FinetuneTrainer:
         quality = (
             evaluator.latent_fd
@@ -81,6 +84,8 @@ class Stage2Setup:
             d,
             init,
             quality=quality,
+            labels=self.labels,
+            real_labels=real_labels,
         )
 
     def evaluator(self) -> Evaluator:
@@ -96,6 +101,7 @@ class Stage2Setup:
             self.latent_shape,
             self.log,
             read_only=self.read_only,
+            conditioning=self.stage1.conditioning,
         )
 
 
@@ -131,6 +137,7 @@ def setup(cfg: Config, acc, read_only: bool = False) -> Stage2Setup:
         codec=codec,
         facts=facts,
         read_only=read_only,
+        labels=RunLabels.of(cfg, stage1.conditioning, facts.rows),
     )
 
 

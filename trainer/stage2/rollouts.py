@@ -5,6 +5,8 @@ the last K (stage2.rollout_grad_steps) runs without gradients. The noise, and et
 drawn per sample index from the seed parts, so a sample is the same at any world size and batch size.
 The training rollouts (`train_sample`, and the generator's `start(..., steps_for(parts))`) sample at a step
 count drawn per batch from stage2.train_steps, from the batch's seed parts alone (the same on every rank).
+A class-conditional run's rollout i carries a label drawn from (seed parts, i) (stage2/labels.py) and is
+sampled at stage2.guidance_scale.
 """
 
 from __future__ import annotations
@@ -12,15 +14,27 @@ from __future__ import annotations
 import torch
 
 from trainer.core.seeds import derive_seed
+from trainer.diffusion.conditioning import model_output
 from trainer.diffusion.noise import eta_generators, noised_inputs, per_sample_noise
 from trainer.diffusion.sampling import ddim_step
 from trainer.stage2.feature_discriminator import noised_for_head
 
 
 class Rollouts:
-    def __init__(self, acc, cfg, schedule, latent_shape):
+    def __init__(self, acc, cfg, schedule, latent_shape, labels=None):
         self.acc, self.cfg, self.schedule, self.latent_shape = acc, cfg, schedule, latent_shape
         self.ddim = schedule.ddim()
+        self.labels = labels  # a class-conditional run's RunLabels
+
+    def labels_for(self, idx, parts):
+        """The class labels of rollouts idx with seed parts `parts` (None: an unconditional run)."""
+        return None if self.labels is None else self.labels.rollouts(idx, *parts).to(self.acc.device)
+
+    def out(self, model, x, t, y):
+        """The model's output for rollouts with labels y, at the run's guidance scale."""
+        if y is None:
+            return model(x, t).sample
+        return model_output(model, x, t, y, self.labels.scale, self.labels.null_class)
 
     def steps_for(self, parts) -> int:
         """The step count of a training rollout batch with seed parts `parts`: drawn from
@@ -40,14 +54,15 @@ class Rollouts:
         steps = list(self.ddim.timesteps)
         k = min(s2.rollout_grad_steps, len(steps))
         gens = eta_generators(idx, *parts) if s2.eta > 0 else None
+        y = self.labels_for(idx, parts)
         with torch.no_grad(), self.acc.autocast():
             for t in steps[: len(steps) - k]:
-                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+                x = ddim_step(self.ddim, self.out(model, x, t, y), t, x, s2.eta, gens)
         with self.acc.autocast():
             for t in steps[len(steps) - k : -1]:
                 # Earlier grad steps run on the unwrapped module; their parameter gradients are summed
                 # into the same leaves before DDP's hooks fire on the final, wrapped forward.
-                x = ddim_step(self.ddim, model(x, t).sample, t, x, s2.eta, gens)
+                x = ddim_step(self.ddim, self.out(model, x, t, y), t, x, s2.eta, gens)
         return x, steps[-1], gens
 
     def last_step(self, model_output, t_last, x, gens):
@@ -57,7 +72,7 @@ class Rollouts:
         """Whole rollouts of `model` for the indices (the caller chooses whether gradients flow)."""
         x, t_last, gens = self.start(model, idx, parts, steps)
         with self.acc.autocast():
-            return self.last_step(model(x, t_last).sample, t_last, x, gens)
+            return self.last_step(self.out(model, x, t_last, self.labels_for(idx, parts)), t_last, x, gens)
 
     def train_sample(self, model, idx, parts):
         """Whole rollouts at the batch's training step count (steps_for)."""
@@ -81,12 +96,14 @@ class Rollouts:
             return noised_for_head(self.cfg, self.schedule, sample, idx, *parts)
         return sample, None
 
-    def generated(self, sample, idx, seed, stage, step) -> dict:
+    def generated(self, sample, idx, seed, stage, step, labels=None) -> dict:
         """What the "generated" terms read of the rollouts `sample` (global indices idx) of `step`: the
         sample as D scores it (generated, generated_t) and as it is (generated_sample), with its indices and
-        the seed parts of the draws a term makes on it (the distribution-matching noise levels)."""
+        the seed parts of the draws a term makes on it (the distribution-matching noise levels); `labels`:
+        a class-conditional run's labels of the rollouts, which D scores them with."""
         z, t = self.for_discriminator(sample, idx, seed, stage, "generated", step)
         return {
+            "generated_labels": labels,
             "generated": z,
             "generated_t": t,
             "generated_sample": sample,

@@ -80,19 +80,28 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     gen_unet = prepare_module(new_unet(s, init["ema"]).to(acc.device).eval(), cfg.performance, acc)
     sampler = torch.compile(gen_unet) if cfg.performance.compile_generation else gen_unet
     shard = iteration_shard(
-        acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, log
+        acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, log, s.labels
     )
     del sampler
     real_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "real")
     fake_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "fake")
 
     real_t = fake_t = None
-    fake_for_d = shard.fake
-    if s2.generator_loss_mode == "x0_pred":
+    fake_for_d, fake_labels = shard.fake, shard.fake_labels
+    if s2.generator_loss_mode == "x0_pred":  # D's fakes: predictions from the reals, with their labels
         fake_for_d, real_t = x0_pred_fakes(
-            acc, cfg, s.schedule, gen_unet, shard.real, shard.own, k, s.latent_shape
+            acc,
+            cfg,
+            s.schedule,
+            gen_unet,
+            shard.real,
+            shard.own,
+            k,
+            s.latent_shape,
+            s.labels,
+            shard.real_labels,
         )
-        fake_t = real_t
+        fake_t, fake_labels = real_t, shard.real_labels
     if latent_d(cfg):
         warm = (
             iteration_discriminator(layout, k - 1)
@@ -108,6 +117,8 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
             real_t=real_t,
             fake_t=fake_t,
             warm_start_from=warm,
+            real_labels=shard.real_labels,
+            fake_labels=fake_labels,
         )
         with timing.phase(acc, layout.timings, "discriminator", k):
             d_trainer.fit()
@@ -130,7 +141,13 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     del gen_unet
 
     g_trainer = s.finetune_trainer(
-        k, shard.real, real_train, offline_d(cfg, layout.discriminator_best(k)), init, evaluator
+        k,
+        shard.real,
+        real_train,
+        offline_d(cfg, layout.discriminator_best(k)),
+        init,
+        evaluator,
+        real_labels=shard.real_labels,
     )
     g_trainer.stop_after = stop_after
     g_trainer.warm_fakes = (shard.fake, shard.n)  # distribution_matching.warm_start_steps

@@ -132,15 +132,22 @@ class DiscriminatorLoss(Term):
         """The generator loss of D's logits (outputs["generated_logits"] where validation has them)."""
         logits = outputs.get("generated_logits")
         if logits is None:
-            logits = ctx["discriminator"](outputs["generated"].float(), outputs.get("generated_t"))
+            logits = scored(ctx, outputs)
         return g_loss_terms(ctx["d_loss"], logits)
 
     def __call__(self, outputs: dict, ctx: dict) -> torch.Tensor:
         """ctx["discriminator"](z, t) returns logits (conditioning on t where D is noise-conditioned)."""
-        sample, t = outputs["generated"], outputs.get("generated_t")
+        sample = outputs["generated"]
         if sample.shape[0] == 0:  # x0_pred mode with no timestep in range in this batch
             return sample.sum() * 0.0
-        return g_loss(ctx["d_loss"], ctx["discriminator"](sample.float(), t))
+        return g_loss(ctx["d_loss"], scored(ctx, outputs))
+
+
+def scored(ctx: dict, outputs: dict) -> torch.Tensor:
+    """D's logits of the generated samples: D(z, t), and D(z, t, labels) with a class-conditional run's
+    labels (outputs["generated_labels"])."""
+    z, t, y = outputs["generated"].float(), outputs.get("generated_t"), outputs.get("generated_labels")
+    return ctx["discriminator"](z, t) if y is None else ctx["discriminator"](z, t, y)
 
 
 def distribution_matching_loss(

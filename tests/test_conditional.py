@@ -1,0 +1,188 @@
+"""Class-conditional models: the labels (exact class frequencies, the same at any world size), stage 1 with
+label dropout, and stage 2 in every D mode with labels, at 1 and 2 processes, resumed exactly."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import shared
+from helpers import accelerate_launch, stage2_config, tiny_config
+
+from trainer.config.load import load_config
+
+
+# -- the labels ----------------------------------------------------------------------------------------
+def test_draws_have_the_class_frequencies_exactly_and_do_not_depend_on_the_caller():
+    from trainer.data.labels import apportion, draw_labels, dropped_labels, per_sample_labels
+
+    counts = np.array([50, 30, 0, 20])
+    assert apportion(10, counts).tolist() == [5, 3, 0, 2]
+    assert apportion(7, counts).tolist() == [4, 2, 0, 1]  # largest remainders: 3.5, 2.1, 1.4
+    y = draw_labels(37, counts, 42, "fake", 0)
+    assert np.bincount(y.numpy(), minlength=4).tolist() == apportion(37, counts).tolist()
+    assert torch.equal(y, draw_labels(37, counts, 42, "fake", 0))
+    assert not torch.equal(y, draw_labels(37, counts, 42, "fake", 1))  # another iteration: another order
+    a = per_sample_labels(range(10), counts, 1, "r")
+    assert torch.equal(a[3:7], per_sample_labels(range(3, 7), counts, 1, "r"))  # per index, any split
+    assert (per_sample_labels(range(400), counts, 1, "r") != 2).all()  # an empty class is never drawn
+    dropped = dropped_labels(torch.zeros(2000, dtype=torch.long), range(2000), 0.25, 9, 1, "d")
+    assert 0.2 < float((dropped == 9).float().mean()) < 0.3
+    assert (dropped_labels(torch.zeros(5, dtype=torch.long), range(5), 0.0, 9, 1, "d") == 0).all()
+
+
+def test_class_names_and_one_line_for_an_unknown_or_missing_label():
+    from trainer.core.errors import UserError
+    from trainer.data.labels import class_names_of, label_indices
+
+    assert class_names_of([3, "1", 0.0]) == ["0", "1", "2", "3"]  # integers keep their meaning
+    assert class_names_of(["cat", "dog", "cat"]) == ["cat", "dog"]
+    assert label_indices(["dog", "cat"], ["cat", "dog"], "m.csv").tolist() == [1, 0]
+    assert label_indices([2.0, "0"], ["0", "1", "2"], "m.csv").tolist() == [2, 0]
+    with pytest.raises(UserError, match=r"^m.csv: row 1: label 'cow' is not one of the model's 2 classes"):
+        label_indices(["dog", "cow"], ["cat", "dog"], "m.csv")
+    with pytest.raises(UserError, match=r"^m.csv: row 0: no label"):
+        label_indices([float("nan")], ["cat"], "m.csv")
+
+
+def test_an_image_folder_labels_by_its_sub_folders(tmp_path):
+    from PIL import Image
+
+    from trainer.data.manifest import read_manifest
+
+    for name in ("cat/a.png", "cat/b.png", "dog/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    rows = read_manifest(tmp_path, "image_path", label_column="label")
+    assert rows["label"].tolist() == ["cat", "cat", "dog"]
+
+
+# -- stage 1 -------------------------------------------------------------------------------------------
+def _conditional_stage1_config(root, manifest, ae, **unet):
+    path = tiny_config(root, manifest, ae)
+    data = yaml.safe_load(path.read_text())
+    data["dataset"]["label_column"] = "label"
+    data["unet"].update({"num_class_embeds": 4, **unet})
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def conditional_stage1(tmp_path_factory, digits_manifest, small_ae):
+    """A tiny class-conditional stage-1 model of the digits 0-3 (label dropout 0.1)."""
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage1.diffusion_trainer import DiffusionTrainer
+
+    def build(root):
+        cfg = load_config(_conditional_stage1_config(root, digits_manifest, small_ae))
+        DiffusionTrainer(cfg, build_accelerator("cpu")).fit()
+        return cfg.out_dir / "stage1" / "checkpoint_best.pt"
+
+    return shared(tmp_path_factory, "conditional_stage1", build)
+
+
+def test_stage1_records_its_classes_and_exports_a_conditional_pipeline(conditional_stage1):
+    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+
+    ck = load_diffusion_checkpoint(conditional_stage1)
+    assert ck.conditioning.class_names == ("0", "1", "2", "3") and ck.conditioning.null_class == 4
+    assert ck.unet_config["num_class_embeds"] == 5 and ck.conditioning.guidable()
+    folder = load_diffusion_checkpoint(conditional_stage1.parent / "pipeline")
+    assert folder.conditioning == ck.conditioning
+
+
+def test_stage1_refuses_labels_that_do_not_fit(tmp_path, digits_manifest, small_ae):
+    from trainer.core.errors import ConfigError, UserError
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage1.diffusion_trainer import DiffusionTrainer
+
+    path = _conditional_stage1_config(tmp_path, digits_manifest, small_ae, num_class_embeds=3)
+    with pytest.raises(
+        UserError, match=r"column 'label' has 4 classes \(labels 0..3\); unet.num_class_embeds is 3"
+    ):
+        DiffusionTrainer(load_config(path), build_accelerator("cpu"))
+    data = yaml.safe_load(path.read_text())
+    del data["unet"]["num_class_embeds"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"unet.num_class_embeds: expected the number of classes"):
+        DiffusionTrainer(load_config(path), build_accelerator("cpu"))
+
+
+# -- stage 2 -------------------------------------------------------------------------------------------
+def _stage2(root, manifest, ae, ckpt, stage2=None, discriminator=None, conditional_d=True):
+    path = stage2_config(
+        root,
+        manifest,
+        ae,
+        ckpt,
+        stage2={"guidance_scale": 2.0, "diffusion_max_steps": 2, **(stage2 or {})},
+        discriminator=discriminator,
+    )
+    data = yaml.safe_load(path.read_text())
+    data["dataset"].update(label_column="label", filters={"label": [0, 1, 2, 3]})
+    data["discriminator"]["config"]["conditional"] = conditional_d
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(path, stop_after=None):
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.run import run
+
+    cfg = load_config(path)
+    run(cfg, build_accelerator("cpu"), None, stop_after)
+    return cfg.out_dir
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_same_labels_and_fakes_as_one(
+    tmp_path, digits_manifest, small_ae, conditional_stage1
+):
+    import pandas as pd
+
+    outs = {}
+    for nproc in (1, 2):
+        cfg = _stage2(
+            tmp_path / f"p{nproc}", digits_manifest, small_ae, conditional_stage1, {"num_samples": 37}
+        )
+        proc = accelerate_launch(nproc, "-m", "trainer.stage2", str(cfg), "--device", "cpu")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outs[nproc] = tmp_path / f"p{nproc}" / "out" / "discriminator_iter_0"
+    for name in ("fake_labels.pt", "real_labels.pt"):
+        assert torch.equal(torch.load(outs[1] / name), torch.load(outs[2] / name)), name
+    fakes = [torch.load(outs[n] / "fake_latents.pt") for n in (1, 2)]
+    assert torch.allclose(*fakes, atol=1e-5)
+    # the fakes' labels have the data's class frequencies exactly
+    rows = pd.read_csv(digits_manifest)
+    counts = np.bincount(rows[rows["label"].isin([0, 1, 2, 3])]["label"], minlength=4)
+    y = torch.load(outs[2] / "fake_labels.pt").numpy()
+    share = counts / counts.sum() * 37
+    assert (np.abs(np.bincount(y, minlength=4) - share) < 1).all() and len(y) == 37
+    summary = pd.read_csv(tmp_path / "p2" / "out" / "t2_summary.csv")
+    assert (summary["guidance_scale"] == 2.0).all()
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param({}, id="rollout-offline"),
+        pytest.param({"stage2": {"generator_loss_mode": "x0_pred"}}, id="x0_pred"),
+        pytest.param({"discriminator": {"mode": "online"}}, id="rollout-online"),
+    ],
+)
+def test_a_stopped_fine_tune_resumes_exactly_in_every_mode(
+    mode, tmp_path, digits_manifest, small_ae, conditional_stage1
+):
+    args = dict(stage2={"diffusion_max_steps": 4, "diffusion_eval_interval": 2, **mode.get("stage2", {})})
+    args["discriminator"] = mode.get("discriminator")
+    straight = _run(_stage2(tmp_path / "a", digits_manifest, small_ae, conditional_stage1, **args))
+    cfg_b = _stage2(tmp_path / "b", digits_manifest, small_ae, conditional_stage1, **args)
+    _run(cfg_b, stop_after=3)
+    resumed = _run(cfg_b)
+    name = "checkpoints/t2_iter_0_checkpoint_latest.pt"
+    a, b = (torch.load(x / name, weights_only=True) for x in (straight, resumed))
+    for key in ("state_dict", "raw_state_dict"):
+        for param in a[key]:
+            assert torch.equal(a[key][param], b[key][param]), (key, param)
+    assert a["conditioning"]["class_names"] == ["0", "1", "2", "3"]
+    d = torch.load(straight / "discriminator_iter_0" / "discriminator_best.pt", weights_only=True)
+    assert d["config"]["num_classes"] == 4  # the projection D
