@@ -17,14 +17,19 @@ from torch import nn
 HEAD_FORMAT = "advdiff.feature_discriminator"
 
 
-def unet_bottleneck(unet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def unet_bottleneck(unet, x: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
     """The mid-block output of UNet2DModel `unet` at (x, t) (the last down block's where it has no mid
-    block); the same steps as the model's own forward up to there."""
+    block), with a class-conditional UNet's class embedding of `class_labels`; the same steps as the model's
+    own forward up to there."""
     if unet.config.center_input_sample:
         x = 2 * x - 1.0
     t = torch.as_tensor(t, device=x.device)
     t = t.reshape(-1) * torch.ones(x.shape[0], dtype=t.dtype, device=x.device)
     emb = unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
+    if unet.class_embedding is not None:
+        if class_labels is None:
+            raise ValueError("a class-conditional UNet's bottleneck needs the samples' class labels")
+        emb = emb + unet.class_embedding(class_labels).to(dtype=emb.dtype)
     skip, h = x, unet.conv_in(x)
     for block in unet.down_blocks:
         if hasattr(block, "skip_conv"):
@@ -43,11 +48,16 @@ def _group_norm(ch: int) -> nn.GroupNorm:
 
 
 class FeatureHead(nn.Module):
-    """Two 3x3 conv layers (GroupNorm, SiLU), a global average pool, a linear layer: one logit per sample."""
+    """Two 3x3 conv layers (GroupNorm, SiLU), a global average pool, a linear layer: one logit per sample.
+    With num_classes, a projection term too (the inner product of a class embedding with the pooled
+    features), so that it judges (sample, label) pairs."""
 
-    def __init__(self, in_channels: int, channels: int = 64):
+    def __init__(self, in_channels: int, channels: int = 64, num_classes: int = 0):
         super().__init__()
         self.config = {"in_channels": in_channels, "channels": channels}
+        if num_classes:
+            self.config["num_classes"] = num_classes
+        self.num_classes = num_classes
         self.body = nn.Sequential(
             _group_norm(in_channels),
             nn.SiLU(),
@@ -59,9 +69,18 @@ class FeatureHead(nn.Module):
             nn.SiLU(),
         )
         self.out = nn.Linear(channels, 1)
+        if num_classes:
+            self.class_embed = nn.Embedding(num_classes, channels)
+            nn.init.normal_(self.class_embed.weight, std=channels**-0.5)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(features).mean(dim=(2, 3))).squeeze(1)
+    def forward(self, features: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = self.body(features).mean(dim=(2, 3))
+        logit = self.out(pooled).squeeze(1)
+        if not self.num_classes:
+            return logit
+        if class_labels is None:
+            raise ValueError("a class-conditional head needs the samples' class labels")
+        return logit + (self.class_embed(class_labels) * pooled).sum(dim=1).to(logit.dtype)
 
 
 class ScoreWithHead(nn.Module):
@@ -73,11 +92,12 @@ class ScoreWithHead(nn.Module):
         super().__init__()
         self.unet, self.head = unet, head
 
-    def logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.head(unet_bottleneck(self.unet, x, t))
+    def logits(self, x: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        return self.head(unet_bottleneck(self.unet, x, t, class_labels), class_labels)
 
-    def forward(self, x, t, x_cls=None, t_cls=None):
-        out = self.unet(x, t)
+    def forward(self, x, t, x_cls=None, t_cls=None, class_labels=None, cls_labels=None):
+        """class_labels: x's classes, cls_labels: x_cls's (a class-conditional UNet's; else None)."""
+        out = self.unet(x, t, class_labels=class_labels)
         if x_cls is None:
             return out
-        return out.sample, self.logits(x_cls, t_cls)
+        return out.sample, self.logits(x_cls, t_cls, cls_labels)

@@ -235,9 +235,18 @@ NOT_CONFIG_FLAGS = {
     ("sample.py", "seed"): "sample i's noise seed; sample loads a checkpoint, no config",
     ("sample.py", "eta"): "the sampler's eta; no config",
     ("sample.py", "batch_size"): "samples per UNet pass; no config",
+    (
+        "sample.py",
+        "guidance_scale",
+    ): "the samples' classifier-free guidance scale; sample loads a checkpoint, no config",
     ("export.py", "eta"): "the exported pipeline's default eta; no config",
     ("evaluate.py", "checkpoint"): "the diffusion checkpoint to measure, not autoencoder.checkpoint",
     ("classifier.py", "epochs"): "the classifier's epochs, not discriminator.training.epochs",
+    ("classifier.py", "label_column"): "the classifier's labels; dataset.label_column is its default",
+    (
+        "demo.py",
+        "conditional",
+    ): "the embedded default's conditional twin, not discriminator.config.conditional",
     ("manifest.py", "image_column"): "the column the written CSV names; no config",
     ("presets.py", "latent_channels"): "the latents the listed presets are sized for; no config",
 }

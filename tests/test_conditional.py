@@ -108,7 +108,22 @@ def test_stage1_refuses_labels_that_do_not_fit(tmp_path, digits_manifest, small_
 
 
 # -- stage 2 -------------------------------------------------------------------------------------------
-def _stage2(root, manifest, ae, ckpt, stage2=None, discriminator=None, conditional_d=True):
+# distribution matching with the feature discriminator (a projection head on the fake score's bottleneck)
+DM = {
+    "loss": [
+        {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 0.25},
+        {"type": "DistributionMatchingLoss", "key": "latent", "target": None, "weight": 1.0},
+        {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.5},
+    ],
+    "stage2": {
+        "rollout_batch_size": 4,
+        "distribution_matching": {"n_fake": 2, "batch_size": 4, "warm_start_steps": 2},
+    },
+    "d_config": {"type": "unet_features", "head_channels": 8},
+}
+
+
+def _stage2(root, manifest, ae, ckpt, stage2=None, discriminator=None, loss=None, d_config=None):
     path = stage2_config(
         root,
         manifest,
@@ -116,10 +131,11 @@ def _stage2(root, manifest, ae, ckpt, stage2=None, discriminator=None, condition
         ckpt,
         stage2={"guidance_scale": 2.0, "diffusion_max_steps": 2, **(stage2 or {})},
         discriminator=discriminator,
+        loss=loss,
     )
     data = yaml.safe_load(path.read_text())
     data["dataset"].update(label_column="label", filters={"label": [0, 1, 2, 3]})
-    data["discriminator"]["config"]["conditional"] = conditional_d
+    data["discriminator"]["config"].update(conditional=True, **(d_config or {}))
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -140,10 +156,11 @@ def test_two_processes_draw_the_same_labels_and_fakes_as_one(
     import pandas as pd
 
     outs = {}
-    for nproc in (1, 2):
-        cfg = _stage2(
-            tmp_path / f"p{nproc}", digits_manifest, small_ae, conditional_stage1, {"num_samples": 37}
-        )
+    for nproc in (1, 2):  # distribution matching with a projection feature head: every label path at 2
+        stage2 = {**DM["stage2"], "num_samples": 37}
+        root = tmp_path / f"p{nproc}"
+        loss = DM["loss"][1:]  # no MSE term: its batch draws are per rank, every other draw per sample
+        cfg = _stage2(root, digits_manifest, small_ae, conditional_stage1, stage2, None, loss, DM["d_config"])
         proc = accelerate_launch(nproc, "-m", "trainer.stage2", str(cfg), "--device", "cpu")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outs[nproc] = tmp_path / f"p{nproc}" / "out" / "discriminator_iter_0"
@@ -159,6 +176,17 @@ def test_two_processes_draw_the_same_labels_and_fakes_as_one(
     assert (np.abs(np.bincount(y, minlength=4) - share) < 1).all() and len(y) == 37
     summary = pd.read_csv(tmp_path / "p2" / "out" / "t2_summary.csv")
     assert (summary["guidance_scale"] == 2.0).all()
+    head = torch.load(outs[2] / "discriminator_features.pt", weights_only=True)
+    assert head["head_config"]["num_classes"] == 4 and "class_embed.weight" in head["head"]
+    states = [torch.load(outs[n].parent / "checkpoints" / "t2_iter_0_checkpoint_latest.pt") for n in (1, 2)]
+    start = torch.load(conditional_stage1, weights_only=True)["state_dict"]
+
+    def flat(d):
+        return torch.cat([d[k].double().flatten() for k in sorted(d)])
+
+    # the same fine-tune up to the all-reduce's summation order: apart by far less than the weights moved
+    one, two = (flat(s["raw_state_dict"]) for s in states)
+    assert float((one - two).norm() / (one - flat(start)).norm()) <= 1e-3
 
 
 @pytest.mark.parametrize(
@@ -167,13 +195,14 @@ def test_two_processes_draw_the_same_labels_and_fakes_as_one(
         pytest.param({}, id="rollout-offline"),
         pytest.param({"stage2": {"generator_loss_mode": "x0_pred"}}, id="x0_pred"),
         pytest.param({"discriminator": {"mode": "online"}}, id="rollout-online"),
+        pytest.param(DM, id="distribution-matching-feature-head"),
     ],
 )
 def test_a_stopped_fine_tune_resumes_exactly_in_every_mode(
     mode, tmp_path, digits_manifest, small_ae, conditional_stage1
 ):
     args = dict(stage2={"diffusion_max_steps": 4, "diffusion_eval_interval": 2, **mode.get("stage2", {})})
-    args["discriminator"] = mode.get("discriminator")
+    args.update(discriminator=mode.get("discriminator"), loss=mode.get("loss"), d_config=mode.get("d_config"))
     straight = _run(_stage2(tmp_path / "a", digits_manifest, small_ae, conditional_stage1, **args))
     cfg_b = _stage2(tmp_path / "b", digits_manifest, small_ae, conditional_stage1, **args)
     _run(cfg_b, stop_after=3)
@@ -184,5 +213,38 @@ def test_a_stopped_fine_tune_resumes_exactly_in_every_mode(
         for param in a[key]:
             assert torch.equal(a[key][param], b[key][param]), (key, param)
     assert a["conditioning"]["class_names"] == ["0", "1", "2", "3"]
+    if mode is DM:
+        head = torch.load(straight / "discriminator_iter_0" / "discriminator_features.pt", weights_only=True)
+        assert head["head_config"]["num_classes"] == 4  # the projection head
+        return
     d = torch.load(straight / "discriminator_iter_0" / "discriminator_best.pt", weights_only=True)
     assert d["config"]["num_classes"] == 4  # the projection D
+
+
+@pytest.mark.slow
+def test_conditional_demo_end_to_end_small(tmp_path):
+    """`advdiff demo --conditional` (shrunk): the labelled chain, a conditional result with its class record,
+    the class columns in the summary; and the plain demo refuses its folder in one line."""
+    import pandas as pd
+    from helpers import run_cli
+    from test_stage0_demo import SMALL_DEMO
+
+    out = tmp_path / "demo"
+    small = [*SMALL_DEMO, "--set", "stage2.generation_steps=1", "--set", "stage2.num_iterations=1"]
+    proc = run_cli("-m", "trainer.cli", "demo", "--conditional", "--out", str(out), "--device", "cpu", *small)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(out / "config.yaml")
+    assert cfg.dataset.label_column == "label" and cfg.unet.num_class_embeds == 10
+    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+
+    result = load_diffusion_checkpoint(out / "pipeline")
+    assert result.conditioning.class_names == tuple(str(i) for i in range(10))
+    summary = pd.read_csv(out / "digits_conditional_summary.csv")
+    assert summary[["class_fd", "label_fidelity", "guidance_scale"]].notna().all().all()
+    assert ((summary["label_fidelity"] >= 0) & (summary["label_fidelity"] <= 1)).all()
+    again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *small)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"advdiff: error: --out {out}: holds the conditional demo (config.yaml); give the plain demo its "
+        "own --out"
+    )

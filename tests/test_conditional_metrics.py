@@ -136,7 +136,7 @@ def test_label_fidelity_is_the_fraction_correct_of_a_hand_made_classifier(tmp_pa
     winners = torch.tensor([0, 1, 2, 2, 0, 1, 1, 0, 2, 1])
     rows = torch.rand(10, 16, generator=torch.Generator().manual_seed(0))
     rows[torch.arange(10), winners] = 5.0
-    logits = space.logits(rows)
+    logits = space.classify(rows)
     assert torch.equal(logits, rows[:, :3])
     labels = winners.clone()
     labels[[1, 4, 8]] = torch.tensor([0, 2, 1])  # 3 of 10 generated for another class
@@ -145,7 +145,7 @@ def test_label_fidelity_is_the_fraction_correct_of_a_hand_made_classifier(tmp_pa
     assert math.isnan(label_fidelity(logits[:0], labels[:0]))
     # logits of the space's own feature rows are the classifier's forward pass
     images = torch.rand(5, 1, 32, 32) * 2 - 1
-    assert torch.allclose(space.logits(space(images)), model(images), atol=1e-6)
+    assert torch.allclose(space.classify(space(images)), model(images), atol=1e-6)
 
 
 def test_integer_class_names_decide_label_fidelity():

@@ -71,7 +71,7 @@ def test_the_fine_tune_warm_starts_once_and_a_resume_does_not_redo_it(
         t = _trainer(
             _config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt, distribution_matching=dm)
         )
-        t.warm_fakes = (_fakes(), N)
+        t.warm_fakes = (_fakes(), N, None)
         inner = t.dm.warm_start
         t.dm.warm_start = lambda *a: calls.append(name) or inner(*a)
         return t

@@ -61,7 +61,7 @@ def test_online_d_trains_during_the_fine_tune_and_always_gets_t(
     calls = []  # (phase, t) of every D forward during the fine-tune
     forward = LatentDiscriminator.forward
 
-    def spy(self, z, timesteps=None):
+    def spy(self, z, timesteps=None, class_labels=None):
         if phase["now"] == "finetune":
             calls.append(
                 (
@@ -70,7 +70,7 @@ def test_online_d_trains_during_the_fine_tune_and_always_gets_t(
                     z.requires_grad,
                 )
             )
-        return forward(self, z, timesteps)
+        return forward(self, z, timesteps, class_labels)
 
     phase = {"now": "other"}
     fit = finetune_trainer.FinetuneTrainer.fit

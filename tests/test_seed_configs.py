@@ -180,8 +180,19 @@ training:
 
 
 REFUSED = [
-    ("unet", "cond_channels", 4, "expected 0 (conditioning is not supported), got 4"),
-    ("unet", "fusion_mode", "concat", "expected none (conditioning is not supported), got concat"),
+    (
+        "unet",
+        "cond_channels",
+        4,
+        "expected 0 (feature-map conditioning is not supported; class labels: unet.num_class_embeds), got 4",
+    ),
+    (
+        "unet",
+        "fusion_mode",
+        "concat",
+        "expected none (feature-map conditioning is not supported; class labels: unet.num_class_embeds), "
+        "got concat",
+    ),
     (
         "training",
         "use_weighted_sampling",
@@ -214,5 +225,6 @@ def test_refusal_in_a_real_process_has_no_traceback(tmp_path):
     proc = run_cli("-m", "trainer.cli", "validate", str(path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"advdiff: error: {path}: unet.cond_channels: expected 0 (conditioning is not supported), got 8"
+        f"advdiff: error: {path}: unet.cond_channels: expected 0 (feature-map conditioning is not supported; "
+        "class labels: unet.num_class_embeds), got 8"
     )

@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the training split")
     p.add_argument(
-        "--label_column", default="label", metavar="COL", help="manifest column of integer class labels"
+        "--label_column",
+        default=None,
+        metavar="COL",
+        help="manifest column of integer class labels (default: dataset.label_column, else label)",
     )
     add_flags(p, ["seed"])
     p.add_argument(
@@ -49,6 +52,11 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else RunLayout.of(cfg).classifier
         if out.is_dir():
             raise UserError(f"--out {out}: is a folder; name the weights file")
-        train_classifier(cfg, out, epochs=args.epochs, label_column=args.label_column)
+        train_classifier(
+            cfg,
+            out,
+            epochs=args.epochs,
+            label_column=args.label_column or cfg.dataset.label_column or "label",
+        )
 
     return run_main(build_parser(), argv, body)

@@ -1,6 +1,7 @@
 """The embedded default: digits data (and the digit classifier behind the summary's cls_* columns) ->
 stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid -> stage 2, all under one output folder.
-Re-running resumes or skips finished work."""
+Re-running resumes or skips finished work. `--conditional`: the same with the digit labels, a
+class-conditional model (experiments/digits_conditional.yaml, docs/CONDITIONAL.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from trainer.cli.common import is_main_launch_rank
 from trainer.cli.flags import Parser
-from trainer.config.load import DEMO_CONFIG, load_config, parse_override
+from trainer.config.load import CONDITIONAL_DEMO_CONFIG, DEMO_CONFIG, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.data.digits import build_digits
 from trainer.files import atomic, timing
@@ -17,14 +18,15 @@ from trainer.files.layout import RunLayout
 from trainer.parallel.accelerator import build_accelerator
 
 
-def prepare(out: Path, is_main: bool) -> Path:
-    """Write the data and config.yaml under `out` (main process); returns the config path."""
+def prepare(out: Path, is_main: bool, default: Path = DEMO_CONFIG) -> Path:
+    """Write the data and config.yaml (a copy of `default`) under `out` (main process); returns the config
+    path."""
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         build_digits(out / "data")
         cfg_path = out / "config.yaml"
         if not cfg_path.is_file():
-            atomic.write_text(DEMO_CONFIG.read_text(), cfg_path)
+            atomic.write_text(default.read_text(), cfg_path)
     return out / "config.yaml"
 
 
@@ -66,16 +68,27 @@ def run_one_step(cfg_path: Path, overrides: dict | None, acc) -> dict:
     return result_weights(stage2_setup(cfg1, acc))
 
 
-def run(out: Path, device: str = "auto", overrides: dict | None = None, stage2: bool = True) -> Path:
+def run(
+    out: Path,
+    device: str = "auto",
+    overrides: dict | None = None,
+    stage2: bool = True,
+    default: Path = DEMO_CONFIG,
+) -> Path:
+    """The demo under `out` from the embedded config `default` (the conditional one for --conditional)."""
     from trainer.stage0.autoencoder_trainer import AutoencoderTrainer
     from trainer.stage1.diffusion_trainer import DiffusionTrainer
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     cfg_path = out / "config.yaml"
-    cfg = load_config(DEMO_CONFIG, overrides)  # validates before any compute
+    cfg = load_config(default, overrides)  # validates before any compute
     acc = build_accelerator(device, cfg.training.resolved_mixed_precision())
-    prepare(out, acc.is_main_process)
+    conditional = default == CONDITIONAL_DEMO_CONFIG
+    if (out / "config.yaml").is_file() and bool(load_config(cfg_path).dataset.label_column) != conditional:
+        kind = ("an unconditional", "--conditional") if conditional else ("the conditional", "the plain demo")
+        raise UserError(f"--out {out}: holds {kind[0]} demo (config.yaml); give {kind[1]} its own --out")
+    prepare(out, acc.is_main_process, default)
     acc.wait_for_everyone()
     cfg = load_config(cfg_path, overrides)
     timings = RunLayout.of(cfg).timings
@@ -156,9 +169,17 @@ def main(argv=None) -> int:
         help="override any config field of the embedded default (repeatable)",
     )
     p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="the class-conditional twin: the digit labels, a class-conditional UNet and a projection "
+        "head (experiments/digits_conditional.yaml); give it its own --out",
+    )
     args = p.parse_args(argv)
+    default = CONDITIONAL_DEMO_CONFIG if args.conditional else DEMO_CONFIG
+    overrides = dict(parse_override(o) for o in args.overrides)
     try:
-        run(Path(args.out), args.device, dict(parse_override(o) for o in args.overrides), not args.no_stage2)
+        run(Path(args.out), args.device, overrides, not args.no_stage2, default)
     except UserError as e:
         if is_main_launch_rank():
             print(f"advdiff: error: {e}", file=sys.stderr)

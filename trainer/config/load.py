@@ -15,6 +15,8 @@ from trainer.config.sections import Config
 from trainer.core.errors import ConfigError, UserError
 
 DEMO_CONFIG = Path(__file__).parent / "defaults" / "digits.yaml"
+# its class-conditional twin (`advdiff demo --conditional`)
+CONDITIONAL_DEMO_CONFIG = Path(__file__).parent / "defaults" / "digits_conditional.yaml"
 
 # The seed system's words for what advdiff spells otherwise (listed in docs/CONFIG.md below the field table).
 # Each is read with one warning that names advdiff's spelling; what advdiff cannot honour is refused.
@@ -22,9 +24,18 @@ SEED_VALUES = {  # path -> {seed value: advdiff value}
     "scheduler.type": {"CosineScheduler": "cosine", "LinearScheduler": "linear"},
     "training.scheduler.type": {"CosineScheduler": "cosine"},
 }
+NO_FEATURE_MAPS = "feature-map conditioning is not supported; class labels: unet.num_class_embeds"
 SEED_ONLY_VALUE = {  # path -> (values that ask for what advdiff does anyway, how it reads in YAML, why)
-    "unet.cond_channels": ((0, None), "0", "conditioning is not supported"),
-    "unet.fusion_mode": (("none", None), "none", "conditioning is not supported"),
+    "unet.cond_channels": (
+        (0, None),
+        "0",
+        NO_FEATURE_MAPS,
+    ),
+    "unet.fusion_mode": (
+        ("none", None),
+        "none",
+        NO_FEATURE_MAPS,
+    ),
     "training.use_weighted_sampling": (
         (False, None),
         "false",

@@ -248,7 +248,7 @@ class Evaluator:
                 f"{MIN_PER_CLASS} held-out reals among the {self.m} and are left out of the mean"
             )
         if integer_class_names(cond.class_names, space.num_classes):
-            out["label_fidelity"] = label_fidelity(space.logits(fakes["cls"]), labels)
+            out["label_fidelity"] = label_fidelity(space.classify(fakes["cls"]), labels)
         else:
             self._tell(
                 f"label_fidelity: left empty: the model's {cond.num_classes} class names are not 0.."

@@ -86,7 +86,7 @@ class ClassifierFeatures(FeatureSpace):
         return int(self.model.config["num_classes"])
 
     @torch.no_grad()
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+    def classify(self, rows: torch.Tensor) -> torch.Tensor:
         """The classifier's logits (N, K) from feature rows this space returned (its output layer alone, no
         second pass over the images)."""
         with torch.autocast(device_type=rows.device.type, enabled=False):

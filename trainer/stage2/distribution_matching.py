@@ -17,6 +17,10 @@ resume state (under DeepSpeed the optimizer partitions are in the engine's own c
 With a feature discriminator (discriminator.config.type unet_features, stage2/feature_discriminator.py) the
 trained module is the fake score with a classifier head on its bottleneck: one module, one wrapper, one
 optimizer (the head in its own parameter group), the head's loss added to each update's denoising loss.
+
+A class-conditional run's scores take each sample's label: the teacher at stage2.guidance_scale (the scale
+the generator's rollouts sample at), the fake score conditional alone (scale 1), trained on the rollouts with
+their labels.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 from models.feature_discriminator import ScoreWithHead
 from trainer.core.errors import UserError
+from trainer.diffusion.conditioning import model_output
 from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
 from trainer.parallel import engine
 from trainer.parallel.accelerator import fast_optimizer, prepare_module
@@ -64,12 +69,17 @@ def fingerprint(cfg) -> dict:
 
 
 @torch.no_grad()
-def score_predictions(schedule, real, fake, x_t, t, autocast=None):
-    """(p_real, p_fake): the x0 predictions of the real and fake score models at (x_t, t), in fp32."""
+def score_predictions(schedule, real, fake, x_t, t, autocast=None, labels=None, y=None):
+    """(p_real, p_fake): the x0 predictions of the real and fake score models at (x_t, t), in fp32; with a
+    class-conditional run's RunLabels and the samples' labels y, the real score's at the run's guidance
+    scale and the fake score's conditional alone."""
     preds = []
-    for model in (real, fake):
+    for model, scale in ((real, None if labels is None else labels.scale), (fake, 1.0)):
         with autocast() if autocast is not None else contextlib.nullcontext():
-            out = model(x_t, t).sample.float()
+            if y is None:
+                out = model(x_t, t).sample.float()
+            else:
+                out = model_output(model, x_t, t, y, scale, labels.null_class).float()
         preds.append(schedule.predictions(out, x_t, t)[1])
     return preds[0], preds[1]
 
@@ -77,12 +87,14 @@ def score_predictions(schedule, real, fake, x_t, t, autocast=None):
 class DistributionMatching:
     """The teacher, the fake score, its optimizer and the Accelerator that owns its (DDP) wrapper."""
 
-    def __init__(self, acc, cfg, base, schedule, latent_shape, reals=None):
+    def __init__(self, acc, cfg, base, schedule, latent_shape, reals=None, labels=None, real_labels=None):
         """base: the stage-1 checkpoint the run started from (its EMA weights are the teacher); reals: (this
-        rank's reals, the global train mask), which a feature discriminator on the fake score reads."""
+        rank's reals, the global train mask), which a feature discriminator on the fake score reads; labels:
+        a class-conditional run's RunLabels, real_labels the classes of this rank's reals."""
         check_distribution_matching_supported(acc, cfg)
         dm, s2 = cfg.stage2.distribution_matching, cfg.stage2
         self.cfg, self.main_acc, self.schedule, self.latent_shape = cfg, acc, schedule, latent_shape
+        self.labels = labels
         self.batch = dm.batch_size or s2.rollout_batch_size or cfg.training.batch_size
         self.teacher = base.new_unet(base.weights).to(acc.device).eval().requires_grad_(False)
         module = fake = base.new_unet(base.weights).train()
@@ -90,8 +102,9 @@ class DistributionMatching:
         self.features = None  # the feature discriminator: a head on the fake score's bottleneck
         if features.enabled(cfg):
             check_r1_supported(acc, cfg.discriminator.training)  # R1 on the head: a double backward
-            self.features = features.FeatureDiscriminator(acc, cfg, schedule, *reals, self.batch)
-            module = ScoreWithHead(fake, features.new_head(cfg, base.unet_config))
+            self.features = features.FeatureDiscriminator(acc, cfg, schedule, *reals, self.batch, real_labels)
+            classes = 0 if labels is None else labels.conditioning.num_classes
+            module = ScoreWithHead(fake, features.new_head(cfg, base.unet_config, classes))
             td = cfg.discriminator.training
             head = {"lr": td.learning_rate, "betas": tuple(td.betas), "weight_decay": td.weight_decay}
             groups.append({"params": list(module.head.parameters()), **head})
@@ -122,9 +135,10 @@ class DistributionMatching:
         return self.features.frozen() if self.features is not None else contextlib.nullcontext()
 
     # -- the generator's signal ----------------------------------------------------------------------
-    def predictions(self, x, idx, parts):
-        """(p_real, p_fake) of the generator's samples x (global indices idx), each noised to its own level
-        t in [t_min, t_max) x num_steps with its own noise, both drawn from (parts, index); no gradient."""
+    def predictions(self, x, idx, parts, y=None):
+        """(p_real, p_fake) of the generator's samples x (global indices idx; a class-conditional run's labels
+        y), each noised to its own level t in [t_min, t_max) x num_steps with its own noise, both drawn from
+        (parts, index); no gradient."""
         dm, n = self.cfg.stage2.distribution_matching, self.schedule.num_steps
         lo = min(int(dm.t_min * n), n - 1)
         hi = max(lo + 1, int(dm.t_max * n))
@@ -133,7 +147,9 @@ class DistributionMatching:
         t = (per_sample_timesteps(idx, hi - lo, *parts, "t") + lo).to(x.device)
         x_t = self.schedule.add_noise(x, noise, t)
         fake = engine.forward_module(self.acc, self.wrapped, self.fake)
-        return score_predictions(self.schedule, self.teacher, fake, x_t, t, self.main_acc.autocast)
+        return score_predictions(
+            self.schedule, self.teacher, fake, x_t, t, self.main_acc.autocast, self.labels, y
+        )
 
     # -- the fake score's updates --------------------------------------------------------------------
     def fake_steps(self, step, model, rollouts, seed, stage) -> dict:
@@ -147,17 +163,19 @@ class DistributionMatching:
             parts = (seed, stage, "fake-score", step, c)
             with torch.no_grad():
                 x0 = rollouts.train_sample(model, mine, (*parts, "rollout")).float()
+            y = rollouts.labels_for(mine, (*parts, "rollout"))
             weight = local_weight(len(mine), self.batch, world)
-            for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c).items():
+            for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c, y).items():
                 sums[key] = sums.get(key, 0.0) + value / dm.n_fake
         return sums
 
-    def warm_start(self, fake_local, n: int, seed, stage) -> dict:
+    def warm_start(self, fake_local, n: int, seed, stage, fake_labels=None) -> dict:
         """stage2.distribution_matching.warm_start_steps updates of the fake score (and its head) on the
         iteration's N saved fakes (this rank's shard_range block `fake_local`), before the first generator
         step of a fine-tune that starts afresh (call on every rank). Update s takes the slots of the s-th
         batch of a walk over per-epoch permutations of the N fakes: the same at any world size. Returns the
-        losses of the first and the last update, {"first": logs, "last": logs}, on this rank."""
+        losses of the first and the last update, {"first": logs, "last": logs}, on this rank. fake_labels: a
+        class-conditional run's labels of the N fakes."""
         steps, device = self.cfg.stage2.distribution_matching.warm_start_steps, self.main_acc.device
         if not steps:
             return {}
@@ -168,28 +186,29 @@ class DistributionMatching:
         warm = f"{stage}:warm-start"
         out = {}
         for s in range(steps):
-            x0 = fakes[walk_rows(n, mine, s, self.batch, seed, warm, "fake")].to(device)
-            logs = self.update(x0, mine, (seed, warm, s), weight, s)
+            rows = walk_rows(n, mine, s, self.batch, seed, warm, "fake")
+            y = None if fake_labels is None else fake_labels[rows].to(device)
+            logs = self.update(fakes[rows].to(device), mine, (seed, warm, s), weight, s, y)
             out.setdefault("first", logs)
             out["last"] = logs
         return out
 
-    def update(self, x0, idx, parts, weight: float, draw: int = 0) -> dict:
+    def update(self, x0, idx, parts, weight: float, draw: int = 0, y=None) -> dict:
         """One denoising step of the fake score on this rank's samples x0 (global indices idx), with the
         feature head's classification step (the phase's draw-th head batch) where there is one; weight
         turns the local mean into this rank's share of the global mean. A non-finite loss on any rank
-        skips the update on every rank."""
+        skips the update on every rank. y: a class-conditional run's labels of x0."""
         dm, device = self.cfg.stage2.distribution_matching, self.main_acc.device
         noise = per_sample_noise(idx, tuple(self.latent_shape), *parts, "noise").to(device)
         t = per_sample_timesteps(idx, self.schedule.num_steps, *parts, "t").to(device)
         x_t = self.schedule.add_noise(x0, noise, t)
         if self.features is None:
             with self.main_acc.autocast():
-                out = self.wrapped(x_t, t).sample.float()
+                out = self.wrapped(x_t, t, class_labels=y).sample.float()
         else:
-            x_cls, t_cls, real_in = self.features.inputs(x0, idx, parts, draw)
+            x_cls, t_cls, real_in, y_cls = self.features.inputs(x0, idx, parts, draw, y)
             with self.main_acc.autocast(), self.features.forward_context():
-                out, logits = self.wrapped(x_t, t, x_cls, t_cls)
+                out, logits = self.wrapped(x_t, t, x_cls, t_cls, y, y_cls)
             out = out.float()
         target = self.schedule.target(x0, noise, t).float()
         loss = F.mse_loss(out, target) if len(idx) else out.sum() * 0.0

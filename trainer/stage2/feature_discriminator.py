@@ -18,6 +18,9 @@ the head (`critic`), both frozen during the generator step.
 Every draw is per sample slot: the noise and t from (seed parts, class, slot index), and the reals from a
 per-epoch permutation of the global training reals (every rank holds all of them, gathered once per phase),
 so the head's batches are the same at any world size and after a resume.
+
+A class-conditional run's head is a projection head (discriminator.config.conditional): each real carries
+its own class and each rollout its label, and the UNet's bottleneck takes the class embedding too.
 """
 
 from __future__ import annotations
@@ -69,23 +72,31 @@ def noised_for_head(cfg, schedule, z, idx, *parts):
     return noised_between(schedule, z.float(), idx, *feature_t_range(cfg), *parts)
 
 
-def new_head(cfg, unet_config: dict) -> FeatureHead:
-    """A fresh head for a UNet of `unet_config`, seeded (it does not touch the global random state)."""
+def new_head(cfg, unet_config: dict, num_classes: int = 0) -> FeatureHead:
+    """A fresh head for a UNet of `unet_config`, seeded (it does not touch the global random state); a
+    projection head of num_classes classes where discriminator.config.conditional is set."""
+    classes = num_classes if cfg.discriminator.config.conditional else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "feature-head"))
-        return FeatureHead(bottleneck_channels(unet_config), cfg.discriminator.config.head_channels)
+        return FeatureHead(bottleneck_channels(unet_config), cfg.discriminator.config.head_channels, classes)
 
 
 class FeatureDiscriminator:
     """The head's inputs and loss in the fake score's updates, and the critic of the generator's term.
     `module` (a ScoreWithHead) is set by the DistributionMatching that owns the fake score."""
 
-    def __init__(self, acc, cfg, schedule, real_local: torch.Tensor, real_train: np.ndarray, batch: int):
+    def __init__(
+        self, acc, cfg, schedule, real_local: torch.Tensor, real_train: np.ndarray, batch: int, labels=None
+    ):
         """real_local: this rank's reals (its shard_range block of the iteration's reals); real_train: the
-        global train mask; batch: the fake-score update's global batch (as many reals as fakes)."""
+        global train mask; batch: the fake-score update's global batch (as many reals as fakes); labels: a
+        class-conditional run's classes of real_local."""
         self.acc, self.cfg, self.schedule, self.batch = acc, cfg, schedule, batch
         n = int(real_train.shape[0])
         self.reals = gather_shards(real_local.to(acc.device).float(), n).cpu()
+        self.labels = None  # every real's class, gathered like the reals (as floats: exact for classes)
+        if labels is not None:
+            self.labels = gather_shards(labels.to(acc.device).float().reshape(-1, 1), n).cpu().long()[:, 0]
         self.train_idx = np.flatnonzero(real_train)
         self.module = None
 
@@ -94,17 +105,21 @@ class FeatureDiscriminator:
         """The reals of slots idx in the phase's draw-th head batch: slot i takes place draw x batch + i of
         a walk over per-epoch permutations of the training reals (the same at any world size)."""
         walk = walk_rows(len(self.train_idx), idx, draw, self.batch, seed, stage, "feature-real")
-        return self.reals[self.train_idx[walk]]
+        rows = self.train_idx[walk]
+        return self.reals[rows], None if self.labels is None else self.labels[rows]
 
-    def inputs(self, fake, idx, parts, draw: int):
-        """(x, t, real_in): the head's batch of this rank's slots idx, reals then fakes, both noised; real_in
-        is the noised reals (requiring grad where R1 needs their input gradient)."""
-        real = self.draw_reals(idx, draw, parts[0], parts[1]).to(fake.device)
+    def inputs(self, fake, idx, parts, draw: int, fake_labels=None):
+        """(x, t, real_in, labels): the head's batch of this rank's slots idx, reals then fakes, both noised;
+        real_in is the noised reals (requiring grad where R1 needs their input gradient); labels: a
+        class-conditional run's classes of the batch (the reals' own, then `fake_labels`), else None."""
+        real, real_labels = self.draw_reals(idx, draw, parts[0], parts[1])
+        real = real.to(fake.device)
         zr, tr = noised_for_head(self.cfg, self.schedule, real, idx, *parts, "real")
         zf, tf = noised_for_head(self.cfg, self.schedule, fake.detach(), idx, *parts, "fake")
         if self.cfg.discriminator.training.r1_gamma > 0:
             zr = zr.detach().requires_grad_(True)
-        return torch.cat([zr, zf]), torch.cat([tr, tf]), zr
+        y = None if real_labels is None else torch.cat([real_labels.to(fake.device), fake_labels])
+        return torch.cat([zr, zf]), torch.cat([tr, tf]), zr, y
 
     def forward_context(self):
         """Around the update's forward: R1 differentiates the input gradient, through the UNet's attention
@@ -129,11 +144,12 @@ class FeatureDiscriminator:
         return td.feature_loss_weight * loss, logs
 
     # -- the generator's term and validation ---------------------------------------------------------
-    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Logits of (already noised) samples z at t, through the fake score's encoder and the head (the
-        plain modules: no wrapper hooks; frozen in the generator step)."""
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """Logits of (already noised) samples z at t (with a class-conditional run's labels), through the
+        fake score's encoder and the head (the plain modules: no wrapper hooks; frozen in the generator
+        step)."""
         with self.acc.autocast():
-            return self.module.logits(z.float(), t).float()
+            return self.module.logits(z.float(), t, class_labels).float()
 
     @contextlib.contextmanager
     def frozen(self):

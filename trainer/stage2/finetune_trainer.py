@@ -166,12 +166,14 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
         self.dm = None  # the teacher and the fake score of a DistributionMatchingLoss term
         if dmatch.enabled(cfg):  # with a feature discriminator, its head is on the fake score: the D here
             reals = (real, real_train)
-            self.dm = dmatch.DistributionMatching(acc, cfg, base, schedule, self.latent_shape, reals)
+            self.dm = dmatch.DistributionMatching(
+                acc, cfg, base, schedule, self.latent_shape, reals, labels, real_labels
+            )
             if "dm" in init:  # carry_over: the last iteration's fake score (a resume state replaces it)
                 self.dm.load_weights(*init["dm"])
             self.history_fields = self.history_fields + self.dm.columns
             self.d = self.dm.features or self.d
-        self.warm_fakes = None  # (this rank's saved fakes, N): the fake score's warm start (fit)
+        self.warm_fakes = None  # (this rank's saved fakes, N, the N labels or None): the warm start (fit)
         # mse_skip_sampler_timesteps: the timesteps the K-step sampler visits, and with train_steps those
         # of every listed step count too
         self.sampler_t = schedule.sampler_timesteps(s2.generation_steps)
@@ -184,10 +186,12 @@ class FinetuneTrainer(FinetuneValidation, StepTrainer):
     def fit(self):
         """The phase; a distribution-matching fine-tune that starts afresh (no resume state on disk: a
         resume state holds the fake score as it stood) first warm-starts its fake score on the iteration's
-        saved fakes (`warm_fakes`: this rank's block and N, set by the iteration)."""
+        saved fakes (`warm_fakes`: this rank's block, N and a class-conditional run's N labels, set by the
+        iteration)."""
         if self.dm is not None and self.warm_fakes is not None and not self.state_path.is_file():
             steps = self.cfg.stage2.distribution_matching.warm_start_steps
-            logs = self.dm.warm_start(*self.warm_fakes, self.seed, self.stage)
+            fakes, n, labels = self.warm_fakes
+            logs = self.dm.warm_start(fakes, n, self.seed, self.stage, labels)
             if logs:
                 first, last = (" ".join(f"{k}={v:.4g}" for k, v in logs[x].items()) for x in logs)
                 self.log(f"fake score warm start: {steps} updates on the saved fakes: {first} -> {last}")

@@ -34,15 +34,6 @@ def check_labels(cfg, stage1, rows) -> None:
                     where, field, f"null ({model} is unconditional: it has no class embeddings)", value
                 )
         return
-    terms = [t.type for t in cfg.training.loss.losses]
-    if "DistributionMatchingLoss" in terms:
-        raise error_at(
-            where,
-            f"training.loss.losses[{terms.index('DistributionMatchingLoss')}].type",
-            f"MSELoss or DiscriminatorLoss ({model} is class-conditional, and the distribution-matching "
-            "term does not take class labels yet)",
-            "DistributionMatchingLoss",
-        )
     if not col:
         raise ConfigError(
             f"{where}: dataset.label_column: expected the manifest column of class labels ({model} is "

@@ -150,7 +150,9 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
         real_labels=shard.real_labels,
     )
     g_trainer.stop_after = stop_after
-    g_trainer.warm_fakes = (shard.fake, shard.n)  # distribution_matching.warm_start_steps
+    # distribution_matching.warm_start_steps: this rank's fakes, N and the N fakes' labels
+    fake_labels = None if s.labels is None else s.labels.fakes(shard.n, seed, k)
+    g_trainer.warm_fakes = (shard.fake, shard.n, fake_labels)
     with timing.phase(acc, layout.timings, "diffusion", k):
         g_trainer.fit()
     done = g_trainer.step >= g_trainer.max_steps

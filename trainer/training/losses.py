@@ -179,7 +179,7 @@ class DistributionMatchingLoss(Term):
     def per_sample(cls, outputs: dict, ctx: dict) -> torch.Tensor:
         x = outputs["generated_sample"]
         p_real, p_fake = ctx["distribution_matching"].predictions(
-            x, outputs["generated_index"], outputs["generated_seed"]
+            x, outputs["generated_index"], outputs["generated_seed"], outputs.get("generated_labels")
         )
         return distribution_matching_loss(x, p_real, p_fake)
 
