@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stage2_table import fmt  # noqa: E402
+from stage2_vs_control import advdiff, run, sets  # noqa: E402
 
 from trainer.files.read import read_csv_rows  # noqa: E402
 
@@ -62,19 +62,6 @@ QUICK_STAGE2 = [
     "stage2.distribution_matching.n_fake=1",
 ]
 FULL_STEPS = 25
-
-
-def run(cmd):
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
-
-
-def advdiff(*args) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", *args]
-
-
-def sets(items) -> list[str]:
-    return [x for item in items for x in ("--set", item)]
 
 
 def stage1_full(config: Path, folder: Path, seed: int, scale: float, quick: bool) -> dict:

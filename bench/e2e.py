@@ -1,12 +1,13 @@
 """End to end: the embedded default (`advdiff demo`, the README's first command) by phase.
 
-    python bench/e2e.py [--quick] [--device cpu]
+    python bench/e2e.py [--quick] [--device cpu] [--conditional]
 
 Runs the demo in a fresh temporary folder as a user would, then prints its `timings.csv` (written by
 the trainer itself: one row per finished phase; the one-step companion run's rows after them) with each
 phase's share of the wall time. What the
 phases do not cover is start-up (interpreter, imports, data preparation) and the plots and grids
-between phases. --quick shrinks every stage (about a minute) to check the script.
+between phases. --quick shrinks every stage (about a minute) to check the script. --conditional times the
+class-conditional twin (`advdiff demo --conditional`).
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--conditional", action="store_true", help="advdiff demo --conditional")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="advdiff_e2e_")) / "digits"
     cmd = [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "--device", args.device]
+    cmd += ["--conditional"] if args.conditional else []
     for item in QUICK if args.quick else []:
         cmd += ["--set", item]
     load_before = os.getloadavg()[0]

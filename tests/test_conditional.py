@@ -150,7 +150,7 @@ def _run(path, stop_after=None):
 
 
 @pytest.mark.slow
-def test_two_processes_draw_the_same_labels_and_fakes_as_one(
+def test_two_processes_draw_the_same_labels_and_fakes_as_one_and_resume(
     tmp_path, digits_manifest, small_ae, conditional_stage1
 ):
     import pandas as pd
@@ -161,6 +161,12 @@ def test_two_processes_draw_the_same_labels_and_fakes_as_one(
         root = tmp_path / f"p{nproc}"
         loss = DM["loss"][1:]  # no MSE term: its batch draws are per rank, every other draw per sample
         cfg = _stage2(root, digits_manifest, small_ae, conditional_stage1, stage2, None, loss, DM["d_config"])
+        if nproc == 2:  # stopped inside the fine-tune, then resumed: at 2 processes too
+            proc = accelerate_launch(
+                2, "-m", "trainer.stage2", str(cfg), "--device", "cpu", "--stop_after_steps", "1"
+            )
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert (root / "out" / "checkpoints" / "t2_iter_0_checkpoint_latest.pt").is_file()
         proc = accelerate_launch(nproc, "-m", "trainer.stage2", str(cfg), "--device", "cpu")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outs[nproc] = tmp_path / f"p{nproc}" / "out" / "discriminator_iter_0"
@@ -201,8 +207,10 @@ def test_two_processes_draw_the_same_labels_and_fakes_as_one(
 def test_a_stopped_fine_tune_resumes_exactly_in_every_mode(
     mode, tmp_path, digits_manifest, small_ae, conditional_stage1
 ):
-    args = dict(stage2={"diffusion_max_steps": 4, "diffusion_eval_interval": 2, **mode.get("stage2", {})})
-    args.update(discriminator=mode.get("discriminator"), loss=mode.get("loss"), d_config=mode.get("d_config"))
+    small = {"diffusion_max_steps": 4, "diffusion_eval_interval": 2, "metric_samples": 8, "grid_samples": 0}
+    args = dict(stage2={**small, **mode.get("stage2", {})})
+    discriminator = {"epochs": 1, **(mode.get("discriminator") or {})}
+    args.update(discriminator=discriminator, loss=mode.get("loss"), d_config=mode.get("d_config"))
     straight = _run(_stage2(tmp_path / "a", digits_manifest, small_ae, conditional_stage1, **args))
     cfg_b = _stage2(tmp_path / "b", digits_manifest, small_ae, conditional_stage1, **args)
     _run(cfg_b, stop_after=3)
@@ -248,3 +256,27 @@ def test_conditional_demo_end_to_end_small(tmp_path):
         f"advdiff: error: --out {out}: holds the conditional demo (config.yaml); give the plain demo its "
         "own --out"
     )
+
+
+@pytest.mark.slow
+def test_deepspeed_runs_the_labelled_fine_tune_and_resumes(
+    tmp_path, digits_manifest, small_ae, conditional_stage1
+):
+    """ZeRO-2 at 2 CPU processes: the generator's engine takes the labels as a keyword, the fake score with
+    its projection head is the second engine; stopped after one generator step and resumed."""
+    from test_distribution_matching import _ds_launch
+
+    stage2 = {**DM["stage2"], "diffusion_max_steps": 3, "metric_samples": 8, "grid_samples": 0}
+    cfg = _stage2(
+        tmp_path, digits_manifest, small_ae, conditional_stage1, stage2, None, DM["loss"], DM["d_config"]
+    )
+    first = _ds_launch(cfg, 2, "--stop_after_steps", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _ds_launch(cfg, 2)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "from step 1/3" in second.stdout or "at step 1/3" in second.stdout, second.stdout[-3000:]
+    out = tmp_path / "out"
+    state = torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True)
+    assert state["complete"] and state["conditioning"]["num_classes"] == 4
+    head = torch.load(out / "discriminator_iter_0" / "discriminator_features.pt", weights_only=True)
+    assert head["head_config"]["num_classes"] == 4

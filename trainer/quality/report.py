@@ -44,6 +44,8 @@ COLUMNS = [
     ("cls_fd", "lower"),
     ("cls_precision", "higher"),
     ("cls_recall", "higher"),
+    ("class_fd", "lower"),  # a class-conditional model's (docs/CONDITIONAL.md)
+    ("label_fidelity", "higher"),
     ("inception_fd", "lower"),
     ("inception_precision", "higher"),
     ("inception_recall", "higher"),
