@@ -9,12 +9,13 @@ __all__ = [
     "c_guidance_scale_on_unconditional",
     "c_conditional_model_without_labels",
     "c_class_count_differs",
+    "c_guidance_scale_without_a_null_label",
 ]
 
 
-def conditional_checkpoint(c, classes: int):
+def conditional_checkpoint(c, classes: int, label_dropout: float = 0.1):
     """The finished run's stage-1 checkpoint as an (untrained) class-conditional model of `classes`
-    classes, written under the case's own folder."""
+    classes (trained with `label_dropout`, as its record says), written under the case's own folder."""
     from models.unet import unet_from_config
     from trainer.diffusion.checkpoints import export_blob, load_diffusion_checkpoint
     from trainer.diffusion.conditioning import Conditioning
@@ -32,7 +33,7 @@ def conditional_checkpoint(c, classes: int):
         autoencoder=ck.autoencoder,
         config={},
         dest=path,
-        conditioning=Conditioning.new([str(i) for i in range(classes)], 0.1),
+        conditioning=Conditioning.new([str(i) for i in range(classes)], label_dropout),
     )
     torch.save(blob, path)
     return path
@@ -77,3 +78,20 @@ def c_class_count_differs(c):
     manifest = c.base["dataset"]["manifest"]
     expected = f"{manifest}: column 'label' has 10 classes (labels 0..9); the stage-1 model {ckpt} has 4"
     return [], p, expected, True
+
+
+def c_guidance_scale_without_a_null_label(c):
+    ckpt = conditional_checkpoint(c, 10, label_dropout=0.0)
+
+    def edit(d):
+        d["diffusion"]["stage1_checkpoint"] = str(ckpt)
+        d["dataset"]["label_column"] = "label"
+        d["stage2"]["guidance_scale"] = 2.0
+
+    p = c.config(edit)
+    expected = (
+        f"stage2.guidance_scale: expected 1 or null (the stage-1 model {ckpt} has no trained null label, "
+        "which classifier-free guidance needs: stage 1 ran with training.label_dropout 0, or the model was "
+        "not trained by advdiff), got 2.0"
+    )
+    return [], p, f"{p}: {expected}", True

@@ -157,7 +157,7 @@ def test_two_processes_draw_the_same_labels_and_fakes_as_one_and_resume(
 
     outs = {}
     for nproc in (1, 2):  # distribution matching with a projection feature head: every label path at 2
-        stage2 = {**DM["stage2"], "num_samples": 37}
+        stage2 = {**DM["stage2"], "num_samples": 37, "metric_samples": 8}
         root = tmp_path / f"p{nproc}"
         loss = DM["loss"][1:]  # no MSE term: its batch draws are per rank, every other draw per sample
         cfg = _stage2(root, digits_manifest, small_ae, conditional_stage1, stage2, None, loss, DM["d_config"])
