@@ -17,7 +17,6 @@ classifier FD. Stage 1 at 4 steps is each run's row 0; at 25 steps `advdiff eval
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stage2_table import fmt  # noqa: E402
-from stage2_vs_control import advdiff, run, sets  # noqa: E402
+from stage2_vs_control import advdiff, run, sets, stage1_row  # noqa: E402
 
 from trainer.files.read import read_csv_rows  # noqa: E402
 
@@ -66,23 +65,8 @@ FULL_STEPS = 25
 
 def stage1_full(config: Path, folder: Path, seed: int, scale: float, quick: bool) -> dict:
     """Stage 1 at 25 steps and guidance `scale` on this seed's metric noise (advdiff evaluate)."""
-    out = folder / "row.json"
-    if not out.is_file():
-        items = [f"experiment.save_path={folder.resolve()}", f"stage2.guidance_scale={scale}"]
-        run(
-            advdiff(
-                "evaluate",
-                str(config),
-                "--seed",
-                str(seed),
-                "--generation_steps",
-                str(FULL_STEPS),
-                *sets(items + (QUICK_STAGE2 if quick else [])),
-                "--json",
-                str(out),
-            )
-        )
-    return json.loads(out.read_text())
+    extra = [f"stage2.guidance_scale={scale}", *(QUICK_STAGE2 if quick else [])]
+    return stage1_row(config, folder, FULL_STEPS, seed, False, extra)
 
 
 def main() -> int:

@@ -212,8 +212,9 @@ def last_iteration(config: Path, quick: bool, arm: str) -> int:
     return int(yaml.safe_load(config.read_text())["stage2"]["num_iterations"])
 
 
-def stage1_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> dict:
-    """The stage-1 model's quality row at K steps on this seed's metric noise (advdiff evaluate)."""
+def stage1_row(config: Path, folder: Path, k: int, seed: int, quick: bool, extra=()) -> dict:
+    """The stage-1 model's quality row at K steps on this seed's metric noise (advdiff evaluate); `extra`:
+    more --set items (bench/conditional.py's guidance scale)."""
     out = folder / "row.json"
     if not out.is_file():
         run(
@@ -224,7 +225,7 @@ def stage1_row(config: Path, folder: Path, k: int, seed: int, quick: bool) -> di
                 str(seed),
                 "--generation_steps",
                 str(k),
-                *sets([f"experiment.save_path={folder.resolve()}"] + (QUICK_STAGE2 if quick else [])),
+                *sets([f"experiment.save_path={folder.resolve()}", *(QUICK_STAGE2 if quick else []), *extra]),
                 "--json",
                 str(out),
             )

@@ -17,6 +17,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def class_embedding(num_classes: int, channels: int) -> nn.Embedding:
+    """A projection head's class embedding, initialised small (unit-norm rows in expectation)."""
+    embed = nn.Embedding(num_classes, channels)
+    nn.init.normal_(embed.weight, std=channels**-0.5)
+    return embed
+
+
+def projected(logit: torch.Tensor, embed: nn.Embedding, class_labels, pooled: torch.Tensor, what: str):
+    """`logit` plus the projection term: the inner product of each sample's class embedding with its pooled
+    features; `what` names the module in the error for missing labels."""
+    if class_labels is None:
+        raise ValueError(f"a class-conditional {what} needs the samples' class labels")
+    return logit + (embed(class_labels.to(pooled.device)) * pooled).sum(dim=1).to(logit.dtype)
+
+
 def _norm(kind: str, ch: int) -> nn.Module:
     if kind == "group":
         # GroupNorm's statistics are per sample, so they do not depend on the batch (or its split
@@ -78,8 +93,7 @@ class LatentDiscriminator(nn.Module):
         self.head = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(ch, 1))
         self.num_classes = num_classes
         if num_classes:
-            self.class_embed = nn.Embedding(num_classes, ch)
-            nn.init.normal_(self.class_embed.weight, std=ch**-0.5)
+            self.class_embed = class_embedding(num_classes, ch)
 
     def forward(
         self, z: torch.Tensor, timesteps: torch.Tensor | None = None, class_labels: torch.Tensor | None = None
@@ -93,10 +107,7 @@ class LatentDiscriminator(nn.Module):
         logit = self.head(pooled).squeeze(1)
         if not self.num_classes:
             return logit
-        if class_labels is None:
-            raise ValueError("a class-conditional discriminator needs the samples' class labels")
-        projection = (self.class_embed(class_labels.to(z.device)) * nn.functional.silu(pooled)).sum(dim=1)
-        return logit + projection.to(logit.dtype)
+        return projected(logit, self.class_embed, class_labels, nn.functional.silu(pooled), "discriminator")
 
 
 def build_discriminator(cfg, num_classes: int = 0) -> LatentDiscriminator:

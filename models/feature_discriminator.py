@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from models.discriminator import class_embedding, projected
+
 HEAD_FORMAT = "advdiff.feature_discriminator"
 
 
@@ -70,17 +72,14 @@ class FeatureHead(nn.Module):
         )
         self.out = nn.Linear(channels, 1)
         if num_classes:
-            self.class_embed = nn.Embedding(num_classes, channels)
-            nn.init.normal_(self.class_embed.weight, std=channels**-0.5)
+            self.class_embed = class_embedding(num_classes, channels)
 
     def forward(self, features: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         pooled = self.body(features).mean(dim=(2, 3))
         logit = self.out(pooled).squeeze(1)
         if not self.num_classes:
             return logit
-        if class_labels is None:
-            raise ValueError("a class-conditional head needs the samples' class labels")
-        return logit + (self.class_embed(class_labels) * pooled).sum(dim=1).to(logit.dtype)
+        return projected(logit, self.class_embed, class_labels, pooled, "head")
 
 
 class ScoreWithHead(nn.Module):
