@@ -140,7 +140,8 @@ def test_dm_alone_fine_tunes_and_resumes_bit_for_bit(tmp_path, digits_manifest, 
     # the generator moved, and so did the fake score (both from the stage-1 EMA weights); the teacher did not
     assert any(not torch.equal(stage1[k], a["raw_state_dict"][k]) for k in stage1)
     assert any(not torch.equal(stage1[k], fake[k]) for k in stage1)
-    assert all(torch.equal(stage1[k], v) for k, v in straight.dm.teacher.state_dict().items())
+    teacher = straight.helper("distribution_matching").teacher.state_dict()
+    assert all(torch.equal(stage1[k], v) for k, v in teacher.items())
     assert a["state"]["fingerprint"]["distribution_matching"]["n_fake"] == 2
 
     cfg_b = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt)

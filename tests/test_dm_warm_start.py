@@ -23,7 +23,7 @@ def _fakes(shift=0.0):
 
 def _weights(trainer):
     """The fake score's weights, and its feature head's (prefixed) where it has one."""
-    module = trainer.dm.module  # the fake score, or the fake score with its head
+    module = trainer.helper("distribution_matching").module  # the fake score, or the fake score with its head
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -50,11 +50,11 @@ def test_warm_start_trains_the_fake_score_and_head_on_the_saved_fakes(
         path = feat._config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt, distribution_matching=dm)
         trainers.append(feat._trainer(path))
     start = _weights(trainers[0])
-    logs = trainers[0].dm.warm_start(_fakes(), N, 42, "stage2_g0")
+    logs = trainers[0].helper("distribution_matching").warm_start(_fakes(), N, 42, "stage2_g0")
     assert set(logs) == {"first", "last"} and logs["last"]["fake_loss"] > 0
     assert 0 <= logs["last"]["d_acc"] <= 1 and logs["last"]["d_loss"] > 0
-    trainers[1].dm.warm_start(_fakes(), N, 42, "stage2_g0")
-    trainers[2].dm.warm_start(_fakes(shift=1.0), N, 42, "stage2_g0")
+    trainers[1].helper("distribution_matching").warm_start(_fakes(), N, 42, "stage2_g0")
+    trainers[2].helper("distribution_matching").warm_start(_fakes(shift=1.0), N, 42, "stage2_g0")
     a, b, c = (_weights(t) for t in trainers)
     assert not _same(start, a)  # it trained (the fake score and the head)
     assert _same(a, b)  # deterministic: the same fakes give the same fake score
@@ -72,8 +72,8 @@ def test_the_fine_tune_warm_starts_once_and_a_resume_does_not_redo_it(
             _config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt, distribution_matching=dm)
         )
         t.warm_fakes = (_fakes(), N, None)
-        inner = t.dm.warm_start
-        t.dm.warm_start = lambda *a: calls.append(name) or inner(*a)
+        inner = t.helper("distribution_matching").warm_start
+        t.helper("distribution_matching").warm_start = lambda *a: calls.append(name) or inner(*a)
         return t
 
     trainer("a").fit()

@@ -15,6 +15,7 @@ from helpers import accelerate_launch, run_cli, stage2_config
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
 from trainer.stage2.feature_discriminator import new_head
+from trainer.stage2.helpers import frozen
 
 DM = {"type": "DistributionMatchingLoss", "key": "latent", "target": None, "weight": 1.0}
 ADV = {"type": "DiscriminatorLoss", "key": "latent", "target": None, "weight": 0.5}
@@ -96,8 +97,8 @@ def test_the_head_reads_the_bottleneck_and_its_gradients_go_where_they_should(
     no_clipping = {"n_fake": 2, "batch_size": 2, "max_grad_norm": 0.0}  # clipping would scale every gradient
     cfg = _config(tmp_path, digits_manifest, small_ae, stage1_ckpt, distribution_matching=no_clipping)
     tr = _trainer(cfg)
-    dm, feats = tr.dm, tr.dm.features
-    assert tr.d is feats and "train_d_loss" in tr.history_fields and "train_d_acc" in tr.history_fields
+    dm, feats = tr.helper("distribution_matching"), tr.helper("distribution_matching").features
+    assert tr.critic is feats and "train_d_loss" in tr.history_fields and "train_d_acc" in tr.history_fields
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
     with torch.no_grad():
         before = feats(z, t)
@@ -132,10 +133,10 @@ def test_the_head_reads_the_bottleneck_and_its_gradients_go_where_they_should(
     tr.unet.zero_grad(set_to_none=True)
     dm.module.zero_grad(set_to_none=True)
     x = tr.rollouts.sample(tr.unet, [0, 1], (tr.seed, "test"))
-    sample, t = tr.rollouts.for_discriminator(x, [0, 1], tr.seed, "test-d")
+    sample, t = tr.critic.view(x, [0, 1], tr.seed, "test-d")
     assert t is not None and sample.shape == x.shape
     term = DiscriminatorLoss(key="latent", target=None, weight=1.0)
-    with dm.frozen():
+    with frozen(tr.helpers):  # as the generator step freezes them
         term({"generated": sample, "generated_t": t}, tr.loss_context()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.unet.parameters())
     assert all(p.grad is None for p in dm.module.parameters())
@@ -155,18 +156,30 @@ def test_fine_tune_writes_its_columns_and_resumes_bit_for_bit(
     assert (history["train_d_loss"] > 0).all()
     a = _latest(tmp_path / "a" / "out")
     assert a["state"]["fingerprint"]["feature_discriminator"]["head_channels"] == 8
-    export = torch.load(straight.feature_path, weights_only=True)
+    export = torch.load(straight.critic.path, weights_only=True)
     head_a = a["state"]["model"]["distribution_matching"]["head"]
     assert export["format"] == "advdiff.feature_discriminator" and export["step"] == 3
     assert all(torch.equal(export["head"][k], v) for k, v in head_a.items())
     fresh = new_head(straight.cfg, straight.unet_config).state_dict()
     assert all(not torch.equal(fresh[k], v) for k, v in head_a.items() if v.dim() > 1)  # it trained
+    # its history in the offline D's layout, beside the export: the fine-tune's head columns per validation
+    d_history = pd.read_csv(straight.critic.path.parent / "discriminator_history.csv")
+    assert list(d_history["step"]) == list(history["step"])
+    assert d_history["train_acc"].tolist() == history["train_d_acc"].tolist()
+    assert d_history["val_acc"].tolist() == history["d_val_acc"].tolist()
+    # the summary's D: the exported head scores clean samples, noising each from its index alone
+    from trainer.stage2.feature_discriminator import FeatureScorer
+
+    scorer = FeatureScorer(export, straight.schedule, 0)
+    z = torch.randn(4, 4, 8, 8)
+    both, pair = scorer(z, index=[0, 1, 2, 3]), scorer(z[2:], index=[2, 3])
+    assert both.shape == (4,) and torch.allclose(both[2:], pair, atol=1e-6)
 
     cfg_b = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt, **kwargs)
     first = _trainer(cfg_b)
     first.stop_after = 1
     first.fit()
-    assert first.step == 1 and not first.feature_path.is_file()
+    assert first.step == 1 and not first.critic.path.is_file()
     resumed = _trainer(cfg_b)
     resumed.fit()
     b = _latest(tmp_path / "b" / "out")
@@ -338,9 +351,10 @@ def test_the_fake_score_and_head_carry_over_to_the_next_iteration(
     iteration 0's last weights, which track the generator iteration 1 continues from; false (the default):
     from the stage-1 EMA and a fresh head. A missing state is one line naming the file."""
     from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.distribution_matching import carried as carried_fake_score
     from trainer.stage2.generation import stratified_split
     from trainer.stage2.prepare import weights_of
-    from trainer.stage2.run import carried_fake_score, setup
+    from trainer.stage2.run import setup
 
     dm = {"n_fake": 2, "batch_size": 2, "carry_over": True}
     cfg = _config(
@@ -356,14 +370,19 @@ def test_the_fake_score_and_head_carry_over_to_the_next_iteration(
     s = setup(load_config(cfg), build_accelerator("cpu"))
     real, mask = torch.randn(24, 4, 8, 8), stratified_split(24, 0.8, 0, 1, "real")
     init = weights_of(last0)
-    t = s.finetune_trainer(1, real, mask, None, {**init, "dm": (carried, source)})
-    for name, v in t.dm.fake.state_dict().items():
+    t = s.finetune_trainer(1, real, mask, None, {**init, "distribution_matching": (carried, source)})
+    for name, v in t.helper("distribution_matching").fake.state_dict().items():
         assert torch.equal(v, carried["fake"][name]), name
-    for name, v in t.dm.module.head.state_dict().items():
+    for name, v in t.helper("distribution_matching").module.head.state_dict().items():
         assert torch.equal(v, carried["head"][name]), name
     fresh = s.finetune_trainer(1, real, mask, None, init)  # what carry_over: false gives
     stage1 = torch.load(stage1_ckpt, weights_only=True)["state_dict"]
-    assert all(torch.equal(v, stage1[n]) for n, v in fresh.dm.fake.state_dict().items())
-    assert any(not torch.equal(v, carried["fake"][n]) for n, v in fresh.dm.fake.state_dict().items())
+    assert all(
+        torch.equal(v, stage1[n]) for n, v in fresh.helper("distribution_matching").fake.state_dict().items()
+    )
+    assert any(
+        not torch.equal(v, carried["fake"][n])
+        for n, v in fresh.helper("distribution_matching").fake.state_dict().items()
+    )
     with pytest.raises(UserError, match=r"^.*nope\.pt: no fake score to continue from"):
         carried_fake_score(tmp_path / "nope.pt")

@@ -7,6 +7,7 @@ fakes, validation and the summary stay at generation_steps; the comparison pictu
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from test_distribution_matching import _config, _latest, _trainer
 
 from trainer.core.errors import UserError
@@ -47,15 +48,17 @@ def test_a_fine_tune_trains_at_every_listed_step_count_and_validates_at_generati
     assert _latest(tmp_path / "out")["state"]["fingerprint"]["train_steps"] == [1, 2]
 
 
-def test_x0_pred_has_no_rollouts_to_sample_at_other_step_counts():
-    from trainer.stage2.checks import check_schedule
+def test_x0_pred_has_no_rollouts_to_sample_at_other_step_counts(tmp_path):
+    """A config rule (trainer/config/sections.py), checked as the config loads."""
+    from trainer.config.load import load_config
 
-    s2 = SimpleNamespace(generation_steps=4, train_steps=[1, 4], generator_loss_mode="x0_pred")
-    cfg = SimpleNamespace(stage2=s2, source="c.yaml", scheduler=SimpleNamespace(num_steps=1000))
-    with pytest.raises(UserError, match=r"^c\.yaml: stage2\.train_steps: expected null when .*x0_pred"):
-        check_schedule(cfg, None)
-    s2.generator_loss_mode = "rollout"
-    check_schedule(cfg, None)
+    s2 = {"generation_steps": 4, "train_steps": [1, 4], "generator_loss_mode": "x0_pred"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stage2": s2}))
+    with pytest.raises(UserError, match=r"^.*c\.yaml: stage2\.train_steps: expected null when .*x0_pred"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"stage2": {**s2, "generator_loss_mode": "rollout"}}))
+    assert load_config(path).stage2.train_steps == [1, 4]
 
 
 def test_the_comparison_shows_every_trained_step_count():

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from trainer.cli.common import run_main
-from trainer.cli.flags import Parser, add_flags
+from trainer.cli.flags import Parser, add_flags, add_set_flag
 from trainer.core.errors import UserError
 from trainer.files.layout import RunLayout
 from trainer.quality import DEFAULT_EPOCHS
@@ -31,14 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="manifest column of integer class labels (default: dataset.label_column, else label)",
     )
     add_flags(p, ["seed"])
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override any config field (repeatable)",
-    )
+    add_set_flag(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return p
 

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from trainer.cli.flags import CONFIG_FLAGS, Parser, add_flags, flag_overrides
+from trainer.cli.flags import CONFIG_FLAGS, Parser, add_flags, add_set_flag, flag_overrides
 from trainer.config.load import dump_config, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.parallel import preempt
@@ -17,14 +17,7 @@ from trainer.parallel.accelerator import apply_performance, build_accelerator, f
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """The arguments that shape the config (shared by the stage commands and `advdiff validate`)."""
     add_flags(p, CONFIG_FLAGS)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override any config field, e.g. --set training.batch_size=32 (repeatable)",
-    )
+    add_set_flag(p)
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved config and exit")
 
 
@@ -140,12 +133,12 @@ def stage_main(trainer_cls, name: str, description: str, argv=None) -> int:
     """The whole entry point of a stage: parse, validate, train (resuming if possible), clean up."""
 
     def body(cfg, args):
-        acc = accelerator_for(cfg, args)
+        accelerator = accelerator_for(cfg, args)
         try:
-            trainer = trainer_cls(cfg, acc)
+            trainer = trainer_cls(cfg, accelerator)
             trainer.stop_after = args.stop_after_steps
             trainer.fit()
         finally:
-            acc.end_training()
+            accelerator.end_training()
 
     return run_main(stage_parser(name, description), argv, body)

@@ -1,6 +1,9 @@
-"""The embedded default: digits data (and the digit classifier behind the summary's cls_* columns) ->
-stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid -> stage 2, all under one output folder.
-Re-running resumes or skips finished work. `--conditional`: the same with the digit labels, a
+"""The embedded default, all under one output folder: digits data (and the digit classifier behind the
+summary's cls_* columns) -> stage 0 (autoencoder) -> stage 1 (diffusion) -> sample grid -> stage 2:
+distribution matching against the stage-1 teacher with a feature head on the fake score
+(discriminator.config.type unet_features), 3 iterations for a 4-step DDIM sampler; then the same stage 2
+at one step as a companion run (--out/one_step, its own report) and a picture comparing stage 1 and
+both. Re-running resumes or skips finished work. `--conditional`: the same with the digit labels, a
 class-conditional model (experiments/digits_conditional.yaml, docs/CONDITIONAL.md)."""
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import sys
 from pathlib import Path
 
 from trainer.cli.common import is_main_launch_rank
-from trainer.cli.flags import Parser
+from trainer.cli.flags import Parser, add_set_flag
 from trainer.config.load import CONDITIONAL_DEMO_CONFIG, DEMO_CONFIG, load_config, parse_override
 from trainer.core.errors import UserError
 from trainer.data.digits import build_digits
@@ -49,7 +52,7 @@ def train_metric_classifier(cfg, is_main: bool) -> None:
 ONE_STEP = "one_step"  # the companion run's folder under --out
 
 
-def run_one_step(cfg_path: Path, overrides: dict | None, acc) -> dict:
+def run_one_step(cfg_path: Path, overrides: dict | None, accelerator) -> dict:
     """The demo's stage 2 again at K = 1 (rollouts of one step, from t = T-1), in its own run folder
     (--out/one_step: its own summary, grids and report); returns its result's EMA weights, which the
     comparison picture shows at one step."""
@@ -64,8 +67,8 @@ def run_one_step(cfg_path: Path, overrides: dict | None, acc) -> dict:
         "experiment.save_path": ONE_STEP,
     }
     cfg1 = load_config(cfg_path, one)
-    run_stage2(cfg1, acc)
-    return result_weights(stage2_setup(cfg1, acc))
+    run_stage2(cfg1, accelerator)
+    return result_weights(stage2_setup(cfg1, accelerator))
 
 
 def run(
@@ -83,58 +86,73 @@ def run(
         raise UserError(f"--out {out}: exists and is not a folder")
     cfg_path = out / "config.yaml"
     cfg = load_config(default, overrides)  # validates before any compute
-    acc = build_accelerator(device, cfg.training.resolved_mixed_precision())
-    conditional = default == CONDITIONAL_DEMO_CONFIG
-    if (out / "config.yaml").is_file() and bool(load_config(cfg_path).dataset.label_column) != conditional:
-        kind = ("an unconditional", "--conditional") if conditional else ("the conditional", "the plain demo")
-        raise UserError(f"--out {out}: holds {kind[0]} demo (config.yaml); give {kind[1]} its own --out")
-    prepare(out, acc.is_main_process, default)
-    acc.wait_for_everyone()
+    accelerator = build_accelerator(device, cfg.training.resolved_mixed_precision())
+    check_same_kind(out, cfg_path, default == CONDITIONAL_DEMO_CONFIG)
+    prepare(out, accelerator.is_main_process, default)
+    accelerator.wait_for_everyone()
     cfg = load_config(cfg_path, overrides)
     timings = RunLayout.of(cfg).timings
     with timing.phase(
-        acc, timings, "classifier (metric features)"
+        accelerator, timings, "classifier (metric features)"
     ):  # also for --no-stage2: config.yaml names it
-        train_metric_classifier(cfg, acc.is_main_process)
-    acc.wait_for_everyone()
-    with timing.phase(acc, timings, "stage0 (autoencoder)"):
-        AutoencoderTrainer(cfg, acc).fit()
-    with timing.phase(acc, timings, "stage1 (diffusion)"):
-        DiffusionTrainer(cfg, acc).fit()
-    acc.free_memory()
+        train_metric_classifier(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    with timing.phase(accelerator, timings, "stage0 (autoencoder)"):
+        AutoencoderTrainer(cfg, accelerator).fit()
+    with timing.phase(accelerator, timings, "stage1 (diffusion)"):
+        DiffusionTrainer(cfg, accelerator).fit()
+    accelerator.free_memory()
     if stage2:
-        from trainer.stage2 import run as run_stage2
+        run_stage2_with_comparison(cfg_path, overrides, accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        print_guide(out, cfg, stage2)
+    accelerator.end_training()
+    return cfg_path
 
-        cfg2 = load_config(cfg_path, overrides)
-        run_stage2(cfg2, acc)
-        if cfg2.stage2.generation_steps < cfg2.training.sample_steps:  # few-step stage 2: show what it bought
-            from trainer.stage2 import refresh_report, write_comparison
-            from trainer.stage2 import setup as stage2_setup
 
-            one_step = None
-            if cfg2.stage2.generation_steps > 1:  # and the same recipe at one step, as a companion run
-                one_step = run_one_step(cfg_path, overrides, acc)
-            s = stage2_setup(cfg2, acc)
-            write_comparison(s, cfg2.training.sample_steps, one_step)
-            refresh_report(s)  # with the comparison
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        rows = RunLayout.of(cfg).guide(stage2)
-        width = max(len(path) for path, _ in rows) + 2
+def check_same_kind(out: Path, cfg_path: Path, conditional: bool) -> None:
+    """Refuse an --out that holds the other kind of demo (plain or --conditional)."""
+    if cfg_path.is_file() and bool(load_config(cfg_path).dataset.label_column) != conditional:
+        kind = ("an unconditional", "--conditional") if conditional else ("the conditional", "the plain demo")
+        raise UserError(f"--out {out}: holds {kind[0]} demo (config.yaml); give {kind[1]} its own --out")
+
+
+def run_stage2_with_comparison(cfg_path: Path, overrides: dict | None, accelerator) -> None:
+    """Stage 2 of the demo; a few-step one also runs its one-step companion (K > 1) and writes the
+    comparison picture, then the report again with it."""
+    from trainer.stage2 import run as run_stage2
+
+    cfg2 = load_config(cfg_path, overrides)
+    run_stage2(cfg2, accelerator)
+    if cfg2.stage2.generation_steps < cfg2.training.sample_steps:  # few-step stage 2: show what it bought
+        from trainer.stage2 import refresh_report, write_comparison
+        from trainer.stage2 import setup as stage2_setup
+
+        one_step = None
+        if cfg2.stage2.generation_steps > 1:  # and the same recipe at one step, as a companion run
+            one_step = run_one_step(cfg_path, overrides, accelerator)
+        s = stage2_setup(cfg2, accelerator)
+        write_comparison(s, cfg2.training.sample_steps, one_step)
+        refresh_report(s)  # with the comparison
+
+
+def print_guide(out: Path, cfg, stage2: bool) -> None:
+    """The closing lines (main process): what the demo left under `out`, and where its page is."""
+    rows = RunLayout.of(cfg).guide(stage2)
+    width = max(len(path) for path, _ in rows) + 2
+    print(
+        f"\ndemo complete. Under {out}:\n" + "\n".join(f"  {path:<{width}}{what}" for path, what in rows),
+        flush=True,
+    )
+    if stage2:
         print(
-            f"\ndemo complete. Under {out}:\n" + "\n".join(f"  {path:<{width}}{what}" for path, what in rows),
+            f"\nOne page with the grids, quality per iteration, histories, time and config:\n"
+            f"  {RunLayout.of(cfg).report}",
             flush=True,
         )
-        if stage2:
-            print(
-                f"\nOne page with the grids, quality per iteration, histories, time and config:\n"
-                f"  {RunLayout.of(cfg).report}",
-                flush=True,
-            )
-            if (out / ONE_STEP).is_dir():
-                print(f"The same stage 2 at one step, with its own page:\n  {out / ONE_STEP}", flush=True)
-    acc.end_training()
-    return cfg_path
+        if (out / ONE_STEP).is_dir():
+            print(f"The same stage 2 at one step, with its own page:\n  {out / ONE_STEP}", flush=True)
 
 
 def digits_main(argv=None) -> int:
@@ -160,14 +178,7 @@ def main(argv=None) -> int:
         choices=("auto", "cpu", "cuda"),
         help="cuda, cpu, or auto (cuda when visible)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override any config field of the embedded default (repeatable)",
-    )
+    add_set_flag(p)
     p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
     p.add_argument(
         "--conditional",

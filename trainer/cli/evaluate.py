@@ -61,46 +61,18 @@ def evaluate_main(argv=None) -> int:
 
 
 def body(cfg, args) -> None:
-    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
     from trainer.diffusion.schedule import Schedule
     from trainer.files import atomic
     from trainer.parallel.accelerator import build_accelerator
     from trainer.stage2 import setup
 
-    if not math.isfinite(args.guidance_weight):
-        raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")
-    if not 0 <= args.guidance_t_min <= args.guidance_t_max <= 1:
-        raise UserError(
-            f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
-            f"{args.guidance_t_min}, {args.guidance_t_max}"
-        )
-    acc = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
-    s = setup(cfg, acc, read_only=True)  # the input checks of stage 2, before any compute; writes nothing
-    path = Path(args.checkpoint) if args.checkpoint else s.stage1.path
-    if not path.exists():
-        raise UserError(f"--checkpoint: {path}: not found")
-    ckpt = load_diffusion_checkpoint(path, fallback_scheduler=s.stage1.scheduler, scaling=s.stage1.scaling)
-    if ckpt.unet_config != s.stage1.unet_config:
-        raise UserError(
-            f"--checkpoint: {path}: its UNet differs from the config's stage-1 model "
-            f"({s.stage1.path}); evaluate it with the config it was trained with"
-        )
-    unet = ckpt.unet.to(acc.device).eval()
-    guided = None
-    if args.discriminator is not None and s.labels is not None:
-        raise UserError(
-            f"--discriminator: discriminator guidance is for unconditional models; {s.stage1.path} is "
-            "class-conditional (stage2.guidance_scale sets its classifier-free guidance)"
-        )
-    if args.discriminator is not None:
-        d = load_guidance_discriminator(Path(args.discriminator), s.latent_shape, args.guidance_input)
-        guided = Guidance(
-            d.to(acc.device),
-            weight=args.guidance_weight,
-            t_min=args.guidance_t_min,
-            t_max=args.guidance_t_max,
-            input=args.guidance_input,
-        )
+    check_guidance_args(args)
+    accelerator = build_accelerator(args.device, cfg.training.resolved_mixed_precision())
+    # the input checks of stage 2, before any compute; writes nothing
+    s = setup(cfg, accelerator, read_only=True)
+    path, ckpt = measured_checkpoint(s, args)
+    unet = ckpt.unet.to(accelerator.device).eval()
+    guided = guidance_of(s, args, accelerator.device)
     evaluator = s.evaluator()
     evaluator.guidance = guided
     # sampled as the measured checkpoint says (a stage-2 one records its run's spacing), or as
@@ -112,21 +84,73 @@ def body(cfg, args) -> None:
         checkpoint=str(path),
         generation_steps=cfg.stage2.generation_steps,
         timestep_spacing=evaluator.schedule.timestep_spacing,
-        guidance=None
-        if guided is None
-        else {
-            "discriminator": str(args.discriminator),
-            "weight": guided.weight,
-            "t_min": guided.t_min,
-            "t_max": guided.t_max,
-            "input": guided.input,
-        },
+        guidance=guidance_record(args, guided),
     )
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         text = json.dumps(row, indent=1, default=str)
         print(text)
         if args.json:
             atomic.write_text(text + "\n", Path(args.json))
+
+
+def check_guidance_args(args) -> None:
+    """The guidance flags' ranges, before anything is loaded."""
+    if not math.isfinite(args.guidance_weight):
+        raise UserError(f"--guidance_weight: expected a finite number, got {args.guidance_weight}")
+    if not 0 <= args.guidance_t_min <= args.guidance_t_max <= 1:
+        raise UserError(
+            f"--guidance_t_min, --guidance_t_max: expected 0 <= t_min <= t_max <= 1, got "
+            f"{args.guidance_t_min}, {args.guidance_t_max}"
+        )
+
+
+def measured_checkpoint(s, args):
+    """(path, checkpoint) to measure: --checkpoint, else the config's stage-1 model; it must have the
+    stage-1 model's UNet."""
+    from trainer.diffusion.checkpoints import load_diffusion_checkpoint
+
+    path = Path(args.checkpoint) if args.checkpoint else s.stage1.path
+    if not path.exists():
+        raise UserError(f"--checkpoint: {path}: not found")
+    ckpt = load_diffusion_checkpoint(path, fallback_scheduler=s.stage1.scheduler, scaling=s.stage1.scaling)
+    if ckpt.unet_config != s.stage1.unet_config:
+        raise UserError(
+            f"--checkpoint: {path}: its UNet differs from the config's stage-1 model "
+            f"({s.stage1.path}); evaluate it with the config it was trained with"
+        )
+    return path, ckpt
+
+
+def guidance_of(s, args, device) -> Guidance | None:
+    """The discriminator guidance --discriminator asks for (unconditional models only), or None."""
+    if args.discriminator is not None and s.labels is not None:
+        raise UserError(
+            f"--discriminator: discriminator guidance is for unconditional models; {s.stage1.path} is "
+            "class-conditional (stage2.guidance_scale sets its classifier-free guidance)"
+        )
+    if args.discriminator is None:
+        return None
+    d = load_guidance_discriminator(Path(args.discriminator), s.latent_shape, args.guidance_input)
+    return Guidance(
+        d.to(device),
+        weight=args.guidance_weight,
+        t_min=args.guidance_t_min,
+        t_max=args.guidance_t_max,
+        input=args.guidance_input,
+    )
+
+
+def guidance_record(args, guided: Guidance | None) -> dict | None:
+    """The row's `guidance` field: what guided the samples, or None."""
+    if guided is None:
+        return None
+    return {
+        "discriminator": str(args.discriminator),
+        "weight": guided.weight,
+        "t_min": guided.t_min,
+        "t_max": guided.t_max,
+        "input": guided.input,
+    }
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ no models are loaded to parse them).
 (`--num_samples` and `--num-samples`), `--help` shows defaults, choices and short metavars (`N`, `X`,
 `PATH`, `{a,b}`), and a usage error is one line and exit 2. `FLAGS` declares every flag that sets a
 config field (its field, type and help); a command takes the ones it accepts with `add_flags(parser,
-names)` and reads them back with `flag_overrides(args)`."""
+names)` and reads them back with `flag_overrides(args)`; `add_set_flag` declares `--set PATH=VALUE`, the
+flag for any other field."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ FLAGS = {
     # the nine documented stage-2 flags, then the batch, step-cap, interval, eta and generator-loss-mode
     # extras
     "num_samples": Flag("stage2.num_samples", int, "real and fake samples per iteration"),
-    "num_iterations": Flag("stage2.num_iterations", int, "adversarial iterations"),
+    "num_iterations": Flag("stage2.num_iterations", int, "stage-2 iterations"),
     "discriminator_epochs": Flag("discriminator.training.epochs", int, "D epochs per iteration"),
     "diffusion_epochs": Flag("stage2.diffusion_epochs", int, "diffusion epochs per iteration"),
     "generation_batch_size": Flag("stage2.generation_batch_size", int, "DDIM batch per process"),
@@ -204,6 +205,19 @@ def add_flags(parser, names) -> None:
             metavar=flag.metavar,
             help=flag_help(name),
         )
+
+
+def add_set_flag(parser) -> None:
+    """--set PATH=VALUE, repeatable: any config field, validated like the YAML (into `args.overrides`, read
+    back with trainer.config.load.parse_override); the same flag for every command that takes it."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override any config field, e.g. --set training.batch_size=32 (repeatable)",
+    )
 
 
 def flag_overrides(args) -> dict:

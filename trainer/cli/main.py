@@ -5,18 +5,25 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "demo": ("trainer.cli.demo", "run the embedded digits default (data, stage 0, stage 1)"),
+    "demo": (
+        "trainer.cli.demo",
+        "run the embedded digits default: data, stages 0, 1 and 2 (4-step distribution matching) "
+        "and a 1-step run",
+    ),
     "stage0": ("trainer.cli.stages", "train the autoencoder"),
     "stage1": ("trainer.cli.stages", "train the diffusion UNet"),
-    "stage2": ("trainer.cli.stages", "adversarial fine-tuning against a latent discriminator"),
+    "stage2": (
+        "trainer.cli.stages",
+        "fine-tune the stage-1 model (training.loss: MSE, discriminator, distribution-matching terms)",
+    ),
     "validate": ("trainer.cli.validate", "check a stage-2 config, its files and flags before any compute"),
     "sample": (
         "trainer.cli.sample",
-        "DDIM samples of a checkpoint (optionally discriminator-guided) to .pt/.png",
+        "DDIM samples of a checkpoint to .pt/.png (optionally classifier-free or discriminator-guided)",
     ),
     "evaluate": (
         "trainer.cli.evaluate",
-        "the summary's quality row for any checkpoint, optionally with guidance",
+        "the summary's quality row for any checkpoint, optionally with discriminator guidance",
     ),
     "export": ("trainer.cli.export", "a checkpoint or run as a diffusers pipeline folder (safetensors)"),
     "report": (

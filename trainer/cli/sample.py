@@ -51,6 +51,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no_grid", action="store_true", help="latents only, no decoded grid")
     p.add_argument("--nrow", type=int, default=8, help="grid columns")
+    add_class_arguments(p)
+    add_guidance_arguments(p)
+    return p
+
+
+def add_class_arguments(p) -> None:
+    """The class-conditional flags (classifier-free guidance)."""
     c = p.add_argument_group("class-conditional models (classifier-free guidance)")
     c.add_argument(
         "--class_labels",
@@ -67,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
         help="classifier-free guidance: null + W x (class - null) on the UNet's output (default 1: the "
         "class's own output, no guidance); other scales need a model trained with a null class",
     )
+
+
+def add_guidance_arguments(p) -> None:
+    """The discriminator-guidance flags (unconditional models)."""
     g = p.add_argument_group("discriminator guidance (Kim et al., 2022), unconditional models")
     g.add_argument(
         "--discriminator",
@@ -86,7 +97,6 @@ def parser() -> argparse.ArgumentParser:
         help="what D sees: the noisy latent (x_t, the paper's) or the model's clean prediction "
         "(x0_pred: what stage 2's noise-conditioned D was trained on)",
     )
-    return p
 
 
 GUIDANCE_DEFAULTS = {
@@ -230,17 +240,13 @@ def resolve_ae(args, ckpt) -> Path | None:
 
 
 def sample(args) -> None:
-    from trainer.data.latents import load_frozen_ae
     from trainer.diffusion.checkpoints import load_diffusion_checkpoint
     from trainer.diffusion.noise import per_sample_noise
-    from trainer.diffusion.sampling import ddim_sample, image_grid
+    from trainer.diffusion.sampling import ddim_sample
     from trainer.diffusion.schedule import Schedule
-    from trainer.files import atomic
 
     check_args(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = sample_device(args)
     ckpt = load_diffusion_checkpoint(args.checkpoint, use_ema=not args.raw)
     shape = ckpt.latent_shape
     schedule = Schedule.from_dict(ckpt.scheduler).with_spacing(args.timestep_spacing)
@@ -249,30 +255,8 @@ def sample(args) -> None:
             f"--steps: at most {schedule.num_steps} (the checkpoint's schedule), got {args.steps}"
         )
     labels, scale = resolve_class_labels(args, ckpt)
-    guidance = None
-    if args.discriminator is not None:
-        d = load_guidance_discriminator(Path(args.discriminator), shape, args.guidance_input)
-        guidance = Guidance(
-            d.to(device),
-            weight=args.guidance_weight,
-            t_min=args.guidance_t_min,
-            t_max=args.guidance_t_max,
-            input=args.guidance_input,
-        )
-    ae = None
-    ae_path = resolve_ae(args, ckpt)
-    if ae_path is not None:  # loaded (and checked) before any sampling
-        ae = load_frozen_ae(ae_path, device)
-        if ckpt.kind == "unet":  # a bare UNet folder: the latent scale and shift are the AE config's
-            from models.autoencoder import config_scaling
-
-            ckpt.scaling = config_scaling(ae)
-        if ae.config.latent_channels != shape[0]:
-            raise UserError(
-                f"--ae: {ae_path}: latent channels {ae.config.latent_channels} differ from the "
-                f"checkpoint's UNet's {shape[0]}"
-            )
-    prefix = Path(args.out)
+    guidance = discriminator_guidance(args, shape, device)
+    ae = load_grid_ae(args, ckpt, shape, device)  # loaded (and checked) before any sampling
     unet = ckpt.unet.to(device).eval()
     noise = per_sample_noise(range(args.num), shape, args.seed, "sample").to(device)
     z = ddim_sample(
@@ -289,6 +273,63 @@ def sample(args) -> None:
         guidance_scale=scale,
         null_class=None if ckpt.conditioning is None else ckpt.conditioning.null_class,
     )
+    written = write_samples(args, z, labels, ae, ckpt)
+    print(
+        f"advdiff sample: {args.num} samples, {args.steps} DDIM steps ({schedule.timestep_spacing} "
+        f"spacing), eta {args.eta}, {describe_guidance(guidance, labels, ckpt, scale, schedule)}: "
+        f"{', '.join(written)}"
+    )
+
+
+def sample_device(args) -> torch.device:
+    """--device: cuda (which must be visible), cpu, or auto (cuda when visible)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def discriminator_guidance(args, shape, device) -> Guidance | None:
+    """The guidance --discriminator turns on (its D checked against the latents), or None."""
+    if args.discriminator is None:
+        return None
+    d = load_guidance_discriminator(Path(args.discriminator), shape, args.guidance_input)
+    return Guidance(
+        d.to(device),
+        weight=args.guidance_weight,
+        t_min=args.guidance_t_min,
+        t_max=args.guidance_t_max,
+        input=args.guidance_input,
+    )
+
+
+def load_grid_ae(args, ckpt, shape, device):
+    """The frozen AE the grid is decoded with (resolve_ae), checked against the checkpoint's latents, or
+    None for no grid. A bare UNet folder takes its latent scale and shift from the AE config."""
+    from trainer.data.latents import load_frozen_ae
+
+    ae_path = resolve_ae(args, ckpt)
+    if ae_path is None:
+        return None
+    ae = load_frozen_ae(ae_path, device)
+    if ckpt.kind == "unet":  # a bare UNet folder: the latent scale and shift are the AE config's
+        from models.autoencoder import config_scaling
+
+        ckpt.scaling = config_scaling(ae)
+    if ae.config.latent_channels != shape[0]:
+        raise UserError(
+            f"--ae: {ae_path}: latent channels {ae.config.latent_channels} differ from the "
+            f"checkpoint's UNet's {shape[0]}"
+        )
+    return ae
+
+
+def write_samples(args, z, labels, ae, ckpt) -> list[str]:
+    """PREFIX.pt, PREFIX.labels.pt (a class-conditional model) and the PNG grid (with an AE); returns
+    the paths written."""
+    from trainer.diffusion.sampling import image_grid
+    from trainer.files import atomic
+
+    prefix = Path(args.out)
     pt = atomic.save_torch(z.cpu().contiguous(), prefix.with_name(prefix.name + ".pt"))
     written = [str(pt)]
     if labels is not None:
@@ -307,23 +348,21 @@ def sample(args) -> None:
             image_grid(images, nrow=min(args.nrow, shown.shape[0])), prefix.with_name(prefix.name + ".png")
         )
         written.append(str(png))
-    what = (
-        "no guidance"
-        if guidance is None
-        else (
-            f"discriminator guidance w={guidance.weight} on t in [{guidance.t_min}, {guidance.t_max}] x "
-            f"{schedule.num_steps}, D sees {guidance.input}"
-        )
-    )
+    return written
+
+
+def describe_guidance(guidance, labels, ckpt, scale: float, schedule) -> str:
+    """How the samples were guided, for the closing line."""
     if labels is not None:
-        what = (
+        return (
             f"{len(set(labels.tolist()))} of {ckpt.conditioning.num_classes} classes, classifier-free "
             f"guidance scale {scale}"
         )
-    print(
-        f"advdiff sample: {args.num} samples, {args.steps} DDIM steps ({schedule.timestep_spacing} "
-        f"spacing), eta {args.eta}, {what}: "
-        f"{', '.join(written)}"
+    if guidance is None:
+        return "no guidance"
+    return (
+        f"discriminator guidance w={guidance.weight} on t in [{guidance.t_min}, {guidance.t_max}] x "
+        f"{schedule.num_steps}, D sees {guidance.input}"
     )
 
 

@@ -41,7 +41,12 @@ def apply_arm(cfg: Config, weight: float | None, control: bool) -> None:
 
 def build_stage2_parser(
     prog: str = "stage2",
-    description: str = "Adversarial fine-tuning against a latent discriminator (stage 2).",
+    description: str = (
+        "Fine-tune the stage-1 model (stage 2), iteration by iteration: generate fakes and encode reals,\n"
+        "train a latent discriminator (discriminator.config.type latent; with unet_features, a feature\n"
+        "head on the distribution-matching fake score trains during the fine-tune instead), then\n"
+        "fine-tune the UNet with training.loss (MSELoss, DiscriminatorLoss, DistributionMatchingLoss)."
+    ),
     **config_arg,
 ) -> argparse.ArgumentParser:
     """The stage-2 flag set; `advdiff validate` builds its parser from this one, so they cannot drift."""
@@ -50,7 +55,8 @@ def build_stage2_parser(
     p.add_argument(
         "--control",
         action="store_true",
-        help="the MSE-only control arm: adversarial weight 0, same data and steps, into <save_path>_control",
+        help="the control arm: every DiscriminatorLoss weight 0 (the other training.loss terms kept), "
+        "same data and steps, into <save_path>_control",
     )
     p.add_argument(
         "--start_iteration",
@@ -73,12 +79,12 @@ def apply_stage2_args(cfg: Config, args) -> None:
 def stage2_main(argv=None) -> int:
     def body(cfg, args):
         apply_stage2_args(cfg, args)
-        acc = accelerator_for(cfg, args)
+        accelerator = accelerator_for(cfg, args)
         try:
             from trainer.stage2 import run
 
-            run(cfg, acc, args.start_iteration, args.stop_after_steps)
+            run(cfg, accelerator, args.start_iteration, args.stop_after_steps)
         finally:
-            acc.end_training()
+            accelerator.end_training()
 
     return run_main(build_stage2_parser(), argv, body)

@@ -18,19 +18,52 @@ GENERATED_KEYS = ("latent", "pred_latent")  # what names the generator's own sam
 class LossType:
     keys: tuple[str, ...]  # what a term's `key` may name
     targets: tuple[str, ...] | None  # what its `target` may name; None: the term reads no target
+    part: str | None = None  # the logged part it adds to (history columns train_<part>, val_<part>)
 
 
 LOSS_TYPES: dict[str, LossType] = {}
 
 
-def accept_loss_type(name: str, keys, targets=None) -> None:
-    """Accept `name` in configs, its `key` one of `keys` and its `target` one of `targets` (None: any)."""
-    rule = LossType(tuple(keys), None if targets is None else tuple(targets))
+def accept_loss_type(name: str, keys, targets=None, part: str | None = None) -> None:
+    """Accept `name` in configs, its `key` one of `keys` and its `target` one of `targets` (None: any);
+    `part`: the logged part its values go to (val_<part> may then pick the best checkpoint)."""
+    rule = LossType(tuple(keys), None if targets is None else tuple(targets), part)
     if LOSS_TYPES.get(name, rule) != rule:
         raise ValueError(f"loss type {name!r} is already accepted with other keys: {LOSS_TYPES[name]}")
     LOSS_TYPES[name] = rule
 
 
-accept_loss_type("MSELoss", OUTPUT_KEYS, OUTPUT_KEYS)
-accept_loss_type("DiscriminatorLoss", GENERATED_KEYS)
-accept_loss_type("DistributionMatchingLoss", ("latent",))
+# the parts every fine-tune logs, with or without a weighted term of their type
+STANDARD_PARTS = ("mse", "adv")
+
+
+class BestMetrics:
+    """stage2.best_metric's choices: val_loss, val_<part> of every accepted loss type, val_latent_fd (read
+    when the config validates, so a registered type's part is a choice at once)."""
+
+    def names(self) -> list[str]:
+        parts = dict.fromkeys([*STANDARD_PARTS, *(t.part for t in LOSS_TYPES.values() if t.part)])
+        return ["val_loss", *(f"val_{p}" for p in parts), "val_latent_fd"]
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, value) -> bool:
+        return value in self.names()
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+
+BEST_METRICS = BestMetrics()
+
+
+def logged_parts(losses) -> list[str]:
+    """The parts a fine-tune with these training.loss.losses logs: the standard ones and its terms'."""
+    parts = [LOSS_TYPES[t.type].part for t in losses if t.type in LOSS_TYPES]
+    return list(dict.fromkeys([*STANDARD_PARTS, *(p for p in parts if p)]))
+
+
+accept_loss_type("MSELoss", OUTPUT_KEYS, OUTPUT_KEYS, "mse")
+accept_loss_type("DiscriminatorLoss", GENERATED_KEYS, part="adv")
+accept_loss_type("DistributionMatchingLoss", ("latent",), part="dm")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from trainer.config.loss_types import LOSS_TYPES
+from trainer.config.loss_types import LOSS_TYPES, logged_parts
 from trainer.config.schema import error_at, option, to_dict
 from trainer.config.sections_io import DatasetConfig, DatasetOutputs, DiffusionConfig, ExperimentConfig
 from trainer.config.sections_models import (
@@ -203,6 +203,13 @@ class Config:
                 f"{self.stage2.generator_loss_mode} (x0_pred fakes carry their own timesteps)",
                 True,
             )
+        if self.stage2.train_steps and self.stage2.generator_loss_mode != "rollout":
+            raise error_at(
+                where,
+                "stage2.train_steps",
+                "null when stage2.generator_loss_mode is x0_pred (it has no rollouts to sample at K steps)",
+                self.stage2.train_steps,
+            )
         if self.discriminator.training.mode == "online" and self.stage2.generator_loss_mode != "rollout":
             raise error_at(
                 where,
@@ -227,6 +234,11 @@ class Config:
                     term.type,
                 )
         check_feature_discriminator(self, where)
+        metric, parts = self.stage2.best_metric, logged_parts(self.training.loss.losses)
+        if metric not in ("val_loss", "val_latent_fd") and metric[len("val_") :] not in parts:
+            logged = ", ".join(["val_loss", *(f"val_{p}" for p in parts), "val_latent_fd"])
+            expected = f"one of {logged} (what this run's loss logs)"
+            raise error_at(where, "stage2.best_metric", expected, metric)
 
     def resolve_path(self, value: Optional[str]) -> Optional[Path]:
         """Resolve a path from the config: absolute as is, relative against the YAML's folder."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.config.critic_types import CRITIC_TYPES
+from trainer.config.loss_types import BEST_METRICS
 from trainer.config.schema import error_at, option
 
 
@@ -17,7 +19,7 @@ class DiscriminatorArch:
         "head on the distribution-matching fake score's UNet bottleneck (its mid-block output), "
         "trained in the fake score's updates; needs a DistributionMatchingLoss term "
         "(docs/STAGE2.md#feature-discriminator).",
-        choices=("latent", "unet_features"),
+        choices=CRITIC_TYPES,
     )
     head_channels: int = option(64, "unet_features: channels of the head's two conv layers.", ge=1)
     latent_channels: int = option(4, "Channels of the latents D scores; must equal the AE's.", ge=1)
@@ -253,7 +255,7 @@ class Stage2Config:
         "of metric_samples fixed-seed samples at generation_steps against held-out reals, "
         "measured at every validation and on the starting weights, so an iteration that only "
         "regresses keeps its start as best.",
-        choices=("val_loss", "val_mse", "val_adv", "val_latent_fd"),
+        choices=BEST_METRICS,
     )
     learning_rate: Optional[float] = option(
         None, "Fine-tuning learning rate; default training.learning_rate.", gt=0

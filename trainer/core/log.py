@@ -14,8 +14,13 @@ class Logger:
     """Status lines on the main process only."""
 
     def __init__(self, accelerator, prefix: str = ""):
-        self.acc, self.prefix, self.t0 = accelerator, prefix, time.time()
+        self.accelerator, self.prefix, self.t0 = accelerator, prefix, time.time()
+
+    @property
+    def acc(self):
+        """The old name of `accelerator`, read-only."""
+        return self.accelerator
 
     def __call__(self, message: str) -> None:
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             print(f"[{self.prefix} {time.time() - self.t0:7.1f}s] {message}", flush=True)

@@ -19,9 +19,9 @@ class _Null:
         pass
 
 
-def bar(acc, total: int, desc: str, unit: str = "it", initial: int = 0):
+def bar(accelerator, total: int, desc: str, unit: str = "it", initial: int = 0):
     tty = sys.stderr.isatty()
-    if not acc.is_main_process or not (tty or os.environ.get("ADVDIFF_PROGRESS") == "1"):
+    if not accelerator.is_main_process or not (tty or os.environ.get("ADVDIFF_PROGRESS") == "1"):
         return _Null()
     try:
         from tqdm.auto import tqdm

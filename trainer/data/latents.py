@@ -75,7 +75,7 @@ def encode_local(
 
 
 def encode_rows(
-    acc,
+    accelerator,
     ae,
     rows,
     *,
@@ -88,7 +88,7 @@ def encode_rows(
 ) -> torch.Tensor | None:
     """Latents of every row of `rows` (a DataFrame slice), sharded across ranks, gathered in order."""
     n = len(rows)
-    mine = shard_range(n, acc.process_index, acc.num_processes)
+    mine = shard_range(n, accelerator.process_index, accelerator.num_processes)
     image_paths = rows["image_path"].tolist()[mine.start : mine.stop]
     latent_paths = rows["latent_path"].tolist()[mine.start : mine.stop]
     local = encode_local(
@@ -99,10 +99,10 @@ def encode_rows(
         channels=channels,
         latent_shape=latent_shape,
         batch_size=batch_size,
-        device=acc.device,
+        device=accelerator.device,
         num_workers=num_workers,
     )
-    gathered = gather_shards(local.to(acc.device), n, to_all=to_all)
+    gathered = gather_shards(local.to(accelerator.device), n, to_all=to_all)
     return None if gathered is None else gathered.cpu()
 
 
@@ -158,7 +158,7 @@ class LatentCodec:
 
     def __init__(
         self,
-        acc,
+        accelerator,
         ae_path,
         scaling,
         latent_shape: tuple,
@@ -167,10 +167,15 @@ class LatentCodec:
         batch_size: int,
         num_workers: int = 0,
     ):
-        self.acc, self.ae_path, self.scaling = acc, ae_path, scaling
+        self.accelerator, self.ae_path, self.scaling = accelerator, ae_path, scaling
         self.latent_shape, self.resolution = tuple(latent_shape), resolution
         self.batch_size, self.num_workers = batch_size, num_workers
         self._ae = None
+
+    @property
+    def acc(self):
+        """The old name of `accelerator`, read-only."""
+        return self.accelerator
 
     @property
     def ae(self):
@@ -180,7 +185,7 @@ class LatentCodec:
                     "autoencoder.checkpoint: expected an AE folder or .pt (the stage-1 checkpoint names "
                     "none), got null"
                 )
-            ae = load_frozen_ae(self.ae_path, self.acc.device)
+            ae = load_frozen_ae(self.ae_path, self.accelerator.device)
             if ae.config.latent_channels != self.latent_shape[0]:
                 raise UserError(
                     f"autoencoder.checkpoint: latent channels {ae.config.latent_channels} differ from "
@@ -193,7 +198,7 @@ class LatentCodec:
         """Model-space latents of these rows (a DataFrame slice), written into `out` when given. A file
         that fails on one rank stops every rank with its message (no rank is left waiting): call on
         every rank."""
-        return agree(self.acc, self._encode, rows, out)
+        return agree(self.accelerator, self._encode, rows, out)
 
     def _encode(self, rows, out: torch.Tensor | None) -> torch.Tensor:
         needs_ae = any(not isinstance(p, str) for p in rows["latent_path"])
@@ -206,7 +211,7 @@ class LatentCodec:
                     f"dataset.resolution: images give latents {shape}, the stage-1 UNet expects "
                     f"{self.latent_shape}"
                 )
-        progress = bar(self.acc, len(rows), "encoding", "image")
+        progress = bar(self.accelerator, len(rows), "encoding", "image")
         raw = encode_local(
             ae,
             rows["image_path"].tolist(),
@@ -215,7 +220,7 @@ class LatentCodec:
             channels=ae.config.in_channels if ae is not None else 0,
             latent_shape=self.latent_shape,
             batch_size=self.batch_size,
-            device=self.acc.device,
+            device=self.accelerator.device,
             num_workers=self.num_workers,
             progress=progress.update,
             out=out,

@@ -77,22 +77,46 @@ def read_manifest(
     of an image is its first sub-folder's name (None for an image directly in the folder)."""
     manifest = Path(manifest)
     folder = manifest.is_dir()
+    df = _manifest_frame(manifest, folder, image_column, label_column)
+    has_latents = bool(latent_column) and latent_column in df.columns
+    _check_columns(manifest, df, folder, image_column, has_latents, keep, label_column)
+    df = _filtered(manifest, df, folder, image_column, filters).reset_index(drop=True)
+    base = manifest.resolve() if folder else manifest.resolve().parent
+    out = _resolved_rows(df, base, image_column, latent_column if has_latents else None, keep, label_column)
+    for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"], strict=True)):
+        if img is None and lat is None:
+            raise UserError(
+                f"{manifest}: row {i}: empty '{image_column}'"
+                + (f" and '{latent_column}'" if has_latents else "")
+            )
+    return out
+
+
+def _manifest_frame(manifest: Path, folder: bool, image_column: str, label_column: str | None):
+    """The manifest as read: a folder's images as one column (and their sub-folder labels), or the CSV."""
     if folder:
         df = pd.DataFrame({image_column: pd.Series(image_folder_rows(manifest), dtype=object)})
         if label_column:
             df[label_column] = [p.split("/")[0] if "/" in p else None for p in df[image_column]]
-    elif not manifest.is_file():
+        return df
+    if not manifest.is_file():
         raise UserError(f"{manifest}: manifest not found")
-    else:
-        try:
-            df = pd.read_csv(manifest)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise UserError(f"{manifest}: not a readable CSV ({str(e).splitlines()[0]})") from None
-    only = (
+    try:
+        return pd.read_csv(manifest)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{manifest}: not a readable CSV ({str(e).splitlines()[0]})") from None
+
+
+def _folder_only(manifest: Path, image_column: str) -> str:
+    """Why a column other than the image one cannot be read from an image folder."""
+    return (
         f"an image folder has only the column '{image_column}'; write a CSV with `advdiff manifest "
         f"{manifest}` and add the column to it"
     )
-    has_latents = bool(latent_column) and latent_column in df.columns
+
+
+def _check_columns(manifest, df, folder: bool, image_column, has_latents: bool, keep, label_column) -> None:
+    """The image (or latent), label and `keep` columns must be there."""
     if image_column not in df.columns and not has_latents:
         raise UserError(
             f"{manifest}: no column '{image_column}' (dataset.image_column); "
@@ -107,17 +131,29 @@ def read_manifest(
         if column not in df.columns:
             raise UserError(
                 f"{manifest}: no column '{column}'; "
-                + (only if folder else f"columns are: {', '.join(map(str, df.columns))}")
+                + (
+                    _folder_only(manifest, image_column)
+                    if folder
+                    else f"columns are: {', '.join(map(str, df.columns))}"
+                )
             )
+
+
+def _filtered(manifest, df, folder: bool, image_column: str, filters: dict | None):
+    """The rows whose every dataset.filters column holds one of its allowed values."""
     for column, allowed in (filters or {}).items():
         if column not in df.columns:
             raise UserError(
                 f"{manifest}: dataset.filters.{column}: "
-                + (only if folder else "no such column in the manifest")
+                + (_folder_only(manifest, image_column) if folder else "no such column in the manifest")
             )
         df = df[df[column].isin(allowed)]
-    df = df.reset_index(drop=True)
-    base = manifest.resolve() if folder else manifest.resolve().parent
+    return df
+
+
+def _resolved_rows(df, base: Path, image_column: str, latent_column: str | None, keep, label_column):
+    """The returned frame: row, absolute image_path and latent_path (None where empty or absent), the
+    `keep` columns and `label`. `latent_column`: None when the manifest has no latents."""
 
     def resolve(value):
         if not isinstance(value, str) or not value:
@@ -131,18 +167,12 @@ def read_manifest(
     else:
         out["image_path"] = pd.Series([None] * len(df), dtype=object)
     out["latent_path"] = pd.Series(
-        [resolve(v) for v in df[latent_column]] if has_latents else [None] * len(df), dtype=object
+        [resolve(v) for v in df[latent_column]] if latent_column else [None] * len(df), dtype=object
     )
     for column in keep:
         out[column] = df[column].to_numpy()
     if label_column:
         out["label"] = pd.Series(list(df[label_column]), dtype=object)
-    for i, (img, lat) in enumerate(zip(out["image_path"], out["latent_path"], strict=True)):
-        if img is None and lat is None:
-            raise UserError(
-                f"{manifest}: row {i}: empty '{image_column}'"
-                + (f" and '{latent_column}'" if has_latents else "")
-            )
     return out
 
 

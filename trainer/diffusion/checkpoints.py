@@ -142,38 +142,11 @@ def read_source(path, fallback_scheduler: dict | None = None) -> Source:
 
 
 def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
-    if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json")
-        unet_dir, sched_dir, vae_dir = path / "unet", path / "scheduler", path / "vae"
-        if "unet" not in index or not (unet_dir / "config.json").is_file():
-            raise _bad(
-                path,
-                "a pipeline folder without a unet/ (config.json): advdiff fine-tunes a UNet2DModel",
-            )
-        kind = "pipeline"
-    elif (path / "config.json").is_file():
-        unet_dir, sched_dir, vae_dir, kind = path, path.parent / "scheduler", None, "unet"
-    else:
-        raise _bad(
-            path, "not a diffusers UNet2DModel folder (config.json) or pipeline folder (model_index.json)"
-        )
+    index, unet_dir, sched_dir, vae_dir, kind = _folder_layout(path)
     config = _read_json(unet_dir / "config.json")
     if not _has_weights(unet_dir):
         raise _bad(unet_dir, f"no weights ({' or '.join(WEIGHT_FILES)})")
-    sched_file = sched_dir / "scheduler_config.json"
-    if sched_file.is_file():
-        scheduler = _read_json(sched_file)
-    elif fallback_scheduler is not None:
-        scheduler = fallback_scheduler
-    else:
-        raise _bad(path, f"no scheduler ({sched_file} not found)")
-    try:
-        scheduler = Schedule(config=scheduler).to_dict()
-    except Exception as e:  # diffusers raises several types for configs it cannot build
-        raise _bad(
-            sched_file if sched_file.is_file() else path,
-            f"not a DDPM/DDIM-compatible scheduler config ({str(e).splitlines()[0][:80]})",
-        ) from None
+    scheduler = _folder_scheduler(path, sched_dir, fallback_scheduler)
     scaling = ae = None
     if vae_dir is not None and (vae_dir / "config.json").is_file():
         scaling, ae = scaling_from_config(_read_json(vae_dir / "config.json")), str(vae_dir.resolve())
@@ -188,27 +161,7 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
     conditioning = Conditioning.of_unet_config(config)  # a UNet with M class embeddings: M classes, no null
     record = index.get("conditioning") if kind == "pipeline" else None
     if record is not None:  # an advdiff export's class record (models/pipeline.py)
-        where, embeds = path / "model_index.json", config.get("num_class_embeds") or 0
-        try:
-            names = record["class_names"]
-            conditioning = Conditioning.from_dict(record) if isinstance(names, list) else None
-        except (KeyError, TypeError, ValueError, AttributeError):
-            conditioning = None
-        if conditioning is None or len(conditioning.class_names) != conditioning.num_classes:
-            raise _bad(
-                where, "conditioning: expected {num_classes, class_names (a list of that many), null_class}"
-            )
-        if conditioning.null_class not in (None, conditioning.num_classes):
-            raise _bad(
-                where, f"conditioning: null_class must be num_classes ({conditioning.num_classes}) or null"
-            )
-        if conditioning.num_class_embeds != embeds:
-            raise _bad(
-                where,
-                f"conditioning: {conditioning.num_classes} classes"
-                f"{' and a null label' if conditioning.null_class is not None else ''} need num_class_embeds "
-                f"{conditioning.num_class_embeds}, unet/config.json has {embeds}",
-            )
+        conditioning = _recorded_conditioning(path / "model_index.json", record, config)
     return Source(
         path=path,
         kind=kind,
@@ -219,6 +172,67 @@ def _read_folder(path: Path, fallback_scheduler: dict | None) -> Source:
         sampling=sampling,
         conditioning=conditioning,
     )
+
+
+def _folder_layout(path: Path):
+    """(model_index.json's contents or None, unet/, scheduler/, vae/ or None, kind) of a pipeline folder
+    or of a UNet folder (its scheduler/ beside it)."""
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        unet_dir, sched_dir, vae_dir = path / "unet", path / "scheduler", path / "vae"
+        if "unet" not in index or not (unet_dir / "config.json").is_file():
+            raise _bad(
+                path,
+                "a pipeline folder without a unet/ (config.json): advdiff fine-tunes a UNet2DModel",
+            )
+        return index, unet_dir, sched_dir, vae_dir, "pipeline"
+    if (path / "config.json").is_file():
+        return None, path, path.parent / "scheduler", None, "unet"
+    raise _bad(path, "not a diffusers UNet2DModel folder (config.json) or pipeline folder (model_index.json)")
+
+
+def _folder_scheduler(path: Path, sched_dir: Path, fallback_scheduler: dict | None) -> dict:
+    """The full scheduler config of `sched_dir` (else `fallback_scheduler`), checked by building it."""
+    sched_file = sched_dir / "scheduler_config.json"
+    if sched_file.is_file():
+        scheduler = _read_json(sched_file)
+    elif fallback_scheduler is not None:
+        scheduler = fallback_scheduler
+    else:
+        raise _bad(path, f"no scheduler ({sched_file} not found)")
+    try:
+        return Schedule(config=scheduler).to_dict()
+    except Exception as e:  # diffusers raises several types for configs it cannot build
+        raise _bad(
+            sched_file if sched_file.is_file() else path,
+            f"not a DDPM/DDIM-compatible scheduler config ({str(e).splitlines()[0][:80]})",
+        ) from None
+
+
+def _recorded_conditioning(where: Path, record, config: dict) -> Conditioning:
+    """The classes model_index.json `conditioning` records, checked against the UNet's class embeddings."""
+    embeds = config.get("num_class_embeds") or 0
+    try:
+        names = record["class_names"]
+        conditioning = Conditioning.from_dict(record) if isinstance(names, list) else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        conditioning = None
+    if conditioning is None or len(conditioning.class_names) != conditioning.num_classes:
+        raise _bad(
+            where, "conditioning: expected {num_classes, class_names (a list of that many), null_class}"
+        )
+    if conditioning.null_class not in (None, conditioning.num_classes):
+        raise _bad(
+            where, f"conditioning: null_class must be num_classes ({conditioning.num_classes}) or null"
+        )
+    if conditioning.num_class_embeds != embeds:
+        raise _bad(
+            where,
+            f"conditioning: {conditioning.num_classes} classes"
+            f"{' and a null label' if conditioning.null_class is not None else ''} need num_class_embeds "
+            f"{conditioning.num_class_embeds}, unet/config.json has {embeds}",
+        )
+    return conditioning
 
 
 def _folder_weights(unet_dir: Path) -> dict:

@@ -55,11 +55,18 @@ def eta_generators(indices, *seed_parts) -> list:
     return [generator(*seed_parts, "eta", int(i)) for i in indices]
 
 
+def noised_between(schedule, z: torch.Tensor, indices, t_min: float, t_max: float, *seed_parts):
+    """(z_t, t): `z` forward-noised to a timestep in [t_min, t_max) x num_steps per sample; sample i's
+    noise and timestep depend only on (seed_parts, indices[i]). Differentiable in z."""
+    n = schedule.num_steps
+    lo = min(int(t_min * n), n - 1)
+    hi = max(lo + 1, int(t_max * n))
+    noise = per_sample_noise(indices, tuple(z.shape[1:]), *seed_parts, "noise").to(z.device, z.dtype)
+    t = (per_sample_timesteps(indices, hi - lo, *seed_parts, "t") + lo).to(z.device)
+    return schedule.add_noise(z, noise, t), t
+
+
 def noised_inputs(schedule, z: torch.Tensor, indices, max_timestep: float, *seed_parts):
     """(z_t, t): `z` forward-noised to a timestep in [0, max_timestep x num_steps) per sample (a noise-
-    conditioned discriminator's input); sample i's noise and timestep depend only on (seed_parts,
-    indices[i]). Differentiable in z."""
-    t_max = max(1, int(max_timestep * schedule.num_steps))
-    noise = per_sample_noise(indices, tuple(z.shape[1:]), *seed_parts, "noise").to(z.device, z.dtype)
-    t = per_sample_timesteps(indices, t_max, *seed_parts, "t").to(z.device)
-    return schedule.add_noise(z, noise, t), t
+    conditioned discriminator's input)."""
+    return noised_between(schedule, z, indices, 0.0, max_timestep, *seed_parts)

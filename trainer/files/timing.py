@@ -28,11 +28,11 @@ def read_rows(path: Path) -> list[dict]:
 
 
 @contextmanager
-def phase(acc, path: Path, name: str, iteration: int | str = ""):
+def phase(accelerator, path: Path, name: str, iteration: int | str = ""):
     """Time the block; on normal exit the main process appends a row to `path` (RunLayout.timings)."""
     t0 = time.perf_counter()
     yield
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         rows = read_rows(path)
         rows.append(
             {
@@ -40,7 +40,7 @@ def phase(acc, path: Path, name: str, iteration: int | str = ""):
                 "iteration": iteration,
                 "phase": name,
                 "seconds": round(time.perf_counter() - t0, 3),
-                "processes": acc.num_processes,
+                "processes": accelerator.num_processes,
             }
         )
         atomic.write_csv(rows, path, FIELDS)

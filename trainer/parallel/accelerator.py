@@ -36,19 +36,19 @@ def apply_performance(perf) -> None:
         torch.backends.cudnn.allow_tf32 = bool(perf.tf32)
 
 
-def fast_optimizer(perf, acc) -> dict:
+def fast_optimizer(perf, accelerator) -> dict:
     """Extra AdamW/Adam arguments: fused kernels on CUDA when asked (DeepSpeed brings its own)."""
-    if perf.fused_optimizer and acc.device.type == "cuda" and not engine.is_deepspeed(acc):
+    if perf.fused_optimizer and accelerator.device.type == "cuda" and not engine.is_deepspeed(accelerator):
         return {"fused": True}
     return {}
 
 
-def prepare_module(model, perf, acc):
+def prepare_module(model, perf, accelerator):
     """A model about to be trained or sampled: on the device first when its optimizer is fused (the
     fused kernels check the parameters' device when built), channels-last when asked."""
-    if fast_optimizer(perf, acc):
-        model = model.to(acc.device)
-    if perf.channels_last and acc.device.type == "cuda":
+    if fast_optimizer(perf, accelerator):
+        model = model.to(accelerator.device)
+    if perf.channels_last and accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -94,12 +94,12 @@ def build_accelerator(
             engine.MAIN_PLUGIN: DeepSpeedPlugin(),
             engine.SECOND_PLUGIN: DeepSpeedPlugin(),
         }
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs, **tracking)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs, **tracking)
     if trackers:
-        agree(acc, _start_trackers, acc, trackers, run_name, config, project_dir)
-    if acc.is_main_process and acc.device.type == "cpu" and mixed_precision == "fp16":
+        agree(accelerator, _start_trackers, accelerator, trackers, run_name, config, project_dir)
+    if accelerator.is_main_process and accelerator.device.type == "cpu" and mixed_precision == "fp16":
         warn("mixed_precision fp16 has no effect on CPU: PyTorch runs these models in fp32 there")
-    return acc
+    return accelerator
 
 
 # -- experiment trackers (--report_to) ----------------------------------------------------------------
@@ -157,17 +157,19 @@ def resolve_report_to(value: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _start_trackers(acc, trackers: list[str], run_name: str, config: dict | None, project_dir) -> None:
+def _start_trackers(
+    accelerator, trackers: list[str], run_name: str, config: dict | None, project_dir
+) -> None:
     """init_trackers on the main process (accelerate starts trackers there only); a tracker that fails to
     start (wandb online without a login, say) is one line on every rank (`agree`)."""
-    if not acc.is_main_process:
+    if not accelerator.is_main_process:
         return
     init_kwargs = {}
     if "wandb" in trackers and project_dir is not None and not os.environ.get("WANDB_DIR"):
         Path(project_dir).mkdir(parents=True, exist_ok=True)  # wandb's files beside TensorBoard's
         init_kwargs["wandb"] = {"dir": str(project_dir)}
     try:
-        acc.init_trackers(run_name, config=config, init_kwargs=init_kwargs)
+        accelerator.init_trackers(run_name, config=config, init_kwargs=init_kwargs)
     except Exception as e:  # each tracker's own failure: keep its message, drop the traceback
         first = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
@@ -256,12 +258,12 @@ def tracker_step(cfg, stage: str, step: int = 0) -> int:
     return origin + d + 1 if step == 0 else origin + step * period
 
 
-def log_images(acc, name: str, picture, step: int) -> None:
+def log_images(accelerator, name: str, picture, step: int) -> None:
     """A uint8 picture, (H, W) grey or (H, W, 3), to every tracker that takes images, in the form its
     accelerate tracker expects: TensorBoard a batch of one with dataformats="NHWC" (the only one that
     takes dataformats; wandb would hand it on to wandb.log, which refuses it), wandb and swanlab a list
     of arrays, aim and clearml the array; the others (mlflow, comet_ml, dvclive, trackio) log no images."""
-    for tracker in acc.trackers:
+    for tracker in accelerator.trackers:
         kind = getattr(tracker, "name", None)
         if kind == "tensorboard":
             batch = (picture if picture.ndim == 3 else picture[:, :, None])[None]

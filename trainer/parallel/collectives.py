@@ -77,7 +77,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def agree(acc, fn, *args, **kwargs):
+def agree(accelerator, fn, *args, **kwargs):
     """Run fn on every rank; if it raises a UserError on any rank, raise the first rank's message on
     all of them (a problem seen by one rank must not leave the others waiting in a collective)."""
     message, result = None, None
@@ -85,8 +85,8 @@ def agree(acc, fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except UserError as e:
         message = str(e)
-    if acc.num_processes > 1:
-        messages = [None] * acc.num_processes
+    if accelerator.num_processes > 1:
+        messages = [None] * accelerator.num_processes
         dist.all_gather_object(messages, message)
         message = next((m for m in messages if m is not None), None)
     if message is not None:

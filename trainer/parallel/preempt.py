@@ -69,9 +69,9 @@ def set_marker_dir(out_dir) -> None:
     _state["marker_dir"] = out_dir
 
 
-def stop(acc, reason: str):
+def stop(accelerator, reason: str):
     """On every rank, after the resume state is written: leave the marker, wait for it, raise."""
-    if acc.is_main_process and _state["marker_dir"] is not None:
+    if accelerator.is_main_process and _state["marker_dir"] is not None:
         atomic.write_text(f"preempted: {reason}\n", os.path.join(_state["marker_dir"], MARKER_NAME))
     # A launcher tears the other workers down as soon as one exits: nobody leaves before the marker exists.
     barrier()

@@ -86,7 +86,7 @@ BOOTSTRAPPED = ("latent", "cls")  # spaces with an FD interval (low-dimensional:
 class Evaluator:
     def __init__(
         self,
-        acc,
+        accelerator,
         cfg,
         path,
         rows,
@@ -104,7 +104,7 @@ class Evaluator:
         beside the summary (a command that reads a run); conditioning: a class-conditional model's
         (trainer.diffusion.conditioning.Conditioning), whose rows carry each row's class index in an int
         column `label_index`."""
-        self.cfg, self.acc, self.path, self.rows = cfg, acc, path, rows
+        self.cfg, self.accelerator, self.path, self.rows = cfg, accelerator, path, rows
         self.read_only = read_only
         self.encode, self.decode, self.schedule, self.latent_shape, self.log = (
             encode,
@@ -125,7 +125,7 @@ class Evaluator:
             else held_out
         )
         self.m = len(pick)
-        self.own = shard_range(self.m, self.acc.process_index, self.acc.num_processes)
+        self.own = shard_range(self.m, self.accelerator.process_index, self.accelerator.num_processes)
         self.rows_pick = pick
         self.conditioning = conditioning
         self.labels = None  # the class of held-out real i, which sample i is generated for (all M)
@@ -143,16 +143,21 @@ class Evaluator:
         self._real_features = None  # {space: this rank's feature rows of the held-out reals}
         self._real_moments = {}  # {space: their moments, reduced over ranks}
 
+    @property
+    def acc(self):
+        """The old name of `accelerator`, read-only (callers still use it)."""
+        return self.accelerator
+
     def _reals(self):
         if self._real is None:
             rows = self.rows.iloc[self.rows_pick[self.own.start : self.own.stop]]
-            self._real = self.encode(rows).to(self.acc.device)
+            self._real = self.encode(rows).to(self.accelerator.device)
         return self._real
 
     def space(self):
         """The stage2.metric_features extractor (None for raw)."""
         if self._space is False:
-            self._space = load_space(self.cfg, self.acc.device)
+            self._space = load_space(self.cfg, self.accelerator.device)
         return self._space
 
     def _spaces_of(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,8 +185,8 @@ class Evaluator:
         """Collective: every rank generates and scores its own block of the M samples."""
         t0 = time.time()
         faults.phase(f"summary{iteration}")
-        acc = self.acc
-        unet = unet.to(acc.device).eval()
+        accelerator = self.accelerator
+        unet = unet.to(accelerator.device).eval()
         fake = self._fakes(unet)
         real = self._reals()
         row = {"iteration": iteration, "samples": self.m}
@@ -192,13 +197,14 @@ class Evaluator:
             row.update(self._class_scores(reals, fakes))
         self.write_references()
         if d is not None:
-            d = d.to(acc.device).eval()
+            d = d.to(accelerator.device).eval()
             y = self._own_labels()  # a class-conditional run's: D scores (sample, label) pairs
-            lr, lf = (
-                d(z) if y is None else d(z, None, y) for z in (real, fake)
-            )  # t = 0 if noise-conditioned
+            # t = 0 if noise-conditioned; a D that noises its inputs itself (takes_index) draws the noise
+            # of each sample from its global index, the same at any world size
+            index = {"index": list(self.own)} if getattr(d, "takes_index", False) else {}
+            lr, lf = (d(z, **index) if y is None else d(z, None, y, **index) for z in (real, fake))
             lr, lf = lr.float(), lf.float()
-            sums = Totals(["real_correct", "fake_correct", "prob_fake"], acc.device)
+            sums = Totals(["real_correct", "fake_correct", "prob_fake"], accelerator.device)
             sums.add("real_correct", (lr > 0).sum().double())
             sums.add("fake_correct", (lf < 0).sum().double())
             sums.add("prob_fake", torch.sigmoid(lf).sum().double())
@@ -210,11 +216,11 @@ class Evaluator:
 
     def _fakes(self, unet) -> torch.Tensor:
         """This rank's block of the M samples, from the same fixed seeds at every call."""
-        cfg, acc = self.cfg, self.acc
+        cfg, accelerator = self.cfg, self.accelerator
         noise = per_sample_noise(list(self.own), self.latent_shape, cfg.training.seed, "metric").to(
-            acc.device
+            accelerator.device
         )
-        with acc.autocast():
+        with accelerator.autocast():
             return ddim_sample(
                 unet,
                 self.schedule.ddim(),
@@ -231,7 +237,7 @@ class Evaluator:
         """The classes of this rank's block of the M samples (None: an unconditional model)."""
         if self.labels is None:
             return None
-        return torch.from_numpy(self.labels[self.own.start : self.own.stop]).to(self.acc.device)
+        return torch.from_numpy(self.labels[self.own.start : self.own.stop]).to(self.accelerator.device)
 
     def _class_scores(self, reals: dict, fakes: dict) -> dict:
         """guidance_scale, and with the classifier feature space class_fd and label_fidelity (module doc):
@@ -295,7 +301,7 @@ class Evaluator:
     def write_references(self) -> None:
         """reference_{space}.npz beside the summary (main process): mu and sigma (float64) of the held-out
         reals' features; rewritten only when they changed (so once per run). Never when read-only."""
-        if not self.acc.is_main_process or self.read_only:
+        if not self.accelerator.is_main_process or self.read_only:
             return
         for space, moments in self._real_moments.items():
             mu, sigma = (t.cpu().numpy() for t in moments.mean_cov())
@@ -317,10 +323,10 @@ class Evaluator:
         rows = [r for r in read_csv_rows(self.path) if int(r["iteration"]) != row["iteration"]] + [row]
         rows.sort(key=lambda r: r["iteration"])
         faults.scope(f"summary{int(row['iteration'])}", self.path.with_suffix(".png"))
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             atomic.write_csv(rows, self.path, SUMMARY_FIELDS)
             plots.plot_summary(self.path, picture_of(self.path))
-        self.acc.log(
+        self.accelerator.log(
             {f"summary/{k}": v for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))},
             step=tracker_step(self.cfg, "summary", int(row["iteration"])),
         )

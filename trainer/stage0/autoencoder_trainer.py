@@ -23,7 +23,7 @@ from trainer.files.layout import RunLayout
 from trainer.parallel import engine
 from trainer.parallel.collectives import Totals, barrier, shard_range
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
-from trainer.training.optim import build_lr_schedule, build_optimizer
+from trainer.training.optim import build_lr_schedule, optimizer_from
 
 
 class AutoencoderTrainer(StepTrainer):
@@ -72,7 +72,7 @@ class AutoencoderTrainer(StepTrainer):
             m.norm_num_groups,
             self.size,
         )
-        opt = build_optimizer(self.model.parameters(), t.learning_rate, t.weight_decay)
+        opt = optimizer_from(self.model.parameters(), t)  # AdamW; no device switches (as ever for stage 0)
         self.sched = build_lr_schedule(opt, t.warmup_steps, t.max_steps)
         self.ddp_model, self.opt = engine.prepare(accelerator, _WithKL(self.model), opt, t.batch_size, 0.0)
 
@@ -80,14 +80,14 @@ class AutoencoderTrainer(StepTrainer):
         paths = self.rows["image_path"].tolist()
         return torch.stack(
             [load_image(paths[i], self.size, self.cfg.autoencoder.model.in_channels) for i in rows]
-        ).to(self.acc.device)
+        ).to(self.accelerator.device)
 
     def train_step(self, step):
         t = self.cfg.autoencoder.training
         batch = batch_indices(self.train_idx, t.batch_size, step, self.seed, self.stage)
         mine = rank_slice(batch, self.rank, self.world)
         x = self._images(mine)
-        with self.acc.autocast():
+        with self.accelerator.autocast():
             recon, kl = self.ddp_model(x, self.step_generator(step, self.rank))
         mse = torch.mean((recon.float() - x) ** 2)
         kl = kl.float().mean() / x[0].numel()
@@ -99,13 +99,13 @@ class AutoencoderTrainer(StepTrainer):
 
     @torch.no_grad()
     def evaluate(self):
-        with engine.full_parameters(self.acc, self.model):
+        with engine.full_parameters(self.accelerator, self.model):
             return self._evaluate()
 
     def _evaluate(self):
         self.model.eval()
         mine = shard_range(len(self.val_idx), self.rank, self.world)
-        sums = Totals(["squared_error", "n"], self.acc.device)
+        sums = Totals(["squared_error", "n"], self.accelerator.device)
         ids = self.val_idx[mine.start : mine.stop]
         for s in range(0, len(ids), 128):
             x = self._images(ids[s : s + 128])
@@ -118,13 +118,13 @@ class AutoencoderTrainer(StepTrainer):
 
     def model_state(self):
         return {
-            "model": engine.state_dict(self.acc, self.model),
+            "model": engine.state_dict(self.accelerator, self.model),
             "optimizer": self.optimizer_state(self.opt),
             "lr_scheduler": self.sched.state_dict(),
         }
 
     def load_model_state(self, state):
-        engine.load_state_dict(self.acc, self.model, state["model"])
+        engine.load_state_dict(self.accelerator, self.model, state["model"])
         self.load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["lr_scheduler"])
 
@@ -132,11 +132,11 @@ class AutoencoderTrainer(StepTrainer):
         blob = {
             "format": AE_FORMAT,
             "config": dict(self.model.config),
-            "state_dict": engine.state_dict(self.acc, self.model),
+            "state_dict": engine.state_dict(self.accelerator, self.model),
             "step": self.step,
             "metrics": metrics,
         }
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             atomic.save_torch(blob, self.layout.autoencoder_export(tag))
 
     def finish(self):
@@ -145,10 +145,10 @@ class AutoencoderTrainer(StepTrainer):
         if (final / "config.json").is_file():
             return
         barrier()
-        ae = load_autoencoder(self.layout.autoencoder_export("best")).to(self.acc.device)
+        ae = load_autoencoder(self.layout.autoencoder_export("best")).to(self.accelerator.device)
         rows = self.rows.iloc[self.train_idx]
         z = encode_rows(
-            self.acc,
+            self.accelerator,
             ae,
             rows,
             size=self.size,
@@ -157,7 +157,7 @@ class AutoencoderTrainer(StepTrainer):
             batch_size=self.cfg.autoencoder.encode_batch_size,
         )
         scaling = measure_scaling(z)
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             ae.register_to_config(scaling_factor=scaling.scale, shift_factor=scaling.shift)
             tmp = final.with_name(".autoencoder.tmp")
             shutil.rmtree(tmp, ignore_errors=True)

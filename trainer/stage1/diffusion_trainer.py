@@ -31,28 +31,19 @@ from trainer.files import atomic
 from trainer.files.layout import RunLayout
 from trainer.files.read import torch_load
 from trainer.parallel import engine
-from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.accelerator import prepare_module
 from trainer.parallel.collectives import Totals, shard_range
 from trainer.stage1.labels import check_labels_config, training_labels
 from trainer.training.ema import EMA, sync_eval_copy
 from trainer.training.loop import StepTrainer, batch_indices, local_weight, rank_slice
-from trainer.training.optim import build_lr_schedule, build_optimizer
+from trainer.training.optim import build_lr_schedule, optimizer_from
 
 
 class DiffusionTrainer(StepTrainer):
     def __init__(self, cfg: Config, accelerator):
         self.cfg = cfg
         t = cfg.training
-        if cfg.dataset.manifest is None:
-            raise ConfigError(
-                f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null"
-            )
-        if cfg.autoencoder.checkpoint is None:
-            raise ConfigError(f"{cfg.source}: autoencoder.checkpoint: expected an AE folder or .pt, got null")
-        check_labels_config(cfg)
-        engine.check_accumulation(
-            accelerator, t.gradient_accumulation_steps, t.batch_size
-        )  # before any compute
+        self._check_inputs(accelerator)
         self.ae = load_frozen_ae(cfg.resolve_path(cfg.autoencoder.checkpoint), accelerator.device)
         size = cfg.dataset.resolution or self.ae.config.sample_size
         self.latent_shape = latent_shape_of(self.ae, size)
@@ -63,6 +54,39 @@ class DiffusionTrainer(StepTrainer):
         spacing = s.timestep_spacing or NEW_MODEL_SPACING
         self.schedule = Schedule(s.type, s.num_steps, s.prediction_type, timestep_spacing=spacing)
         self.layout = RunLayout.of(cfg)
+        super().__init__(
+            accelerator,
+            stage="stage1",
+            metric="val_mse",
+            state_path=self.layout.stage1.state,
+            history_path=self.layout.stage1.history,
+            max_steps=t.max_steps,
+            eval_interval=t.eval_interval,
+            log_interval=t.log_interval,
+            seed=t.seed,
+            fingerprint=self._fingerprint(),
+            max_nonfinite_steps=t.max_nonfinite_steps,
+        )
+        self._read_latents(size)
+        self._build_unet(accelerator)
+
+    def _check_inputs(self, accelerator) -> None:
+        """The config checks before anything is loaded (the manifest, the AE, labels, accumulation)."""
+        cfg, t = self.cfg, self.cfg.training
+        if cfg.dataset.manifest is None:
+            raise ConfigError(
+                f"{cfg.source}: dataset.manifest: expected a manifest CSV or a folder of images, got null"
+            )
+        if cfg.autoencoder.checkpoint is None:
+            raise ConfigError(f"{cfg.source}: autoencoder.checkpoint: expected an AE folder or .pt, got null")
+        check_labels_config(cfg)
+        engine.check_accumulation(
+            accelerator, t.gradient_accumulation_steps, t.batch_size
+        )  # before any compute
+
+    def _fingerprint(self) -> dict:
+        """The model-defining fields a resume state must share with the config."""
+        cfg, t, s = self.cfg, self.cfg.training, self.cfg.scheduler
         fingerprint = {
             "unet": spec_to_dict(self.spec),
             # the sampler's spacing is not in it: training never samples, so a resume may change it
@@ -76,19 +100,11 @@ class DiffusionTrainer(StepTrainer):
         }
         if cfg.dataset.label_column:  # a class-conditional model
             fingerprint.update(label_column=cfg.dataset.label_column, label_dropout=t.label_dropout)
-        super().__init__(
-            accelerator,
-            stage="stage1",
-            metric="val_mse",
-            state_path=self.layout.stage1.state,
-            history_path=self.layout.stage1.history,
-            max_steps=t.max_steps,
-            eval_interval=t.eval_interval,
-            log_interval=t.log_interval,
-            seed=t.seed,
-            fingerprint=fingerprint,
-            max_nonfinite_steps=t.max_nonfinite_steps,
-        )
+        return fingerprint
+
+    def _read_latents(self, size: int) -> None:
+        """The manifest's rows, their labels, the train/val split and the scaled latents of every row."""
+        cfg, t = self.cfg, self.cfg.training
         rows = read_manifest(
             cfg.resolve_path(cfg.dataset.manifest),
             cfg.dataset.image_column,
@@ -114,6 +130,10 @@ class DiffusionTrainer(StepTrainer):
             f"UNet {count_parameters(unet_from_config(self.unet_config)) / 1e6:.2f}M"
         )
 
+    def _build_unet(self, accelerator) -> None:
+        """The UNet (the same initial weights on every run and rank), its EMA copy, optimizer and LR
+        schedule, prepared for the accelerator."""
+        cfg, t = self.cfg, self.cfg.training
         torch.manual_seed(
             derive_seed(t.seed, "init", "unet")
         )  # the same initial weights on every run and rank
@@ -123,14 +143,7 @@ class DiffusionTrainer(StepTrainer):
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema = EMA(self.unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
         self.unet = prepare_module(self.unet, cfg.performance, accelerator)
-        opt = build_optimizer(
-            self.unet.parameters(),
-            t.learning_rate,
-            t.weight_decay,
-            t.optimizer,
-            t.betas,
-            **fast_optimizer(cfg.performance, accelerator),
-        )
+        opt = optimizer_from(self.unet.parameters(), t, cfg.performance, accelerator)
         self.sched = build_lr_schedule(opt, t.scheduler.warmup_steps, t.max_steps, t.scheduler.type)
         self.ddp_unet, self.opt = engine.prepare(accelerator, self.unet, opt, t.batch_size, t.max_grad_norm)
         self.ema_unet.to(accelerator.device)
@@ -158,7 +171,7 @@ class DiffusionTrainer(StepTrainer):
             if isinstance(blob, dict) and blob.get("key") == key and torch.is_tensor(blob.get("latents")):
                 return blob["latents"]
         z = encode_rows(
-            self.acc,
+            self.accelerator,
             self.ae,
             rows,
             size=size,
@@ -167,7 +180,7 @@ class DiffusionTrainer(StepTrainer):
             batch_size=self.cfg.autoencoder.encode_batch_size,
             num_workers=self.cfg.training.num_workers,
         )
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             atomic.save_torch(atomic.plain({"key": key, "latents": z}), cache)
         return z
 
@@ -186,11 +199,11 @@ class DiffusionTrainer(StepTrainer):
         def micro(
             chunk,
         ):  # the loss of a micro-batch of this rank's positions (all of them without accumulation)
-            x0 = self.latents[batch[chunk]].to(self.acc.device)
+            x0 = self.latents[batch[chunk]].to(self.accelerator.device)
             noise, ts = self.noised(x0, step, chunk)
             x_t = self.schedule.add_noise(x0, noise, ts)
             y = self.batch_labels(batch[chunk], chunk, step)
-            with self.acc.autocast():
+            with self.accelerator.autocast():
                 pred = model_output(self.ddp_unet, x_t, ts, y)
             mse = torch.mean((pred.float() - self.schedule.target(x0, noise, ts)) ** 2)
             logged.append(mse.item() * len(chunk) / len(pos))
@@ -213,20 +226,20 @@ class DiffusionTrainer(StepTrainer):
         null label with probability training.label_dropout (coin i from (seed, stage, step, position i))."""
         if self.labels is None:
             return None
-        y = self.labels[rows].to(self.acc.device)
+        y = self.labels[rows].to(self.accelerator.device)
         c = self.conditioning
         return dropped_labels(y, positions, c.label_dropout, c.null_class, self.seed, self.stage, step)
 
     @torch.no_grad()
     def evaluate(self):
-        sync_eval_copy(self.ema, self.ema_unet, self.acc, self.unet)
+        sync_eval_copy(self.ema, self.ema_unet, self.accelerator, self.unet)
         mine = shard_range(len(self.val_idx), self.rank, self.world)
-        sums = Totals(["squared_error", "n"], self.acc.device)
+        sums = Totals(["squared_error", "n"], self.accelerator.device)
         for s in range(mine.start, mine.stop, 256):
             pos = list(range(s, min(s + 256, mine.stop)))
-            x0 = self.latents[self.val_idx[pos]].to(self.acc.device)
+            x0 = self.latents[self.val_idx[pos]].to(self.accelerator.device)
             noise, ts = self.noised(x0, "val", pos)  # fixed noise: comparable across evaluations
-            y = None if self.labels is None else self.labels[self.val_idx[pos]].to(self.acc.device)
+            y = None if self.labels is None else self.labels[self.val_idx[pos]].to(self.accelerator.device)
             pred = model_output(self.ema_unet, self.schedule.add_noise(x0, noise, ts), ts, y).float()
             err = ((pred - self.schedule.target(x0, noise, ts)) ** 2).mean(dim=(1, 2, 3))
             sums.add("squared_error", err.sum().double())
@@ -236,14 +249,14 @@ class DiffusionTrainer(StepTrainer):
 
     def model_state(self):
         return {
-            "unet": engine.state_dict(self.acc, self.unet),
+            "unet": engine.state_dict(self.accelerator, self.unet),
             "optimizer": self.optimizer_state(self.opt),
             "lr_scheduler": self.sched.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
         }
 
     def load_model_state(self, state):
-        engine.load_state_dict(self.acc, self.unet, state["unet"])
+        engine.load_state_dict(self.accelerator, self.unet, state["unet"])
         self.load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
@@ -253,7 +266,7 @@ class DiffusionTrainer(StepTrainer):
         dest = self.layout.stage1_checkpoint(tag)
         blob = export_blob(
             self.unet_config,
-            engine.state_dict(self.acc, self.ema_unet),
+            engine.state_dict(self.accelerator, self.ema_unet),
             self.scaling,
             self.step,
             metrics,
@@ -261,34 +274,36 @@ class DiffusionTrainer(StepTrainer):
             autoencoder=self.fingerprint["autoencoder"],
             config=self.cfg.to_dict(),
             dest=dest,
-            raw_weights=engine.state_dict(self.acc, self.unet),
+            raw_weights=engine.state_dict(self.accelerator, self.unet),
             sampling={"sampler": "ddim", "steps": self.cfg.training.sample_steps, "eta": 0.0},
             conditioning=self.conditioning,
         )
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             atomic.save_torch(blob, dest)
 
     def finish(self):
         """A decoded sample grid of the best checkpoint, from fixed seeds (main process)."""
         grid_path = self.layout.stage1_grid
-        if self.acc.is_main_process and not grid_path.is_file():
+        if self.accelerator.is_main_process and not grid_path.is_file():
             ck = load_diffusion_checkpoint(self.layout.stage1_checkpoint("best"))
-            unet = ck.unet.to(self.acc.device)
+            unet = ck.unet.to(self.accelerator.device)
             # a conditional model's grid: a column per class (at guidance scale 1)
             c = self.conditioning
             nrow = 8 if c is None else c.num_classes
             n = 64 if c is None else c.num_classes * max(1, 64 // c.num_classes)
-            noise = per_sample_noise(range(n), self.latent_shape, self.seed, "grid").to(self.acc.device)
+            noise = per_sample_noise(range(n), self.latent_shape, self.seed, "grid").to(
+                self.accelerator.device
+            )
             y = None if c is None else torch.arange(n) % c.num_classes
             z = ddim_sample(unet, self.schedule.ddim(), noise, self.cfg.training.sample_steps, class_labels=y)
             images = decode(self.ae, self.scaling.from_model(z))
             atomic.save_png(image_grid(images, nrow=nrow), grid_path)
             self.log(f"sample grid written to {grid_path}")
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             from trainer.diffusion.export import export_pipeline, is_current
 
             ck = load_diffusion_checkpoint(self.layout.stage1_checkpoint("best"))
             if not is_current(self.layout.stage1_pipeline, ck):
                 export_pipeline(ck, self.layout.stage1_pipeline, autoencoder=self.fingerprint["autoencoder"])
                 self.log(f"pipeline folder written to {self.layout.stage1_pipeline}")
-        self.acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()

@@ -173,13 +173,6 @@ def check_schedule(cfg, stage1) -> None:
             f"step counts of at most {n} (the stage-1 schedule's steps)",
             ks,
         )
-    if ks and cfg.stage2.generator_loss_mode != "rollout":
-        raise error_at(
-            cfg.source or "<config>",
-            "stage2.train_steps",
-            "null when stage2.generator_loss_mode is x0_pred (it has no rollouts to sample at K steps)",
-            ks,
-        )
 
 
 def read_rows(cfg):
@@ -354,8 +347,14 @@ def check_pipeline_rows(cfg) -> None:
 
 
 # -- at a training start, on every rank ----------------------------------------------------------------
-def start_checks(cfg, acc, read_only: bool = False) -> Facts:
+def start_checks(cfg, accelerator, read_only: bool = False) -> Facts:
     """The stage-2 checks at a run's start: the same as `advdiff validate`, input files sharded. Writes
     nothing (the run records its fields with record_run_fields once every check has passed).
     read_only: for a command that only reads the run (check_stage2)."""
-    return agree(acc, check_stage2, cfg, shard=(acc.process_index, acc.num_processes), read_only=read_only)
+    return agree(
+        accelerator,
+        check_stage2,
+        cfg,
+        shard=(accelerator.process_index, accelerator.num_processes),
+        read_only=read_only,
+    )

@@ -21,11 +21,13 @@ from trainer.core.seeds import derive_seed
 from trainer.diffusion.noise import noised_inputs
 from trainer.files import atomic
 from trainer.parallel import engine
-from trainer.parallel.accelerator import fast_optimizer, prepare_module
+from trainer.parallel.accelerator import prepare_module
 from trainer.parallel.collectives import Totals, shard_range
+from trainer.stage2.critic_step import critic_loss, r1_inputs
+from trainer.stage2.samples import sample_source
 from trainer.training.loop import StepTrainer, draw_local, local_weight
-from trainer.training.losses import d_loss, d_loss_terms, r1_term
-from trainer.training.optim import build_optimizer
+from trainer.training.losses import d_loss_terms
+from trainer.training.optim import optimizer_from
 
 D_FORMAT = "advdiff.discriminator"
 D_HISTORY_FIELDS = [
@@ -41,6 +43,16 @@ D_HISTORY_FIELDS = [
     "seconds",
     "nonfinite_skipped",
 ]
+
+
+def save_d(accelerator, d, path, k: int, step: int, inputs: dict, metrics=None, mode=None) -> None:
+    """A D file (call on every rank; main writes): D's config and weights, the iteration and step, what
+    it was trained on (`inputs`: the sample source's d_inputs), and its metrics or its training mode."""
+    weights = engine.state_dict(accelerator, d)
+    if accelerator.is_main_process:
+        blob = {"format": D_FORMAT, "config": d.config, "state_dict": weights, "iteration": k, "step": step}
+        blob.update({"metrics": metrics} if mode is None else {"mode": mode})
+        atomic.save_torch({**blob, "inputs": inputs}, path)
 
 
 def load_discriminator(path):
@@ -65,25 +77,27 @@ def _fingerprinted(td) -> dict:
     return {k: v for k, v in td.__dict__.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
 
-def d_inputs(cfg) -> dict:
-    """What a D file's D was trained on, recorded in it (guidance needs to know): rollout samples, x0
-    predictions, or noised rollout samples with their t below max_timestep x num_steps."""
-    td = cfg.discriminator.training
-    if cfg.stage2.generator_loss_mode == "x0_pred":
-        return {"kind": "x0_pred", "max_timestep": cfg.stage2.x0_pred_max_timestep}
-    if td.noise_inputs:
-        return {"kind": "noised", "max_timestep": td.noise_max_timestep}
-    return {"kind": "clean", "max_timestep": 0.0}
-
-
-def check_r1_supported(acc, td) -> None:
+def check_r1_supported(accelerator, td) -> None:
     """R1 differentiates D's input gradient (a double backward); DeepSpeed's gradient hooks fire inside that
     inner backward and fail, so it is refused up front."""
-    if td.r1_gamma > 0 and engine.is_deepspeed(acc):
+    if td.r1_gamma > 0 and engine.is_deepspeed(accelerator):
         raise UserError(
             f"discriminator.training.r1_gamma: {td.r1_gamma} needs a double backward, which DeepSpeed's "
             "gradient hooks do not support; set it to 0 under DeepSpeed, or train with DDP"
         )
+
+
+def d_fingerprint(cfg) -> dict:
+    """The fields that define the offline D's training (its resume fingerprint)."""
+    arch = cfg.discriminator.config
+    return {
+        # `conditional` only when set: states written before the field still resume
+        "arch": {k: v for k, v in arch.__dict__.items() if k != "conditional" or v},
+        "training": _fingerprinted(cfg.discriminator.training),
+        "seed": cfg.training.seed,
+        "num_samples": cfg.stage2.num_samples,
+        "mode": sample_source(cfg).name,
+    }
 
 
 class DiscriminatorTrainer(StepTrainer):
@@ -91,7 +105,7 @@ class DiscriminatorTrainer(StepTrainer):
 
     def __init__(
         self,
-        acc,
+        accelerator,
         cfg,
         k: int,
         layout,
@@ -117,33 +131,13 @@ class DiscriminatorTrainer(StepTrainer):
         td = cfg.discriminator.training
         if td.noise_inputs and (schedule is None or real_t is not None):
             raise ValueError("noise_inputs needs the noise schedule and rollout-mode fakes")
-        own = shard_range(real_train.shape[0], acc.process_index, acc.num_processes)
-        self.own_start = own.start
-        self.real, self.fake = real, fake
+        max_steps = self._data(accelerator, real, fake, real_train, fake_train)
         self.real_t, self.fake_t = real_t, fake_t
         self.real_labels, self.fake_labels = real_labels, fake_labels
-        local = np.arange(own.start, own.stop)
-        self.tr_real = np.flatnonzero(real_train[local])
-        self.tr_fake = np.flatnonzero(fake_train[local])
-        self.va_real = np.flatnonzero(~real_train[local])
-        self.va_fake = np.flatnonzero(~fake_train[local])
-        self.half = td.batch_size // 2
-        self.per_epoch = max(1, int(real_train.sum()) // self.half)
-        max_steps = td.epochs * self.per_epoch
-        if td.max_steps is not None:
-            max_steps = min(max_steps, td.max_steps)
         interval = td.eval_interval or self.per_epoch
         arch = cfg.discriminator.config
-        fingerprint = {
-            # `conditional` only when set: states written before the field still resume
-            "arch": {k: v for k, v in arch.__dict__.items() if k != "conditional" or v},
-            "training": _fingerprinted(td),
-            "seed": cfg.training.seed,
-            "num_samples": cfg.stage2.num_samples,
-            "mode": cfg.stage2.generator_loss_mode,
-        }
         super().__init__(
-            acc,
+            accelerator,
             stage=f"stage2_d{k}",
             phase_label=f"iteration {k}, discriminator phase",
             state_path=layout.discriminator_state(k),
@@ -152,27 +146,35 @@ class DiscriminatorTrainer(StepTrainer):
             eval_interval=interval,
             log_interval=interval,
             seed=cfg.training.seed,
-            fingerprint=fingerprint,
+            fingerprint=d_fingerprint(cfg),
             max_nonfinite_steps=cfg.training.max_nonfinite_steps,
         )
         self.best_path = layout.discriminator_best(k)
-        check_r1_supported(acc, td)
+        check_r1_supported(accelerator, td)
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "discriminator", k))
         self.d = build_discriminator(arch, num_classes=num_classes if arch.conditional else 0)
         if warm_start_from is not None:
             self.d.load_state_dict(load_discriminator(warm_start_from).state_dict())
             self.log(f"D warm-started from {warm_start_from}")
-        self.d = prepare_module(self.d, cfg.performance, acc)
-        opt = build_optimizer(
-            self.d.parameters(),
-            td.learning_rate,
-            td.weight_decay,
-            "AdamW",
-            td.betas,
-            **fast_optimizer(cfg.performance, acc),
-        )
-        self.ddp_d, self.opt = engine.prepare(acc, self.d, opt, td.batch_size, td.max_grad_norm)
+        self.d = prepare_module(self.d, cfg.performance, accelerator)
+        opt = optimizer_from(self.d.parameters(), td, cfg.performance, accelerator)
+        self.ddp_d, self.opt = engine.prepare(accelerator, self.d, opt, td.batch_size, td.max_grad_norm)
         self.t0 = time.time()
+
+    def _data(self, accelerator, real, fake, real_train, fake_train) -> int:
+        """This rank's reals and fakes, their train/validation positions; returns the phase's steps."""
+        td = self.cfg.discriminator.training
+        own = shard_range(real_train.shape[0], accelerator.process_index, accelerator.num_processes)
+        self.own_start, self.real, self.fake = own.start, real, fake
+        local = np.arange(own.start, own.stop)
+        self.tr_real = np.flatnonzero(real_train[local])
+        self.tr_fake = np.flatnonzero(fake_train[local])
+        self.va_real = np.flatnonzero(~real_train[local])
+        self.va_fake = np.flatnonzero(~fake_train[local])
+        self.half = td.batch_size // 2
+        self.per_epoch = max(1, int(real_train.sum()) // self.half)
+        max_steps = td.epochs * self.per_epoch
+        return max_steps if td.max_steps is None else min(max_steps, td.max_steps)
 
     def _draw(self, positions: np.ndarray, step: int, label: str) -> np.ndarray:
         """This rank's share of the class half-batch, from its own per-epoch permutation."""
@@ -209,17 +211,13 @@ class DiscriminatorTrainer(StepTrainer):
         pr, pf = self._draw(self.tr_real, step, "real"), self._draw(self.tr_fake, step, "fake")
         zr, tr, yr = self._inputs("real", pr, step)
         zf, tf, yf = self._inputs("fake", pf, step)
-        if td.r1_gamma > 0:
-            zr = zr.detach().requires_grad_(True)
+        zr = r1_inputs(td, zr)
         z = torch.cat([zr, zf])
         t = None if tr is None else torch.cat([tr, tf])
         y = None if yr is None else torch.cat([yr, yf])
         with self.acc.autocast():
             logits = self.ddp_d(z, t, y).float()  # one DDP forward for both classes
-        lr_, lf = logits[: len(zr)], logits[len(zr) :]
-        loss = d_loss(td.loss, lr_, lf)
-        if td.r1_gamma > 0:
-            loss = loss + td.r1_gamma * r1_term(lr_, zr)
+        loss, accuracy = critic_loss(td, logits, zr)
         # the shared guarded update (non-finite loss/gradient skips); D has no LR schedule and no EMA
         self.apply_update(
             loss * local_weight(len(zr) + len(zf), 2 * self.half, self.world),
@@ -229,8 +227,7 @@ class DiscriminatorTrainer(StepTrainer):
             None,
             td.max_grad_norm,
         )
-        acc = ((lr_ > 0).float().sum() + (lf < 0).float().sum()) / (len(lr_) + len(lf))
-        return {"loss": loss.item(), "acc": acc.item()}
+        return {"loss": loss.item(), "acc": accuracy.item()}
 
     @torch.no_grad()
     def evaluate(self):
@@ -274,17 +271,12 @@ class DiscriminatorTrainer(StepTrainer):
 
     def export(self, tag, metrics):
         if tag == "best":
-            weights = engine.state_dict(self.acc, self.d)
-            if self.acc.is_main_process:
-                atomic.save_torch(
-                    {
-                        "format": D_FORMAT,
-                        "config": self.d.config,
-                        "state_dict": weights,
-                        "iteration": self.k,
-                        "step": self.step,
-                        "metrics": metrics,
-                        "inputs": d_inputs(self.cfg),
-                    },
-                    self.best_path,
-                )
+            save_d(
+                self.acc,
+                self.d,
+                self.best_path,
+                self.k,
+                self.step,
+                sample_source(self.cfg).d_inputs(),
+                metrics,
+            )

@@ -14,9 +14,13 @@ DeepSpeed a second engine behind a second Accelerator (engine.prepare_second), w
 too: that combination is refused before any compute. Its weights and optimizer are part of the fine-tune's
 resume state (under DeepSpeed the optimizer partitions are in the engine's own checkpoint beside it).
 
-With a feature discriminator (discriminator.config.type unet_features, stage2/feature_discriminator.py) the
-trained module is the fake score with a classifier head on its bottleneck: one module, one wrapper, one
-optimizer (the head in its own parameter group), the head's loss added to each update's denoising loss.
+With a critic that lives on the fake score (critics.py: a critic whose `host` is "fake_score", the feature
+discriminator of stage2/feature_discriminator.py) the trained module is the fake score with the critic's
+classifier head on its bottleneck: one module, one wrapper, one optimizer (the head in its own parameter
+group), the head's loss added to each update's denoising loss.
+
+It is the helper (stage2/helpers.py) of the DistributionMatchingLoss term: built from the fine-tune's
+context, it warm-starts, takes its n_fake steps before each generator step, and saves and loads itself.
 
 A class-conditional run's scores take each sample's label: the teacher at stage2.guidance_scale (the scale
 the generator's rollouts sample at), the fake score conditional alone (scale 1), trained on the rollouts with
@@ -33,14 +37,14 @@ import torch.nn.functional as F
 from models.feature_discriminator import ScoreWithHead
 from trainer.core.errors import UserError
 from trainer.diffusion.conditioning import model_output
-from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
+from trainer.diffusion.noise import noised_between, per_sample_noise, per_sample_timesteps
 from trainer.parallel import engine
-from trainer.parallel.accelerator import fast_optimizer, prepare_module
-from trainer.parallel.collectives import all_reduce_sum, gather_shards, shard_range
-from trainer.stage2 import feature_discriminator as features
-from trainer.stage2.discriminator_trainer import check_r1_supported
+from trainer.parallel.accelerator import prepare_module
+from trainer.parallel.collectives import gather_shards, shard_range
+from trainer.stage2.critic_step import guarded_update
+from trainer.stage2.helpers import Helper
 from trainer.training.loop import local_weight, walk_rows
-from trainer.training.optim import build_optimizer
+from trainer.training.optim import optimizer_from
 
 TERM = "DistributionMatchingLoss"
 
@@ -50,11 +54,11 @@ def enabled(cfg) -> bool:
     return any(t.type == TERM for t in cfg.training.loss.losses)
 
 
-def check_distribution_matching_supported(acc, cfg) -> None:
+def check_distribution_matching_supported(accelerator, cfg) -> None:
     """One line, before any compute, where the term cannot run: under DeepSpeed beside an online D (the
     fake score and the online D would each need the one second engine)."""
     online = cfg.discriminator.training.mode == "online"
-    if enabled(cfg) and online and engine.is_deepspeed(acc):
+    if enabled(cfg) and online and engine.is_deepspeed(accelerator):
         i = next(i for i, t in enumerate(cfg.training.loss.losses) if t.type == TERM)
         raise UserError(
             f"training.loss.losses[{i}]: {TERM} beside an online discriminator is not supported under "
@@ -66,6 +70,21 @@ def check_distribution_matching_supported(acc, cfg) -> None:
 def fingerprint(cfg) -> dict:
     """The fields that define a fine-tune with the term (its resume fingerprint's `distribution_matching`)."""
     return dict(vars(cfg.stage2.distribution_matching))
+
+
+def batch_size(cfg) -> int:
+    """The fake score's global batch per update."""
+    s2 = cfg.stage2
+    return s2.distribution_matching.batch_size or s2.rollout_batch_size or cfg.training.batch_size
+
+
+def carried(path) -> tuple[dict, object]:
+    """The fake score's (and head's) weights in an iteration's last resume state, and the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state"]["model"]
+        return state["distribution_matching"], path
+    except (OSError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: no fake score to continue from ({type(e).__name__})") from None
 
 
 @torch.no_grad()
@@ -84,78 +103,80 @@ def score_predictions(schedule, real, fake, x_t, t, autocast=None, labels=None, 
     return preds[0], preds[1]
 
 
-class DistributionMatching:
+class DistributionMatching(Helper):
     """The teacher, the fake score, its optimizer and the Accelerator that owns its (DDP) wrapper."""
 
-    def __init__(self, acc, cfg, base, schedule, latent_shape, reals=None, labels=None, real_labels=None):
-        """base: the stage-1 checkpoint the run started from (its EMA weights are the teacher); reals: (this
-        rank's reals, the global train mask), which a feature discriminator on the fake score reads; labels:
-        a class-conditional run's RunLabels, real_labels the classes of this rank's reals."""
-        check_distribution_matching_supported(acc, cfg)
-        dm, s2 = cfg.stage2.distribution_matching, cfg.stage2
-        self.cfg, self.main_acc, self.schedule, self.latent_shape = cfg, acc, schedule, latent_shape
-        self.labels = labels
-        self.batch = dm.batch_size or s2.rollout_batch_size or cfg.training.batch_size
-        self.teacher = base.new_unet(base.weights).to(acc.device).eval().requires_grad_(False)
+    name = state_key = "distribution_matching"
+
+    def __init__(self, ctx, head=None):
+        """ctx: the fine-tune's FinetuneContext (ctx.base: the stage-1 checkpoint the run started from, its
+        EMA weights are the teacher); head: a critic that lives on the fake score (its `head` is mounted on
+        the fake score's bottleneck and trained in its updates), or None."""
+        accelerator, cfg = ctx.accelerator, ctx.cfg
+        check_distribution_matching_supported(accelerator, cfg)
+        dm, base = cfg.stage2.distribution_matching, ctx.base
+        self.cfg, self.main_acc, self.schedule = cfg, accelerator, ctx.schedule
+        self.latent_shape, self.labels = ctx.latent_shape, ctx.labels
+        self.engine_path = ctx.layout.fake_score_engine_state(ctx.k)
+        self.batch = batch_size(cfg)
+        self.teacher = base.new_unet(base.weights).to(accelerator.device).eval().requires_grad_(False)
         module = fake = base.new_unet(base.weights).train()
         groups = [{"params": list(fake.parameters())}]
-        self.features = None  # the feature discriminator: a head on the fake score's bottleneck
-        if features.enabled(cfg):
-            check_r1_supported(acc, cfg.discriminator.training)  # R1 on the head: a double backward
-            self.features = features.FeatureDiscriminator(acc, cfg, schedule, *reals, self.batch, real_labels)
-            classes = 0 if labels is None else labels.conditioning.num_classes
-            module = ScoreWithHead(fake, features.new_head(cfg, base.unet_config, classes))
-            td = cfg.discriminator.training
-            head = {"lr": td.learning_rate, "betas": tuple(td.betas), "weight_decay": td.weight_decay}
-            groups.append({"params": list(module.head.parameters()), **head})
-        module = prepare_module(module.to(acc.device), cfg.performance, acc)
-        opt = build_optimizer(
-            groups,
-            dm.learning_rate,
-            dm.weight_decay,
-            "AdamW",
-            dm.betas,
-            **fast_optimizer(cfg.performance, acc),
-        )
-        self.module, self.fake = module, module.unet if self.features is not None else module
-        if self.features is not None:
-            self.features.module = module
-        second = engine.prepare_second(acc, module, opt, self.batch, dm.max_grad_norm)
+        self.features = head  # the feature discriminator: a head on the fake score's bottleneck
+        if head is not None:
+            module = ScoreWithHead(fake, head.head)
+            groups.append(head.param_group)
+        module = prepare_module(module.to(accelerator.device), cfg.performance, accelerator)
+        opt = optimizer_from(groups, dm, cfg.performance, accelerator)
+        self.module, self.fake = module, module.unet if head is not None else module
+        if head is not None:
+            head.module, head.mount = module, self
+        second = engine.prepare_second(accelerator, module, opt, self.batch, dm.max_grad_norm)
         self.acc, self.wrapped, self.opt = second
         self.skipped = 0
+        if self.name in ctx.init:  # carry_over: the last iteration's fake score (a resume state replaces it)
+            self.load_weights(*ctx.init[self.name])
+
+    @classmethod
+    def build(cls, ctx):
+        hosted = ctx.critic is not None and ctx.critic.host == "fake_score"
+        return cls(ctx, ctx.critic if hosted else None)
+
+    @classmethod
+    def fingerprint_of(cls, cfg) -> dict:
+        return {"distribution_matching": fingerprint(cfg)}
+
+    @classmethod
+    def carry(cls, cfg, layout, k: int):
+        """What iteration k starts from of iteration k-1 (stage2.distribution_matching.carry_over: the fake
+        score's last weights), None otherwise; the iteration's init holds it under the helper's name."""
+        if not cfg.stage2.distribution_matching.carry_over:
+            return None
+        return carried(layout.diffusion_checkpoint(k - 1, "latest")), "the fake score"
 
     @property
     def columns(self) -> list[str]:
-        """Its history columns: the fake score's denoising loss, and the feature head's loss and accuracy."""
-        return ["train_fake_loss"] + (["train_d_loss", "train_d_acc"] if self.features is not None else [])
-
-    def frozen(self):
-        """The fake score (and its head) take no gradient inside: the generator step, where the feature
-        discriminator's term back-propagates through them."""
-        return self.features.frozen() if self.features is not None else contextlib.nullcontext()
+        """Its history columns: the fake score's denoising loss, and those of a critic it hosts."""
+        return ["train_fake_loss"] + (self.features.host_columns if self.features is not None else [])
 
     # -- the generator's signal ----------------------------------------------------------------------
     def predictions(self, x, idx, parts, y=None):
         """(p_real, p_fake) of the generator's samples x (global indices idx; a class-conditional run's labels
         y), each noised to its own level t in [t_min, t_max) x num_steps with its own noise, both drawn from
         (parts, index); no gradient."""
-        dm, n = self.cfg.stage2.distribution_matching, self.schedule.num_steps
-        lo = min(int(dm.t_min * n), n - 1)
-        hi = max(lo + 1, int(dm.t_max * n))
-        x = x.detach().float()
-        noise = per_sample_noise(idx, tuple(x.shape[1:]), *parts, "noise").to(x.device)
-        t = (per_sample_timesteps(idx, hi - lo, *parts, "t") + lo).to(x.device)
-        x_t = self.schedule.add_noise(x, noise, t)
+        dm = self.cfg.stage2.distribution_matching
+        x_t, t = noised_between(self.schedule, x.detach().float(), idx, dm.t_min, dm.t_max, *parts)
         fake = engine.forward_module(self.acc, self.wrapped, self.fake)
         return score_predictions(
             self.schedule, self.teacher, fake, x_t, t, self.main_acc.autocast, self.labels, y
         )
 
     # -- the fake score's updates --------------------------------------------------------------------
-    def fake_steps(self, step, model, rollouts, seed, stage) -> dict:
+    def pre_step(self, step, inputs) -> dict:
         """The n_fake fake-score updates before generator step `step` (call on every rank), each on fresh
-        rollouts of `model` (no gradient). Returns the mean denoising loss (fake_loss), and with a feature
-        discriminator its mean loss and accuracy (d_loss, d_acc)."""
+        rollouts of the generator (no gradient). Returns the mean denoising loss (fake_loss), and with a
+        hosted critic its mean loss and accuracy (d_loss, d_acc)."""
+        model, rollouts, seed, stage = inputs.model, inputs.samples, inputs.seed, inputs.stage
         dm, world = self.cfg.stage2.distribution_matching, self.main_acc.num_processes
         mine = list(shard_range(self.batch, self.main_acc.process_index, world))
         sums = {}
@@ -168,6 +189,18 @@ class DistributionMatching:
             for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c, y).items():
                 sums[key] = sums.get(key, 0.0) + value / dm.n_fake
         return sums
+
+    def start(self, run) -> None:
+        """The warm start of a fine-tune that starts afresh, on the iteration's saved fakes (run.warm_fakes:
+        this rank's block, N and a class-conditional run's N labels, set by the iteration; None: none)."""
+        if run.warm_fakes is None:
+            return
+        fakes, n, labels = run.warm_fakes
+        logs = self.warm_start(fakes, n, run.seed, run.stage, labels)
+        if logs:
+            steps = self.cfg.stage2.distribution_matching.warm_start_steps
+            first, last = (" ".join(f"{k}={v:.4g}" for k, v in logs[x].items()) for x in logs)
+            run.log(f"fake score warm start: {steps} updates on the saved fakes: {first} -> {last}")
 
     def warm_start(self, fake_local, n: int, seed, stage, fake_labels=None) -> dict:
         """stage2.distribution_matching.warm_start_steps updates of the fake score (and its head) on the
@@ -216,22 +249,16 @@ class DistributionMatching:
         if self.features is not None:
             head_loss, head_logs = self.features.loss(logits, real_in)
             loss, logs = loss + head_loss, {**logs, **head_logs}
-        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1).to(device))
-        if float(bad) > 0:
-            self.opt.zero_grad(set_to_none=True)
+        params = self.wrapped.parameters()
+        if not guarded_update(self.main_acc, self.acc, self.opt, params, loss, weight, dm.max_grad_norm):
             self.skipped += 1
             return {key: float("nan") for key in logs}
-        self.acc.backward(loss * weight)
-        if dm.max_grad_norm > 0 and not engine.is_deepspeed(self.acc):
-            self.acc.clip_grad_norm_(self.wrapped.parameters(), dm.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         return logs
 
     # -- state -----------------------------------------------------------------------------------------
-    def state(self, engine_folder) -> dict:
+    def state(self, run) -> dict:
         """Weights and optimizer for the fine-tune's resume state (call on every rank)."""
-        opt = engine.second_optimizer_state(self.acc, self.opt, engine_folder)
+        opt = engine.second_optimizer_state(self.acc, self.opt, self.engine_path)
         state = {"fake": engine.state_dict(self.acc, self.fake), "optimizer": opt, "skipped": self.skipped}
         if self.features is not None:
             state["head"] = engine.state_dict(self.acc, self.module.head)
@@ -246,7 +273,10 @@ class DistributionMatching:
                 raise UserError(f"{source}: no feature discriminator head to continue from")
             engine.load_state_dict(self.acc, self.module.head, state["head"])
 
-    def load_state(self, state: dict, engine_folder) -> None:
+    def load_state(self, state, run) -> None:
+        if state is None:  # (the fingerprint names the term's fields first)
+            raise run.missing_state("a fake score")
+        engine_folder = self.engine_path
         engine.load_state_dict(self.acc, self.fake, state["fake"])
         if self.features is not None:
             if "head" not in state:  # (the fingerprint names the head's fields first)
@@ -256,9 +286,3 @@ class DistributionMatching:
             self.acc, self.opt, state["optimizer"], engine_folder, "fake score"
         )
         self.skipped = int(state.get("skipped", 0))
-
-    def export_features(self, path, unet_config: dict, k: int, step: int) -> None:
-        """The feature discriminator (the fake score's UNet and the head) at the end of the phase (call on
-        every rank; main writes)."""
-        unet, head = engine.state_dict(self.acc, self.fake), engine.state_dict(self.acc, self.module.head)
-        self.features.export(path, unet, head, unet_config, k, step)

@@ -31,14 +31,18 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.feature_discriminator import HEAD_FORMAT, FeatureHead, bottleneck_channels
+from models.feature_discriminator import HEAD_FORMAT, FeatureHead, ScoreWithHead, bottleneck_channels
+from models.unet import unet_from_config
 from trainer.config.sections_stage2 import feature_t_range
 from trainer.core.seeds import derive_seed
-from trainer.diffusion.noise import per_sample_noise, per_sample_timesteps
+from trainer.diffusion.noise import noised_between
 from trainer.files import atomic
+from trainer.parallel import engine
 from trainer.parallel.collectives import gather_shards
+from trainer.stage2.critic_step import critic_loss, r1_inputs
+from trainer.stage2.critics import Critic
+from trainer.stage2.discriminator_trainer import D_HISTORY_FIELDS, check_r1_supported
 from trainer.training.loop import walk_rows
-from trainer.training.losses import d_loss, r1_term
 
 
 def enabled(cfg) -> bool:
@@ -56,19 +60,8 @@ def fingerprint(cfg) -> dict:
     }
 
 
-def noised_between(schedule, z, idx, t_min: float, t_max: float, *parts):
-    """(z_t, t): `z` forward-noised to t in [t_min, t_max) x num_steps per sample, noise and t drawn from
-    (parts, idx[i]); differentiable in z."""
-    n = schedule.num_steps
-    lo = min(int(t_min * n), n - 1)
-    hi = max(lo + 1, int(t_max * n))
-    noise = per_sample_noise(idx, tuple(z.shape[1:]), *parts, "noise").to(z.device, z.dtype)
-    t = (per_sample_timesteps(idx, hi - lo, *parts, "t") + lo).to(z.device)
-    return schedule.add_noise(z, noise, t), t
-
-
 def noised_for_head(cfg, schedule, z, idx, *parts):
-    """A sample as the feature discriminator scores it (Rollouts.for_discriminator)."""
+    """A sample as the feature discriminator scores it (its view, in the step and in validation)."""
     return noised_between(schedule, z.float(), idx, *feature_t_range(cfg), *parts)
 
 
@@ -81,24 +74,58 @@ def new_head(cfg, unet_config: dict, num_classes: int = 0) -> FeatureHead:
         return FeatureHead(bottleneck_channels(unet_config), cfg.discriminator.config.head_channels, classes)
 
 
-class FeatureDiscriminator:
-    """The head's inputs and loss in the fake score's updates, and the critic of the generator's term.
-    `module` (a ScoreWithHead) is set by the DistributionMatching that owns the fake score."""
+class FeatureCritic(Critic):
+    """The head's inputs and loss in the fake score's updates, and the critic of the generator's term. It
+    lives on the fake score (host "fake_score"): the DistributionMatching helper mounts `head` on its UNet
+    and sets `module` (the ScoreWithHead) and `mount` (itself), whose updates train it and whose state holds
+    its weights."""
 
-    def __init__(
-        self, acc, cfg, schedule, real_local: torch.Tensor, real_train: np.ndarray, batch: int, labels=None
-    ):
-        """real_local: this rank's reals (its shard_range block of the iteration's reals); real_train: the
-        global train mask; batch: the fake-score update's global batch (as many reals as fakes); labels: a
-        class-conditional run's classes of real_local."""
-        self.acc, self.cfg, self.schedule, self.batch = acc, cfg, schedule, batch
-        n = int(real_train.shape[0])
-        self.reals = gather_shards(real_local.to(acc.device).float(), n).cpu()
+    host = "fake_score"
+    host_columns = ["train_d_loss", "train_d_acc"]  # what the host's updates log for it
+
+    def __init__(self, ctx, batch: int):
+        """batch: the fake-score update's global batch (as many reals as fakes)."""
+        accelerator, cfg = ctx.accelerator, ctx.cfg
+        check_r1_supported(accelerator, cfg.discriminator.training)  # R1 on the head: a double backward
+        self.acc, self.cfg, self.schedule, self.batch = accelerator, cfg, ctx.schedule, batch
+        self.path, self.k = ctx.layout.discriminator_features(ctx.k), ctx.k
+        self.unet_config = ctx.base.unet_config
+        n = int(ctx.real_train.shape[0])
+        self.reals = gather_shards(ctx.real.to(accelerator.device).float(), n).cpu()
         self.labels = None  # every real's class, gathered like the reals (as floats: exact for classes)
-        if labels is not None:
-            self.labels = gather_shards(labels.to(acc.device).float().reshape(-1, 1), n).cpu().long()[:, 0]
-        self.train_idx = np.flatnonzero(real_train)
-        self.module = None
+        if ctx.real_labels is not None:
+            y = ctx.real_labels.to(accelerator.device).float().reshape(-1, 1)
+            self.labels = gather_shards(y, n).cpu().long()[:, 0]
+        self.train_idx = np.flatnonzero(ctx.real_train)
+        classes = 0 if ctx.labels is None else ctx.labels.conditioning.num_classes
+        self.head = new_head(cfg, ctx.base.unet_config, classes)
+        self.module = self.mount = None  # set by the helper that mounts it
+
+    @classmethod
+    def build(cls, ctx, d):
+        from trainer.stage2.distribution_matching import batch_size
+
+        return cls(ctx, batch_size(ctx.cfg))
+
+    @classmethod
+    def fingerprint_of(cls, cfg) -> dict:
+        return {"feature_discriminator": fingerprint(cfg)}
+
+    @classmethod
+    def summary_discriminator(cls, s, k: int):
+        """The head iteration k's fine-tune ended with, as the summary scores samples (FeatureScorer)."""
+        blob = torch.load(s.layout.discriminator_features(k), map_location="cpu", weights_only=True)
+        return FeatureScorer(blob, s.schedule, s.cfg.training.seed)
+
+    def view(self, sample, idx, *parts):
+        return noised_for_head(self.cfg, self.schedule, sample, idx, *parts)
+
+    @property
+    def param_group(self) -> dict:
+        """The head's parameter group in the host's optimizer: the discriminator's lr, betas, decay."""
+        td = self.cfg.discriminator.training
+        head = {"lr": td.learning_rate, "betas": tuple(td.betas), "weight_decay": td.weight_decay}
+        return {"params": list(self.head.parameters()), **head}
 
     # -- the fake score's updates ------------------------------------------------------------------
     def draw_reals(self, idx, draw: int, seed, stage) -> torch.Tensor:
@@ -116,8 +143,7 @@ class FeatureDiscriminator:
         real = real.to(fake.device)
         zr, tr = noised_for_head(self.cfg, self.schedule, real, idx, *parts, "real")
         zf, tf = noised_for_head(self.cfg, self.schedule, fake.detach(), idx, *parts, "fake")
-        if self.cfg.discriminator.training.r1_gamma > 0:
-            zr = zr.detach().requires_grad_(True)
+        zr = r1_inputs(self.cfg.discriminator.training, zr)
         y = None if real_labels is None else torch.cat([real_labels.to(fake.device), fake_labels])
         return torch.cat([zr, zf]), torch.cat([tr, tf]), zr, y
 
@@ -132,15 +158,10 @@ class FeatureDiscriminator:
     def loss(self, logits: torch.Tensor, real_in: torch.Tensor):
         """(weighted loss, logs): the head's classification loss of logits (reals first), with R1."""
         td = self.cfg.discriminator.training
-        n = len(real_in)
-        if n == 0:  # a process without a slot of its own
+        if len(real_in) == 0:  # a process without a slot of its own
             return logits.sum() * 0.0, {"d_loss": float("nan"), "d_acc": float("nan")}
-        lr_, lf = logits[:n].float(), logits[n:].float()
-        loss = d_loss(td.loss, lr_, lf)
-        if td.r1_gamma > 0:
-            loss = loss + td.r1_gamma * r1_term(lr_, real_in)
-        acc_ = ((lr_ > 0).float().sum() + (lf < 0).float().sum()) / len(logits)
-        logs = {"d_loss": float(loss.detach()), "d_acc": float(acc_)}
+        loss, accuracy = critic_loss(td, logits, real_in)
+        logs = {"d_loss": float(loss.detach()), "d_acc": float(accuracy)}
         return td.feature_loss_weight * loss, logs
 
     # -- the generator's term and validation ---------------------------------------------------------
@@ -160,19 +181,54 @@ class FeatureDiscriminator:
         finally:
             self.module.requires_grad_(True)
 
-    def export(self, path, unet_weights: dict, head_weights: dict, unet_config: dict, k: int, step: int):
-        """The encoder and head as they stand at the end of the phase (main process writes)."""
+    def export(self, run) -> None:
+        """The encoder and head as they stand at the end of the phase (call on every rank; main writes)."""
+        unet = engine.state_dict(self.mount.acc, self.mount.fake)
+        head = engine.state_dict(self.mount.acc, self.module.head)
         if self.acc.is_main_process:
             atomic.save_torch(
                 {
                     "format": HEAD_FORMAT,
-                    "unet_config": unet_config,
-                    "unet": unet_weights,
+                    "unet_config": self.unet_config,
+                    "unet": unet,
                     "head_config": self.module.head.config,
-                    "head": head_weights,
-                    "iteration": k,
-                    "step": step,
+                    "head": head,
+                    "iteration": self.k,
+                    "step": run.step,
                     "inputs": {"kind": "noised", "t_range": list(feature_t_range(self.cfg))},
                 },
-                path,
+                self.path,
             )
+            self.write_history(run)
+
+    def write_history(self, run) -> None:
+        """The head's history in the offline D's layout (discriminator_iter_k/discriminator_history.csv):
+        its training loss and accuracy and its validation accuracy on the generator's samples against
+        reals, at the fine-tune's validations (main process)."""
+        names = {"train_loss": "train_d_loss", "train_acc": "train_d_acc", "val_acc": "d_val_acc"}
+        names.update({key: key for key in ("epoch", "step", "seconds", "nonfinite_skipped")})
+        nan = float("nan")
+        rows = [{key: row.get(names.get(key), nan) for key in D_HISTORY_FIELDS} for row in run.history]
+        atomic.write_csv(rows, self.path.parent / "discriminator_history.csv", D_HISTORY_FIELDS)
+
+
+class FeatureScorer(torch.nn.Module):
+    """An exported feature discriminator (discriminator_features.pt) as the summary scores samples: each
+    noised to its own t in the head's range, noise and t drawn from the seed and the sample's global index
+    (`takes_index`: the evaluator passes them), then the fake score's encoder and the head."""
+
+    takes_index = True
+
+    def __init__(self, blob: dict, schedule, seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # building it leaves the run's random state alone
+            unet, head = unet_from_config(blob["unet_config"]), FeatureHead(**blob["head_config"])
+        unet.load_state_dict(blob["unet"])
+        head.load_state_dict(blob["head"])
+        self.module, self.schedule, self.seed = ScoreWithHead(unet, head), schedule, seed
+        self.t_range = tuple(blob["inputs"]["t_range"])
+
+    @torch.no_grad()
+    def forward(self, z, t=None, y=None, index=None):
+        z_t, t_z = noised_between(self.schedule, z.float(), index, *self.t_range, self.seed, "summary-d")
+        return self.module.logits(z_t, t_z, y)

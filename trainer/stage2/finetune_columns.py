@@ -8,10 +8,10 @@ from trainer.parallel import engine
 from trainer.training.composite import CompositeLoss
 
 
-def check_grad_ratio_supported(acc, s2, micro_batches: int = 1) -> None:
+def check_grad_ratio_supported(accelerator, s2, micro_batches: int = 1) -> None:
     """The gradient-norm ratio takes whole-batch gradients outside the backward: not in DeepSpeed or
     micro-batches."""
-    if s2.grad_ratio_weight and (engine.is_deepspeed(acc) or micro_batches > 1):
+    if s2.grad_ratio_weight and (engine.is_deepspeed(accelerator) or micro_batches > 1):
         raise UserError(
             "stage2.grad_ratio_weight: takes the whole batch's gradients outside the backward, which "
             "DeepSpeed and training.gradient_accumulation_steps > 1 do not allow; set it to false there"

@@ -55,7 +55,7 @@ def _load_own(path: Path, n: int, own: range, shape: tuple) -> torch.Tensor | No
 
 @torch.inference_mode()
 def generate_own(
-    acc,
+    accelerator,
     unet,
     ddim,
     own: range,
@@ -78,13 +78,13 @@ def generate_own(
             (len(own), *shape)
         )  # filled batch by batch: no list of batches + a concatenated copy
     assert tuple(out.shape) == (len(own), *shape), (tuple(out.shape), len(own), shape)
-    progress = bar(acc, len(own), f"fakes {k}", "sample")
+    progress = bar(accelerator, len(own), f"fakes {k}", "sample")
     for s in range(own.start, own.stop, batch_size):
         faults.point(f"gen:k{k}:b{s}")
         idx = list(range(s, min(s + batch_size, own.stop)))
-        noise = per_sample_noise(idx, shape, seed, "fake", k).to(acc.device)
+        noise = per_sample_noise(idx, shape, seed, "fake", k).to(accelerator.device)
         cond = {} if labels is None else labels.sampling(sampling[s - own.start : s - own.start + len(idx)])
-        with acc.autocast():
+        with accelerator.autocast():
             z = ddim_sample(
                 unet,
                 ddim,
@@ -102,8 +102,22 @@ def generate_own(
     return out
 
 
+def _iteration_labels(accelerator, cfg, layout, k: int, labels, picked):
+    """(the N fakes' labels, the N reals' classes) of a class-conditional run (None, None otherwise); the
+    main process writes them beside the sets where they are not there yet."""
+    if labels is None:
+        return None, None
+    fake_labels, real_labels = labels.fakes(len(picked), cfg.training.seed, k), labels.of_rows(picked)
+    if accelerator.is_main_process:
+        layout.iteration_folder(k).mkdir(parents=True, exist_ok=True)
+        for path, y in ((layout.fake_latents(k), fake_labels), (layout.real_latents(k), real_labels)):
+            if not layout.labels_of(path).is_file():
+                atomic.save_torch(y.clone(), layout.labels_of(path))
+    return fake_labels, real_labels
+
+
 def iteration_shard(
-    acc, cfg, layout, k: int, gen_unet, ddim, latent_shape: tuple, rows, codec, log, labels=None
+    accelerator, cfg, layout, k: int, gen_unet, ddim, latent_shape: tuple, rows, codec, log, labels=None
 ) -> Shard:
     """Load or produce this rank's reals and fakes for iteration k; the main process writes the sets.
     gen_unet/ddim: the model generating fakes and a fresh DDIM sampler; rows: the filtered manifest;
@@ -111,16 +125,9 @@ def iteration_shard(
     (the labels are drawn again on every start, the same ones, and written beside the sets)."""
     faults.phase(f"k{k}")
     n = cfg.stage2.num_samples
-    own = shard_range(n, acc.process_index, acc.num_processes)
+    own = shard_range(n, accelerator.process_index, accelerator.num_processes)
     picked = choose_real_rows(len(rows), n, cfg.training.seed, k, cfg.stage2.sample_with_replacement)
-    fake_labels = real_labels = None
-    if labels is not None:
-        fake_labels, real_labels = labels.fakes(n, cfg.training.seed, k), labels.of_rows(picked)
-        if acc.is_main_process:
-            layout.iteration_folder(k).mkdir(parents=True, exist_ok=True)
-            for path, y in ((layout.fake_latents(k), fake_labels), (layout.real_latents(k), real_labels)):
-                if not layout.labels_of(path).is_file():
-                    atomic.save_torch(y.clone(), layout.labels_of(path))
+    fake_labels, real_labels = _iteration_labels(accelerator, cfg, layout, k, labels, picked)
     real_path, fake_path = layout.real_latents(k), layout.fake_latents(k)
     fake = _load_own(fake_path, n, own, latent_shape)
     real = _load_own(real_path, n, own, latent_shape)
@@ -128,54 +135,54 @@ def iteration_shard(
     if fake is None:
         log(
             f"iteration {k}: generating {n} fakes ({cfg.stage2.generation_steps} DDIM steps, "
-            f"{acc.num_processes} process(es))"
+            f"{accelerator.num_processes} process(es))"
         )
-        with timing.phase(acc, layout.timings, "generation", k):
-            fake = produce_gathered(
-                acc,
-                n,
+        sampling = None if fake_labels is None else fake_labels[own.start : own.stop]
+        s2 = cfg.stage2
+        settings = {"steps": s2.generation_steps, "eta": s2.eta, "batch_size": s2.generation_batch_size}
+
+        def fill(dest):
+            return generate_own(
+                accelerator,
+                gen_unet,
+                ddim,
                 own,
                 latent_shape,
-                fake_path,
-                lambda dest: generate_own(
-                    acc,
-                    gen_unet,
-                    ddim,
-                    own,
-                    latent_shape,
-                    seed=cfg.training.seed,
-                    k=k,
-                    steps=cfg.stage2.generation_steps,
-                    eta=cfg.stage2.eta,
-                    batch_size=cfg.stage2.generation_batch_size,
-                    out=dest,
-                    labels=labels,
-                    sampling=None if fake_labels is None else fake_labels[own.start : own.stop],
-                ),
+                seed=cfg.training.seed,
+                k=k,
+                out=dest,
+                labels=labels,
+                sampling=sampling,
+                **settings,
             )
+
+        with timing.phase(accelerator, layout.timings, "generation", k):
+            fake = produce_gathered(accelerator, n, own, latent_shape, fake_path, fill)
     if real is None:
         mine = rows.iloc[picked[own.start : own.stop]]
         log(f"iteration {k}: encoding {n} reals")
-        with timing.phase(acc, layout.timings, "encoding", k):
+        with timing.phase(accelerator, layout.timings, "encoding", k):
             real = produce_gathered(
-                acc, n, own, latent_shape, real_path, lambda dest: codec.encode(mine, out=dest)
+                accelerator, n, own, latent_shape, real_path, lambda dest: codec.encode(mine, out=dest)
             )
     if reused:
         log(f"iteration {k}: reusing saved latents in {layout.iteration_folder(k)}")
     mine_of = (lambda y: None) if labels is None else (lambda y: y[own.start : own.stop])
-    return Shard(
-        n=n,
-        own=own,
-        real=real,
-        fake=fake,
-        reused=reused,
-        real_labels=mine_of(real_labels),
-        fake_labels=mine_of(fake_labels),
-    )
+    ys = {"real_labels": mine_of(real_labels), "fake_labels": mine_of(fake_labels)}
+    return Shard(n=n, own=own, real=real, fake=fake, reused=reused, **ys)
 
 
 def x0_pred_fakes(
-    acc, cfg, schedule, unet, real: torch.Tensor, own: range, k: int, latent_shape: tuple, labels=None, y=None
+    accelerator,
+    cfg,
+    schedule,
+    unet,
+    real: torch.Tensor,
+    own: range,
+    k: int,
+    latent_shape: tuple,
+    labels=None,
+    y=None,
 ):
     """D's fakes in x0_pred mode: one-step x0 predictions of this rank's noised reals, with their t; a
     class-conditional model's (labels: RunLabels) predict with the reals' own classes `y`."""
@@ -186,11 +193,11 @@ def x0_pred_fakes(
     with torch.inference_mode():
         for s in range(0, len(own), 256):
             idx = list(own)[s : s + 256]
-            x0 = real[s : s + 256].to(acc.device)
+            x0 = real[s : s + 256].to(accelerator.device)
             noise = per_sample_noise(idx, latent_shape, seed, "x0n", k).to(x0.device)
             tt = t[s : s + 256].to(x0.device)
             x_t = schedule.add_noise(x0, noise, tt)
-            with acc.autocast():
+            with accelerator.autocast():
                 if labels is None:
                     out = unet(x_t, tt).sample.float()
                 else:
@@ -202,7 +209,7 @@ def x0_pred_fakes(
     return (torch.cat(fakes) if fakes else real[:0].clone()), t
 
 
-def produce_gathered(acc, n: int, own: range, shape: tuple, path: Path, fill) -> torch.Tensor:
+def produce_gathered(accelerator, n: int, own: range, shape: tuple, path: Path, fill) -> torch.Tensor:
     """Make this rank's rows of an n-row set with `fill(dest)` (dest: len(own) rows to write into), gather
     every rank's rows to the main process, write `path` there (atomically), and return this rank's rows
     on the CPU. A collective: call it on every rank.
@@ -212,11 +219,11 @@ def produce_gathered(acc, n: int, own: range, shape: tuple, path: Path, fill) ->
     the others' rows after them, so it holds the result alone, not its rows + the result; once the file
     is written it frees the result and reads its own rows back from that file.
     """
-    world = acc.num_processes
+    world = accelerator.num_processes
     point = f"gather:{path.parent.name}/{path.name}"
-    if world > 1 and acc.is_main_process:
+    if world > 1 and accelerator.is_main_process:
         assert own.start == 0, own  # the main process (rank 0) owns the first block
-        dev = acc.device if acc.device.type != "cpu" else torch.device("cpu")
+        dev = accelerator.device if accelerator.device.type != "cpu" else torch.device("cpu")
         full = torch.empty((n, *shape), device=dev)
         fill(full[: len(own)])
         faults.point(point)
@@ -228,10 +235,10 @@ def produce_gathered(acc, n: int, own: range, shape: tuple, path: Path, fill) ->
     local = torch.empty((len(own), *shape))
     fill(local)
     faults.point(point)
-    # on CPU, acc.device is cpu:0 and .to() it would copy the whole shard (a CPU tensor's device is "cpu")
-    dev = acc.device
+    # on CPU, accelerator.device is cpu:0 and .to() it would copy the whole shard (a CPU tensor: "cpu")
+    dev = accelerator.device
     full = collectives.gather_shards(local if dev.type == "cpu" else local.to(dev), n, to_all=False)
-    if acc.is_main_process:  # one process: `full` is `local`
+    if accelerator.is_main_process:  # one process: `full` is `local`
         atomic.save_torch(full.cpu().contiguous(), path)
     barrier()
     return local

@@ -105,17 +105,17 @@ class Stage2Setup:
         )
 
 
-def setup(cfg: Config, acc, read_only: bool = False) -> Stage2Setup:
+def setup(cfg: Config, accelerator, read_only: bool = False) -> Stage2Setup:
     """Run every check that can fail before compute (files, columns, channels, sizes, N, saved latents, a
     changed config; input files sharded, a failure on any rank stops all ranks), then read the stage-1
     model once. read_only: for a command that only reads the run (module docstring); writes nothing."""
-    facts = start_checks(cfg, acc, read_only=read_only)
+    facts = start_checks(cfg, accelerator, read_only=read_only)
     stage1 = load_diffusion_checkpoint(
         facts.stage1.path, fallback_scheduler=facts.stage1.scheduler, scaling=stage1_scaling(facts)
     )
     latent_shape = tuple(facts.latent_shape)
     codec = LatentCodec(
-        acc,
+        accelerator,
         ae_path(cfg, facts.stage1),
         stage1.scaling,
         latent_shape,
@@ -125,9 +125,9 @@ def setup(cfg: Config, acc, read_only: bool = False) -> Stage2Setup:
     )
     return Stage2Setup(
         cfg=cfg,
-        acc=acc,
+        acc=accelerator,
         layout=RunLayout.of(cfg),
-        log=Logger(acc, "stage2"),
+        log=Logger(accelerator, "stage2"),
         stage1=stage1,
         # the stage-1 model's schedule; scheduler.timestep_spacing (null: the model's own) sets how every
         # sampler of the run (fakes, rollouts, evaluation, grids) and every checkpoint it writes space K steps

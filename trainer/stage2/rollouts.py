@@ -1,4 +1,4 @@
-"""The generator's samples in the fine-tune, and the outputs its loss terms read.
+"""The generator's rollouts in the fine-tune, and the outputs its loss terms read.
 
 Rollouts are DDIM from fresh noise with the current weights (stage2.generation_steps, eta): every step but
 the last K (stage2.rollout_grad_steps) runs without gradients. The noise, and eta's per-step noise, are
@@ -15,14 +15,13 @@ import torch
 
 from trainer.core.seeds import derive_seed
 from trainer.diffusion.conditioning import model_output
-from trainer.diffusion.noise import eta_generators, noised_inputs, per_sample_noise
+from trainer.diffusion.noise import eta_generators, per_sample_noise
 from trainer.diffusion.sampling import ddim_step
-from trainer.stage2.feature_discriminator import noised_for_head
 
 
 class Rollouts:
-    def __init__(self, acc, cfg, schedule, latent_shape, labels=None):
-        self.acc, self.cfg, self.schedule, self.latent_shape = acc, cfg, schedule, latent_shape
+    def __init__(self, accelerator, cfg, schedule, latent_shape, labels=None):
+        self.acc, self.cfg, self.schedule, self.latent_shape = accelerator, cfg, schedule, latent_shape
         self.ddim = schedule.ddim()
         self.labels = labels  # a class-conditional run's RunLabels
 
@@ -78,39 +77,6 @@ class Rollouts:
         """Whole rollouts at the batch's training step count (steps_for)."""
         return self.sample(model, idx, parts, self.steps_for(parts))
 
-    def for_discriminator(self, sample, idx, *parts):
-        """(sample, t) as D scores it: forward-noised (still differentiable) where D was trained on noised
-        inputs (discriminator.training.noise_inputs, or the feature discriminator), else as it is with t
-        None."""
-        td = self.cfg.discriminator.training
-        if self.cfg.discriminator.config.type == "unet_features":  # always noised, to its own t range
-            return noised_for_head(self.cfg, self.schedule, sample, idx, *parts)
-        if not td.noise_inputs:
-            return sample, None
-        return noised_inputs(self.schedule, sample.float(), idx, td.noise_max_timestep, *parts)
-
-    def for_validation(self, sample, idx, *parts):
-        """(sample, t) as validation has D score it: noised for the feature discriminator (which only knows
-        noised inputs), as it is (t None) for a latent D."""
-        if self.cfg.discriminator.config.type == "unet_features":
-            return noised_for_head(self.cfg, self.schedule, sample, idx, *parts)
-        return sample, None
-
-    def generated(self, sample, idx, seed, stage, step, labels=None) -> dict:
-        """What the "generated" terms read of the rollouts `sample` (global indices idx) of `step`: the
-        sample as D scores it (generated, generated_t) and as it is (generated_sample), with its indices and
-        the seed parts of the draws a term makes on it (the distribution-matching noise levels); `labels`:
-        a class-conditional run's labels of the rollouts, which D scores them with."""
-        z, t = self.for_discriminator(sample, idx, seed, stage, "generated", step)
-        return {
-            "generated_labels": labels,
-            "generated": z,
-            "generated_t": t,
-            "generated_sample": sample,
-            "generated_index": list(idx),
-            "generated_seed": (seed, stage, "dm", step),
-        }
-
     def outputs(self, model_output, x_t, t, x0, noise) -> dict:
         """What the loss terms read (trainer/training/losses.py names the keys)."""
         pred_noise, pred_latent = self.schedule.predictions(model_output, x_t, t)
@@ -122,7 +88,3 @@ class Rollouts:
             "model_output": model_output,
             "model_target": self.schedule.target(x0, noise, t),
         }
-
-    def x0_pred_mask(self, t):
-        """The timesteps whose one-step x0 predictions D scores in x0_pred mode."""
-        return t < int(self.cfg.stage2.x0_pred_max_timestep * self.schedule.num_steps)

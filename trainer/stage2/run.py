@@ -22,11 +22,12 @@ from trainer.files.layout import picture_of
 from trainer.parallel import engine, preempt
 from trainer.parallel.accelerator import prepare_module
 from trainer.quality.evaluation import Evaluator
-from trainer.stage2 import distribution_matching as dmatch
+from trainer.stage2 import registry
+from trainer.stage2.critics import critic_class
 from trainer.stage2.discriminator_trainer import check_r1_supported, load_discriminator
 from trainer.stage2.distribution_matching import check_distribution_matching_supported
 from trainer.stage2.finetune_trainer import check_grad_ratio_supported
-from trainer.stage2.generation import iteration_shard, stratified_split, x0_pred_fakes
+from trainer.stage2.generation import iteration_shard, stratified_split
 from trainer.stage2.outputs import export_result, refresh_report, write_grid
 from trainer.stage2.prepare import (
     Stage2Setup,
@@ -38,120 +39,102 @@ from trainer.stage2.prepare import (
     weights_of,
 )
 from trainer.stage2.run_record import record_run_fields, run_fields
-
-
-def latent_d(cfg) -> bool:
-    """Whether the run has a latent D (trained offline, and scoring the summary's samples); the feature
-    discriminator (discriminator.config.type unet_features) lives on the fine-tune's fake score instead."""
-    return cfg.discriminator.config.type == "latent"
+from trainer.stage2.samples import sample_source
 
 
 def offline_d(cfg, path):
-    """The latent D saved at `path`, or None without one."""
-    return load_discriminator(path) if latent_d(cfg) else None
+    """The offline D saved at `path`, or None where the run's critic trains none."""
+    return load_discriminator(path) if critic_class(cfg).offline_phase else None
 
 
-def carried_fake_score(path) -> tuple[dict, object]:
-    """The fake score's (and head's) weights in an iteration's last resume state, and the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state"]["model"]
-        return state["distribution_matching"], path
-    except (OSError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: no fake score to continue from ({type(e).__name__})") from None
+def summary_d(s: Stage2Setup, k: int):
+    """The D that scores the summary row of iteration k's result (None: the row's d_acc stays empty)."""
+    return critic_class(s.cfg).summary_discriminator(s, k)
 
 
-def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
-    """Run (or finish) iteration k. Returns False if it stopped early as asked."""
-    cfg, acc, log, layout = s.cfg, s.acc, s.log, s.layout
-    s2, seed = cfg.stage2, cfg.training.seed
+def iteration_init(s: Stage2Setup, k: int) -> dict:
+    """The weights iteration k starts from (and what its helpers carry over from iteration k-1)."""
+    cfg, log = s.cfg, s.log
     if k == 0:
-        init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
         log(
             f"iteration 0: starting from the stage-1 checkpoint {s.stage1.path} (EMA weights, step "
             f"{s.stage1.step})"
         )
-    else:
-        source = result(s, k - 1)
-        init = weights_of(source)
-        log(f"iteration {k}: starting from {source} ({s2.continue_from} of iteration {k - 1})")
-        if dmatch.enabled(cfg) and s2.distribution_matching.carry_over:
-            init["dm"] = carried_fake_score(layout.diffusion_checkpoint(k - 1, "latest"))
-            log(f"iteration {k}: the fake score continues from iteration {k - 1}'s last weights")
+        return {"raw": s.stage1.weights, "ema": s.stage1.weights}
+    source = result(s, k - 1)
+    init = weights_of(source)
+    log(f"iteration {k}: starting from {source} ({cfg.stage2.continue_from} of iteration {k - 1})")
+    init.update(registry.carried_init(cfg, s.layout, k, log))
+    return init
+
+
+def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
+    """Run (or finish) iteration k. Returns False if it stopped early as asked."""
+    cfg, acc, layout = s.cfg, s.acc, s.layout
+    init = iteration_init(s, k)
     gen_unet = prepare_module(new_unet(s, init["ema"]).to(acc.device).eval(), cfg.performance, acc)
     sampler = torch.compile(gen_unet) if cfg.performance.compile_generation else gen_unet
     shard = iteration_shard(
-        acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, log, s.labels
+        acc, cfg, layout, k, sampler, s.schedule.ddim(), s.latent_shape, s.rows, s.codec, s.log, s.labels
     )
     del sampler
-    real_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "real")
-    fake_train = stratified_split(shard.n, cfg.discriminator.training.train_split, seed, k, "fake")
-
-    real_t = fake_t = None
-    fake_for_d, fake_labels = shard.fake, shard.fake_labels
-    if s2.generator_loss_mode == "x0_pred":  # D's fakes: predictions from the reals, with their labels
-        fake_for_d, real_t = x0_pred_fakes(
-            acc,
-            cfg,
-            s.schedule,
-            gen_unet,
-            shard.real,
-            shard.own,
-            k,
-            s.latent_shape,
-            s.labels,
-            shard.real_labels,
-        )
-        fake_t, fake_labels = real_t, shard.real_labels
-    if latent_d(cfg):
-        warm = (
-            iteration_discriminator(layout, k - 1)
-            if k > 0 and cfg.discriminator.training.warm_start
-            else None
-        )
-        d_trainer = s.discriminator_trainer(
-            k,
-            shard.real,
-            fake_for_d,
-            real_train,
-            fake_train,
-            real_t=real_t,
-            fake_t=fake_t,
-            warm_start_from=warm,
-            real_labels=shard.real_labels,
-            fake_labels=fake_labels,
-        )
-        with timing.phase(acc, layout.timings, "discriminator", k):
-            d_trainer.fit()
-        acc.free_memory()
-        del d_trainer
-        if acc.is_main_process:
-            history = layout.discriminator_history(k)
-            plots.plot_d_history(history, picture_of(history), k)
-    else:
-        log(
-            f"iteration {k}: no offline discriminator phase (discriminator.config.type unet_features: "
-            "the head on the fake score trains during the fine-tune; the summary's d_acc and "
-            "d_prob_fake stay empty)"
-        )
+    split, seed = cfg.discriminator.training.train_split, cfg.training.seed
+    real_train = stratified_split(shard.n, split, seed, k, "real")
+    fake_train = stratified_split(shard.n, split, seed, k, "fake")
+    discriminator_phase(s, k, shard, gen_unet, real_train, fake_train)
     evaluator = s.evaluator()
     if k == 0 and 0 not in evaluator.done():
         # the stage-1 baseline row, scored by the D fit to its samples
         with timing.phase(acc, layout.timings, "quality summary", 0):
             evaluator.record(evaluator.measure(0, gen_unet, offline_d(cfg, layout.discriminator_best(k))))
     del gen_unet
+    done = finetune_phase(s, k, shard, real_train, init, evaluator, stop_after)
+    if done:
+        finish_iteration(s, k, evaluator)
+    return done
 
-    g_trainer = s.finetune_trainer(
+
+def discriminator_phase(s: Stage2Setup, k: int, shard, gen_unet, real_train, fake_train) -> None:
+    """Iteration k's offline D, where the run's critic trains one (its fakes: the sample source's)."""
+    cfg, acc, layout = s.cfg, s.acc, s.layout
+    if not critic_class(cfg).offline_phase:
+        s.log(
+            f"iteration {k}: no offline discriminator phase (discriminator.config.type "
+            f"{cfg.discriminator.config.type}: the critic trains during the fine-tune)"
+        )
+        return
+    fake, fake_t, fake_labels, real_t = sample_source(cfg).fakes_for_discriminator(acc, s, shard, gen_unet, k)
+    warm_start = k > 0 and cfg.discriminator.training.warm_start
+    d_trainer = s.discriminator_trainer(
         k,
         shard.real,
+        fake,
         real_train,
-        offline_d(cfg, layout.discriminator_best(k)),
-        init,
-        evaluator,
+        fake_train,
+        real_t=real_t,
+        fake_t=fake_t,
+        warm_start_from=iteration_discriminator(layout, k - 1) if warm_start else None,
         real_labels=shard.real_labels,
+        fake_labels=fake_labels,
     )
+    with timing.phase(acc, layout.timings, "discriminator", k):
+        d_trainer.fit()
+    acc.free_memory()
+    del d_trainer
+    if acc.is_main_process:
+        history = layout.discriminator_history(k)
+        plots.plot_d_history(history, picture_of(history), k)
+
+
+def finetune_phase(s: Stage2Setup, k: int, shard, real_train, init, evaluator, stop_after) -> bool:
+    """Iteration k's fine-tune; returns whether it finished (False: stopped after `stop_after` steps)."""
+    cfg, acc, layout = s.cfg, s.acc, s.layout
+    d = offline_d(cfg, layout.discriminator_best(k))
+    y = shard.real_labels
+    g_trainer = s.finetune_trainer(k, shard.real, real_train, d, init, evaluator, real_labels=y)
     g_trainer.stop_after = stop_after
     # distribution_matching.warm_start_steps: this rank's fakes, N and the N fakes' labels
-    fake_labels = None if s.labels is None else s.labels.fakes(shard.n, seed, k)
+    fake_labels = None if s.labels is None else s.labels.fakes(shard.n, cfg.training.seed, k)
     g_trainer.warm_fakes = (shard.fake, shard.n, fake_labels)
     with timing.phase(acc, layout.timings, "diffusion", k):
         g_trainer.fit()
@@ -159,8 +142,6 @@ def run_iteration(s: Stage2Setup, k: int, stop_after: int | None) -> bool:
     acc.free_memory()
     if acc.is_main_process:
         plots.plot_metrics(g_trainer.history_path, picture_of(g_trainer.history_path), k)
-    if done:
-        finish_iteration(s, k, evaluator)
     return done
 
 
@@ -179,20 +160,18 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
     if k + 1 not in evaluator.done():
         unet = new_unet(s, weights_of(result(s, k))["ema"])
         with timing.phase(s.acc, layout.timings, "quality summary", k + 1):
-            evaluator.record(
-                evaluator.measure(k + 1, unet, offline_d(s.cfg, iteration_discriminator(layout, k)))
-            )
+            evaluator.record(evaluator.measure(k + 1, unet, summary_d(s, k)))
     if s.acc.is_main_process:
         plots.redraw_stale(evaluator.path, plots.plot_summary)
     refresh_report(s)
 
 
-def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | None = None) -> None:
-    s = setup(cfg, acc)
-    check_r1_supported(acc, cfg.discriminator.training)
-    check_grad_ratio_supported(acc, cfg.stage2, cfg.training.gradient_accumulation_steps)
-    check_distribution_matching_supported(acc, cfg)
-    engine.check_accumulation(acc, cfg.training.gradient_accumulation_steps, cfg.training.batch_size)
+def run(cfg: Config, accelerator, start_iteration: int | None = None, stop_after: int | None = None) -> None:
+    s = setup(cfg, accelerator)
+    check_r1_supported(accelerator, cfg.discriminator.training)
+    check_grad_ratio_supported(accelerator, cfg.stage2, cfg.training.gradient_accumulation_steps)
+    check_distribution_matching_supported(accelerator, cfg)
+    engine.check_accumulation(accelerator, cfg.training.gradient_accumulation_steps, cfg.training.batch_size)
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:
         if start_iteration >= s2.num_iterations:
@@ -212,7 +191,7 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
     else:
         first = 0
     # every check passed: only now is anything written
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         atomic.remove_stale_temps(layout.root)  # temp files of writes a kill interrupted
         record_run_fields(cfg, run_fields(cfg, s.facts.stage1))
     log_resume_point(s, first)
@@ -221,8 +200,8 @@ def run(cfg: Config, acc, start_iteration: int | None = None, stop_after: int | 
     )  # the stage-1 model at stage 2's sampling steps: what the iterations' grids improve on
     refresh_report(s)
     for k in range(first, s2.num_iterations):
-        if preempt.should_stop(acc.device):
-            preempt.stop(acc, f"before iteration {k}")
+        if preempt.should_stop(accelerator.device):
+            preempt.stop(accelerator, f"before iteration {k}")
         if complete(layout, k):
             s.log(f"iteration {k}: already complete ({layout.diffusion_checkpoint(k, 'latest')}); skipping")
             finish_iteration(s, k, s.evaluator())

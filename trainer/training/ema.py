@@ -50,11 +50,11 @@ class EMA:
         self.shadow = [s.to(old.device) for s, old in zip(state["shadow"], self.shadow, strict=True)]
 
 
-def sync_eval_copy(ema: EMA | None, eval_model, acc, model):
+def sync_eval_copy(ema: EMA | None, eval_model, accelerator, model):
     """`eval_model` with the weights to evaluate and export: the EMA's where there is one, else `model`'s
     current weights (gathered under ZeRO-3: call on every rank)."""
     if ema is not None:
         ema.copy_to(eval_model.parameters())
     else:
-        eval_model.load_state_dict(engine.state_dict(acc, model))
+        eval_model.load_state_dict(engine.state_dict(accelerator, model))
     return eval_model

@@ -102,7 +102,7 @@ class StepTrainer(GuardedUpdate):
         max_nonfinite_steps: int = 5,
         phase_label: str | None = None,
     ):
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.stage, self.metric, self.phase_label = stage, metric, phase_label
         self.state_path, self.history_path = Path(state_path), Path(history_path)
         self.max_steps, self.eval_interval, self.log_interval = max_steps, eval_interval, log_interval
@@ -147,10 +147,10 @@ class StepTrainer(GuardedUpdate):
 
     def optimizer_state(self, opt):
         """Optimizer state for the single-file state; under DeepSpeed it lives in the engine's checkpoint."""
-        return None if engine.is_deepspeed(self.acc) else opt.state_dict()
+        return None if engine.is_deepspeed(self.accelerator) else opt.state_dict()
 
     def load_optimizer_state(self, opt, state) -> None:
-        if state is not None and not engine.is_deepspeed(self.acc):
+        if state is not None and not engine.is_deepspeed(self.accelerator):
             opt.load_state_dict(state)
 
     def finish(self) -> None:
@@ -163,12 +163,17 @@ class StepTrainer(GuardedUpdate):
 
     # -- machinery -----------------------------------------------------------------------------
     @property
+    def acc(self):
+        """The old name of `accelerator`, read-only (subclasses and callers still use it)."""
+        return self.accelerator
+
+    @property
     def rank(self):
-        return self.acc.process_index
+        return self.accelerator.process_index
 
     @property
     def world(self):
-        return self.acc.num_processes
+        return self.accelerator.num_processes
 
     def step_generator(self, step: int, *tag):
         return generator(self.seed, self.stage, step, *tag)
@@ -199,7 +204,7 @@ class StepTrainer(GuardedUpdate):
                 f"({', '.join(changed)}); use a new experiment.save_path or restore the config"
             )
         self.load_model_state(state["model"])
-        if engine.is_deepspeed(self.acc):
+        if engine.is_deepspeed(self.accelerator):
             folder = self.engine_state_path
             if not folder.is_dir():
                 raise UserError(
@@ -208,7 +213,7 @@ class StepTrainer(GuardedUpdate):
             read.check_torch_files(
                 folder, "DeepSpeed state", f"; delete it and {self.state_path.name} to restart"
             )
-            engine.load_engine_state(self.acc, folder)
+            engine.load_engine_state(self.accelerator, folder)
         self.step, self.best, self.history = state["step"], state["best"], state["history"]
         # the saved sums are totals over ranks: rank 0 carries them, the others restart from zero
         sums = state["log_sums"] if self.rank == 0 else {k: 0.0 for k in state["log_sums"]}
@@ -232,7 +237,9 @@ class StepTrainer(GuardedUpdate):
         keys = sorted(self._sums)
         totals = (
             all_reduce_sum(
-                torch.tensor([self._sums[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+                torch.tensor(
+                    [self._sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device
+                )
             ).tolist()
             if keys
             else []
@@ -255,10 +262,10 @@ class StepTrainer(GuardedUpdate):
                 "model": self.model_state(),
             }
         )
-        if engine.is_deepspeed(self.acc):
+        if engine.is_deepspeed(self.accelerator):
             # optimizer partitions: DeepSpeed's own per-rank checkpoint, written before the state naming it
-            engine.save_engine_state(self.acc, self.engine_state_path)
-        if self.acc.is_main_process:
+            engine.save_engine_state(self.accelerator, self.engine_state_path)
+        if self.accelerator.is_main_process:
             atomic.save_torch(atomic.plain(blob), self.state_path)  # read back with weights_only=True
         barrier()
         self._saved_step = self.step
@@ -279,7 +286,7 @@ class StepTrainer(GuardedUpdate):
             self.finish()
             return self.best
         start, t_last = self.step, time.time()
-        progress = bar(self.acc, self.max_steps, self.stage, "step", initial=self.step)
+        progress = bar(self.accelerator, self.max_steps, self.stage, "step", initial=self.step)
         try:
             self._run_steps(start, t_last, progress)
         finally:
@@ -295,10 +302,10 @@ class StepTrainer(GuardedUpdate):
                 self.save_state()
                 self.log(f"stopped at step {self.step} as asked; resume state in {self.state_path}")
                 return
-            if preempt.should_stop(self.acc.device):
+            if preempt.should_stop(self.accelerator.device):
                 self.save_state()
                 self.log(f"preempted at step {self.step}; resume state in {self.state_path}")
-                preempt.stop(self.acc, f"{self.stage} at step {self.step}")
+                preempt.stop(self.accelerator, f"{self.stage} at step {self.step}")
             # Dropout and anything else drawing from the global RNG: seeded per step and rank.
             torch.manual_seed(derive_seed(self.seed, self.stage, "global", self.step, self.rank))
             logs = self.train_step(self.step)
@@ -315,7 +322,7 @@ class StepTrainer(GuardedUpdate):
                     keys = sorted(self._sums)
                     red = all_reduce_sum(
                         torch.tensor(
-                            [self._sums[k] for k in keys], dtype=torch.float64, device=self.acc.device
+                            [self._sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device
                         )
                     ) / (self._count * self.world)
                     rate = self._count / max(1e-9, time.time() - t_last)
@@ -366,9 +373,9 @@ class StepTrainer(GuardedUpdate):
             self.best = {"value": value, "step": self.step}
             self.export("best", row)
         self.export("latest", row)
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             atomic.write_csv(self.history, self.history_path, self.history_fields)
-        self.acc.log(
+        self.accelerator.log(
             {f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
             step=tracker_step(getattr(self, "cfg", None), self.stage, self.step),
         )  # one step for the run

@@ -91,6 +91,8 @@ class Term:
                   share of those samples, and validation measures it on those samples
       needs_discriminator   whether it calls ctx["discriminator"] (the fine-tune makes D's samples for it)
       keys, targets         what a config's `key` and `target` may name (targets None: it reads no target)
+      helper      the name of a network with its own state the term needs (None: none), which the fine-tune
+                  builds, steps and saves (trainer/stage2/helpers.py registers it) and puts in ctx[helper]
     and implements per_sample: one value per sample (validation's measure). Its value in a step is their
     mean unless it overrides __call__. A "generated" term's per_sample is a classmethod (its key and weight
     do not change what it measures): validation measures a generated part once, weighted or not.
@@ -106,6 +108,7 @@ class Term:
     needs_discriminator: ClassVar[bool] = False
     keys: ClassVar[tuple[str, ...]] = OUTPUT_KEYS
     targets: ClassVar[tuple[str, ...] | None] = OUTPUT_KEYS
+    helper: ClassVar[str | None] = None
 
     def per_sample(self, outputs: dict, ctx: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -172,7 +175,7 @@ class DistributionMatchingLoss(Term):
     ctx["distribution_matching"]), which also draws the noise level of each sample from its index
     (outputs["generated_index"]) and the step's seed parts (outputs["generated_seed"])."""
 
-    part, samples = "dm", "generated"
+    part, samples, helper = "dm", "generated", "distribution_matching"
     keys, targets = ("latent",), None
 
     @classmethod
@@ -196,7 +199,7 @@ def register_term(cls: type[Term]) -> type[Term]:
     """Make `cls` a loss type a config may name (by its class name) and CompositeLoss builds."""
     if cls.role not in ("anchor", "adversarial") or cls.samples not in ("batch", "generated"):
         raise ValueError(f"{cls.__name__}: role must be anchor or adversarial, samples batch or generated")
-    accept_loss_type(cls.__name__, cls.keys, cls.targets)
+    accept_loss_type(cls.__name__, cls.keys, cls.targets, cls.part)
     REGISTRY[cls.__name__] = cls
     return cls
 

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from trainer.parallel.accelerator import fast_optimizer
+
 
 def cosine_with_warmup(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
     if warmup and step < warmup:
@@ -22,6 +24,23 @@ def build_optimizer(params, lr: float, weight_decay: float, name: str = "AdamW",
     if betas is not None:
         extra["betas"] = tuple(betas)
     return cls(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def optimizer_from(params, section, performance=None, accelerator=None, lr: float | None = None):
+    """The optimizer a config section describes, over `params` (parameters or param groups):
+    `section.optimizer` (AdamW where the section names none), `lr` (default `section.learning_rate`),
+    `section.weight_decay` and `section.betas` (the optimizer's own default where the section has none).
+    With `performance` (the performance: section) and `accelerator`, the device switches of
+    `fast_optimizer` too (fused kernels on CUDA); without them, none."""
+    extra = {} if performance is None else fast_optimizer(performance, accelerator)
+    return build_optimizer(
+        params,
+        section.learning_rate if lr is None else lr,
+        section.weight_decay,
+        getattr(section, "optimizer", "AdamW"),
+        getattr(section, "betas", None),
+        **extra,
+    )
 
 
 def build_lr_schedule(opt, warmup: int, total: int, kind: str = "cosine", offset: int = 0):

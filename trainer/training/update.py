@@ -53,7 +53,7 @@ class GuardedUpdate:
         for i, part in enumerate(
             micro
         ):  # gradients add up; DDP all-reduces them on the last micro-batch only
-            with engine.grad_sync(self.acc, wrapped, i == len(micro) - 1):
+            with engine.grad_sync(self.accelerator, wrapped, i == len(micro) - 1):
                 part = part if torch.is_tensor(part) else part()
                 if faults.nan_injected(self.stage, self.step + 1, self.rank):
                     part = part * float("nan")
@@ -64,12 +64,12 @@ class GuardedUpdate:
                         f"non-finite loss on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
                     )
                     return False
-                self.acc.backward(part)
-        deepspeed = engine.is_deepspeed(self.acc)
+                self.accelerator.backward(part)
+        deepspeed = engine.is_deepspeed(self.accelerator)
         norm = None
         if max_grad_norm > 0 and not deepspeed:
-            norm = self.acc.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
-        if not deepspeed and getattr(self.acc, "scaler", None) is None:
+            norm = self.accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm)
+        if not deepspeed and getattr(self.accelerator, "scaler", None) is None:
             if norm is None:
                 norm = grad_norm(wrapped.parameters())
             # Under DDP the gradients are already averaged (a NaN/Inf anywhere reaches every rank), so
@@ -84,7 +84,7 @@ class GuardedUpdate:
             sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            with engine.full_parameters(self.acc, plain):
+            with engine.full_parameters(self.accelerator, plain):
                 ema.step(plain.parameters())
         self._bad_run = 0
         return True
@@ -95,7 +95,7 @@ class GuardedUpdate:
         bad = (~torch.isfinite(value.detach())).any()
         if self.world == 1:
             return [0] if bool(bad) else []
-        flags = torch.zeros(self.world, dtype=torch.float32, device=self.acc.device)
+        flags = torch.zeros(self.world, dtype=torch.float32, device=self.accelerator.device)
         flags[self.rank] = bad.to(flags.device, flags.dtype)
         return torch.nonzero(all_reduce_sum(flags)).flatten().tolist()
 
