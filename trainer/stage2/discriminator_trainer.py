@@ -150,7 +150,6 @@ class DiscriminatorTrainer(StepTrainer):
             max_nonfinite_steps=cfg.training.max_nonfinite_steps,
         )
         self.best_path = layout.discriminator_best(k)
-        check_r1_supported(accelerator, td)
         torch.manual_seed(derive_seed(cfg.training.seed, "init", "discriminator", k))
         self.d = build_discriminator(arch, num_classes=num_classes if arch.conditional else 0)
         if warm_start_from is not None:

@@ -113,7 +113,6 @@ class DistributionMatching(Helper):
         EMA weights are the teacher); head: a critic that lives on the fake score (its `head` is mounted on
         the fake score's bottleneck and trained in its updates), or None."""
         accelerator, cfg = ctx.accelerator, ctx.cfg
-        check_distribution_matching_supported(accelerator, cfg)
         dm, base = cfg.stage2.distribution_matching, ctx.base
         self.cfg, self.main_acc, self.schedule = cfg, accelerator, ctx.schedule
         self.latent_shape, self.labels = ctx.latent_shape, ctx.labels

@@ -41,7 +41,7 @@ from trainer.parallel import engine
 from trainer.parallel.collectives import gather_shards
 from trainer.stage2.critic_step import critic_loss, r1_inputs
 from trainer.stage2.critics import Critic
-from trainer.stage2.discriminator_trainer import D_HISTORY_FIELDS, check_r1_supported
+from trainer.stage2.discriminator_trainer import D_HISTORY_FIELDS
 from trainer.training.loop import walk_rows
 
 
@@ -86,7 +86,6 @@ class FeatureCritic(Critic):
     def __init__(self, ctx, batch: int):
         """batch: the fake-score update's global batch (as many reals as fakes)."""
         accelerator, cfg = ctx.accelerator, ctx.cfg
-        check_r1_supported(accelerator, cfg.discriminator.training)  # R1 on the head: a double backward
         self.acc, self.cfg, self.schedule, self.batch = accelerator, cfg, ctx.schedule, batch
         self.path, self.k = ctx.layout.discriminator_features(ctx.k), ctx.k
         self.unet_config = ctx.base.unet_config

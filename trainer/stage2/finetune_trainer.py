@@ -29,7 +29,7 @@ from trainer.parallel.collectives import shard_range
 from trainer.stage2 import registry
 from trainer.stage2.critics import latent_view
 from trainer.stage2.finetune_batch import export_blob_of, mse_batch, sampler_timesteps
-from trainer.stage2.finetune_columns import check_grad_ratio_supported, finetune_columns
+from trainer.stage2.finetune_columns import finetune_columns
 from trainer.stage2.finetune_fingerprint import finetune_fingerprint
 from trainer.stage2.finetune_validation import FinetuneValidation
 from trainer.stage2.helpers import FinetuneContext, StepInputs, frozen
@@ -72,7 +72,6 @@ class FinetuneTrainer(StepTrainer):
         self.unet_config, self.scaling, self.autoencoder = base.unet_config, base.scaling, autoencoder
         self.conditioning, self.latent_shape = base.conditioning, latent_shape
         s2, t = cfg.stage2, cfg.training
-        engine.check_accumulation(accelerator, t.gradient_accumulation_steps, t.batch_size)
         self._data(accelerator, real, real_train, labels, real_labels)
         self.lr = s2.learning_rate or t.learning_rate
         self.loss = CompositeLoss.from_config(t.loss, balance=s2)
@@ -96,7 +95,6 @@ class FinetuneTrainer(StepTrainer):
         if quality is None and s2.best_metric == "val_latent_fd":
             raise ValueError("best_metric val_latent_fd needs a quality measure")
         self._generator(init)
-        check_grad_ratio_supported(accelerator, s2, t.gradient_accumulation_steps)
         self._helpers(ctx, d)
 
     def _helpers(self, ctx, d) -> None:

@@ -29,7 +29,7 @@ from trainer.parallel.accelerator import prepare_module
 from trainer.parallel.collectives import shard_range
 from trainer.stage2.critic_step import critic_loss, guarded_update, r1_inputs
 from trainer.stage2.critics import LatentCritic, online_fields
-from trainer.stage2.discriminator_trainer import check_r1_supported, save_d
+from trainer.stage2.discriminator_trainer import save_d
 from trainer.training.loop import local_weight
 from trainer.training.optim import optimizer_from
 
@@ -53,7 +53,6 @@ class OnlineCritic(LatentCritic):
         d = prepare_module(d, cfg.performance, accelerator)
         opt = optimizer_from(d.parameters(), td, cfg.performance, accelerator)
         self.d = d
-        check_r1_supported(accelerator, td)
         second = engine.prepare_second(accelerator, d, opt, 2 * self.half, td.max_grad_norm)
         self.acc, self.wrapped, self.opt = second
         self.skipped = 0

@@ -26,7 +26,7 @@ from trainer.stage2 import registry
 from trainer.stage2.critics import critic_class
 from trainer.stage2.discriminator_trainer import check_r1_supported, load_discriminator
 from trainer.stage2.distribution_matching import check_distribution_matching_supported
-from trainer.stage2.finetune_trainer import check_grad_ratio_supported
+from trainer.stage2.finetune_columns import check_grad_ratio_supported
 from trainer.stage2.generation import iteration_shard, stratified_split
 from trainer.stage2.outputs import export_result, refresh_report, write_grid
 from trainer.stage2.prepare import (
@@ -168,10 +168,7 @@ def finish_iteration(s: Stage2Setup, k: int, evaluator: Evaluator) -> None:
 
 def run(cfg: Config, accelerator, start_iteration: int | None = None, stop_after: int | None = None) -> None:
     s = setup(cfg, accelerator)
-    check_r1_supported(accelerator, cfg.discriminator.training)
-    check_grad_ratio_supported(accelerator, cfg.stage2, cfg.training.gradient_accumulation_steps)
-    check_distribution_matching_supported(accelerator, cfg)
-    engine.check_accumulation(accelerator, cfg.training.gradient_accumulation_steps, cfg.training.batch_size)
+    support_checks(accelerator, cfg)
     s2, layout = cfg.stage2, s.layout
     if start_iteration is not None:
         if start_iteration >= s2.num_iterations:
@@ -211,6 +208,15 @@ def run(cfg: Config, accelerator, start_iteration: int | None = None, stop_after
             return
     export_result(s)
     s.log(f"stage 2 complete: {s2.num_iterations} iteration(s) under {layout.root}")
+
+
+def support_checks(accelerator, cfg) -> None:
+    """What this launch (its world, DeepSpeed or not) cannot run, one line each, before any compute: the
+    one place they run (the phases and helpers rely on them)."""
+    check_r1_supported(accelerator, cfg.discriminator.training)
+    check_grad_ratio_supported(accelerator, cfg.stage2, cfg.training.gradient_accumulation_steps)
+    check_distribution_matching_supported(accelerator, cfg)
+    engine.check_accumulation(accelerator, cfg.training.gradient_accumulation_steps, cfg.training.batch_size)
 
 
 def log_resume_point(s: Stage2Setup, first: int) -> None:
