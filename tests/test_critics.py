@@ -1,6 +1,6 @@
 """The fine-tune's components in isolation: the critic registry, the one D step and the one guarded update
-every helper steps with, the noising every critic's view shares, best_metric's choices from the loss
-terms' parts, and the fine-tune plot's panels from its history's columns."""
+every helper steps with, the noising every critic's view shares, and best_metric's choices from the loss
+terms' parts."""
 
 from types import SimpleNamespace
 
@@ -11,7 +11,6 @@ import yaml
 from trainer.core.errors import UserError
 from trainer.diffusion.noise import noised_between, noised_inputs
 from trainer.diffusion.schedule import Schedule
-from trainer.files.plots import metric_panels
 from trainer.stage2 import registry  # noqa: F401  (registers the built-in critics and helpers)
 from trainer.stage2.critic_step import critic_loss, guarded_update, r1_inputs
 from trainer.stage2.critics import LatentCritic, critic_class
@@ -95,15 +94,3 @@ def test_best_metric_choices_are_the_parts_the_run_logs(tmp_path):
     path.write_text(yaml.safe_dump({"stage2": {"best_metric": "val_nothing"}}))
     with pytest.raises(UserError, match=r"expected one of val_loss, .*val_dm, val_latent_fd, got"):
         load_config(path)
-
-
-def test_the_fine_tune_plot_has_a_panel_per_part_and_one_for_the_helpers():
-    columns = ["epoch", "step", "train_loss", "train_mse", "train_adv", "train_dm", "val_loss", "val_mse"]
-    columns += ["val_adv", "val_dm", "d_prob_fake", "adv_weight", "train_adv_ratio", "train_fake_loss"]
-    columns += ["train_d_loss", "train_d_acc"]
-    panels = dict(metric_panels(columns))
-    titles = ["loss", "MSE", "adversarial", "distribution matching", "D on samples", "helper networks"]
-    assert list(panels) == titles
-    assert panels["helper networks"] == ["train_fake_loss", "train_d_loss", "train_d_acc"]
-    assert dict(metric_panels(columns[:10]))["loss"] == ["train_loss", "val_loss"]
-    assert "helper networks" not in dict(metric_panels(columns[:10]))

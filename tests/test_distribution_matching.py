@@ -365,20 +365,20 @@ def _mse_trainer(root, manifest, ae, ckpt, skip: bool):
 def test_mse_skips_the_sampler_timesteps_only_when_asked(
     tmp_path, digits_manifest, small_ae, stage1_ckpt, monkeypatch
 ):
-    from trainer.stage2 import finetune_trainer
+    from trainer.stage2 import finetune_batch
 
     on = _mse_trainer(tmp_path / "on", digits_manifest, small_ae, stage1_ckpt, True)
     off = _mse_trainer(tmp_path / "off", digits_manifest, small_ae, stage1_ckpt, False)
     sampler = on.schedule.sampler_timesteps(4)
     assert len(sampler) == 4 and torch.equal(sampler, off.sampler_t)
-    drawn = finetune_trainer.batch_noise_and_timesteps
+    drawn = finetune_batch.batch_noise_and_timesteps
 
     def with_sampler_steps(shape, t_max, *parts):  # the draw, with half its timesteps the sampler's
         noise, t = drawn(shape, t_max, *parts)
         t[: len(sampler)] = sampler
         return noise, t
 
-    monkeypatch.setattr(finetune_trainer, "batch_noise_and_timesteps", with_sampler_steps)
+    monkeypatch.setattr(finetune_batch, "batch_noise_and_timesteps", with_sampler_steps)
     seen = {}
     for name, trainer in (("on", on), ("off", off)):
         outputs = trainer.rollouts.outputs

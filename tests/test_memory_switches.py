@@ -283,7 +283,7 @@ def test_refusals_name_the_field():
 
     from trainer.core.errors import UserError
     from trainer.parallel.engine import check_accumulation
-    from trainer.stage2.finetune_trainer import check_grad_ratio_supported
+    from trainer.stage2.finetune_columns import check_grad_ratio_supported
 
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
     check_accumulation(ddp, 2, 64)

@@ -97,28 +97,30 @@ def plot_d_history(csv_path, png_path, k: int):
     )
 
 
-# titles of the built-in parts' panels (any other part's panel is titled by its name)
-PART_TITLES = {"mse": "MSE", "adv": "adversarial", "dm": "distribution matching"}
-
-
-def metric_panels(columns: list[str]) -> list[tuple[str, list[str]]]:
-    """A fine-tune history's panels, from its columns alone: the loss, one per logged part (train_<part>
-    beside val_<part>), D on samples, and the helper networks' own columns (the other train_ columns: the
-    fake score's loss, an online D's or the feature head's loss and accuracy, an extension's)."""
-    parts = [c[len("train_") :] for c in columns if c.startswith("train_") and f"val_{c[6:]}" in columns]
-    parts = [p for p in parts if p != "loss"]
-    panels = [("loss", ["train_loss", "val_loss"])]
-    panels += [(PART_TITLES.get(p, p), [f"train_{p}", f"val_{p}"]) for p in parts]
-    panels.append(("D on samples", ["d_prob_fake", "adv_weight"]))
-    used = {c for _, keys in panels for c in keys} | {"train_adv_ratio"}
-    helpers = [c for c in columns if c.startswith("train_") and c not in used]
-    return panels + ([("helper networks", helpers)] if helpers else [])
+# panels a fine-tune history gets only when it has their columns (the distribution-matching term's fake score,
+# the feature discriminator trained in its updates)
+OPTIONAL_METRIC_PANELS = [
+    ("distribution matching", ["train_dm", "val_dm", "train_fake_loss"]),
+    ("feature D", ["train_d_loss", "train_d_acc"]),
+]
 
 
 def plot_metrics(csv_path, png_path, k: int):
     rows = read_csv_rows(csv_path)
-    columns = list(rows[0]) if rows else []
-    _panels(csv_path, png_path, metric_panels(columns), "epoch", f"diffusion fine-tune, iteration {k}")
+    present = set(rows[0]) if rows else set()
+    _panels(
+        csv_path,
+        png_path,
+        [
+            ("loss", ["train_loss", "val_loss"]),
+            ("MSE", ["train_mse", "val_mse"]),
+            ("adversarial", ["train_adv", "val_adv"]),
+            ("D on samples", ["d_prob_fake", "adv_weight"]),
+        ]
+        + [(name, keys) for name, keys in OPTIONAL_METRIC_PANELS if present & set(keys)],
+        "epoch",
+        f"diffusion fine-tune, iteration {k}",
+    )
 
 
 def plot_summary(csv_path, png_path):

@@ -89,6 +89,7 @@ class FeatureCritic(Critic):
         self.acc, self.cfg, self.schedule, self.batch = accelerator, cfg, ctx.schedule, batch
         self.path, self.k = ctx.layout.discriminator_features(ctx.k), ctx.k
         self.unet_config = ctx.base.unet_config
+        self.history_path = ctx.layout.discriminator_history(ctx.k)
         n = int(ctx.real_train.shape[0])
         self.reals = gather_shards(ctx.real.to(accelerator.device).float(), n).cpu()
         self.labels = None  # every real's class, gathered like the reals (as floats: exact for classes)
@@ -208,7 +209,7 @@ class FeatureCritic(Critic):
         names.update({key: key for key in ("epoch", "step", "seconds", "nonfinite_skipped")})
         nan = float("nan")
         rows = [{key: row.get(names.get(key), nan) for key in D_HISTORY_FIELDS} for row in run.history]
-        atomic.write_csv(rows, self.path.parent / "discriminator_history.csv", D_HISTORY_FIELDS)
+        atomic.write_csv(rows, self.history_path, D_HISTORY_FIELDS)
 
 
 class FeatureScorer(torch.nn.Module):
