@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.cli.common import add_config_args, run_main
 from trainer.cli.flags import Parser, add_flags
-from trainer.cli.sample import load_guidance_discriminator
+from trainer.cli.sample import discriminator_guidance
 from trainer.core.errors import UserError
 from trainer.diffusion.guidance import DEFAULT_T_MIN, INPUTS, Guidance
 
@@ -128,16 +128,7 @@ def guidance_of(s, args, device) -> Guidance | None:
             f"--discriminator: discriminator guidance is for unconditional models; {s.stage1.path} is "
             "class-conditional (stage2.guidance_scale sets its classifier-free guidance)"
         )
-    if args.discriminator is None:
-        return None
-    d = load_guidance_discriminator(Path(args.discriminator), s.latent_shape, args.guidance_input)
-    return Guidance(
-        d.to(device),
-        weight=args.guidance_weight,
-        t_min=args.guidance_t_min,
-        t_max=args.guidance_t_max,
-        input=args.guidance_input,
-    )
+    return discriminator_guidance(args, s.latent_shape, device)
 
 
 def guidance_record(args, guided: Guidance | None) -> dict | None:
