@@ -80,6 +80,11 @@ class Helper:
         """{key: fields} for the resume fingerprint; empty where nothing of its own defines the phase."""
         return {}
 
+    @classmethod
+    def carry(cls, cfg, layout, k: int):
+        """(what iteration k starts from of iteration k-1's helper, its description), or None: nothing."""
+        return None
+
     def start(self, run) -> None:
         pass
 

@@ -39,8 +39,7 @@ def carried_init(cfg, layout, k: int, log) -> dict:
     """What iteration k's helpers start from of iteration k-1 (by helper name), each logged."""
     init = {}
     for cls in term_helper_classes(cfg):
-        carry = getattr(cls, "carry", None)
-        found = carry(cfg, layout, k) if carry is not None and k > 0 else None
+        found = cls.carry(cfg, layout, k) if k > 0 else None
         if found is not None:
             init[cls.name], what = found
             log(f"iteration {k}: {what} continues from iteration {k - 1}'s last weights")
