@@ -6,12 +6,17 @@ from pathlib import Path
 
 import pytest
 
-# tests/ on sys.path whatever the import mode, so that `from helpers import ...` (and `from tools import
-# ...`) works; pytest's default "prepend" mode already puts it there, tests/ having no __init__.py.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The suite by layer: unit/ (pure functions), component/ (stages and parts trained in process), e2e/
+# (launches, kill -9, SLURM, DeepSpeed, the benches and the demo). tests/ and each layer's folder are on
+# sys.path whatever the import mode, so that `from helpers import ...`, `from tools import ...` and an
+# end-to-end test's `from test_distribution_matching import ...` (a component module's config builders)
+# work in every xdist worker, whichever file it collected first.
+_HERE = Path(__file__).resolve().parent
+for _folder in (_HERE, *(_HERE / layer for layer in ("unit", "component", "e2e"))):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
-from helpers import FAKE_SRUN, tiny_config, write_config  # noqa: E402
+from helpers import FAKE_SRUN, conditional_stage1_config, tiny_config, write_config  # noqa: E402
 
 # Under pytest-xdist (pyproject's addopts: one worker per core, at most 4) every worker is one process on
 # one core: torch and every subprocess a test starts use one thread, so that two workers never fight over
@@ -92,6 +97,21 @@ def stage1_ckpt(tmp_path_factory, digits_manifest, small_ae):
         return cfg.out_dir / "stage1" / "checkpoint_best.pt"
 
     return shared(tmp_path_factory, "stage1", build)
+
+
+@pytest.fixture(scope="session")
+def conditional_stage1(tmp_path_factory, digits_manifest, small_ae):
+    """A tiny class-conditional stage-1 model of the digits 0-3 (label dropout 0.1)."""
+    from trainer.config.load import load_config
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage1.diffusion_trainer import DiffusionTrainer
+
+    def build(root):
+        cfg = load_config(conditional_stage1_config(root, digits_manifest, small_ae))
+        DiffusionTrainer(cfg, build_accelerator("cpu")).fit()
+        return cfg.out_dir / "stage1" / "checkpoint_best.pt"
+
+    return shared(tmp_path_factory, "conditional_stage1", build)
 
 
 @pytest.fixture()

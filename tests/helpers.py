@@ -99,6 +99,16 @@ def stage2_config(
     return path
 
 
+def conditional_stage1_config(root: Path, manifest: Path, ae: Path, **unet) -> Path:
+    """tiny_config with the digits' labels: a class-conditional micro UNet of the digits 0-3."""
+    path = tiny_config(root, manifest, ae)
+    data = yaml.safe_load(path.read_text())
+    data["dataset"]["label_column"] = "label"
+    data["unet"].update({"num_class_embeds": 4, **unet})
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def write_config(folder: Path, save_path="out") -> Path:
     """A minimal config for launch.sh, which reads only experiment.name and save_path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,6 +123,30 @@ def run_cli(*args, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
     )
+
+
+@dataclass
+class Finished:
+    """What a run left: its exit code and its log (as subprocess.run's result has them)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def stage2_at(nproc: int, cfg: Path, *flags, capfd=None, timeout=300):
+    """`advdiff stage2 cfg --device cpu *flags` at `nproc` CPU processes: 2 or more through `accelerate
+    launch`; 1 in this process (the reference of a world-size test: the code path that `accelerate launch
+    --num_processes 1` runs, without a launcher's and a worker's start-up), its log read from `capfd`."""
+    args = (str(cfg), "--device", "cpu", *flags)
+    if nproc > 1:
+        return accelerate_launch(nproc, "-m", "trainer.stage2", *args, timeout=timeout)
+    from trainer.cli.stages import stage2_main
+
+    capfd.readouterr()
+    code = stage2_main(list(args))
+    out, err = capfd.readouterr()
+    return Finished(code, out, err)
 
 
 def free_port() -> int:
@@ -150,6 +184,17 @@ def accelerate_launch(nproc: int, *args, env=None, timeout=600):
     return subprocess.run(
         launcher + list(args), capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
     )
+
+
+def deepspeed_launch(config_name: str, nproc: int, *args, timeout=900):
+    """`accelerate launch --config_file accelerate_configs/<config_name>` of `-m trainer.stage2 *args` on CPU
+    (DS_ACCELERATOR=cpu, gloo): the DeepSpeed tests' one launcher."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(REPO / "accelerate_configs" / config_name), "--num_processes", str(nproc)]
+    cmd += ["--main_process_port", str(free_port()), "-m", "trainer.stage2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
 def launch(*args, env=None, cwd=REPO):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAINER = REPO / "trainer"
 
 # Lowest layer first: a package may import only from itself and the packages before it.

@@ -4,14 +4,13 @@ save, resume and DeepSpeed-free exports; and the mixed-precision switch, checked
 distribution-matching fake score and its feature head too)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from helpers import LAUNCH_PROBE, REPO, free_port, run_cli, stage2_config
+from helpers import LAUNCH_PROBE, REPO, deepspeed_launch, run_cli, stage2_config
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
 
@@ -25,26 +24,6 @@ DS_FLAGS = [
     "--device",
     "cpu",
 ]
-
-
-def ds_launch(config_name, nproc, *args):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config_name),
-        "--num_processes",
-        str(nproc),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "trainer.stage2",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
 
 def _weights(path):
@@ -98,13 +77,13 @@ def test_deepspeed_trains_both_models_and_resumes(
     tmp_path, digits_manifest, small_ae, stage1_ckpt, config_name, nproc, online
 ):
     straight = _config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt, online)
-    proc = ds_launch(config_name, nproc, str(straight), *DS_FLAGS)
+    proc = deepspeed_launch(config_name, nproc, str(straight), *DS_FLAGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt, online)
-    first = ds_launch(config_name, nproc, str(resumed), *DS_FLAGS, "--stop_after_steps", "2")
+    first = deepspeed_launch(config_name, nproc, str(resumed), *DS_FLAGS, "--stop_after_steps", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped inside iteration 0" in first.stdout
-    second = ds_launch(config_name, nproc, str(resumed), *DS_FLAGS)
+    second = deepspeed_launch(config_name, nproc, str(resumed), *DS_FLAGS)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "RESUMED iteration 0, diffusion phase, from" in second.stdout and "at step 2/" in second.stdout
 

@@ -7,7 +7,7 @@ import hashlib
 import pandas as pd
 import pytest
 import torch
-from helpers import accelerate_launch, run_cli, stage2_config
+from helpers import run_cli, stage2_config
 
 from trainer.core.errors import UserError
 from trainer.core.faults import INJECT_NAN_ENV, nan_injected, parse_nan_injection
@@ -240,30 +240,3 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(
     assert {p.name: _sha(p) for p in ckpts.iterdir()} == before  # nothing overwritten
     blob = torch.load(latest, weights_only=True)
     assert blob["state"]["step"] == 2 and not blob["complete"] and _finite(blob)
-
-
-@pytest.mark.slow
-def test_stage2_nan_on_one_rank_is_skipped_on_both(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
-    # rank 1 only; a hang (ranks disagreeing about the step) would hit the timeout
-    proc = accelerate_launch(
-        2,
-        "-m",
-        "trainer.stage2",
-        str(cfg),
-        "--device",
-        "cpu",
-        env={INJECT_NAN_ENV: "stage2_d0:2:1;stage2_g0:3:1"},
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # the logs and CSVs come from rank 0: its counters show it skipped the steps rank 1 could not take
-    assert "[stage2_d0" in proc.stdout and "step 2/3: non-finite loss on rank 1; step skipped" in proc.stdout
-    assert "step 3/4: non-finite loss on rank 1; step skipped" in proc.stdout
-    out = tmp_path / "out"
-    assert (
-        pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")["nonfinite_skipped"].iloc[-1]
-        == 1
-    )
-    assert pd.read_csv(out / "t2_metrics_iter_0.csv")["nonfinite_skipped"].tolist() == [0, 1]
-    assert _finite(torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True))

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import accelerate_launch, stage2_config
 
 from trainer.config.critic_types import accept_critic_type
 from trainer.files import atomic
@@ -172,6 +171,8 @@ LOSS = [
 
 
 def _config(root, manifest, ae, ckpt):
+    from helpers import stage2_config  # here, not at the top: the workers run this file as a script
+
     stage2 = {"diffusion_max_steps": 4, "diffusion_eval_interval": 2, "grid_samples": 0, "metric_samples": 12}
     path = stage2_config(root, manifest, ae, ckpt, stage2=stage2, loss=LOSS)
     data = yaml.safe_load(path.read_text())
@@ -181,6 +182,8 @@ def _config(root, manifest, ae, ckpt):
 
 
 def _launch(cfg, *extra):
+    from helpers import accelerate_launch
+
     proc = accelerate_launch(2, str(HERE), str(cfg), "--device", "cpu", *extra, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
