@@ -117,6 +117,58 @@ def write_config(folder: Path, save_path="out") -> Path:
     return path
 
 
+# -- in-process runs and the stop/resume harness ----------------------------------------------------------
+def run_stage2(cfg, stop_after=None, start_iteration=None, overrides=None) -> Path:
+    """Stage 2 of `cfg` (a config path) in this process, on the CPU; stopped after `stop_after` fine-tune
+    steps when given. Returns the run's folder."""
+    from trainer.config.load import load_config
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.run import run
+
+    loaded = load_config(cfg, overrides)
+    run(loaded, build_accelerator("cpu"), start_iteration, stop_after)
+    return loaded.out_dir
+
+
+def finetune_alone(cfg, k: int = 0, d: bool = True, return_d: bool = False):
+    """Iteration k's fine-tune phase alone, from stage 1's EMA weights, on 24 random latents (seed 0) and,
+    with `d`, a fresh latent D drawn after them: what the component tests of the fine-tune train, without
+    the phases before it. `cfg`: a config path or a loaded config. return_d: (trainer, D)."""
+    import torch
+
+    from models.discriminator import build_discriminator
+    from trainer.config.load import load_config
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2.generation import stratified_split
+    from trainer.stage2.run import setup
+
+    s = setup(load_config(cfg) if isinstance(cfg, (str, Path)) else cfg, build_accelerator("cpu"))
+    torch.manual_seed(0)
+    real = torch.randn(24, 4, 8, 8)
+    critic = build_discriminator(s.cfg.discriminator.config) if d else None
+    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
+    trainer = s.finetune_trainer(k, real, stratified_split(24, 0.8, 0, 0, "real"), critic, init)
+    return (trainer, critic) if return_d else trainer
+
+
+def fit_alone(cfg, stop_after=None, **kwargs):
+    """finetune_alone's trainer, fitted (stopped after `stop_after` steps when given)."""
+    trainer = finetune_alone(cfg, **kwargs)
+    trainer.stop_after = stop_after
+    trainer.fit()
+    return trainer
+
+
+def stop_then_resume(cfg, stop_after: int, run=run_stage2, between=None):
+    """The stop/resume harness: `run(cfg, stop_after=n)`, then `between()` (a log reset, say), then
+    `run(cfg)` again on the same folder, which resumes. Returns both results (stopped, resumed); a test
+    compares the resumed one with an uninterrupted `run(other_cfg)`."""
+    stopped = run(cfg, stop_after=stop_after)
+    if between is not None:
+        between()
+    return stopped, run(cfg)
+
+
 # -- processes -----------------------------------------------------------------------------------------
 def run_cli(*args, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

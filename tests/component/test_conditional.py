@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import conditional_stage1_config, stage2_config
+from helpers import conditional_stage1_config, run_stage2, stage2_config, stop_then_resume
 
 from trainer.config.load import load_config
 
@@ -116,15 +116,6 @@ def _stage2(root, manifest, ae, ckpt, stage2=None, discriminator=None, loss=None
     return path
 
 
-def _run(path, stop_after=None):
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.run import run
-
-    cfg = load_config(path)
-    run(cfg, build_accelerator("cpu"), None, stop_after)
-    return cfg.out_dir
-
-
 @pytest.mark.parametrize(
     "mode",
     [
@@ -141,10 +132,9 @@ def test_a_stopped_fine_tune_resumes_exactly_in_every_mode(
     args = dict(stage2={**small, **mode.get("stage2", {})})
     discriminator = {"epochs": 1, **(mode.get("discriminator") or {})}
     args.update(discriminator=discriminator, loss=mode.get("loss"), d_config=mode.get("d_config"))
-    straight = _run(_stage2(tmp_path / "a", digits_manifest, small_ae, conditional_stage1, **args))
+    straight = run_stage2(_stage2(tmp_path / "a", digits_manifest, small_ae, conditional_stage1, **args))
     cfg_b = _stage2(tmp_path / "b", digits_manifest, small_ae, conditional_stage1, **args)
-    _run(cfg_b, stop_after=3)
-    resumed = _run(cfg_b)
+    _, resumed = stop_then_resume(cfg_b, 3)
     name = "checkpoints/t2_iter_0_checkpoint_latest.pt"
     a, b = (torch.load(x / name, weights_only=True) for x in (straight, resumed))
     for key in ("state_dict", "raw_state_dict"):

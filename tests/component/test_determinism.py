@@ -1,28 +1,17 @@
 """Determinism on CPU: the same config and seed give bit-identical fakes, reals, D history, metrics,
 summary and weights; a different seed does not (so the comparison can fail). The same fakes at 1 and 2
-processes is tested in test_stage2.py (test_two_processes_match_one_and_only_main_writes); see
+processes is tested in e2e/test_two_processes.py (test_two_processes_match_one_and_only_main_writes); see
 docs/REPRODUCIBILITY.md for what holds on GPU."""
 
 import csv
 
 import pytest
 import torch
-from helpers import stage2_config
-
-from trainer.config.load import load_config
+from helpers import run_stage2, stage2_config
 
 pytestmark = pytest.mark.slow  # three 2-iteration stage-2 runs
 
 WALL_CLOCK = {"seconds"}  # the only columns allowed to differ between two runs
-
-
-def _run(cfg_path, seed=None):
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.run import run
-
-    cfg = load_config(cfg_path, {"training.seed": seed} if seed is not None else None)
-    run(cfg, build_accelerator("cpu"))
-    return cfg.out_dir
 
 
 def _rows(path):
@@ -79,14 +68,16 @@ def _compare(a, b):
 
 
 def test_same_config_and_seed_give_identical_outputs(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    a = _run(_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt))
-    b = _run(_config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt))
+    a = run_stage2(_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt))
+    b = run_stage2(_config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt))
     assert len(_rows(a / "discriminator_iter_1" / "discriminator_history.csv")) >= 2
     assert len(_rows(a / "t2_summary.csv")) == 3  # stage 1 + two iterations
     assert _compare(a, b) == []
 
     # the comparison can fail: another seed changes every output it compares
-    c = _run(_config(tmp_path / "c", digits_manifest, small_ae, stage1_ckpt), seed=7)
+    c = run_stage2(
+        _config(tmp_path / "c", digits_manifest, small_ae, stage1_ckpt), overrides={"training.seed": 7}
+    )
     differ = _compare(a, c)
     assert "iter 0 fake_latents.pt" in differ and "iter 0 real_latents.pt" in differ
     assert "iter 1 diffusion weights" in differ and "t2_summary.csv" in differ

@@ -136,7 +136,7 @@ def test_unet_folder_takes_its_sibling_scheduler_or_the_fallback(tmp_path):
 
 
 def test_other_conditioning_and_foreign_models_are_refused_in_one_line(tmp_path):
-    """Class labels through num_class_embeds load (tests/test_conditional_export.py); a UNet2DModel
+    """Class labels through num_class_embeds load (tests/component/test_conditional_export.py); a UNet2DModel
     conditioned another way (class_embed_type) and other model classes are refused."""
     from trainer.core.errors import UserError
     from trainer.diffusion.checkpoints import read_source

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from helpers import stage2_config
+from helpers import finetune_alone, fit_alone, stage2_config, stop_then_resume
 
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
@@ -106,28 +106,12 @@ def _config(root, manifest, ae, ckpt, loss=(DM,), **stage2):
     )
 
 
-def _trainer(path):
-    """The fine-tune phase of iteration 0 alone, on 24 random latents with a fresh D (seeded alike)."""
-    from models.discriminator import build_discriminator
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
-
-    s = setup(load_config(path), build_accelerator("cpu"))
-    torch.manual_seed(0)
-    real = torch.randn(24, 4, 8, 8)
-    d = build_discriminator(s.cfg.discriminator.config)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
-
-
 def _latest(out):
     return torch.load(out / "checkpoints" / "t2_iter_0_checkpoint_latest.pt", weights_only=True)
 
 
 def test_dm_alone_fine_tunes_and_resumes_bit_for_bit(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    straight = _trainer(_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt))
-    straight.fit()
+    straight = fit_alone(_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt))
     history = pd.read_csv(straight.history_path)
     for column in ("train_dm", "val_dm", "train_fake_loss"):
         assert history[column].notna().all() and (history[column] > 0).all(), column
@@ -145,12 +129,8 @@ def test_dm_alone_fine_tunes_and_resumes_bit_for_bit(tmp_path, digits_manifest, 
     assert a["state"]["fingerprint"]["distribution_matching"]["n_fake"] == 2
 
     cfg_b = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt)
-    first = _trainer(cfg_b)
-    first.stop_after = 1  # stops after generator step 1, mid-phase
-    first.fit()
+    first, resumed = stop_then_resume(cfg_b, 1, run=fit_alone)  # stops after generator step 1, mid-phase
     assert first.step == 1
-    resumed = _trainer(cfg_b)
-    resumed.fit()
     b = _latest(tmp_path / "b" / "out")
     for key in ("state_dict", "raw_state_dict"):
         for p in a[key]:
@@ -258,27 +238,8 @@ def test_avoid_timesteps_redraws_only_banned_ones_uniformly():
 
 
 def _mse_trainer(root, manifest, ae, ckpt, skip: bool):
-    from models.discriminator import build_discriminator
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
-
-    cfg = load_config(
-        stage2_config(
-            root,
-            manifest,
-            ae,
-            ckpt,
-            loss=[MSE],
-            stage2={"generation_steps": 4, "mse_skip_sampler_timesteps": skip},
-        )
-    )
-    s = setup(cfg, build_accelerator("cpu"))
-    torch.manual_seed(0)
-    d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    real = torch.randn(24, 4, 8, 8)
-    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
+    stage2 = {"generation_steps": 4, "mse_skip_sampler_timesteps": skip}
+    return finetune_alone(stage2_config(root, manifest, ae, ckpt, loss=[MSE], stage2=stage2))
 
 
 def test_mse_skips_the_sampler_timesteps_only_when_asked(

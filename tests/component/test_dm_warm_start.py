@@ -1,13 +1,14 @@
 """The fake score's warm start on the iteration's saved fakes (stage2.distribution_matching.warm_start_steps,
 DistributionMatching.warm_start): it trains the fake score (and the feature head) on exactly those fakes,
 deterministically, before the first generator step of a fine-tune that starts afresh, and a resumed
-fine-tune does not redo it. 2 processes against 1 and kill -9 with it on: tests/test_distribution_matching.py
-and tests/test_faults_dm.py."""
+fine-tune does not redo it. 2 processes against 1 and kill -9 with it on: tests/e2e/test_two_processes.py
+and tests/e2e/test_faults_dm.py."""
 
 import pytest
 import test_feature_discriminator as feat
 import torch
-from test_distribution_matching import DM, _config, _latest, _trainer
+from helpers import finetune_alone
+from test_distribution_matching import DM, _config, _latest
 
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
@@ -68,7 +69,7 @@ def test_the_fine_tune_warm_starts_once_and_a_resume_does_not_redo_it(
     calls = []
 
     def trainer(name):
-        t = _trainer(
+        t = finetune_alone(
             _config(tmp_path / name, digits_manifest, small_ae, stage1_ckpt, distribution_matching=dm)
         )
         t.warm_fakes = (_fakes(), N, None)
@@ -82,7 +83,7 @@ def test_the_fine_tune_warm_starts_once_and_a_resume_does_not_redo_it(
     first.fit()
     trainer("b").fit()  # resumes at step 1: the fake score comes from the resume state
     assert calls == ["a", "b"]
-    cold = _trainer(_config(tmp_path / "cold", digits_manifest, small_ae, stage1_ckpt))
+    cold = finetune_alone(_config(tmp_path / "cold", digits_manifest, small_ae, stage1_ckpt))
     cold.fit()
     a, b, c = (_latest(tmp_path / x / "out") for x in ("a", "b", "cold"))
     fa, fb, fc = (x["state"]["model"]["distribution_matching"]["fake"] for x in (a, b, c))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import run_cli, stage2_config
+from helpers import finetune_alone, fit_alone, stage2_at, stage2_config
 
 from trainer.config.load import load_config
 from trainer.core.errors import UserError
@@ -53,15 +53,7 @@ def _config(root, manifest, ae, ckpt, loss=(DM, ADV), arch=FEATURES, training=No
 
 def _trainer(path):
     """The fine-tune phase of iteration 0 alone, on 24 random latents (no latent D, as run.py passes)."""
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
-
-    s = setup(load_config(path), build_accelerator("cpu"))
-    torch.manual_seed(0)
-    real = torch.randn(24, 4, 8, 8)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), None, init)
+    return finetune_alone(path, d=False)
 
 
 def _latest(out):
@@ -176,12 +168,9 @@ def test_fine_tune_writes_its_columns_and_resumes_bit_for_bit(
     assert both.shape == (4,) and torch.allclose(both[2:], pair, atol=1e-6)
 
     cfg_b = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt, **kwargs)
-    first = _trainer(cfg_b)
-    first.stop_after = 1
-    first.fit()
-    assert first.step == 1 and not first.critic.path.is_file()
-    resumed = _trainer(cfg_b)
-    resumed.fit()
+    first = fit_alone(cfg_b, stop_after=1, d=False)
+    assert first.step == 1 and not first.critic.path.is_file()  # exported when the phase ends
+    resumed = fit_alone(cfg_b, d=False)
     b = _latest(tmp_path / "b" / "out")
     for key in ("state_dict", "raw_state_dict"):
         for p in a[key]:
@@ -283,7 +272,7 @@ def test_r1_under_deepspeed_is_refused_before_compute():
 
 @pytest.mark.slow
 def test_the_fake_score_and_head_carry_over_to_the_next_iteration(
-    tmp_path, digits_manifest, small_ae, stage1_ckpt
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, capfd
 ):
     """stage2.distribution_matching.carry_over: true: iteration 1's fake score and head start from
     iteration 0's last weights, which track the generator iteration 1 continues from; false (the default):
@@ -298,7 +287,7 @@ def test_the_fake_score_and_head_carry_over_to_the_next_iteration(
     cfg = _config(
         tmp_path, digits_manifest, small_ae, stage1_ckpt, num_iterations=2, distribution_matching=dm
     )
-    proc = run_cli("-m", "trainer.stage2", str(cfg), "--device", "cpu", timeout=300)
+    proc = stage2_at(1, cfg, capfd=capfd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "iteration 1: the fake score continues from iteration 0's last weights" in proc.stdout
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import csv
 
 import pytest
 import torch
-from helpers import stage2_config
+from helpers import finetune_alone, stage2_config
 
 from trainer.config.load import load_config
 from trainer.config.loss_types import LOSS_TYPES
@@ -47,18 +47,7 @@ MAE = {"type": "MAELoss", "key": "pred_latent", "target": "latent", "weight": 0.
 
 def _trainer(root, manifest, ae, ckpt, loss, stage2=None):
     """A FinetuneTrainer of a tiny stage-2 config on 24 random latents with a fresh D (seeded alike)."""
-    from models.discriminator import build_discriminator
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
-
-    cfg = load_config(stage2_config(root, manifest, ae, ckpt, loss=loss, stage2=stage2))
-    s = setup(cfg, build_accelerator("cpu"))
-    torch.manual_seed(0)
-    real = torch.randn(24, 4, 8, 8)
-    d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
+    return finetune_alone(stage2_config(root, manifest, ae, ckpt, loss=loss, stage2=stage2))
 
 
 def test_a_registered_term_joins_loss_validation_and_history(

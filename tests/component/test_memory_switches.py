@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import run_cli, stage2_config, tiny_config
+from helpers import finetune_alone, run_cli, stage2_config, tiny_config
 
 from trainer.config.load import load_config
 
@@ -169,10 +169,6 @@ def test_resume_across_accumulation_settings(tmp_path, digits_manifest, small_ae
 # -- the stage-2 fine-tune --------------------------------------------------------------------------------
 def _finetune(root, manifest, ae, ckpt, mode, micro, wrap_terms=None, steps=2, **training) -> dict:
     """`steps` fine-tune steps of a FinetuneTrainer on fixed real latents and a fixed noise-conditioned D."""
-    from models.discriminator import build_discriminator
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
 
     loss = [
         {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
@@ -196,12 +192,7 @@ def _finetune(root, manifest, ae, ckpt, mode, micro, wrap_terms=None, steps=2, *
     cfg.training.max_grad_norm, cfg.training.gradient_accumulation_steps = 0.0, micro
     for key, value in training.items():
         setattr(cfg.training, key, value)
-    s = setup(cfg, build_accelerator("cpu"))
-    torch.manual_seed(0)
-    real = torch.randn(24, 4, 8, 8)
-    d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    trainer = s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
+    trainer = finetune_alone(cfg)
     start = _start(trainer)
     if wrap_terms is not None:
         trainer.loss.terms = [wrap_terms(term) for term in trainer.loss.terms]

@@ -196,8 +196,8 @@ def test_r1_is_refused_under_deepspeed_in_one_line():
     )
 
 
-# Online D at 2 processes: under DDP, tests/test_faults.py (its run is online: SIGKILLs inside the online
-# phase, bit-identical outputs after resuming); under DeepSpeed ZeRO-2, tests/test_scaleout.py.
+# Online D at 2 processes: under DDP, tests/e2e/test_faults.py (its run is online: SIGKILLs inside the online
+# phase, bit-identical outputs after resuming); under DeepSpeed ZeRO-2, tests/e2e/test_scaleout.py.
 
 
 def test_grad_norm_ratio_gives_the_adversarial_term_the_anchors_gradient_scale():

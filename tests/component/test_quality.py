@@ -12,7 +12,7 @@ SMALL = ["--num_samples", "24", "--discriminator_epochs", "1", "--diffusion_epoc
 
 
 @pytest.mark.slow
-def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckpt, capfd):
     """Also, on the first run: progress bars (forced on without a terminal) and TensorBoard logging."""
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
     tb = ["--report_to", "tensorboard"] if _has("tensorboard") else []
@@ -23,8 +23,9 @@ def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckp
     assert "sample/s" in a.stderr and "step/s" in a.stderr
     if tb:
         _check_tensorboard(tmp_path / "out")
-    b = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL, "--control")
-    assert b.returncode == 0, b.stderr[-2000:]
+    from trainer.cli.main import main
+
+    assert main(["stage2", str(cfg), *SMALL, "--control"]) == 0  # the control arm in this process
     run, control = tmp_path / "out", tmp_path / "out_control"
     ma = pd.read_csv(run / "t2_metrics_iter_0.csv")
     mb = pd.read_csv(control / "t2_metrics_iter_0.csv")
@@ -40,11 +41,12 @@ def test_control_arm_and_compare(tmp_path, digits_manifest, small_ae, stage1_ckp
     assert same_data
     sa, sb = pd.read_csv(run / "t2_summary.csv"), pd.read_csv(control / "t2_summary.csv")
     assert sa.loc[0, "latent_fd"] == sb.loc[0, "latent_fd"]  # the same stage-1 baseline
-    proc = run_cli("-m", "trainer.cli", "compare", str(run), str(control))
-    assert proc.returncode == 0, proc.stderr
-    assert "latent_fd" in proc.stdout and "   1  latent_fd" in proc.stdout
-    bad = run_cli("-m", "trainer.cli", "compare", str(run), str(tmp_path / "nowhere"))
-    assert bad.returncode == 2 and bad.stderr.startswith("advdiff: error: ")
+    capfd.readouterr()
+    assert main(["compare", str(run), str(control)]) == 0
+    out = capfd.readouterr().out
+    assert "latent_fd" in out and "   1  latent_fd" in out
+    assert main(["compare", str(run), str(tmp_path / "nowhere")]) == 2
+    assert capfd.readouterr().err.startswith("advdiff: error: ")
 
 
 @pytest.mark.slow
@@ -57,8 +59,9 @@ def test_adaptive_weight_moves_with_d_accuracy(tmp_path, digits_manifest, small_
         stage1_ckpt,
         stage2={"adaptive_weight": True, "adaptive_band": [0.0, 0.0001], "adaptive_factor": 2.0},
     )
-    proc = run_cli("-m", "trainer.cli", "stage2", str(cfg), *SMALL)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from trainer.cli.main import main
+
+    assert main(["stage2", str(cfg), *SMALL]) == 0
     m = pd.read_csv(tmp_path / "out" / "t2_metrics_iter_0.csv")
     assert m["adv_weight"].tolist() == pytest.approx([0.1, 0.2])  # logged before each update
 

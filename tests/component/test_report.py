@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import stage2_config
+from helpers import run_stage2, stage2_config
 
 
 class Page(HTMLParser):
@@ -85,21 +85,11 @@ def small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, iterations=1, ep
     return cfg
 
 
-def _run(cfg_path, stop_after=None):
-    from trainer.config.load import load_config
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.run import run
-
-    cfg = load_config(cfg_path)
-    run(cfg, build_accelerator("cpu"), None, stop_after)
-    return cfg.out_dir
-
-
 @pytest.mark.slow
 def test_stage2_writes_a_self_contained_report_with_every_row(
     tmp_path, digits_manifest, small_ae, stage1_ckpt
 ):
-    out = _run(small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, iterations=2))
+    out = run_stage2(small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, iterations=2))
     text = (out / "report.html").read_text()
     page = parse(text)
     assert_self_contained(text, page)
@@ -121,7 +111,7 @@ def test_stage2_writes_a_self_contained_report_with_every_row(
 def test_report_of_a_run_stopped_mid_iteration(tmp_path, digits_manifest, small_ae, stage1_ckpt, capsys):
     from trainer.cli.main import main
 
-    out = _run(
+    out = run_stage2(
         small_run(tmp_path, digits_manifest, small_ae, stage1_ckpt, epochs=3), stop_after=1
     )  # of 3 steps
     assert (out / "report.html").is_file()  # written when stage 2 started

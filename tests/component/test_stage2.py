@@ -4,7 +4,15 @@ gradient in both modes, loud resume, and resume equivalence of the diffusion pha
 import numpy as np
 import pytest
 import torch
-from helpers import files_under, run_cli, spec_layout, stage2_config
+from helpers import (
+    files_under,
+    finetune_alone,
+    run_cli,
+    run_stage2,
+    spec_layout,
+    stage2_config,
+    stop_then_resume,
+)
 
 from trainer.config.load import load_config
 
@@ -69,15 +77,6 @@ def extras(name: str, iterations: int) -> set:
     return paths
 
 
-def _run(cfg_path, start_iteration=None, stop_after=None):
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.run import run
-
-    cfg = load_config(cfg_path)
-    run(cfg, build_accelerator("cpu"), start_iteration, stop_after)
-    return cfg.out_dir
-
-
 @pytest.mark.slow
 def test_command_line_gives_the_documented_layout(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt)
@@ -137,7 +136,7 @@ def test_command_line_gives_the_documented_layout(tmp_path, digits_manifest, sma
 
 @pytest.mark.slow
 def test_fakes_do_not_depend_on_batch_size(tmp_path, digits_manifest, small_ae, stage1_ckpt):
-    a = _run(
+    a = run_stage2(
         stage2_config(
             tmp_path / "a",
             digits_manifest,
@@ -146,7 +145,7 @@ def test_fakes_do_not_depend_on_batch_size(tmp_path, digits_manifest, small_ae, 
             stage2={"generation_batch_size": 5, "diffusion_max_steps": 1},
         )
     )
-    b = _run(
+    b = run_stage2(
         stage2_config(
             tmp_path / "b",
             digits_manifest,
@@ -177,7 +176,7 @@ def test_x0_pred_mode_end_to_end(tmp_path, digits_manifest, small_ae, stage1_ckp
     )
     text = cfg.read_text().replace("num_layers: 2", "num_layers: 2\n    noise_conditioned: true")
     cfg.write_text(text)
-    out = _run(cfg)
+    out = run_stage2(cfg)
     m = pd.read_csv(out / "t2_metrics_iter_0.csv")
     assert np.isfinite(m[["val_loss", "val_mse", "val_adv", "d_prob_fake", "train_adv"]].to_numpy()).all()
     d = pd.read_csv(out / "discriminator_iter_0" / "discriminator_history.csv")
@@ -197,11 +196,6 @@ def test_validation_split_holds_both_classes():
 
 def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind="bce", conditioned=False):
     """A FinetuneTrainer on a few real latents with a fresh D, without running the phases."""
-    from models.discriminator import build_discriminator
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
-
     loss = [
         {"type": "MSELoss", "key": "pred_noise", "target": "noise", "weight": 1.0},
         {
@@ -223,12 +217,7 @@ def _finetune_trainer(tmp_path, manifest, ae, ckpt, mode, adv_weight, loss_kind=
         )
     )
     cfg.discriminator.config.noise_conditioned = conditioned
-    s = setup(cfg, build_accelerator("cpu"))
-    torch.manual_seed(0)
-    real = torch.randn(24, 4, 8, 8)
-    d = build_discriminator(cfg.discriminator.config)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    return s.finetune_trainer(0, real, stratified_split(24, 0.8, 0, 0, "real"), d, init), d
+    return finetune_alone(cfg, return_d=True)
 
 
 @pytest.mark.parametrize(
@@ -291,11 +280,10 @@ def test_diffusion_phase_resume_is_exact(tmp_path, digits_manifest, small_ae, st
     import pandas as pd
 
     kw = dict(stage2={"num_samples": 40, "diffusion_epochs": 3})
-    straight = _run(stage2_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt, **kw))
+    straight = run_stage2(stage2_config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt, **kw))
     cfg_b = stage2_config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt, **kw)
-    _run(cfg_b, stop_after=3)  # 4 steps per epoch: stops inside epoch 1
-    capsys.readouterr()
-    resumed = _run(cfg_b)
+    # 4 steps per epoch: stops inside epoch 1
+    _, resumed = stop_then_resume(cfg_b, 3, between=capsys.readouterr)
     log = capsys.readouterr().out
     assert "reusing saved latents" in log and "already complete" in log  # latents and D not redone
     assert "RESUMED iteration 0, diffusion phase, from" in log and "at step 3/12" in log

@@ -1,8 +1,7 @@
 """stage2.lr_schedule: the fine-tune's own LR schedule, apart from stage 1's training.scheduler.type."""
 
 import pytest
-import torch
-from helpers import stage2_config
+from helpers import finetune_alone, stage2_config
 
 from trainer.config.load import load_config
 
@@ -22,17 +21,7 @@ def _config(root, manifest, ae, ckpt, **stage2):
 
 def _trainer(path, k=0):
     """The fine-tune phase of iteration k alone, on 24 random latents with a fresh D (seeded alike)."""
-    from models.discriminator import build_discriminator
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
-
-    s = setup(load_config(path), build_accelerator("cpu"))
-    torch.manual_seed(0)
-    real = torch.randn(24, 4, 8, 8)
-    d = build_discriminator(s.cfg.discriminator.config)
-    init = {"raw": s.stage1.weights, "ema": s.stage1.weights}
-    return s.finetune_trainer(k, real, stratified_split(24, 0.8, 0, 0, "real"), d, init)
+    return finetune_alone(path, k)
 
 
 @pytest.mark.parametrize(("lr_schedule", "constant"), [(None, False), ("constant", True), ("cosine", False)])

@@ -1,6 +1,6 @@
 """stage2.train_steps: one fine-tune trains a student for several step counts. Each training rollout batch
 (the generator's, each fake-score update's) draws its K from the list, from its seed parts alone, so every
-rank draws alike (2 processes against 1: tests/test_distribution_matching.py runs with train_steps); the
+rank draws alike (2 processes against 1: tests/e2e/test_two_processes.py runs with train_steps); the
 fakes, validation and the summary stay at generation_steps; the comparison picture shows every trained K.
 """
 
@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_distribution_matching import _config, _latest, _trainer
+from helpers import finetune_alone
+from test_distribution_matching import _config, _latest
 
 from trainer.core.errors import UserError
 from trainer.files.layout import comparison_panels
@@ -31,7 +32,7 @@ def test_each_batch_draws_its_step_count_from_the_list():
 def test_a_fine_tune_trains_at_every_listed_step_count_and_validates_at_generation_steps(
     tmp_path, digits_manifest, small_ae, stage1_ckpt
 ):
-    trainer = _trainer(_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, train_steps=[1, 2]))
+    trainer = finetune_alone(_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, train_steps=[1, 2]))
     seen = {"train": [], "validation": []}
     start = trainer.rollouts.start
 

@@ -81,7 +81,8 @@ def test_deepspeed_zero2_trains_the_fake_score_and_resumes(tmp_path, digits_mani
 def test_deepspeed_zero3_trains_the_head_and_resumes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
     """ZeRO-3 at 2 processes: the fake score with its head is the second engine, partitioned as the UNet is;
     stopped and resumed mid-phase, generator, fake score and head land where the uninterrupted run does.
-    (ZeRO-2 runs the same second engine in tests/test_distribution_matching.py, without the head.)"""
+    (ZeRO-2 runs the same second engine in test_deepspeed_zero2_trains_the_fake_score_and_resumes, without
+    the head.)"""
     zero = "deepspeed_zero3.yaml"
     pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
     for name in ("a", "b"):

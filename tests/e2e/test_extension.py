@@ -4,7 +4,7 @@ network and state, registers both through the public hooks, and runs a 2-process
 stops and resumes exactly. No project file names either; they show up in the history's columns, the
 resume fingerprint, the resume state and the iteration's files.
 
-Run as a script (`accelerate launch tests/test_extension.py CONFIG ...`) it registers them and runs the
+Run as a script (`accelerate launch tests/e2e/test_extension.py CONFIG ...`) it registers them and runs the
 stage2 command: the workers of a launch import nothing of the test session.
 """
 

@@ -4,7 +4,7 @@ write of the state that holds the generator, the fake score and their optimizers
 saved step (nothing finished is redone), and the finished run equals an uninterrupted one bit for bit: every
 output file, and the fake score's weights and optimizer in the resume state.
 
-tests/test_faults.py kills the default recipe at >= 10 random points of every phase; the points here are
+tests/e2e/test_faults.py kills the default recipe at >= 10 random points of every phase; the points here are
 fixed, and all of them fall in the phase that distribution matching adds to."""
 
 import signal

@@ -241,7 +241,8 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(
     # multi-process resume (a logging matter of trainer/training/loop.py; the weights above are exact).
     ma = pd.read_csv(ref_out / "t2_metrics_iter_0.csv").filter(regex="^(?!train_|seconds)")
     mb = pd.read_csv(metrics).filter(regex="^(?!train_|seconds)")
-    # the validation columns at least (stage 2 may log more; tests/test_stage2.py pins the full layout)
+    # the validation columns at least (stage 2 may log more; tests/component/test_stage2.py pins the full
+    # layout)
     assert list(ma.columns)[:7] == ["epoch", "step", "val_loss", "val_mse", "val_adv", "d_prob_fake", "lr"], (
         ma.columns
     )
