@@ -111,8 +111,18 @@ QUICK_STAGE2 = [
 
 
 def run(cmd):
+    """Run one of advdiff()'s commands, printed first so that it can be rerun by hand. It runs in this
+    process, through the command line's own entry point (trainer.cli.main): the same run as a fresh
+    interpreter's, without paying each arm's start-up (imports) again; a failure stops the bench."""
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    if cmd[:3] != [sys.executable, "-m", "trainer.cli"]:
+        subprocess.run(cmd, check=True, cwd=REPO)
+        return
+    from trainer.cli.main import main
+
+    code = main(cmd[3:])
+    if code != 0:
+        raise SystemExit(f"stage2_vs_control: the command above failed (exit {code})")
 
 
 def advdiff(*args) -> list[str]:

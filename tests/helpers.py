@@ -186,6 +186,18 @@ class Finished:
     stderr: str
 
 
+def cli(capfd, *args) -> Finished:
+    """`advdiff *args` in this process (trainer.cli.main, the command line's entry point), its output read
+    from pytest's `capfd`: for tests of what a command says and does, where a fresh interpreter is not
+    what is tested (test_bad_inputs.py keeps a real process for exit code and stderr)."""
+    from trainer.cli.main import main
+
+    capfd.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return Finished(code, out, err)
+
+
 def stage2_at(nproc: int, cfg: Path, *flags, capfd=None, timeout=300):
     """`advdiff stage2 cfg --device cpu *flags` at `nproc` CPU processes: 2 or more through `accelerate
     launch`; 1 in this process (the reference of a world-size test: the code path that `accelerate launch

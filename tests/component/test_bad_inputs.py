@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import yaml
 from bad_input_cases import CASES, Case
-from helpers import run_cli, stage2_config
+from helpers import cli, run_cli, stage2_config
 
 # pytest-xdist: a module fixture: its tests run on one worker, so the fixture is built once
 pytestmark = pytest.mark.xdist_group("test_bad_inputs")
@@ -88,7 +88,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path, finished):
 
 
 @pytest.mark.slow
-def test_validate_lists_every_problem(tmp_path, finished):
+def test_validate_lists_every_problem(tmp_path, finished, capfd):
     data = yaml.safe_load(finished.read_text())
     data["discriminator"]["config"]["latent_channels"] = 2
     data["diffusion"]["stage1_checkpoint"] = str(
@@ -97,7 +97,7 @@ def test_validate_lists_every_problem(tmp_path, finished):
     data["dataset"]["filters"] = {"label": [0]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    proc = run_cli("-m", "trainer.cli", "validate", str(bad), "--num_samples", "900")
+    proc = cli(capfd, "validate", bad, "--num_samples", "900")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == f"advdiff validate: 4 problem(s) in {bad}", proc.stderr
@@ -111,11 +111,11 @@ def test_validate_lists_every_problem(tmp_path, finished):
 
 
 @pytest.mark.slow
-def test_validate_passes_on_a_good_config_and_the_embedded_default(tmp_path, finished):
-    proc = run_cli("-m", "trainer.cli", "validate", str(finished))
+def test_validate_passes_on_a_good_config_and_the_embedded_default(tmp_path, finished, capfd):
+    proc = cli(capfd, "validate", finished)
     assert proc.returncode == 0, proc.stderr
     assert "is ready for stage 2" in proc.stdout
-    proc = run_cli("-m", "trainer.cli", "validate", "--demo", "--out", str(tmp_path / "demo"))
+    proc = cli(capfd, "validate", "--demo", "--out", tmp_path / "demo")
     assert proc.returncode == 0, proc.stderr
     assert "the embedded default" in proc.stdout and "is ready for stage 2" in proc.stdout
     assert not (tmp_path / "demo").exists(), "validate must not create anything"

@@ -150,11 +150,11 @@ def test_a_stopped_fine_tune_resumes_exactly_in_every_mode(
 
 
 @pytest.mark.slow
-def test_conditional_demo_end_to_end_small(tmp_path):
+def test_conditional_demo_end_to_end_small(tmp_path, capfd):
     """`advdiff demo --conditional` (shrunk): the labelled chain, a conditional result with its class record,
     the class columns in the summary; and the plain demo refuses its folder in one line."""
     import pandas as pd
-    from helpers import run_cli
+    from helpers import cli, run_cli
     from test_stage0_demo import SMALL_DEMO
 
     out = tmp_path / "demo"
@@ -170,7 +170,7 @@ def test_conditional_demo_end_to_end_small(tmp_path):
     summary = pd.read_csv(out / "digits_conditional_summary.csv")
     assert summary[["class_fd", "label_fidelity", "guidance_scale"]].notna().all().all()
     assert ((summary["label_fidelity"] >= 0) & (summary["label_fidelity"] <= 1)).all()
-    again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *small)
+    again = cli(capfd, "demo", "--out", out, "--device", "cpu", *small)  # in this process
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1] == (
         f"advdiff: error: --out {out}: holds the conditional demo (config.yaml); give the plain demo its "

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import yaml
-from helpers import run_cli
+from helpers import cli, run_cli
 
 from trainer.config.load import load_config
 
@@ -99,7 +99,7 @@ SMALL_DEMO = [
 
 
 @pytest.mark.slow
-def test_demo_chain_small(tmp_path):
+def test_demo_chain_small(tmp_path, capfd):
     out = tmp_path / "demo"
     proc = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,7 +150,7 @@ def test_demo_chain_small(tmp_path):
     assert cfg.resolve_path(cfg.diffusion.stage1_checkpoint).is_file()
     assert cfg.resolve_path(cfg.autoencoder.checkpoint).is_dir()
     # a rerun skips finished work
-    again = run_cli("-m", "trainer.cli", "demo", "--out", str(out), "--device", "cpu", *SMALL_DEMO)
+    again = cli(capfd, "demo", "--out", out, "--device", "cpu", *SMALL_DEMO)  # in this process
     assert again.returncode == 0, again.stderr[-3000:]
     # stage 0, stage 1, stage-2 iterations 0 and 1, and the one-step run's iterations 0 and 1
     assert again.stdout.count("already complete") == 6
@@ -165,21 +165,21 @@ def _one_line_error(proc):
 
 
 @pytest.mark.slow
-def test_missing_inputs_are_one_line_errors(tmp_path, digits_manifest, small_ae):
+def test_missing_inputs_are_one_line_errors(tmp_path, digits_manifest, small_ae, capfd):
     from helpers import tiny_config
 
     cfg = tiny_config(tmp_path, tmp_path / "nope.csv", small_ae)
-    line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
+    line = _one_line_error(cli(capfd, "stage1", cfg, "--device", "cpu"))
     assert line == f"advdiff: error: {tmp_path / 'nope.csv'}: manifest not found"
 
     cfg = tiny_config(tmp_path, digits_manifest, tmp_path / "no_ae")
-    line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
+    line = _one_line_error(cli(capfd, "stage1", cfg, "--device", "cpu"))
     assert line == f"advdiff: error: autoencoder.checkpoint: {tmp_path / 'no_ae'}: autoencoder not found"
 
     data = yaml.safe_load(tiny_config(tmp_path, digits_manifest, small_ae).read_text())
     data["unet"] = {"preset": "micro", "in_channels": 16}
     cfg.write_text(yaml.safe_dump(data))
-    line = _one_line_error(run_cli("-m", "trainer.cli", "stage1", str(cfg), "--device", "cpu"))
+    line = _one_line_error(cli(capfd, "stage1", cfg, "--device", "cpu"))
     assert (
         line
         == f"advdiff: error: {cfg}: unet.in_channels: expected 4 (the autoencoder's latent channels), got 16"
