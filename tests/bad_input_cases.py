@@ -67,6 +67,11 @@ def c_wrong_type(c):
     return [], p, f'{p}: stage2.num_samples: expected an integer >= 2, got "many"', True
 
 
+def c_d_betas(c):  # every optimizer's betas are checked by one rule (config/optimizer_fields.py)
+    p = c.config(_set("discriminator.training.betas", [0.5, 1.5]))
+    return [], p, f"{p}: discriminator.training.betas: expected two numbers in [0, 1), got [0.5, 1.5]", True
+
+
 def c_unknown_loss(c):
     def edit(d):
         d["training"]["loss"]["losses"][0]["type"] = "L3Loss"

@@ -7,7 +7,7 @@ import hashlib
 import pandas as pd
 import pytest
 import torch
-from helpers import run_cli, stage2_config
+from helpers import cli, stage2_config
 
 from trainer.core.errors import UserError
 from trainer.core.faults import INJECT_NAN_ENV, nan_injected, parse_nan_injection
@@ -181,13 +181,14 @@ def test_injection_spec(monkeypatch, tmp_path):
     assert not nan_injected("toy", 2, 0)
 
 
-# -- end to end: stage 2 through the CLI -----------------------------------------------------------------
+# -- end to end: stage 2 through the CLI's entry point, in this process --------------------------------------
 @pytest.mark.slow
-def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, small_ae, stage1_ckpt):
+def test_stage2_skips_two_nan_steps_and_finishes(
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, capfd, monkeypatch
+):
     cfg = stage2_config(tmp_path, digits_manifest, small_ae, stage1_ckpt, **SMALL)
-    proc = run_cli(
-        "-m", "trainer.cli", "stage2", str(cfg), "--device", "cpu", env={INJECT_NAN_ENV: "stage2_g0:2,4"}
-    )
+    monkeypatch.setenv(INJECT_NAN_ENV, "stage2_g0:2,4")
+    proc = cli(capfd, "stage2", cfg, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("non-finite loss on rank 0; step skipped") == 2
     out = tmp_path / "out"
@@ -206,7 +207,7 @@ def test_stage2_skips_two_nan_steps_and_finishes(tmp_path, digits_manifest, smal
 
 @pytest.mark.slow
 def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(
-    tmp_path, digits_manifest, small_ae, stage1_ckpt
+    tmp_path, digits_manifest, small_ae, stage1_ckpt, capfd, monkeypatch
 ):
     from trainer.config.load import load_config
     from trainer.parallel.accelerator import build_accelerator
@@ -216,8 +217,6 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(
     # in-process: diffusion steps 1-2, a checkpoint at 2
     run(load_config(cfg, {"training.max_nonfinite_steps": 2}), build_accelerator("cpu"), None, 2)
     flags = (
-        "-m",
-        "trainer.cli",
         "stage2",
         str(cfg),
         "--device",
@@ -228,7 +227,8 @@ def test_stage2_nan_from_a_step_on_stops_and_keeps_the_checkpoint(
     ckpts = tmp_path / "out" / "checkpoints"
     before = {p.name: _sha(p) for p in ckpts.iterdir()}
     assert set(before) == {"t2_iter_0_checkpoint_latest.pt", "t2_iter_0_checkpoint_best.pt"}
-    proc = run_cli(*flags, env={INJECT_NAN_ENV: "stage2_g0:3-"})
+    monkeypatch.setenv(INJECT_NAN_ENV, "stage2_g0:3-")
+    proc = cli(capfd, *flags)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("advdiff: error:")]

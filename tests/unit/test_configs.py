@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import yaml
-from helpers import REPO, run_cli
+from helpers import REPO, cli
 
 from trainer.config.load import load_config
 from trainer.config.schema import ConfigWarning, walk_fields
@@ -135,10 +135,10 @@ def test_relative_paths_resolve_against_the_yaml(tmp_path):
         ("- a\n- b\n", "expected a mapping at the top level, got list"),
     ],
 )
-def test_cli_bad_config_is_one_line_without_traceback(tmp_path, text, expected):
+def test_cli_bad_config_is_one_line_without_traceback(tmp_path, text, expected, capfd):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    proc = run_cli("-m", "trainer.cli", "stage1", str(path))
+    proc = cli(capfd, "stage1", path)  # the entry point in this process (a real one: test_bad_inputs.py)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -147,16 +147,16 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path, text, expected):
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_missing_config_file(tmp_path):
-    proc = run_cli("-m", "trainer.cli", "stage1", str(tmp_path / "nope.yaml"))
+def test_cli_missing_config_file(tmp_path, capfd):
+    proc = cli(capfd, "stage1", tmp_path / "nope.yaml")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"advdiff: error: {tmp_path / 'nope.yaml'}: config file not found"
 
 
-def test_dry_run_prints_resolved_config(tmp_path):
+def test_dry_run_prints_resolved_config(tmp_path, capfd):
     path = tmp_path / "x.yaml"
     path.write_text(yaml.safe_dump({"training": {"batch_size": 8}}))
-    proc = run_cli("-m", "trainer.cli", "stage1", str(path), "--dry-run", "--seed", "7")
+    proc = cli(capfd, "stage1", path, "--dry-run", "--seed", "7")
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["training"]["batch_size"] == 8 and resolved["training"]["seed"] == 7

@@ -64,6 +64,32 @@ def logged_parts(losses) -> list[str]:
     return list(dict.fromkeys([*STANDARD_PARTS, *(p for p in parts if p)]))
 
 
+# The fine-tune picture's panels after its standard four (loss, MSE, adversarial, D on samples), each drawn
+# when the history has one of its columns: the named panels below, then one per logged part without one
+# (a registered term's train_<part> and val_<part>). A term or helper with columns of its own names its
+# panel through `accept_panel`; trainer/files/plots.py draws what metric_panels() lists.
+METRIC_PANELS: dict[str, list[str]] = {}
+
+
+def accept_panel(title: str, columns) -> None:
+    """Draw `columns` of the fine-tune history together, in the panel titled `title`."""
+    cols = METRIC_PANELS.setdefault(title, [])
+    cols += [c for c in columns if c not in cols]
+
+
+def metric_panels() -> list[tuple[str, list[str]]]:
+    panels = {title: list(cols) for title, cols in METRIC_PANELS.items()}
+    drawn = {c for cols in panels.values() for c in cols}
+    for t in LOSS_TYPES.values():
+        if t.part and t.part not in STANDARD_PARTS and f"train_{t.part}" not in drawn:
+            panels.setdefault(t.part, [f"train_{t.part}", f"val_{t.part}"])
+    return list(panels.items())
+
+
 accept_loss_type("MSELoss", OUTPUT_KEYS, OUTPUT_KEYS, "mse")
 accept_loss_type("DiscriminatorLoss", GENERATED_KEYS, part="adv")
 accept_loss_type("DistributionMatchingLoss", ("latent",), part="dm")
+# the DM term's part and its fake score's loss; the feature head (discriminator.config.type unet_features),
+# trained in the fake score's updates, logs its own D columns
+accept_panel("distribution matching", ["train_dm", "val_dm", "train_fake_loss"])
+accept_panel("feature D", ["train_d_loss", "train_d_acc"])

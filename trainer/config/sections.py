@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from trainer.config import optimizer_fields as optim
 from trainer.config.loss_types import LOSS_TYPES, logged_parts
 from trainer.config.schema import error_at, option, to_dict
 from trainer.config.sections_io import DatasetConfig, DatasetOutputs, DiffusionConfig, ExperimentConfig
@@ -85,10 +86,10 @@ class TrainingConfig:
     split_seed: int = option(0, "Seed of the shuffled train/val split.", ge=0)
     batch_size: int = option(64, "Global batch size (divided across processes).", ge=1)
     num_workers: int = option(0, "DataLoader workers for image decoding.", ge=0)
-    learning_rate: float = option(5e-5, "Peak learning rate.", gt=0)
+    learning_rate: float = optim.learning_rate(5e-5, "Peak learning rate.")
     optimizer: str = option("AdamW", "Optimizer.", choices=("AdamW", "Adam"))
-    weight_decay: float = option(0.1, "Decoupled weight decay.", ge=0)
-    betas: list[float] = option(doc="Adam betas.", factory=lambda: [0.9, 0.999])
+    weight_decay: float = optim.weight_decay(0.1, "Decoupled weight decay.")
+    betas: list[float] = optim.betas((0.9, 0.999), "Adam betas.")
     use_amp: Optional[bool] = option(
         None, "Compatibility field of older configs: true means mixed_precision bf16 unless set."
     )
@@ -138,8 +139,7 @@ class TrainingConfig:
     loss: LossConfig = option(doc="Diffusion loss (CompositeLoss).", factory=LossConfig)
 
     def check(self, where, prefix):
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise error_at(where, f"{prefix}.betas", "two numbers in [0, 1)", self.betas)
+        optim.check_betas(self, where, prefix)
 
     def resolved_mixed_precision(self) -> str:
         if self.mixed_precision is not None:

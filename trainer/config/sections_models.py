@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.config import optimizer_fields as optim
 from trainer.config.schema import error_at, option
 
 
@@ -35,8 +36,8 @@ class AutoencoderModelConfig:
 class AutoencoderTrainConfig:
     max_steps: int = option(300, "Optimizer steps for stage 0 (autoencoder training).", ge=1)
     batch_size: int = option(64, "Global batch size (split across processes).", ge=1)
-    learning_rate: float = option(2e-3, "AdamW learning rate.", gt=0)
-    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
+    learning_rate: float = optim.learning_rate(2e-3, "AdamW learning rate.")
+    weight_decay: float = optim.weight_decay(0.0, "AdamW weight decay.")
     kl_weight: float = option(1e-6, "Weight of the KL term against the reconstruction MSE.", ge=0)
     warmup_steps: int = option(20, "Linear warm-up steps before the cosine decay.", ge=0)
     eval_interval: int = option(100, "Steps between validation passes (and checkpoints).", ge=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.config import optimizer_fields as optim
 from trainer.config.critic_types import CRITIC_TYPES
 from trainer.config.loss_types import BEST_METRICS
 from trainer.config.schema import error_at, option
@@ -63,9 +64,9 @@ class DiscriminatorTraining:
     eval_interval: Optional[int] = option(
         None, "D steps between validations; default once per epoch (--discriminator_eval_interval).", ge=1
     )
-    learning_rate: float = option(2e-4, "D learning rate (AdamW).", gt=0)
-    weight_decay: float = option(0.0, "D weight decay.", ge=0)
-    betas: list[float] = option(doc="D Adam betas.", factory=lambda: [0.5, 0.999])
+    learning_rate: float = optim.learning_rate(2e-4, "D learning rate (AdamW).")
+    weight_decay: float = optim.weight_decay(0.0, "D weight decay.")
+    betas: list[float] = optim.betas((0.5, 0.999), "D Adam betas.")
     max_grad_norm: float = option(0.0, "D gradient clipping norm (0 disables).", ge=0)
     train_split: float = option(
         0.8, "Fraction of each class (real, fake) D trains on; the rest validates.", gt=0, lt=1
@@ -120,6 +121,9 @@ class DiscriminatorTraining:
         gt=0,
     )
 
+    def check(self, where, prefix):
+        optim.check_betas(self, where, prefix)
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -142,9 +146,9 @@ class DiscriminatorConfig:
 class DistributionMatchingConfig:
     """The DistributionMatchingLoss term's fake score (docs/STAGE2.md#distribution-matching)."""
 
-    learning_rate: float = option(1e-4, "Fake score learning rate (AdamW).", gt=0)
-    betas: list[float] = option(doc="Fake score Adam betas.", factory=lambda: [0.0, 0.99])
-    weight_decay: float = option(0.0, "Fake score weight decay.", ge=0)
+    learning_rate: float = optim.learning_rate(1e-4, "Fake score learning rate (AdamW).")
+    betas: list[float] = optim.betas((0.0, 0.99), "Fake score Adam betas.")
+    weight_decay: float = optim.weight_decay(0.0, "Fake score weight decay.")
     max_grad_norm: float = option(1.0, "Fake score gradient clipping norm (0 disables).", ge=0)
     n_fake: int = option(
         5,
@@ -177,8 +181,7 @@ class DistributionMatchingConfig:
     )
 
     def check(self, where, prefix):
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise error_at(where, f"{prefix}.betas", "two numbers in [0, 1)", self.betas)
+        optim.check_betas(self, where, prefix)
         if not self.t_min < self.t_max:
             raise error_at(where, f"{prefix}.t_max", f"a number > t_min ({self.t_min})", self.t_max)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io as _io
 import math
 
+from trainer.config.loss_types import metric_panels
 from trainer.core.log import warn
 from trainer.files import atomic
 from trainer.files.read import read_csv_rows
@@ -97,14 +98,6 @@ def plot_d_history(csv_path, png_path, k: int):
     )
 
 
-# panels a fine-tune history gets only when it has their columns (the distribution-matching term's fake score,
-# the feature discriminator trained in its updates)
-OPTIONAL_METRIC_PANELS = [
-    ("distribution matching", ["train_dm", "val_dm", "train_fake_loss"]),
-    ("feature D", ["train_d_loss", "train_d_acc"]),
-]
-
-
 def plot_metrics(csv_path, png_path, k: int):
     rows = read_csv_rows(csv_path)
     present = set(rows[0]) if rows else set()
@@ -117,7 +110,8 @@ def plot_metrics(csv_path, png_path, k: int):
             ("adversarial", ["train_adv", "val_adv"]),
             ("D on samples", ["d_prob_fake", "adv_weight"]),
         ]
-        + [(name, keys) for name, keys in OPTIONAL_METRIC_PANELS if present & set(keys)],
+        # the terms' and helpers' panels (config/loss_types.py), where the history has their columns
+        + [(name, keys) for name, keys in metric_panels() if present & set(keys)],
         "epoch",
         f"diffusion fine-tune, iteration {k}",
     )
