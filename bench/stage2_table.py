@@ -140,11 +140,11 @@ def table(k: int, results: dict, full_stage1: list[dict], full_k: int, seeds, fo
     )
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    start, end = "<!-- stage2-bench:start -->", "<!-- stage2-bench:end -->"
+def write_between_markers(path: Path, text: str, name: str = "stage2-bench") -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     body = path.read_text()
     if start not in body or end not in body:
-        print(f"{path}: no stage2-bench markers; not written", file=sys.stderr)
+        print(f"{path}: no {name} markers; not written", file=sys.stderr)
         return
     head, rest = body.split(start, 1)
     _, tail = rest.split(end, 1)

@@ -374,5 +374,6 @@ def c_missing_config(c):
 # the sampler's cases (step counts, timestep spacing), in their own file; they use _set above
 from bad_input_cases_labels import *  # noqa: E402, F403
 from bad_input_cases_sampler import *  # noqa: E402, F403
+from bad_input_cases_steps import *  # noqa: E402, F403
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]

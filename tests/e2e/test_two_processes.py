@@ -129,6 +129,33 @@ def test_feature_head_at_two_processes_matches_one(tmp_path, digits_manifest, sm
 
 
 @pytest.mark.slow
+def test_the_lean_step_at_two_processes_matches_one(tmp_path, digits_manifest, small_ae, stage1_ckpt, capfd):
+    """The demo's recipe at K > 1 with the feature head: backward simulation (the stop step drawn per
+    batch, alike on every rank), the last fake-score update on the generator step's own samples (each rank
+    its own slots) and no real batch: 2 processes match 1 up to summation order."""
+    runs = {}
+    lean = {"backward_simulation": True, "rollout_grad_steps": 1, "generation_steps": 3}
+    dm = {"n_fake": 2, "batch_size": None, "reuse_generator_samples": True}
+    for nproc in (1, 2):
+        root = tmp_path / f"p{nproc}"
+        cfg = head_parts._config(
+            root, digits_manifest, small_ae, stage1_ckpt, distribution_matching=dm, **lean
+        )
+        proc = stage2_at(nproc, cfg, capfd=capfd)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        blob = head_parts._latest(root / "out")
+        assert blob["state"]["fingerprint"]["backward_simulation"] is True
+        dm_state = blob["state"]["model"]["distribution_matching"]
+        runs[nproc] = (blob["raw_state_dict"], dm_state["fake"], dm_state["head"])
+    start = head_parts._flat(torch.load(stage1_ckpt, weights_only=True)["state_dict"])
+    for which in (0, 1):  # the generator, the fake score: apart by far less than they moved
+        one, two = head_parts._flat(runs[1][which]), head_parts._flat(runs[2][which])
+        assert float((one - two).norm() / (one - start).norm()) <= 1e-3, which
+    one, two = head_parts._flat(runs[1][2]), head_parts._flat(runs[2][2])
+    assert float((one - two).norm() / one.norm()) <= 1e-3
+
+
+@pytest.mark.slow
 def test_two_processes_draw_the_same_labels_and_fakes_as_one_and_resume(
     tmp_path, digits_manifest, small_ae, conditional_stage1, capfd
 ):

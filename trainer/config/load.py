@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from trainer.config.recipes import apply_recipe
 from trainer.config.schema import ConfigWarning, from_dict
 from trainer.config.sections import Config
 from trainer.core.errors import ConfigError, UserError
@@ -97,6 +98,7 @@ def load_config(
     data = copy.deepcopy(data) if data is not None else (read_yaml(path) if path is not None else {})
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
+    apply_recipe(data, overrides or {}, where)  # stage2.recipes: settings by step count (flags win)
     data.pop("source", None)
     read_seed_words(data, where)
     cfg = from_dict(Config, data, where)

@@ -3,8 +3,8 @@
 Top-level sections: experiment, diffusion, autoencoder, discriminator, dataset, unet, scheduler and
 training (the stage-2 README's layout), then stage2 and performance for the knobs of their own.
 `Config` and the training and performance sections are here; the others are in sections_io (experiment,
-diffusion, dataset), sections_models (autoencoder, unet, scheduler) and sections_stage2 (discriminator,
-stage2), and every one is importable from here.
+diffusion, dataset), sections_models (autoencoder, unet, scheduler) and sections_discriminator (discriminator)
+and sections_stage2 (stage2), and every one is importable from here.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ from typing import Optional
 from trainer.config import optimizer_fields as optim
 from trainer.config.loss_types import LOSS_TYPES, logged_parts
 from trainer.config.schema import error_at, option, to_dict
+from trainer.config.sections_discriminator import (
+    DiscriminatorArch,
+    DiscriminatorConfig,
+    DiscriminatorTraining,
+    check_feature_discriminator,
+)
 from trainer.config.sections_io import DatasetConfig, DatasetOutputs, DiffusionConfig, ExperimentConfig
 from trainer.config.sections_models import (
     AutoencoderConfig,
@@ -25,14 +31,7 @@ from trainer.config.sections_models import (
     SchedulerConfig,
     UNetConfig,
 )
-from trainer.config.sections_stage2 import (
-    DiscriminatorArch,
-    DiscriminatorConfig,
-    DiscriminatorTraining,
-    DistributionMatchingConfig,
-    Stage2Config,
-    check_feature_discriminator,
-)
+from trainer.config.sections_stage2 import DistributionMatchingConfig, Stage2Config
 
 
 @dataclass

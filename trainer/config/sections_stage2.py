@@ -1,145 +1,14 @@
-"""Config sections of stage 2, the adversarial fine-tuning: the latent discriminator (architecture and
-training) and the iterations' own knobs."""
+"""Config sections of stage 2's iterations: their own knobs (stage2) and distribution matching's fake
+score (stage2.distribution_matching). The discriminator's sections are sections_discriminator.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from trainer.config import optimizer_fields as optim
-from trainer.config.critic_types import CRITIC_TYPES
 from trainer.config.loss_types import BEST_METRICS
 from trainer.config.schema import error_at, option
-
-
-@dataclass
-class DiscriminatorArch:
-    type: str = option(
-        "latent",
-        "latent: a conv net on the latents (the fields below). unet_features: a small classifier "
-        "head on the distribution-matching fake score's UNet bottleneck (its mid-block output), "
-        "trained in the fake score's updates; needs a DistributionMatchingLoss term "
-        "(docs/STAGE2.md#feature-discriminator).",
-        choices=CRITIC_TYPES,
-    )
-    head_channels: int = option(64, "unet_features: channels of the head's two conv layers.", ge=1)
-    latent_channels: int = option(4, "Channels of the latents D scores; must equal the AE's.", ge=1)
-    base_channels: int = option(64, "Channels of D's first layer; doubled at each level.", ge=1)
-    num_layers: int = option(
-        3, "Stride-2 conv levels; the latent side must be divisible by 2**num_layers.", ge=1
-    )
-    max_channels: int = option(512, "Cap on channels per level.", ge=1)
-    norm: str = option(
-        "group",
-        "Normalisation that is safe under DDP (statistics never depend on the batch).",
-        choices=("none", "group"),
-    )
-    use_batch_norm: Optional[bool] = option(
-        None,
-        "Compatibility field of older configs: true selects norm 'group' "
-        "(batch norm is not batch-independent, so it is not offered).",
-    )
-    noise_conditioned: bool = option(False, "Condition D on the diffusion timestep of its input.")
-    dropout: float = option(0.0, "Dropout before D's output layer.", ge=0, le=1)
-    conditional: bool = option(
-        False,
-        "Class-conditional model: D scores (latent, label) pairs with a projection head (the inner "
-        "product of a class embedding with D's pooled features, added to its logit).",
-    )
-
-
-@dataclass
-class DiscriminatorTraining:
-    loss: str = option(
-        "bce",
-        "D loss: BCE-with-logits, non-saturating (same D side, softplus generator side), or hinge.",
-        choices=("bce", "non_saturating", "hinge"),
-    )
-    r1_gamma: float = option(0.0, "R1 gradient penalty weight on real latents (0 disables).", ge=0)
-    epochs: int = option(50, "Epochs over D's training split per iteration (--discriminator_epochs).", ge=1)
-    max_steps: Optional[int] = option(None, "Cap on D steps per iteration (--discriminator_max_steps).", ge=1)
-    batch_size: int = option(
-        64, "Global D batch, half real and half fake (--discriminator_batch_size).", ge=2
-    )
-    eval_interval: Optional[int] = option(
-        None, "D steps between validations; default once per epoch (--discriminator_eval_interval).", ge=1
-    )
-    learning_rate: float = optim.learning_rate(2e-4, "D learning rate (AdamW).")
-    weight_decay: float = optim.weight_decay(0.0, "D weight decay.")
-    betas: list[float] = optim.betas((0.5, 0.999), "D Adam betas.")
-    max_grad_norm: float = option(0.0, "D gradient clipping norm (0 disables).", ge=0)
-    train_split: float = option(
-        0.8, "Fraction of each class (real, fake) D trains on; the rest validates.", gt=0, lt=1
-    )
-    warm_start: bool = option(
-        False,
-        "Start each iteration's D from the previous iteration's best D (online "
-        "mode: the previous iteration's final online D).",
-    )
-    mode: str = option(
-        "offline",
-        "offline: one D per iteration, trained on the saved fakes, then frozen during the "
-        "fine-tune. online: that D is the warm start, and during the fine-tune D takes n_critic "
-        "steps per generator step on fresh rollouts of the current model against the iteration's "
-        "reals (rollout mode only); D is frozen during each generator step.",
-        choices=("offline", "online"),
-    )
-    n_critic: int = option(1, "Online mode: D steps per generator step.", ge=1)
-    online_batch_size: Optional[int] = option(
-        None,
-        "Online mode: global D batch per D step, half real and half fresh fakes; default batch_size.",
-        ge=2,
-    )
-    noise_inputs: bool = option(
-        False,
-        "Forward-noise D's inputs (both classes, and the generated samples it scores "
-        "in the generator loss) to a random timestep t < noise_max_timestep x num_steps "
-        "and pass t; needs discriminator.config.noise_conditioned.",
-    )
-    noise_max_timestep: float = option(
-        0.5, "noise_inputs: timesteps are drawn uniformly from [0, this x num_steps).", gt=0, le=1
-    )
-    feature_t_min: Optional[float] = option(
-        None,
-        "unet_features: the head's inputs (reals, fakes and the generator's samples) are noised to "
-        "t drawn uniformly from [feature_t_min, feature_t_max) x num_steps; default "
-        "stage2.distribution_matching.t_min.",
-        gt=0,
-        le=1,
-    )
-    feature_t_max: Optional[float] = option(
-        None,
-        "unet_features: upper end of that range; default stage2.distribution_matching.t_max.",
-        gt=0,
-        le=1,
-    )
-    feature_loss_weight: float = option(
-        0.01,
-        "unet_features: weight of the head's classification loss (with R1) beside the denoising loss in "
-        "each fake-score update. The head's own parameters learn at its learning rate whatever the "
-        "weight (AdamW); it sets how much the classification shapes the fake score's shared encoder.",
-        gt=0,
-    )
-
-    def check(self, where, prefix):
-        optim.check_betas(self, where, prefix)
-
-
-@dataclass
-class DiscriminatorConfig:
-    config: DiscriminatorArch = option(doc="Discriminator architecture.", factory=DiscriminatorArch)
-    training: DiscriminatorTraining = option(
-        doc="Discriminator training in stage 2.", factory=DiscriminatorTraining
-    )
-
-    def check(self, where, prefix):
-        if self.training.noise_inputs and not self.config.noise_conditioned:
-            raise error_at(
-                where,
-                f"{prefix}.config.noise_conditioned",
-                "true when training.noise_inputs is true",
-                self.config.noise_conditioned,
-            )
 
 
 @dataclass
@@ -178,6 +47,12 @@ class DistributionMatchingConfig:
         False,
         "Iteration k+1's fake score (and feature head) starts from iteration k's last weights instead of "
         "the stage-1 EMA weights (measured on the digits: no better at K = 4, worse at K = 1).",
+    )
+    reuse_generator_samples: bool = option(
+        False,
+        "One of the n_fake updates trains on the generator step's own samples (detached) instead of a "
+        "fresh rollout: n_fake - 1 updates before the generator step, one after it (as in DMD2). Needs "
+        "batch_size null (the generator's rollout batch).",
     )
 
     def check(self, where, prefix):
@@ -231,6 +106,20 @@ class Stage2Config:
     )
     rollout_grad_steps: int = option(
         1, "Rollout mode: back-propagate through this many final DDIM steps.", ge=1
+    )
+    backward_simulation: bool = option(
+        False,
+        "Rollout mode, K > 1: each rollout batch (the generator's and each fake-score update's) stops at a "
+        "step j drawn uniformly from the K, runs steps 0..j-1 without gradient and takes the x0 prediction "
+        "of step j (one UNet call with gradient) as its sample (DMD2's backward simulation); validation, "
+        "the summary and the grids still sample all K steps. Needs rollout_grad_steps 1.",
+    )
+    real_batch: str = option(
+        "auto",
+        "The generator step's noised reals: auto runs them only when a loss term (MSE) or the sample "
+        "source (x0_pred) reads them; always runs them in every step (the path before 2026-12-07, kept "
+        "to measure against).",
+        choices=("auto", "always"),
     )
     gradient_checkpointing: bool = option(
         False,
@@ -327,6 +216,11 @@ class Stage2Config:
         doc="The fake score of a DistributionMatchingLoss term in training.loss (rollout mode only).",
         factory=DistributionMatchingConfig,
     )
+    recipes: Optional[dict[str, dict[str, Any]]] = option(
+        None,
+        "Settings by step count: {K: {config path: value}}; the recipe of the run's generation_steps "
+        "replaces the file's own values, flags and --set still win (docs/STAGE2.md#a-recipe-per-step-count).",
+    )
     mse_skip_sampler_timesteps: bool = option(
         False,
         "Train the MSE batch on no timestep the K-step sampler visits (generation_steps, "
@@ -335,6 +229,29 @@ class Stage2Config:
     )
 
     def check(self, where, prefix):
+        if self.backward_simulation and self.generator_loss_mode != "rollout":
+            raise error_at(
+                where,
+                f"{prefix}.backward_simulation",
+                "false when generator_loss_mode is x0_pred (it has no rollouts)",
+                True,
+            )
+        if self.backward_simulation and self.rollout_grad_steps != 1:
+            raise error_at(
+                where,
+                f"{prefix}.rollout_grad_steps",
+                "1 when backward_simulation is true (its one UNet call keeps the gradient)",
+                self.rollout_grad_steps,
+            )
+        dm = self.distribution_matching
+        if dm.reuse_generator_samples and dm.batch_size not in (None, self.rollout_batch_size):
+            raise error_at(
+                where,
+                f"{prefix}.distribution_matching.batch_size",
+                "null when reuse_generator_samples is true (the reused batch is the generator's rollout "
+                "batch, stage2.rollout_batch_size)",
+                dm.batch_size,
+            )
         ks = self.train_steps
         if ks is not None and (
             not isinstance(ks, list) or not ks or not all(isinstance(k, int) and k >= 1 for k in ks)
@@ -353,46 +270,3 @@ class Stage2Config:
                 "raw, classifier:PATH or inception:PATH",
                 self.metric_features,
             )
-
-
-def feature_t_range(cfg) -> tuple[float, float]:
-    """(t_min, t_max) of the feature discriminator's noise levels: its own, else the DM term's."""
-    td, dm = cfg.discriminator.training, cfg.stage2.distribution_matching
-    lo = dm.t_min if td.feature_t_min is None else td.feature_t_min
-    return lo, dm.t_max if td.feature_t_max is None else td.feature_t_max
-
-
-def check_feature_discriminator(cfg, where) -> None:
-    """One line for what a unet_features discriminator cannot run with (the whole config is needed)."""
-    d, td = cfg.discriminator.config, cfg.discriminator.training
-    if d.type != "unet_features":
-        return
-    if not any(t.type == "DistributionMatchingLoss" for t in cfg.training.loss.losses):
-        raise error_at(
-            where,
-            "discriminator.config.type",
-            "latent when training.loss has no DistributionMatchingLoss term (unet_features classifies "
-            "the fake score's features, which only that term trains)",
-            d.type,
-        )
-    refusals = (
-        ("mode", "offline", "its head always trains in the fake score's updates, online by nature"),
-        ("noise_inputs", False, "its inputs are always noised, to feature_t_min..feature_t_max"),
-        (
-            "warm_start",
-            False,
-            "no offline phase warms it; the head starts with the fake score each iteration",
-        ),
-    )
-    for field, expected, why in refusals:
-        if getattr(td, field) != expected:
-            shown = str(expected).lower() if isinstance(expected, bool) else expected
-            raise error_at(
-                where,
-                f"discriminator.training.{field}",
-                f"{shown} when discriminator.config.type is unet_features ({why})",
-                getattr(td, field),
-            )
-    lo, hi = feature_t_range(cfg)
-    if not lo < hi:
-        raise error_at(where, "discriminator.training.feature_t_max", f"a number > t_min ({lo})", hi)

@@ -67,9 +67,15 @@ def check_distribution_matching_supported(accelerator, cfg) -> None:
         )
 
 
+# fields added after the first release, in the fingerprint only where they are not at their default (so
+# that states written before them still resume)
+LATER_FIELDS = {"reuse_generator_samples": False}
+
+
 def fingerprint(cfg) -> dict:
     """The fields that define a fine-tune with the term (its resume fingerprint's `distribution_matching`)."""
-    return dict(vars(cfg.stage2.distribution_matching))
+    fields = dict(vars(cfg.stage2.distribution_matching))
+    return {k: v for k, v in fields.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 def batch_size(cfg) -> int:
@@ -172,22 +178,43 @@ class DistributionMatching(Helper):
 
     # -- the fake score's updates --------------------------------------------------------------------
     def pre_step(self, step, inputs) -> dict:
-        """The n_fake fake-score updates before generator step `step` (call on every rank), each on fresh
-        rollouts of the generator (no gradient). Returns the mean denoising loss (fake_loss), and with a
-        hosted critic its mean loss and accuracy (d_loss, d_acc)."""
+        """The fake-score updates before generator step `step` (call on every rank), each on fresh rollouts
+        of the generator (no gradient): n_fake of them, n_fake - 1 with reuse_generator_samples (the last
+        is post_step's). Returns the mean denoising loss (fake_loss), and with a hosted critic its mean loss
+        and accuracy (d_loss, d_acc), over the updates so far."""
         model, rollouts, seed, stage = inputs.model, inputs.samples, inputs.seed, inputs.stage
         dm, world = self.cfg.stage2.distribution_matching, self.main_acc.num_processes
         mine = list(shard_range(self.batch, self.main_acc.process_index, world))
-        sums = {}
-        for c in range(dm.n_fake):
+        self.sums = {}
+        for c in range(dm.n_fake - int(dm.reuse_generator_samples)):
             parts = (seed, stage, "fake-score", step, c)
             with torch.no_grad():
                 x0 = rollouts.train_sample(model, mine, (*parts, "rollout")).float()
             y = rollouts.labels_for(mine, (*parts, "rollout"))
             weight = local_weight(len(mine), self.batch, world)
-            for key, value in self.update(x0, mine, parts, weight, step * dm.n_fake + c, y).items():
-                sums[key] = sums.get(key, 0.0) + value / dm.n_fake
-        return sums
+            self.add_logs(self.update(x0, mine, parts, weight, step * dm.n_fake + c, y))
+        return dict(self.sums)
+
+    def post_step(self, step, inputs, samples) -> dict:
+        """reuse_generator_samples: the last of the n_fake updates, on the generator step's own samples
+        (detached; their global indices are the fake-score batch's); returns the mean logs of all n_fake."""
+        dm = self.cfg.stage2.distribution_matching
+        if not dm.reuse_generator_samples or not samples:
+            return {}
+        x0 = torch.cat([s.sample for s in samples]).float()
+        mine = [i for s in samples for i in s.index]
+        y = None if samples[0].labels is None else torch.cat([s.labels for s in samples])
+        c, world = dm.n_fake - 1, self.main_acc.num_processes
+        weight = local_weight(len(mine), self.batch, world)
+        parts = (inputs.seed, inputs.stage, "fake-score", step, c)
+        self.add_logs(self.update(x0, mine, parts, weight, step * dm.n_fake + c, y))
+        return dict(self.sums)
+
+    def add_logs(self, logs: dict) -> None:
+        """One update's logs into the step's means (self.sums, over n_fake updates)."""
+        n = self.cfg.stage2.distribution_matching.n_fake
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value / n
 
     def start(self, run) -> None:
         """The warm start of a fine-tune that starts afresh, on the iteration's saved fakes (run.warm_fakes:

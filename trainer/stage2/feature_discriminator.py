@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.feature_discriminator import HEAD_FORMAT, FeatureHead, ScoreWithHead, bottleneck_channels
 from models.unet import unet_from_config
-from trainer.config.sections_stage2 import feature_t_range
+from trainer.config.sections_discriminator import feature_t_range
 from trainer.core.seeds import derive_seed
 from trainer.diffusion.noise import noised_between
 from trainer.files import atomic

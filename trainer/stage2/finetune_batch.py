@@ -41,6 +41,24 @@ def mse_batch(run, step, i, of):
     return SimpleNamespace(n_all=len(pos), kept=kept, x_t=x_t, **fields)
 
 
+def reads_reals(run) -> bool:
+    """Whether the generator step runs its noised reals: a term (MSE) or the sample source (x0_pred) reads
+    them, or stage2.real_batch is always."""
+    return run.cfg.stage2.real_batch == "always" or run.loss.needs_batch or run.source.reads_batch
+
+
+def step_batch(run, step, i, of):
+    """Micro-batch i of the step's reals as the step's forward takes them: mse_batch with its forward
+    inputs (inputs, ts, ys) and size n where they are read; else no inputs, only n_all (this rank's share
+    of the batch, which weighs its loss)."""
+    if not reads_reals(run):
+        n_all = len(shard_range(run.batch, run.rank, run.world))
+        return SimpleNamespace(n_all=n_all, n=0, inputs=[], ts=[], ys=[], outputs={})
+    b = mse_batch(run, step, i, of)
+    b.inputs, b.ts, b.ys, b.n = [b.x_t], [b.t], [b.y], b.x0.shape[0]
+    return b
+
+
 def sampler_timesteps(cfg, schedule):
     """mse_skip_sampler_timesteps: the timesteps the K-step sampler visits, and with train_steps those
     of every listed step count too."""

@@ -34,4 +34,8 @@ def finetune_fingerprint(cfg, unet_config: dict, schedule, lr: float, mode: str)
         fingerprint["grad_ratio_max"] = s2.grad_ratio_max
     if s2.mse_skip_sampler_timesteps:
         fingerprint["mse_skip_sampler_timesteps"] = True
+    if s2.backward_simulation:
+        fingerprint["backward_simulation"] = True
+    if s2.real_batch != "auto":  # the reals a step runs (auto: only where read) change no term's maths
+        fingerprint["real_batch"] = s2.real_batch
     return fingerprint

@@ -28,11 +28,11 @@ from trainer.parallel.accelerator import prepare_module
 from trainer.parallel.collectives import shard_range
 from trainer.stage2 import registry
 from trainer.stage2.critics import latent_view
-from trainer.stage2.finetune_batch import export_blob_of, mse_batch, sampler_timesteps
+from trainer.stage2.finetune_batch import export_blob_of, sampler_timesteps, step_batch
 from trainer.stage2.finetune_columns import finetune_columns
 from trainer.stage2.finetune_fingerprint import finetune_fingerprint
 from trainer.stage2.finetune_validation import FinetuneValidation
-from trainer.stage2.helpers import FinetuneContext, StepInputs, frozen
+from trainer.stage2.helpers import FinetuneContext, StepInputs, StepSample, frozen
 from trainer.stage2.rollouts import Rollouts
 from trainer.stage2.samples import sample_source
 from trainer.training.composite import CompositeLoss
@@ -104,6 +104,7 @@ class FinetuneTrainer(StepTrainer):
         self.critic = ctx.critic
         self.history_fields = self._columns()
         self.warm_fakes = None  # (this rank's saved fakes, N, the N labels or None): the warm start (fit)
+        self.step_samples = []  # the generator step's own samples (StepSample per micro-batch)
         self.sampler_t = sampler_timesteps(self.cfg, self.schedule)
         self.validation = FinetuneValidation(self)
         self.t0 = time.time()
@@ -185,6 +186,7 @@ class FinetuneTrainer(StepTrainer):
         logs = {}
         for helper in self.helpers:  # each helper's own updates on the current weights' samples
             logs.update(helper.pre_step(step, inputs))
+        self.step_samples = []
         of, done = self.cfg.training.gradient_accumulation_steps, []
 
         def micro(i):  # micro-batch i's loss (the whole batch's without accumulation)
@@ -196,6 +198,8 @@ class FinetuneTrainer(StepTrainer):
             micros = [lambda i=i: micro(i) for i in range(of)]
             clip = self.cfg.training.max_grad_norm
             self.apply_update(micros, self.ddp_unet, self.unet, self.opt, self.sched, clip, self.ema)
+        for helper in self.helpers:  # and those on the step's own samples
+            logs.update(helper.post_step(step, inputs, self.step_samples))
         parts = {key: sum(p[key] for _, p in done) for key in done[0][1]}  # the loss's parts, adv_ratio
         return {"loss": sum(x for x, _ in done), **parts, **logs}
 
@@ -203,25 +207,28 @@ class FinetuneTrainer(StepTrainer):
         """The composite loss of `step` on this rank: (loss, parts, local batch size); with of > 1, that of
         micro-batch i of the same samples and draws, each term scaled by its share of the term's samples:
         they add up."""
-        b = mse_batch(self, step, i, of)
-        generated = self.loss.needs_generated
-        pending = self.source.begin(self, step, i, of) if generated else None
-        inputs, ts, ys = [b.x_t], [b.t], [b.y]
+        b = step_batch(self, step, i, of)
+        pending = self.source.begin(self, step, i, of) if self.loss.needs_generated else None
+        inputs, ts, ys = b.inputs, b.ts, b.ys
         if pending is not None:
             inputs, ts, ys = inputs + pending.inputs, ts + pending.ts, ys + pending.ys
-        labels = None if ys[0] is None else torch.cat(ys)
+        labels = torch.cat(ys) if ys and ys[0] is not None else None
         with self.accelerator.autocast():
             out = self.ddp_unet(torch.cat(inputs), torch.cat(ts), class_labels=labels).sample.float()
-        n = b.x0.shape[0]
-        b.outputs = self.rollouts.outputs(out[:n], b.x_t, b.t, b.x0, b.noise)
+        n = b.n
+        if b.inputs:
+            b.outputs = self.rollouts.outputs(out[:n], b.x_t, b.t, b.x0, b.noise)
         share = 1.0
         if pending is not None:
             extra, share = self.source.finish(self, out[n:], b, pending, step)
             b.outputs.update(extra)
+            if "generated_sample" in extra:  # for the helpers' post-steps
+                index, y = extra["generated_index"], extra.get("generated_labels")
+                self.step_samples.append(StepSample(extra["generated_sample"].detach(), index, y))
         loss, parts = self.loss(
             b.outputs,
             self.loss_context(),
-            shares={"batch": n / b.n_all, "generated": share},
+            shares={"batch": n / b.n_all if b.n_all else 0.0, "generated": share},
             ratio_at=self.unet.conv_out.weight,
             world=self.world,
         )

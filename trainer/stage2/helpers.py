@@ -11,6 +11,8 @@ list of them and only calls the hooks below, in list order, never asking what ki
   fingerprint  the config fields that define its training (part of the phase's resume fingerprint)
   start        before the first generator step of a phase that starts afresh (a warm start)
   pre_step     its own updates before each generator step; returns the logs named by `columns`
+  post_step    its updates after the generator step, on that step's own samples (detached); returns
+               the logs named by `columns` (they replace the pre-step's)
   frozen       a context in which none of its parameters takes a gradient (the generator step)
   evaluating   a context for validation (eval mode where it trains)
   state / load_state   its part of the phase's resume state (None: it has none)
@@ -68,6 +70,16 @@ class StepInputs:
     reals: object
 
 
+@dataclass
+class StepSample:
+    """A micro-batch of the generator step's own samples: detached, their global indices and labels (a
+    class-conditional run's, else None)."""
+
+    sample: object
+    index: list
+    labels: object = None
+
+
 class Helper:
     """The hooks' defaults: a helper without state, steps, columns or files."""
 
@@ -89,6 +101,10 @@ class Helper:
         pass
 
     def pre_step(self, step: int, inputs: StepInputs) -> dict:
+        return {}
+
+    def post_step(self, step: int, inputs: StepInputs, samples: list) -> dict:
+        """samples: the generator step's samples on this rank, one StepSample per micro-batch."""
         return {}
 
     def frozen(self):

@@ -7,6 +7,11 @@ The training rollouts (`train_sample`, and the generator's `start(..., steps_for
 count drawn per batch from stage2.train_steps, from the batch's seed parts alone (the same on every rank).
 A class-conditional run's rollout i carries a label drawn from (seed parts, i) (stage2/labels.py) and is
 sampled at stage2.guidance_scale.
+
+With stage2.backward_simulation a training rollout batch stops early: at step j of its K, drawn per batch
+from its seed parts (the same on every rank), it runs steps 0..j-1 without gradient and returns the x0
+prediction of step j, the one UNet call the caller keeps the gradient of. `sample` (validation) always
+runs all K steps.
 """
 
 from __future__ import annotations
@@ -43,14 +48,17 @@ class Rollouts:
             return self.cfg.stage2.generation_steps
         return ks[derive_seed(*parts, "train-steps") % len(ks)]
 
-    def start(self, model, idx, parts, steps: int | None = None):
+    def start(self, model, idx, parts, steps: int | None = None, backsim: bool = False):
         """Noise for rollout indices, DDIM (`steps` steps; default generation_steps) up to the last step;
         the last K-1 steps keep gradients. Returns (x, the last timestep, eta's generators) for the last
-        step, which the caller runs."""
+        step, which the caller runs. backsim (stage2.backward_simulation): the "last" step is step j,
+        drawn from the parts, and the steps before it run without gradient."""
         s2 = self.cfg.stage2
         x = per_sample_noise(idx, self.latent_shape, *parts).to(self.acc.device)
         self.ddim.set_timesteps(steps or s2.generation_steps, device=x.device)
         steps = list(self.ddim.timesteps)
+        if backsim:  # stop at step j: the steps after it are not run
+            steps = steps[: derive_seed(*parts, "backward-simulation") % len(steps) + 1]
         k = min(s2.rollout_grad_steps, len(steps))
         gens = eta_generators(idx, *parts) if s2.eta > 0 else None
         y = self.labels_for(idx, parts)
@@ -64,18 +72,25 @@ class Rollouts:
                 x = ddim_step(self.ddim, self.out(model, x, t, y), t, x, s2.eta, gens)
         return x, steps[-1], gens
 
-    def last_step(self, model_output, t_last, x, gens):
+    def last_step(self, model_output, t_last, x, gens, backsim: bool = False):
+        """The sample from the last step's model output: its DDIM step, or with backsim its x0 prediction."""
+        if backsim:
+            t = t_last.reshape(1).expand(x.shape[0]).to(x.device)
+            return self.schedule.predictions(model_output.float(), x.float(), t)[1]
         return ddim_step(self.ddim, model_output, t_last, x, self.cfg.stage2.eta, gens)
 
-    def sample(self, model, idx, parts, steps: int | None = None):
-        """Whole rollouts of `model` for the indices (the caller chooses whether gradients flow)."""
-        x, t_last, gens = self.start(model, idx, parts, steps)
+    def sample(self, model, idx, parts, steps: int | None = None, backsim: bool = False):
+        """Whole rollouts of `model` for the indices (the caller chooses whether gradients flow); backsim:
+        the x0 prediction at the batch's step j instead."""
+        x, t_last, gens = self.start(model, idx, parts, steps, backsim)
         with self.acc.autocast():
-            return self.last_step(self.out(model, x, t_last, self.labels_for(idx, parts)), t_last, x, gens)
+            out = self.out(model, x, t_last, self.labels_for(idx, parts))
+            return self.last_step(out, t_last, x, gens, backsim)
 
     def train_sample(self, model, idx, parts):
-        """Whole rollouts at the batch's training step count (steps_for)."""
-        return self.sample(model, idx, parts, self.steps_for(parts))
+        """Whole rollouts at the batch's training step count (steps_for), or with
+        stage2.backward_simulation its x0 prediction at a drawn step."""
+        return self.sample(model, idx, parts, self.steps_for(parts), self.cfg.stage2.backward_simulation)
 
     def outputs(self, model_output, x_t, t, x0, noise) -> dict:
         """What the loss terms read (trainer/training/losses.py names the keys)."""

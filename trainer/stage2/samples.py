@@ -45,6 +45,7 @@ class Pending:
 
 class RolloutSource:
     name = "rollout"
+    reads_batch = False  # its samples come from fresh noise
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -67,7 +68,8 @@ class RolloutSource:
         mine = np.array_split(np.asarray(every, dtype=np.int64), of)[i].tolist()
         parts = (run.seed, run.stage, "rollout", step)
         rollouts = run.rollouts
-        x, t_last, gens = rollouts.start(run.model(), mine, parts, rollouts.steps_for(parts))
+        backsim = s2.backward_simulation
+        x, t_last, gens = rollouts.start(run.model(), mine, parts, rollouts.steps_for(parts), backsim)
         y = rollouts.labels_for(mine, parts)
         guided = y is not None and run.labels.scale != 1.0
         copies = 2 if guided else 1  # guidance: the null label's output too
@@ -83,7 +85,9 @@ class RolloutSource:
             n = len(pending.mine)
             cond, uncond = last[:n], last[n:]
             last = uncond + run.labels.scale * (cond - uncond)
-        sample = run.rollouts.last_step(last, pending.t_last, pending.x, pending.gens)
+        sample = run.rollouts.last_step(
+            last, pending.t_last, pending.x, pending.gens, self.cfg.stage2.backward_simulation
+        )
         z, t = run.view(sample, pending.mine, run.seed, run.stage, "generated", step)
         generated = {
             "generated_labels": pending.labels,
@@ -117,6 +121,7 @@ class RolloutSource:
 
 class X0PredSource:
     name = "x0_pred"
+    reads_batch = True  # its samples are the predictions of the step's noised reals
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -60,6 +60,11 @@ class CompositeLoss:
         return any(t.needs_discriminator for t in self.terms)
 
     @property
+    def needs_batch(self) -> bool:
+        """Whether a term reads the step's noised reals (the MSE batch)."""
+        return any(t.samples == "batch" for t in self.terms)
+
+    @property
     def needs_generated(self) -> bool:
         """Whether a term reads the generator's own sample (which the step must then make)."""
         return any(t.samples == "generated" for t in self.terms)
