@@ -256,3 +256,57 @@ def test_fine_tune_plot_shows_the_distribution_matching_and_feature_d_terms_only
     labels = [line.get_label() for line in made[1].axes[4].get_lines()]
     assert labels == ["train_dm", "val_dm", "train_fake_loss"]
     plt.close("all")
+
+
+def _fake_run(root: Path, k: int, summary: list[tuple], teacher: tuple | None) -> None:
+    """A run folder as the demo leaves it, without training: its K (stage2_run.json), its summary rows
+    (iteration, latent_fd, cls_fd) and, where given, its teacher row (steps, latent_fd, cls_fd)."""
+    import json
+
+    root.mkdir(parents=True)
+    (root / "stage2_run.json").write_text(json.dumps({"fields": {"stage2.generation_steps": k}}))
+    (root / "digits_summary.csv").write_text(
+        "iteration,latent_fd,cls_fd\n" + "".join(",".join(map(str, r)) + "\n" for r in summary)
+    )
+    if teacher is not None:
+        steps, latent, cls = teacher
+        (root / "teacher_quality.csv").write_text(
+            f"steps,stage1_step,latent_fd,cls_fd\n{steps},1500,{latent},{cls}\n"
+        )
+
+
+def test_report_opens_with_the_teacher_this_run_and_the_one_step_companion(tmp_path):
+    """The page's first table is the headline: the teacher at its steps, this run's last summary row at K,
+    and the demo's one-step companion's; each FD also divided by the teacher's. The companion's own page
+    shows the teacher and itself. The stage-1-at-K line stays, below it, in the status."""
+    from trainer.quality.report import build_report
+
+    root = tmp_path / "demo"
+    teacher = (25, 5.31, 22.46)
+    _fake_run(root, 4, [(0, 12.62, 77.1), (1, 6.05, 30.2), (2, 4.707, 13.83)], teacher)
+    _fake_run(root / "one_step", 1, [(0, 101.7, 879.0), (1, 9.3, 26.4), (2, 8.46, 24.71)], teacher)
+
+    def ratio(v, t):
+        return f"{v / t:.2f}"
+
+    text = build_report(root)
+    page = parse(text)
+    assert text.index('<h2 id="headline">') < text.index('<div class="status">') < text.index('id="samples"')
+    assert page.rows[0] == ["", "steps", "latent FD", "÷ teacher", "classifier FD", "÷ teacher"]
+    assert page.rows[1:4] == [
+        ["teacher (stage 1)", "25", "5.31", "1.00", "22.5", "1.00"],
+        ["stage 2, iteration 1", "4", "4.71", ratio(4.707, 5.31), "13.8", ratio(13.83, 22.46)],
+        ["stage 2, one-step run, iteration 1", "1", "8.46", ratio(8.46, 5.31), "24.7", ratio(24.71, 22.46)],
+    ]
+    assert "stage 1 &rarr; iteration 1 (lower is better): latent FD 12.62 &rarr; <b>4.707</b>" in text
+    companion = parse(build_report(root / "one_step"))
+    assert companion.rows[1] == page.rows[1]  # the same teacher
+    assert companion.rows[2] == ["stage 2, iteration 1", *page.rows[3][1:]]  # itself, and nothing more
+    assert [r[0] for r in companion.rows if len(r) == 6 and r[0].startswith("stage 2")] == [
+        companion.rows[2][0]
+    ]
+
+    (root / "teacher_quality.csv").unlink()  # a run without a teacher row: its own row, no ratios
+    page = parse(build_report(root))
+    assert page.rows[1] == ["teacher (stage 1)", "-", "-", "-", "-", "-"]
+    assert page.rows[2] == ["stage 2, iteration 1", "4", "4.71", "-", "13.8", "-"]

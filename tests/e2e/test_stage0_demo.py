@@ -1,4 +1,7 @@
-"""Stage 0 (autoencoder) resume, the embedded demo chain, and one-line errors for bad inputs."""
+"""Stage 0 (autoencoder) resume, the embedded demo chain (and its headline), and one-line errors for bad
+inputs."""
+
+import math
 
 import pytest
 import torch
@@ -149,11 +152,90 @@ def test_demo_chain_small(tmp_path, capfd):
     cfg = load_config(out / "config.yaml")  # the config of every stage, stage 2 included
     assert cfg.resolve_path(cfg.diffusion.stage1_checkpoint).is_file()
     assert cfg.resolve_path(cfg.autoencoder.checkpoint).is_dir()
-    # a rerun skips finished work
+    table = check_headline(out, proc.stdout)
+    check_teacher_is_measured_as_evaluate_does(out, capfd)
+    # a rerun skips finished work, and reuses the teacher row
+    stamp = (out / "teacher_quality.csv").stat().st_mtime_ns
     again = cli(capfd, "demo", "--out", out, "--device", "cpu", *SMALL_DEMO)  # in this process
     assert again.returncode == 0, again.stderr[-3000:]
     # stage 0, stage 1, stage-2 iterations 0 and 1, and the one-step run's iterations 0 and 1
     assert again.stdout.count("already complete") == 6
+    assert "teacher at 3 steps: " in again.stdout and "already there; reusing it" in again.stdout
+    assert (out / "teacher_quality.csv").stat().st_mtime_ns == stamp
+    assert printed_headline(again.stdout) == table
+
+
+def printed_headline(stdout: str) -> list[list[str]]:
+    """The cells of the headline table the demo prints as its last lines (header and rule dropped)."""
+    lines = stdout.rstrip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("Against the teacher"))
+    table = lines[start + 1 :]  # nothing after the table
+    assert all(line.startswith("| ") and line.endswith(" |") for line in table), table
+    cells = [[c.strip() for c in line[1:-1].split("|")] for line in table]
+    assert cells[0] == ["", "steps", "latent FD", "÷ teacher", "classifier FD", "÷ teacher"]
+    return cells[2:]
+
+
+def _same(printed: str, value: float) -> bool:
+    """A printed distance (3 significant digits) against the CSV's value."""
+    return math.isclose(float(printed), value, rel_tol=6e-3)
+
+
+def check_headline(out, stdout: str) -> list[list[str]]:
+    """The printed headline: the teacher row (stage 1 at training.sample_steps = 3) from
+    teacher_quality.csv, stage 2 at K = 2 from the last row of the summary, the one-step run from the last
+    row of its summary, each with its ratio to the teacher; report.html opens with the same table."""
+    import pandas as pd
+
+    teacher = pd.read_csv(out / "teacher_quality.csv")
+    assert len(teacher) == 1 and teacher["steps"][0] == 3
+    sources = [
+        ("teacher (stage 1)", 3, teacher.iloc[0]),
+        ("stage 2, iteration 1", 2, pd.read_csv(out / "digits_summary.csv").iloc[-1]),
+        ("stage 2, one-step run, iteration 1", 1, pd.read_csv(out / "one_step/digits_summary.csv").iloc[-1]),
+    ]
+    assert [int(row["iteration"]) for _, _, row in sources[1:]] == [2, 2]  # each run's last iteration
+    rows = printed_headline(stdout)
+    assert [r[:2] for r in rows] == [[label, str(k)] for label, k, _ in sources]
+    for cells, (label, _, row) in zip(rows, sources, strict=True):
+        for at, col in ((2, "latent_fd"), (4, "cls_fd")):
+            assert _same(cells[at], row[col]), (label, col, cells[at], row[col])
+            ratio = row[col] / teacher[col][0]
+            assert math.isclose(float(cells[at + 1]), ratio, abs_tol=0.006), (
+                label,
+                col,
+                cells[at + 1],
+                ratio,
+            )
+    # the stage-2 rows are not the teacher's: a table of one model's numbers three times fails above
+    assert len({r[2] for r in rows}) == 3
+    page = (out / "report.html").read_text()
+    first = page.index('<h2 id="headline">')
+    assert first < page.index('<div class="status">')
+    for cells in rows:
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in page[first:], cells
+    companion = (out / "one_step/report.html").read_text()
+    for cells in (rows[0], ["stage 2, iteration 1", *rows[2][1:]]):  # the teacher and itself
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in companion, cells
+    assert (out / "one_step/teacher_quality.csv").read_text() == (out / "teacher_quality.csv").read_text()
+    return rows
+
+
+def check_teacher_is_measured_as_evaluate_does(out, capfd) -> None:
+    """The teacher row equals `advdiff evaluate --generation_steps 3` of the stage-1 model on the demo's
+    config: the summary's metric samples, seeds, held-out reals and feature spaces."""
+    import json
+
+    import pandas as pd
+
+    path = out.parent / "teacher_evaluate.json"  # beside the run: evaluate writes nothing into it
+    flags = ("--device", "cpu", *SMALL_DEMO, "--generation_steps", "3", "--json", path)
+    done = cli(capfd, "evaluate", out / "config.yaml", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(path.read_text())
+    teacher = pd.read_csv(out / "teacher_quality.csv").iloc[0]
+    for col in ("latent_fd", "cls_fd", "precision", "recall", "pixel_fd", "samples"):
+        assert math.isclose(teacher[col], row[col], rel_tol=1e-5), (col, teacher[col], row[col])
 
 
 def _one_line_error(proc):

@@ -3,7 +3,9 @@ summary's cls_* columns) -> stage 0 (autoencoder) -> stage 1 (diffusion) -> samp
 distribution matching against the stage-1 teacher with a feature head on the fake score
 (discriminator.config.type unet_features), 3 iterations for a 4-step DDIM sampler; then the same stage 2
 at one step as a companion run (--out/one_step, its own report) and a picture comparing stage 1 and
-both. Re-running resumes or skips finished work. `--conditional`: the same with the digit labels, a
+both. It ends with the headline: the teacher (stage 1 at training.sample_steps, measured once like the
+summaries' rows), stage 2 at its K and the one-step run, in latent and classifier FD and as a share of the
+teacher's. Re-running resumes or skips finished work. `--conditional`: the same with the digit labels, a
 class-conditional model (experiments/digits_conditional.yaml, docs/CONDITIONAL.md)."""
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def train_metric_classifier(cfg, is_main: bool) -> None:
     train_classifier(cfg, full, log=lambda line: print(line, flush=True))
 
 
-ONE_STEP = "one_step"  # the companion run's folder under --out
+ONE_STEP = RunLayout.COMPANION  # the companion run's folder under --out
 
 
 def run_one_step(cfg_path: Path, overrides: dict | None, accelerator) -> dict:
@@ -119,22 +121,25 @@ def check_same_kind(out: Path, cfg_path: Path, conditional: bool) -> None:
 
 
 def run_stage2_with_comparison(cfg_path: Path, overrides: dict | None, accelerator) -> None:
-    """Stage 2 of the demo; a few-step one also runs its one-step companion (K > 1) and writes the
-    comparison picture, then the report again with it."""
+    """Stage 2 of the demo, then its teacher row (stage 1 at training.sample_steps, measured once); a
+    few-step one also runs its one-step companion (K > 1), which gets the same teacher row before it
+    starts, and writes the comparison picture; then the report again with all of it."""
+    from trainer.cli.teacher import teacher_row
+    from trainer.stage2 import refresh_report, write_comparison
     from trainer.stage2 import run as run_stage2
+    from trainer.stage2 import setup as stage2_setup
 
     cfg2 = load_config(cfg_path, overrides)
     run_stage2(cfg2, accelerator)
-    if cfg2.stage2.generation_steps < cfg2.training.sample_steps:  # few-step stage 2: show what it bought
-        from trainer.stage2 import refresh_report, write_comparison
-        from trainer.stage2 import setup as stage2_setup
-
-        one_step = None
-        if cfg2.stage2.generation_steps > 1:  # and the same recipe at one step, as a companion run
-            one_step = run_one_step(cfg_path, overrides, accelerator)
-        s = stage2_setup(cfg2, accelerator)
-        write_comparison(s, cfg2.training.sample_steps, one_step)
-        refresh_report(s)  # with the comparison
+    k, full = cfg2.stage2.generation_steps, cfg2.training.sample_steps
+    # the companion's metric samples, seeds and held-out reals are this run's, so its teacher too
+    companion = [cfg2.resolve_path(ONE_STEP)] if 1 < k < full else []
+    teacher_row(cfg2, accelerator, full, also=companion)  # every rank: a collective
+    one_step = run_one_step(cfg_path, overrides, accelerator) if companion else None
+    s = stage2_setup(cfg2, accelerator)
+    if k < full:  # few-step stage 2: show what it bought
+        write_comparison(s, full, one_step)
+    refresh_report(s)  # with the teacher row, the comparison and the companion
 
 
 def print_guide(out: Path, cfg, stage2: bool) -> None:
@@ -153,6 +158,19 @@ def print_guide(out: Path, cfg, stage2: bool) -> None:
         )
         if (out / ONE_STEP).is_dir():
             print(f"The same stage 2 at one step, with its own page:\n  {out / ONE_STEP}", flush=True)
+        print_headline(RunLayout.of(cfg))
+
+
+def print_headline(layout: RunLayout) -> None:
+    """The demo's last lines (main process): the teacher, stage 2 at K and the one-step run, from the
+    folder's teacher row and summaries (quality/report_headline.py)."""
+    from trainer.quality import headline_rows, headline_text
+
+    print(
+        "\nAgainst the teacher (Fréchet distances, lower is better; ÷ teacher below 1 beats it):\n"
+        + headline_text(headline_rows(layout.root, layout.name)),
+        flush=True,
+    )
 
 
 def digits_main(argv=None) -> int:

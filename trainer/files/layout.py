@@ -14,6 +14,8 @@
   {name}_metrics_iter_{k}.{csv,png}             fine-tune validation history
   {name}_summary.{csv,png}                      quality per iteration (row 0: stage 1)
   reference_{space}.npz                         held-out reals' feature mean/covariance (mu, sigma) per space
+  teacher_quality.csv                           demo: the teacher (stage 1 at training.sample_steps), measured
+                                                as the summary's rows (one row)
   classifier.pt                                 `advdiff classifier`'s output (the demo's feature space)
   samples/{name}_iter_{k}.png                   decoded grid of iteration k
   samples/{name}_stage1.png                     the stage-1 model, sampled the same way
@@ -21,6 +23,7 @@
   pipeline/                                     the result as a diffusers pipeline folder (unet/ scheduler/
                                                 vae/ model_index.json pipeline.py; diffusion/export)
   report.html                                   one page: grids, quality, histories, time, config
+  one_step/                                     demo: the K = 1 companion of a few-step run, a run folder
   timings.csv  tracking/  slurm/
 """
 
@@ -54,6 +57,7 @@ class RunLayout:
     name: str  # experiment.name: prefixes the stage-2 checkpoint and metric files
 
     SUMMARY_GLOB = "*_summary.csv"  # a run folder's summary, whatever the experiment's name
+    COMPANION = "one_step"  # the demo's one-step companion run, a run folder inside the few-step run's
 
     @classmethod
     def of(cls, cfg) -> "RunLayout":
@@ -229,6 +233,17 @@ class RunLayout:
         """The stage-1 model sampled as stage 2 samples (generation_steps), from the grids' fixed seeds."""
         return self.root / "samples" / f"{self.name}_stage1.png"
 
+    @property
+    def teacher_summary(self) -> Path:
+        """The teacher (the stage-1 model at training.sample_steps) measured as the summary's rows are: one
+        row (trainer/cli/teacher.py). Not named *_summary.csv: SUMMARY_GLOB finds the run's summary."""
+        return self.root / "teacher_quality.csv"
+
+    @property
+    def companion(self) -> Path:
+        """The demo's one-step companion run folder beside this few-step run's files (may not exist)."""
+        return self.root / self.COMPANION
+
     def reference_stats(self, space: str) -> Path:
         return reference_stats_of(self.summary, space)
 
@@ -271,6 +286,7 @@ class RunLayout:
                 (self.finetune_history("*"), "fine-tune validation history"),
                 (self.summary, "quality per iteration (row 0: stage 1)"),
                 (self.reference_stats("*"), "held-out reals' feature statistics (mu, sigma) per space"),
+                (self.teacher_summary, "the teacher (stage 1 at full steps), measured like the summary"),
                 (self.grid("*"), "decoded grid per stage-2 iteration"),
                 (self.start_grid, "the stage-1 model sampled like the iterations' grids"),
                 (

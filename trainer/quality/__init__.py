@@ -7,6 +7,7 @@ from trainer.quality.feature_spaces import check_metric_features, load_space
 from trainer.quality.feature_spaces import parse as parse_metric_features
 from trainer.quality.metrics import Moments, bootstrap_fd, fd_from_moments, features, precision_recall
 from trainer.quality.report import COLUMNS, build_report, compare_rows, fmt, write_report
+from trainer.quality.report_headline import headline_rows, headline_text
 
 __all__ = [
     "COLUMNS",
@@ -21,6 +22,8 @@ __all__ = [
     "fd_from_moments",
     "features",
     "fmt",
+    "headline_rows",
+    "headline_text",
     "load_space",
     "parse_metric_features",
     "precision_recall",

@@ -5,7 +5,11 @@ off a cluster and opened anywhere. It shows what exists, so it renders for a run
 (the stage-1 grid, the first D history so far), for one killed mid-iteration, and for long runs (grids wrap,
 tables scroll):
 
-    status        iterations finished of planned, and what the unfinished one has so far
+    headline      the teacher (stage 1 at full steps, teacher_quality.csv), this run's latest row at its K
+                  and a demo companion's (one_step/), each FD also divided by the teacher's
+                  (report_headline.py, the table `advdiff demo` prints last)
+    status        iterations finished of planned, what the unfinished one has so far, and stage 1 at K
+                  against the latest iteration
     samples       the grids, stage 1 first, then each iteration (the same seeds), and the few-step comparison
     quality       the summary's plot and every row; with --compare, the other run's rows beside, better marked
     iterations    each iteration's D history and fine-tune curves (pictures, and every CSV row)

@@ -15,6 +15,7 @@ import yaml
 from trainer.files.layout import RunLayout, comparison_panels, picture_of
 from trainer.files.read import read_csv_rows
 from trainer.quality.report_data import compare_rows, csv_table, fmt, missing
+from trainer.quality.report_headline import HEADER, headline_cells, headline_rows
 
 # -- building blocks -------------------------------------------------------------------------------
 STYLE = """
@@ -112,6 +113,29 @@ def _headline(summary_rows: list[dict]) -> str:
     return f"<br>stage 1 &rarr; iteration {k} (lower is better): " + "; ".join(parts)
 
 
+def _against_teacher(layout: RunLayout) -> str:
+    """The page's opening table (report_headline.py, what the demo prints last): the teacher at its full
+    steps, this run's latest result at its K and a demo companion's, each FD also as a share of the
+    teacher's."""
+    rows = headline_rows(layout.root, layout.name)
+    teacher = rows[0]
+    if teacher.steps is None:
+        note = (
+            f"no teacher row in this folder ({layout.teacher_summary.name}: advdiff demo measures stage 1 at "
+            "training.sample_steps there, the same way as the summary's rows)"
+        )
+    else:
+        note = (
+            f"the teacher is the stage-1 model at {teacher.steps} DDIM steps, measured on the summary's "
+            "samples, seeds and held-out reals"
+        )
+    return (
+        '<h2 id="headline">Against the teacher</h2><p class="muted">Fréchet distances of the latest summary '
+        f"rows, lower is better; &divide; teacher below 1 beats it; {html.escape(note)}.</p>"
+        + _table(HEADER, headline_cells(rows))
+    )
+
+
 def _fd_caption(summary_rows: list[dict], row: int) -> str:
     for r in summary_rows:
         if int(r.get("iteration", -1)) == row:
@@ -169,6 +193,7 @@ def page_head(layout: RunLayout, config, ks, finished, summary_rows, compare: bo
         f"<h1>advdiff run <code>{html.escape(name)}</code></h1>",
         f'<p class="muted">{html.escape(str(layout.root.resolve()))} &middot; page written '
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        _against_teacher(layout),
         _status(layout, config, ks, finished).replace("</div>", _headline(summary_rows) + "</div>", 1),
         "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in sections) + "</nav>",
     ]
