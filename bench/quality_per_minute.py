@@ -75,7 +75,9 @@ def curve(folder: Path) -> list[dict]:
     """The run's summary rows with the cumulative generator steps and fine-tune seconds at each."""
     rows = read_csv_rows(next(folder.glob("*_summary.csv")))
     phases = [r for r in read_csv_rows(folder / "timings.csv") if r["phase"] == "diffusion"]
-    seconds = {int(r["iteration"]): float(r["seconds"]) for r in phases}  # the finished run's own
+    seconds = {}  # per iteration, summed over the runs that worked on it (a resumed run's parts)
+    for r in phases:
+        seconds[int(r["iteration"])] = seconds.get(int(r["iteration"]), 0.0) + float(r["seconds"])
     steps = {}
     for k in seconds:
         history = read_csv_rows(next(folder.glob(f"*_metrics_iter_{k}.csv")))
