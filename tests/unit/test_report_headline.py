@@ -22,6 +22,8 @@ def test_distances_and_ratios_are_rounded_and_missing_ones_are_a_dash():
         "0.0123",
         "1235",
     ]
+    # three significant digits with their trailing zeros
+    assert [fd_text(v) for v in (22.96, 5.0, 99.96, 0.5, 0.0)] == ["23.0", "5.00", "100", "0.500", "0.00"]
     assert [fd_text(v) for v in (None, math.nan)] == ["-", "-"]
     assert ratio_text(4.71, 5.3) == f"{4.71 / 5.3:.2f}" == "0.89"
     assert ratio_text(8.5, 5.3) == "1.60"
@@ -36,9 +38,9 @@ def test_each_row_is_divided_by_the_teachers_row():
         HeadlineRow("stage 2, one-step run, iteration 2", 1, {"latent_fd": 10.0, "cls_fd": math.nan}),
     ]
     assert headline_cells(rows) == [
-        ["teacher (stage 1)", "25", "5", "1.00", "20", "1.00"],
-        ["stage 2, iteration 2", "4", "4", "0.80", "30", "1.50"],
-        ["stage 2, one-step run, iteration 2", "1", "10", "2.00", "-", "-"],  # no classifier FD
+        ["teacher (stage 1)", "25", "5.00", "1.00", "20.0", "1.00"],
+        ["stage 2, iteration 2", "4", "4.00", "0.80", "30.0", "1.50"],
+        ["stage 2, one-step run, iteration 2", "1", "10.0", "2.00", "-", "-"],  # no classifier FD
     ]
 
 

@@ -70,10 +70,11 @@ def _int(v) -> int | None:
 
 
 def fd_text(v) -> str:
-    """A distance to 3 significant digits (whole numbers from 1000 on); "-" where not measured."""
+    """A distance to 3 significant digits, trailing zeros kept (23.0, not 23; whole numbers from 100 on);
+    "-" where not measured."""
     if missing(v):
         return "-"
-    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:#.3g}".rstrip(".")  # 99.96: "100.", read "100"
 
 
 def ratio_text(v, teacher) -> str:
