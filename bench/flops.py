@@ -159,7 +159,7 @@ class Counts:
         head's encoder half + head forward; and the UNet's parameter count."""
         from models.discriminator import build_discriminator
         from models.feature_discriminator import ScoreWithHead
-        from trainer.stage2.feature_discriminator import new_head
+        from trainer.stage2 import new_head
 
         ctx = self.context({})
         unet, d = ctx.stage1.new_unet(), build_discriminator(ctx.cfg.discriminator.config)
@@ -216,7 +216,7 @@ def real_run(recipe: dict) -> dict:
     derive them (steps per epoch: training reals // batch, D's // half its batch; one validation per
     epoch)."""
     from trainer.config.load import load_config
-    from trainer.stage2 import distribution_matching, stratified_split
+    from trainer.stage2 import stratified_split
 
     yaml = REPO / "experiments" / "stage2_discriminator_unet64_d4.yaml"
     cfg = load_config(yaml, {"autoencoder.checkpoint": None, **recipe})
@@ -236,7 +236,9 @@ def real_run(recipe: dict) -> dict:
         "d_validations": td.epochs if latent_d else 0,
         "g_steps": s2.diffusion_epochs * max(1, n_train // t.batch_size),
         "g_validations": s2.diffusion_epochs,
-        "n_fake": s2.distribution_matching.n_fake if distribution_matching.enabled(cfg) else 0,
+        "n_fake": s2.distribution_matching.n_fake
+        if any(t.type == "DistributionMatchingLoss" for t in cfg.training.loss.losses)
+        else 0,
         "val_samples": s2.val_samples,
         "metric_samples": s2.metric_samples,
         "critic": "latent D" if latent_d else "feature head",

@@ -19,6 +19,7 @@ after the other: compare seconds within one run of the bench only.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def path_flags(path: str, k: int, seed: int, folder: Path, quick: bool) -> list[
 def curve(folder: Path) -> list[dict]:
     """The run's summary rows with the cumulative generator steps and fine-tune seconds at each."""
     rows = read_csv_rows(next(folder.glob("*_summary.csv")))
-    phases = [r for r in read_csv_rows(folder / "timings.csv") if r["phase"] == "diffusion"]
+    with open(folder / "timings.csv", newline="") as f:  # (text columns: not read_csv_rows)
+        phases = [r for r in csv.DictReader(f) if r["phase"] == "diffusion"]
     seconds = {}  # per iteration, summed over the runs that worked on it (a resumed run's parts)
     for r in phases:
         seconds[int(r["iteration"])] = seconds.get(int(r["iteration"]), 0.0) + float(r["seconds"])

@@ -74,8 +74,7 @@ def trainer_for(config: Path, k: int, path: str, quick: bool):
 
     from trainer.config.load import load_config, parse_override
     from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2.generation import stratified_split
-    from trainer.stage2.run import setup
+    from trainer.stage2 import setup, stratified_split
 
     items = [f"stage2.generation_steps={k}"]
     if path == "today":

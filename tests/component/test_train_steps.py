@@ -36,10 +36,10 @@ def test_a_fine_tune_trains_at_every_listed_step_count_and_validates_at_generati
     seen = {"train": [], "validation": []}
     start = trainer.rollouts.start
 
-    def spy(model, idx, parts, steps=None):
+    def spy(model, idx, parts, steps=None, backsim=False):
         which = "validation" if "gval-rollout" in parts else "train"
         seen[which].append(steps or trainer.cfg.stage2.generation_steps)
-        return start(model, idx, parts, steps)
+        return start(model, idx, parts, steps, backsim)
 
     trainer.rollouts.start = spy
     trainer.fit()

@@ -6,6 +6,7 @@ before compute, `prepare` builds what the iterations share (read-only for comman
 from trainer.stage2.checks import check_stage2
 from trainer.stage2.discriminator_trainer import D_FORMAT, check_r1_supported, load_discriminator
 from trainer.stage2.distribution_matching import check_distribution_matching_supported
+from trainer.stage2.feature_discriminator import new_head
 from trainer.stage2.finetune_columns import check_grad_ratio_supported
 from trainer.stage2.generation import choose_real_rows, generate_own, produce_gathered, stratified_split
 from trainer.stage2.outputs import refresh_report, result_weights, write_comparison
@@ -23,6 +24,7 @@ __all__ = [
     "complete",
     "generate_own",
     "load_discriminator",
+    "new_head",
     "produce_gathered",
     "refresh_report",
     "result_weights",
