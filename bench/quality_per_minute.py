@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     if args.plot:
         plot(results, Path(args.plot))
     if args.write:
-        write_between_markers(REPO / "docs" / "RESULTS.md", "quality-per-minute", tables)
+        write_between_markers(REPO / "docs" / "RESULTS.md", tables, "quality-per-minute")
     return 0
 
 

@@ -37,6 +37,9 @@ def test_a_flag_or_set_beats_the_recipe():
     overrides = {"stage2.generation_steps": 1, "stage2.lr_schedule": "cosine"}
     cfg = load_config(data=_data({1: ONE}), overrides=overrides)
     assert cfg.stage2.lr_schedule == "cosine" and cfg.training.loss.losses[1].weight == 0.05
+    # a flag that sets the loss list whole keeps the recipe off its terms' weights
+    whole = {"stage2.generation_steps": 1, "training.loss.losses": [dict(t) for t in TERMS]}
+    assert load_config(data=_data({1: ONE}), overrides=whole).training.loss.losses[1].weight == 0.5
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ A config may carry, under stage2.recipes, one mapping of settings per generation
         1: {stage2.lr_schedule: constant, "training.loss.losses[DiscriminatorLoss].weight": 0.05}
 
 When the run's stage2.generation_steps (after flags and --set) has a recipe, its settings replace the file's
-own values; a flag or --set of the same path still wins. A path is a dotted config path from the top;
+own values; a flag or --set of the same path, or of a section above it, still wins. A path is a dotted config path from the top;
 `losses[Type]` names every loss term of that type. Recipes are read before validation, so a recipe's
 value is checked like any other, and an unknown path is refused in one line naming the recipe.
 """
@@ -69,8 +69,15 @@ def apply_recipe(data: dict, overrides: dict, where: str) -> None:
         shape = re.sub(r"\[[A-Za-z0-9_]+\]", "[]", str(path))
         if shape not in known or shape.startswith("stage2.recipes"):
             raise ConfigError(f"{at}: not a config field (docs/CONFIG.md lists them)")
-        if path not in overrides:
+        if not _overridden(str(path), overrides):
             _set(data, str(path).split("."), value, at)
+
+
+def _overridden(path: str, overrides: dict) -> bool:
+    """Whether a flag or --set names the path or a section above it (training.loss.losses set whole
+    keeps the recipe off its terms' weights)."""
+    parts = re.sub(r"\[[A-Za-z0-9_]+\]", "", path).split(".")
+    return path in overrides or any(".".join(parts[:i]) in overrides for i in range(1, len(parts) + 1))
 
 
 def _set(node: dict, parts: list[str], value, at: str) -> None:
