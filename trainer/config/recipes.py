@@ -8,9 +8,10 @@ A config may carry, under stage2.recipes, one mapping of settings per generation
         1: {stage2.lr_schedule: constant, "training.loss.losses[DiscriminatorLoss].weight": 0.05}
 
 When the run's stage2.generation_steps (after flags and --set) has a recipe, its settings replace the file's
-own values; a flag or --set of the same path, or of a section above it, still wins. A path is a dotted config path from the top;
-`losses[Type]` names every loss term of that type. Recipes are read before validation, so a recipe's
-value is checked like any other, and an unknown path is refused in one line naming the recipe.
+own values; a flag or --set of the same path, or of a section above it, still wins. A path is a dotted
+config path from the top; `losses[Type]` names every loss term of that type. Recipes are read before
+validation, so a recipe's value is checked like any other, and an unknown path is refused in one line
+naming the recipe.
 """
 
 from __future__ import annotations
