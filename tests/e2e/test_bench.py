@@ -7,7 +7,8 @@ agrees with the number and the stated target; and the benches' correctness check
 import re
 
 import pytest
-from helpers import NUM, bench_targets, number, ratio_bounds, rounding, run_cli, within_rounding
+from bench_output import NUM, bench_targets, number, ratio_bounds, rounding, within_rounding
+from helpers import run_cli
 
 
 def check_overhead(out: str) -> None:

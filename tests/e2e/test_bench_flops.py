@@ -8,7 +8,8 @@ the raw counts they were scaled from (recomputed here) and the hours with the st
 import json
 import re
 
-from helpers import NUM, rounding, run_cli, within_rounding
+from bench_output import NUM, rounding, within_rounding
+from helpers import run_cli
 
 RECIPES = ("spec", "dm_k1", "dm_k4")
 ROW = re.compile(rf"^  (?P<name>\S.*?) +(?P<value>{NUM})(?: +(?P<share>{NUM})%)?$")

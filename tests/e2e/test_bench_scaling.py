@@ -7,7 +7,8 @@ and the stated target."""
 import re
 
 import pytest
-from helpers import NUM, bench_targets, ratio_bounds, run_cli, within_rounding
+from bench_output import NUM, bench_targets, ratio_bounds, within_rounding
+from helpers import run_cli
 
 pytestmark = pytest.mark.slow  # multi-process benchmark runs
 
