@@ -32,7 +32,7 @@ from trainer.stage2.finetune_batch import export_blob_of, sampler_timesteps, ste
 from trainer.stage2.finetune_columns import finetune_columns
 from trainer.stage2.finetune_fingerprint import finetune_fingerprint
 from trainer.stage2.finetune_validation import FinetuneValidation
-from trainer.stage2.helpers import FinetuneContext, StepInputs, StepSample, frozen
+from trainer.stage2.helpers import FinetuneContext, StepInputs, frozen, step_samples_of
 from trainer.stage2.rollouts import Rollouts
 from trainer.stage2.samples import sample_source
 from trainer.training.composite import CompositeLoss
@@ -204,9 +204,8 @@ class FinetuneTrainer(StepTrainer):
         return {"loss": sum(x for x, _ in done), **parts, **logs}
 
     def compute_loss(self, step, i=0, of=1):
-        """The composite loss of `step` on this rank: (loss, parts, local batch size); with of > 1, that of
-        micro-batch i of the same samples and draws, each term scaled by its share of the term's samples:
-        they add up."""
+        """The composite loss of `step` on this rank: (loss, parts, local batch); of > 1: micro-batch i's,
+        of the same samples and draws, each term scaled by its share of the term's samples (they add up)."""
         b = step_batch(self, step, i, of)
         pending = self.source.begin(self, step, i, of) if self.loss.needs_generated else None
         inputs, ts, ys = b.inputs, b.ts, b.ys
@@ -215,20 +214,17 @@ class FinetuneTrainer(StepTrainer):
         labels = torch.cat(ys) if ys and ys[0] is not None else None
         with self.accelerator.autocast():
             out = self.ddp_unet(torch.cat(inputs), torch.cat(ts), class_labels=labels).sample.float()
-        n = b.n
         if b.inputs:
-            b.outputs = self.rollouts.outputs(out[:n], b.x_t, b.t, b.x0, b.noise)
+            b.outputs = self.rollouts.outputs(out[: b.n], b.x_t, b.t, b.x0, b.noise)
         share = 1.0
         if pending is not None:
-            extra, share = self.source.finish(self, out[n:], b, pending, step)
+            extra, share = self.source.finish(self, out[b.n :], b, pending, step)
             b.outputs.update(extra)
-            if "generated_sample" in extra:  # for the helpers' post-steps
-                index, y = extra["generated_index"], extra.get("generated_labels")
-                self.step_samples.append(StepSample(extra["generated_sample"].detach(), index, y))
+            self.step_samples += step_samples_of(extra)  # for the helpers' post-steps
         loss, parts = self.loss(
             b.outputs,
             self.loss_context(),
-            shares={"batch": n / b.n_all if b.n_all else 0.0, "generated": share},
+            shares={"batch": b.n / b.n_all if b.n_all else 0.0, "generated": share},
             ratio_at=self.unet.conv_out.weight,
             world=self.world,
         )

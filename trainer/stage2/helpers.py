@@ -80,6 +80,15 @@ class StepSample:
     labels: object = None
 
 
+def step_samples_of(generated: dict) -> list:
+    """[the StepSample of a micro-batch's generated outputs] where they hold the generator's own sample
+    (rollouts), else []."""
+    if "generated_sample" not in generated:
+        return []
+    sample, index = generated["generated_sample"].detach(), generated["generated_index"]
+    return [StepSample(sample, index, generated.get("generated_labels"))]
+
+
 class Helper:
     """The hooks' defaults: a helper without state, steps, columns or files."""
 
