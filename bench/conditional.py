@@ -4,7 +4,7 @@ against the MSE-only control (the same steps and lr, no other term), each at cla
 and a larger one, beside stage 1 at 4 and at 25 steps on the same metric noise.
 
     python bench/conditional.py [--out runs/digits_conditional] [--seeds 1 2 3] [--scales 1 2]
-        [--arms dm control]
+        [--arms dm control lean]
     python bench/conditional.py --quick        # a tiny stage 1 and 2-step runs (asserts nothing)
 
 Builds stage 0/1 and the digit classifier under --out if needed (advdiff demo --conditional --no-stage2),
@@ -37,6 +37,10 @@ COLS = [
 ]
 ARMS = {
     "dm": [],  # the demo's recipe as it is
+    "lean": [  # the plain demo's K = 4 recipe (trainer/config/defaults/digits.yaml `recipes`), by flags
+        "stage2.distribution_matching.n_fake=2",
+        "stage2.distribution_matching.reuse_generator_samples=true",
+    ],
     "control": [  # MSE only: the same generator steps and lr, no D term, no distribution matching
         "training.loss.losses=[{type: MSELoss, key: pred_noise, target: noise, weight: 1.0}]",
         "discriminator.config.type=latent",
@@ -74,7 +78,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="the conditional demo's folder (built if missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=["dm", "control"], choices=list(ARMS))
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="advdiff_bench_")) / ("" if args.out else "digits")
@@ -107,7 +111,11 @@ def main() -> int:
         print("| model | " + " | ".join(name for _, name in COLS) + " |")
         print("| --- |" + " --- |" * len(COLS))
         for name in (f"stage 1 at {FULL_STEPS} steps", "stage 1 at 4 steps", *args.arms):
-            label = {"dm": "stage 2 (DM + projection head), 4 steps", "control": "MSE-only control, 4 steps"}
+            label = {
+                "dm": "stage 2 (DM + projection head), 4 steps",
+                "lean": "stage 2, the lean K = 4 recipe, 4 steps",
+                "control": "MSE-only control, 4 steps",
+            }
             got = rows.get((name, scale), [])
             print(
                 f"| {label.get(name, name)} | "
