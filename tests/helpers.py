@@ -21,6 +21,8 @@ TOOLS = TESTS / "tools"
 # dtypes forward passes compute in (ADVDIFF_PROBE_OUT).
 LAUNCH_PROBE = str(TOOLS / "launch_probe.py")
 LAUNCH_SH = REPO / "launch.sh"
+# Set to 1, every multi-process test runs the real `accelerate launch` instead of warm ranks.
+REAL_LAUNCHER_ENV = "ADVDIFF_TEST_REAL_LAUNCHER"
 
 
 # -- config builders -----------------------------------------------------------------------------------
@@ -221,19 +223,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(nproc: int, *args, env=None, timeout=600):
-    """`accelerate launch` on CPU with `nproc` processes (gloo, DDP)."""
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--num_processes",
-        str(nproc),
-        "--main_process_port",
-        str(free_port()),
-    ]
+def accelerate_launch(nproc: int, *args, env=None, timeout=600, warm=True):
+    """`accelerate launch` on CPU with `nproc` processes (gloo, DDP). warm (the default): the ranks fork
+    from a preloaded interpreter with the environment the launcher would give them (tests/tools/warm.py);
+    warm=False runs the real launcher, for the tests of launching itself."""
+    launcher = ["--num_machines", "1", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
     if nproc > 1:
         launcher += ["--multi_gpu"]
     full_env = {
@@ -243,19 +237,27 @@ def accelerate_launch(nproc: int, *args, env=None, timeout=600):
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    return subprocess.run(
-        launcher + list(args), capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
-    )
+    return _launch(launcher, list(args), full_env, timeout, warm)
 
 
-def deepspeed_launch(config_name: str, nproc: int, *args, timeout=900):
-    """`accelerate launch --config_file accelerate_configs/<config_name>` of `-m trainer.stage2 *args` on CPU
-    (DS_ACCELERATOR=cpu, gloo): the DeepSpeed tests' one launcher."""
+def deepspeed_launch(config_name: str, nproc: int, *args, timeout=900, script=None, warm=True):
+    """`accelerate launch --config_file accelerate_configs/<config_name>` of `-m trainer.stage2 *args` (or
+    of `script *args`) on CPU (DS_ACCELERATOR=cpu, gloo): the DeepSpeed tests' one launcher. warm: as in
+    accelerate_launch (DeepSpeed itself is imported by each rank)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently turn DeepSpeed into plain DDP
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [str(REPO / "accelerate_configs" / config_name), "--num_processes", str(nproc)]
-    cmd += ["--main_process_port", str(free_port()), "-m", "trainer.stage2", *args]
+    launcher = ["--config_file", str(REPO / "accelerate_configs" / config_name)]
+    launcher += ["--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    target = [str(script)] if script else ["-m", "trainer.stage2"]
+    return _launch(launcher, [*target, *args], env, timeout, warm)
+
+
+def _launch(launcher: list, args: list, env: dict, timeout, warm: bool):
+    if warm and os.environ.get(REAL_LAUNCHER_ENV) != "1":
+        from tools.warm import run_ranks
+
+        return run_ranks(launcher, args, env, REPO, timeout)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 

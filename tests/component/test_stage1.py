@@ -77,6 +77,7 @@ def _launch(tmp_path, manifest, ae, nproc):
         "--device",
         "cpu",
         env={"ADVDIFF_AUDIT_DIR": str(audit), "ADVDIFF_AUDIT_WATCH": str(out)},
+        warm=False,  # test_accelerate_launch_1_and_2_processes: the real launcher at both sizes
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "stage1" / "checkpoint_best.pt").is_file()

@@ -191,7 +191,16 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(
     with ThreadPoolExecutor(1) as pool, Job(submit(cfg)) as job:
         # the uninterrupted reference runs meanwhile, outside SLURM, on the same 2-process layout
         ref = pool.submit(
-            accelerate_launch, 2, "-m", "trainer.stage2", str(ref_cfg), "--device", "cpu", timeout=400
+            # the real launcher: warm ranks swap os.environ while they start, which a thread must not do
+            accelerate_launch,
+            2,
+            "-m",
+            "trainer.stage2",
+            str(ref_cfg),
+            "--device",
+            "cpu",
+            timeout=400,
+            warm=False,
         )
         # first validation written: the diffusion phase is under way, with most of its steps to go
         info = job.wait(240, until=lambda i: metrics.exists())
