@@ -62,17 +62,16 @@ def small_manifest(folder: Path, rows: int = 16) -> Path:
     return manifest
 
 
-def build_trainer(root: Path, generation_steps: int, batch_size: int, num_samples: int):
+def stage1_files(root: Path):
+    """(manifest, autoencoder folder, stage-1 checkpoint) under root, made once: a random-init frozen AE and
+    a random-init `tiny` stage-1 checkpoint (this bench's and bench/lean_overhead.py's)."""
     import torch
 
     from models.autoencoder import LatentScaling, build_autoencoder
-    from models.discriminator import build_discriminator
     from models.unet import build_unet, preset, unet_config
     from trainer.config.load import load_config
     from trainer.diffusion.checkpoints import export_blob
     from trainer.files import atomic
-    from trainer.parallel.accelerator import build_accelerator
-    from trainer.stage2 import setup, stratified_split
 
     manifest = small_manifest(root / "data")
     ae = root / "autoencoder"
@@ -100,6 +99,18 @@ def build_trainer(root: Path, generation_steps: int, batch_size: int, num_sample
             ),
             ckpt,
         )
+    return manifest, ae, ckpt
+
+
+def build_trainer(root: Path, generation_steps: int, batch_size: int, num_samples: int):
+    import torch
+
+    from models.discriminator import build_discriminator
+    from trainer.config.load import load_config
+    from trainer.parallel.accelerator import build_accelerator
+    from trainer.stage2 import setup, stratified_split
+
+    manifest, ae, ckpt = stage1_files(root)
     cfg = load_config(
         data={
             "experiment": {"name": "bench", "save_path": str(root / f"out_{generation_steps}")},

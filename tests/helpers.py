@@ -21,7 +21,7 @@ TOOLS = TESTS / "tools"
 # dtypes forward passes compute in (ADVDIFF_PROBE_OUT).
 LAUNCH_PROBE = str(TOOLS / "launch_probe.py")
 LAUNCH_SH = REPO / "launch.sh"
-# Set to 1, every multi-process test runs the real `accelerate launch` instead of warm ranks.
+# Set to 1, every test runs the real `accelerate launch` (and python) instead of warm processes.
 REAL_LAUNCHER_ENV = "ADVDIFF_TEST_REAL_LAUNCHER"
 
 
@@ -170,8 +170,15 @@ def stop_then_resume(cfg, stop_after: int, run=run_stage2, between=None):
 
 
 # -- processes -----------------------------------------------------------------------------------------
-def run_cli(*args, env=None, timeout=600):
+def run_cli(*args, env=None, timeout=600, warm=True):
+    """`python *args` in its own process. warm (the default): forked from a preloaded interpreter
+    (tests/tools/warm.py), which saves the imports; warm=False a fresh interpreter, where that is what is
+    tested (the bad-input catalogue's exit codes and stderr)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if warm and os.environ.get(REAL_LAUNCHER_ENV) != "1":
+        from tools.warm import run_python
+
+        return run_python(list(args), full_env, REPO, timeout)
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
     )

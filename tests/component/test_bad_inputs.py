@@ -80,7 +80,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path, finished):
     data = yaml.safe_load(finished.read_text())
     data["discriminator"]["config"]["num_layers"] = 9
     bad.write_text(yaml.safe_dump(data))
-    proc = run_cli("-m", "trainer.cli", "stage2", str(bad), *FAST)
+    proc = run_cli("-m", "trainer.cli", "stage2", str(bad), *FAST, warm=False)  # a fresh interpreter
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"advdiff: error: {bad}: discriminator.config.num_layers: expected at most 3 for 8x8 latents, got 9"

@@ -33,6 +33,28 @@ def check_overhead(out: str) -> None:
     assert within_rounding(ratio, *ratio_bounds(ours, raw)), (ours, raw, ratio)
 
 
+def check_lean_overhead(out: str) -> None:
+    # the two sides make the same calls per step: the lean K = 1 step as bench/step_cost.py counts it
+    calls = re.findall(r"^  (ours|raw) calls per step \(batch-64 units\): (.*)$", out, re.M)
+    lean = "UNet forwards 6.00 (back-propagated 3.00), head encoder 5.00 (back-propagated 5.00)"
+    assert calls == [("ours", lean), ("raw", lean)], out
+    assert re.search(r"^same calls: PASS$", out, re.M), out
+    targets = bench_targets(out)
+    assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
+        ("ours/raw cpu time per step", "<=", 1.05, "x")
+    ], out
+    block = re.search(
+        rf"^  process CPU time \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
+        rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x",
+        out,
+        re.M,
+    )
+    assert block, out
+    ours, raw, ratio = block.groups()
+    assert ratio == targets[0].measured_text, (ratio, targets[0].line)
+    assert within_rounding(ratio, *ratio_bounds(ours, raw)), (ours, raw, ratio)
+
+
 def check_generation(out: str) -> None:
     targets = bench_targets(out)
     assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
@@ -57,13 +79,18 @@ def check_generation(out: str) -> None:
     assert same and same.group(3) == "PASS" and float(same.group(2)) <= float(same.group(1)) == 1e-5, out
 
 
-CHECKS = {"bench/overhead.py": check_overhead, "bench/generation.py": check_generation}
+CHECKS = {
+    "bench/overhead.py": check_overhead,
+    "bench/lean_overhead.py": check_lean_overhead,
+    "bench/generation.py": check_generation,
+}
 
 
 @pytest.mark.parametrize(
     "script, ratio",
     [
         pytest.param("bench/overhead.py", r"ratio ours/raw per step: \d+\.\d+x", marks=pytest.mark.slow),
+        pytest.param("bench/lean_overhead.py", r"ratio ours/raw per step: \d+\.\d+x", marks=pytest.mark.slow),
         ("bench/generation.py", r"ratio ours/plain throughput \(batch \d+\): \d+\.\d+x"),
     ],
 )

@@ -3,7 +3,6 @@
 save, resume and DeepSpeed-free exports; and the mixed-precision switch, checked by forward dtypes (the
 distribution-matching fake score and its feature head too)."""
 
-import functools
 import json
 import subprocess
 import sys
@@ -77,16 +76,14 @@ def _config(root, manifest, ae, ckpt, online: bool):
 def test_deepspeed_trains_both_models_and_resumes(
     tmp_path, digits_manifest, small_ae, stage1_ckpt, config_name, nproc, online
 ):
-    # the 2-process ZeRO-2 runs go through the real launcher; the other DeepSpeed tests use warm ranks
-    launch = functools.partial(deepspeed_launch, warm=nproc == 1)
     straight = _config(tmp_path / "a", digits_manifest, small_ae, stage1_ckpt, online)
-    proc = launch(config_name, nproc, str(straight), *DS_FLAGS)
+    proc = deepspeed_launch(config_name, nproc, str(straight), *DS_FLAGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = _config(tmp_path / "b", digits_manifest, small_ae, stage1_ckpt, online)
-    first = launch(config_name, nproc, str(resumed), *DS_FLAGS, "--stop_after_steps", "2")
+    first = deepspeed_launch(config_name, nproc, str(resumed), *DS_FLAGS, "--stop_after_steps", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped inside iteration 0" in first.stdout
-    second = launch(config_name, nproc, str(resumed), *DS_FLAGS)
+    second = deepspeed_launch(config_name, nproc, str(resumed), *DS_FLAGS)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "RESUMED iteration 0, diffusion phase, from" in second.stdout and "at step 2/" in second.stdout
 

@@ -48,6 +48,7 @@ PRELOAD = [
     "diffusers.models.unets.unet_2d",
     "diffusers.models.unets.unet_2d_condition",
     "diffusers.schedulers",
+    "matplotlib",
 ]
 
 # Variables torchrun's agent adds for each worker that no accelerate function computes.
@@ -144,7 +145,8 @@ def _rank_main(env: dict, cwd: str, argv: list, module: bool, out_path: str, err
     sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="backslashreplace")
     import torch
 
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 1))
+    threads = os.environ.pop("ADVDIFF_WARM_THREADS", None) or env.get("OMP_NUM_THREADS") or 1
+    torch.set_num_threads(int(threads))
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:0] = ([cwd] if module else [str(Path(argv[0]).resolve().parent)]) + extra
     sys.argv = list(argv)
@@ -187,12 +189,34 @@ def _stop(processes, grace: float = 5.0) -> None:
 def run_ranks(launcher_args: list, args: list, env: dict, cwd, timeout: float = 600):
     """`accelerate launch *launcher_args *args` with warm ranks. Returns helpers.Finished; raises
     subprocess.TimeoutExpired as subprocess.run would."""
-    from helpers import Finished
-
     if "ADVDIFF_FAULT_AT" in env:
         raise ValueError("kill points kill the launcher's process tree: launch them with the real launcher")
     envs, parsed = rank_environments(launcher_args, args, env)
     argv = [parsed.training_script, *parsed.training_script_args]
+    code, out, err = _run(envs, cwd, argv, bool(parsed.module), timeout, ["accelerate", "launch", *args])
+    from helpers import Finished
+
+    return Finished(0 if code == 0 else 1, out, err)  # the launcher's exit code: 1 when a rank failed
+
+
+def run_python(args: list, env: dict, cwd, timeout: float = 600):
+    """`python *args` (`-m module ...` or `script ...`) in one warm process with environment `env`, torch at
+    the thread count a fresh interpreter starts with (OMP_NUM_THREADS, else every core this process may
+    use). Returns helpers.Finished with the process's own exit code."""
+    from helpers import Finished
+
+    if "ADVDIFF_FAULT_AT" in env:
+        raise ValueError("kill points kill the process tree: run them in a real process")
+    module = args[0] == "-m"
+    argv = [str(a) for a in (args[1:] if module else args)]
+    env = {**env, "ADVDIFF_WARM_THREADS": env.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))}
+    code, out, err = _run([env], cwd, argv, module, timeout, ["python", *map(str, args)])
+    return Finished(code, out, err)
+
+
+def _run(envs: list, cwd, argv: list, module: bool, timeout: float, cmd: list):
+    """One warm process per environment, all running argv; (the first non-zero exit code or 0, the
+    processes' stdout and stderr in order). One failing stops the others."""
     context = _forkserver()
     with tempfile.TemporaryDirectory(prefix="advdiff-warm-") as logs:
         outs = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(len(envs))]
@@ -200,7 +224,7 @@ def run_ranks(launcher_args: list, args: list, env: dict, cwd, timeout: float = 
             if "TORCHELASTIC_RUN_ID" in rank_env:
                 rank_env["TORCHELASTIC_ERROR_FILE"] = os.path.join(logs, f"{r}.error.json")
         processes = [
-            context.Process(target=_rank_main, args=(e, str(cwd), argv, bool(parsed.module), *o))
+            context.Process(target=_rank_main, args=(e, str(cwd), argv, module, *o))
             for e, o in zip(envs, outs, strict=True)
         ]
         for p in processes:
@@ -212,7 +236,7 @@ def run_ranks(launcher_args: list, args: list, env: dict, cwd, timeout: float = 
             left = deadline - time.monotonic()
             if left <= 0:
                 _stop(processes, grace=0.0)
-                raise subprocess.TimeoutExpired(["accelerate", "launch", *map(str, args)], timeout)
+                raise subprocess.TimeoutExpired(cmd, timeout)
             for sentinel in multiprocessing.connection.wait([p.sentinel for p in running], left):
                 done = next(p for p in running if p.sentinel == sentinel)
                 done.join()
@@ -221,5 +245,5 @@ def run_ranks(launcher_args: list, args: list, env: dict, cwd, timeout: float = 
         _stop(processes)
         stdout = "".join(Path(o).read_text(errors="backslashreplace") for o, _ in outs)
         stderr = "".join(Path(e).read_text(errors="backslashreplace") for _, e in outs)
-    code = 0 if all(p.exitcode == 0 for p in processes) else 1
-    return Finished(code, stdout, stderr)
+    codes = [p.exitcode for p in processes]
+    return next((c for c in codes if c != 0), 0), stdout, stderr
