@@ -11,6 +11,21 @@ from bench_output import NUM, bench_targets, number, ratio_bounds, rounding, wit
 from helpers import run_cli
 
 
+def check_verdict_block(out: str, clock: str, target) -> None:
+    """The overhead benches' verdict block on `clock`: the ratio it prints is the target line's and agrees
+    with the two medians above it (within their printed rounding)."""
+    block = re.search(
+        rf"^  {clock} \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
+        rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x",
+        out,
+        re.M,
+    )
+    assert block, out
+    ours, raw, ratio = block.groups()
+    assert ratio == target.measured_text, (ratio, target.line)
+    assert within_rounding(ratio, *ratio_bounds(ours, raw)), (ours, raw, ratio)
+
+
 def check_overhead(out: str) -> None:
     clock = re.search(r"^verdict on (process CPU time|wall time) per step$", out, re.M)
     assert clock, out
@@ -21,16 +36,7 @@ def check_overhead(out: str) -> None:
         (f"ours/raw {'cpu' if clock == 'process CPU time' else 'wall'} time per step", "<=", 1.03, "x")
     ], out
     assert "[short rollout (10 DDIM steps)]" in targets[0].line
-    block = re.search(
-        rf"^  {clock} \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
-        rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x",
-        out,
-        re.M,
-    )
-    assert block, out
-    ours, raw, ratio = block.groups()
-    assert ratio == targets[0].measured_text, (ratio, targets[0].line)
-    assert within_rounding(ratio, *ratio_bounds(ours, raw)), (ours, raw, ratio)
+    check_verdict_block(out, clock, targets[0])
 
 
 def check_lean_overhead(out: str) -> None:
@@ -43,16 +49,7 @@ def check_lean_overhead(out: str) -> None:
     assert [(t.what, t.op, t.limit, t.unit) for t in targets] == [
         ("ours/raw cpu time per step", "<=", 1.05, "x")
     ], out
-    block = re.search(
-        rf"^  process CPU time \(verdict\):\n    ours  median +({NUM}) ms/step.*\n    raw   median +({NUM}) "
-        rf"ms/step.*\n    ratio ours/raw per step: ({NUM})x",
-        out,
-        re.M,
-    )
-    assert block, out
-    ours, raw, ratio = block.groups()
-    assert ratio == targets[0].measured_text, (ratio, targets[0].line)
-    assert within_rounding(ratio, *ratio_bounds(ours, raw)), (ours, raw, ratio)
+    check_verdict_block(out, "process CPU time", targets[0])
 
 
 def check_generation(out: str) -> None:

@@ -29,6 +29,20 @@ def _records(folder, n):
     return records
 
 
+def _real_then_warm(tmp_path, launch, nproc):
+    """launch(folder, warm) with the real launcher, then with warm ranks, on the same folder argument:
+    {warm: (the finished launch, each rank's record)}."""
+    script = tmp_path / "env_dump.py"
+    script.write_text(SCRIPT)
+    folder = tmp_path / "records"
+    folder.mkdir(exist_ok=True)
+    out = {}
+    for warm in (False, True):
+        proc = launch(script, folder, warm)
+        out[warm] = proc, _records(folder, nproc) if proc.returncode == 0 else None
+    return out
+
+
 def _compare(real, warm):
     for r, (a, b) in enumerate(zip(real, warm, strict=True)):
         keys_a, keys_b = set(a["env"]) - BY_DESIGN, set(b["env"]) - BY_DESIGN
@@ -42,45 +56,36 @@ def _compare(real, warm):
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_warm_ranks_see_a_real_launchs_environment(tmp_path, nproc):
-    script = tmp_path / "env_dump.py"
-    script.write_text(SCRIPT)
-    records = {}
-    for warm in (False, True):
-        folder = tmp_path / "records"  # the same argument for both launches
-        folder.mkdir(exist_ok=True)
-        proc = accelerate_launch(nproc, str(script), str(folder), warm=warm)
+    def launch(script, folder, warm):
+        return accelerate_launch(nproc, str(script), str(folder), warm=warm)
+
+    runs = _real_then_warm(tmp_path, launch, nproc)
+    for proc, _ in runs.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(f"rank {r} done" in proc.stdout for r in range(nproc))
-        records[warm] = _records(folder, nproc)
-    _compare(records[False], records[True])
+    _compare(runs[False][1], runs[True][1])
     if nproc == 2:
-        assert records[True][1]["env"]["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+        assert runs[True][1][1]["env"]["TORCHELASTIC_USE_AGENT_STORE"] == "False"
 
 
 @pytest.mark.slow
 def test_warm_deepspeed_ranks_see_a_real_launchs_environment(tmp_path):
-    script = tmp_path / "env_dump.py"
-    script.write_text(SCRIPT)
-    records = {}
-    for warm in (False, True):
-        folder = tmp_path / "records"  # the same argument for both launches
-        folder.mkdir(exist_ok=True)
-        proc = deepspeed_launch("deepspeed_zero2.yaml", 2, str(folder), script=script, warm=warm)
+    def launch(script, folder, warm):
+        return deepspeed_launch("deepspeed_zero2.yaml", 2, str(folder), script=script, warm=warm)
+
+    runs = _real_then_warm(tmp_path, launch, 2)
+    for proc, _ in runs.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
-        records[warm] = _records(folder, 2)
-    assert records[True][0]["env"]["ACCELERATE_USE_DEEPSPEED"] == "true"
-    _compare(records[False], records[True])
+    assert runs[True][1][0]["env"]["ACCELERATE_USE_DEEPSPEED"] == "true"
+    _compare(runs[False][1], runs[True][1])
 
 
 @pytest.mark.slow
 def test_a_failing_warm_rank_fails_the_launch_as_the_launcher_does(tmp_path):
-    script = tmp_path / "env_dump.py"
-    script.write_text(SCRIPT)
-    codes = {}
-    for warm in (False, True):
-        folder = tmp_path / "records"  # the same argument for both launches
-        folder.mkdir(exist_ok=True)
-        proc = accelerate_launch(2, str(script), str(folder), env={"EXIT_ON_RANK_1": "3"}, warm=warm)
-        codes[warm] = proc.returncode
+    def launch(script, folder, warm):
+        return accelerate_launch(2, str(script), str(folder), env={"EXIT_ON_RANK_1": "3"}, warm=warm)
+
+    runs = _real_then_warm(tmp_path, launch, 2)
+    for proc, _ in runs.values():
         assert "rank 1 done" in proc.stdout
-    assert codes == {False: 1, True: 1}
+    assert {warm: proc.returncode for warm, (proc, _) in runs.items()} == {False: 1, True: 1}
